@@ -1,0 +1,222 @@
+"""The registration configuration: the JSON file the original script read.
+
+`RegistrationConfig` validates the file's fields and normalises them (the two
+forms of variable list in use become one).  Validation reports every problem at
+once, each naming the field, and suggests the closest known name for an unknown
+key, so a user fixes the file in one go.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import aiofiles
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from ._errors import ConfigurationError, InputError
+
+__all__ = ["RegistrationConfig", "VariableType", "load_config"]
+
+#: Largest configuration file read; a real one is a few KiB.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+VariableType = Literal["NUMERIC", "TEXT"]
+
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=_NO_CONTROL)]
+Region = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", max_length=32)]
+ContentType = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.+-]*/[\w.+*-]+$", max_length=128)]
+VariableName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+EnvValue = Annotated[str, StringConstraints(max_length=32 * 1024)]
+
+
+def _pairs_from_mapping(value: Any) -> Any:
+    """Accept `{"name": "NUMERIC"}` as well as `[["name", "NUMERIC"], ...]`."""
+    if isinstance(value, dict):
+        return [[name, kind] for name, kind in value.items()]
+    return value
+
+
+def _unique_names(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: set[str] = set()
+    duplicates = []
+    for name, _ in value:
+        if name in seen:
+            duplicates.append(name)
+        seen.add(name)
+    if duplicates:
+        raise ValueError(f"variable names must be unique; repeated: {', '.join(sorted(set(duplicates)))}")
+    return value
+
+
+VariableList = Annotated[
+    list[tuple[VariableName, VariableType]],
+    BeforeValidator(_pairs_from_mapping),
+    AfterValidator(_unique_names),
+    Field(min_length=1, max_length=10_000),
+]
+
+
+class RegistrationConfig(BaseModel):
+    """What the model is and how it is served: the fields of the original's config file.
+
+    Variable lists are normalised to a list of `(name, type)` pairs, whichever of
+    the two accepted forms the file used.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_domain: Text
+    model_objective: Text
+    source_model_inference_content_types: Annotated[list[ContentType], Field(min_length=1, max_length=32)]
+    source_model_inference_response_types: Annotated[list[ContentType], Field(min_length=1, max_length=32)]
+    source_model_inference_input_variable_list: VariableList
+    source_model_inference_output_variable_list: VariableList
+    model_registration_region: Region
+    model_owner: Text
+    source_model_inference_image_arn: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048, pattern=_NO_CONTROL)
+    ]
+    source_model_region: Region | None = None
+    source_model_environment_variable_map: Annotated[dict[EnvName, EnvValue] | None, Field(max_length=1000)] = None
+    load_testing_info_map: Annotated[dict[str, Any] | None, Field(max_length=1000)] = None
+
+    @classmethod
+    def from_mapping(cls, data: object, *, source: str = "configuration") -> RegistrationConfig:
+        """Validate an already-parsed JSON value; raise `ConfigurationError` listing every problem."""
+        if not isinstance(data, dict):
+            raise ConfigurationError(
+                f"{source}: the configuration must be a JSON object with the registration fields, "
+                f"got {_json_kind(data)}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = describe_validation_errors(exc, known=list(cls.model_fields), data=data)
+            raise ConfigurationError(
+                f"{source}: invalid registration configuration ({len(problems)} problem"
+                f"{'s' if len(problems) != 1 else ''}); fix each and run again:",
+                problems,
+            ) from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "configuration") -> RegistrationConfig:
+        """Parse and validate JSON text."""
+        if not text.strip():
+            raise ConfigurationError(
+                f"{source}: the configuration file is empty; it must hold a JSON object with the registration fields"
+            )
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ConfigurationError(f"{source}: the configuration is not valid JSON ({exc})") from None
+        return cls.from_mapping(data, source=source)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The fields as they are sent to the registry (variable lists as pairs)."""
+        data = self.model_dump(mode="json")
+        for field in ("source_model_inference_input_variable_list", "source_model_inference_output_variable_list"):
+            data[field] = [list(pair) for pair in data[field]]
+        return data
+
+
+async def load_config(path: Path) -> RegistrationConfig:
+    """Read and validate the configuration file at `path`."""
+    try:
+        async with aiofiles.open(path, "rb") as f:
+            text = await f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"{path}: configuration file not found; pass --config or set REGISTRAR_CONFIG_PATH"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigurationError(f"{path}: is a directory; the configuration must be a JSON file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the configuration file ({exc.strerror})", [str(path)]) from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigurationError(
+            f"{path}: the configuration file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+            "it should hold only the registration fields"
+        )
+    return RegistrationConfig.from_json(text, source=str(path))
+
+
+#: What a value must look like, for fields whose pattern says little to a person.
+_PATTERN_HINTS = {
+    "model_registration_region": "an AWS region such as 'us-west-2'",
+    "source_model_region": "an AWS region such as 'us-west-2'",
+    "source_model_inference_content_types": "a MIME type such as 'text/csv'",
+    "source_model_inference_response_types": "a MIME type such as 'application/json'",
+    "source_model_environment_variable_map": "an environment variable name (letters, digits, '_')",
+}
+
+
+def describe_validation_errors(exc: ValidationError, *, known: list[str], data: object = None) -> list[str]:
+    """Turn pydantic's errors into one line per problem, naming the field."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = _format_loc(_named_loc(error["loc"], data))
+        kind = error["type"]
+        if kind == "missing":
+            problems.append(f"{loc}: required field is missing")
+        elif kind == "extra_forbidden":
+            key = str(error["loc"][-1])
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+            problems.append(f"{loc}: unknown key{hint}")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if kind == "string_pattern_mismatch":
+                field = str(error["loc"][0])
+                message = f"must be {_PATTERN_HINTS.get(field, 'free of control characters')}"
+            problems.append(f"{loc}: {message} (got {_preview(error.get('input'))})")
+    return problems
+
+
+def _named_loc(loc: tuple[int | str, ...], data: object) -> tuple[int | str, ...]:
+    """Name a variable by its key when the file used the mapping form of a variable list."""
+    if len(loc) >= 2 and isinstance(data, dict) and isinstance(loc[1], int):
+        original = data.get(loc[0])
+        if isinstance(original, dict) and loc[1] < len(original):
+            name = list(original)[loc[1]]
+            return (loc[0], repr(name), *loc[3:])
+    return loc
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = str(loc[0]) if loc else "(top level)"
+    for part in loc[1:]:
+        if part == "[key]":
+            out += " (the key)"
+        elif isinstance(part, int) or part.startswith("'"):
+            out += f"[{part}]"
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def _preview(value: object) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = re.sub(r"[\x00-\x1f\x7f]", "?", text)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_kind(value: object) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

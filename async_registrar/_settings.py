@@ -1,0 +1,214 @@
+"""Settings: how the registrar reaches S3 and the registry, and how hard it pushes.
+
+`Settings` is a plain immutable object; the library never reads the
+environment on its own.  `Settings.from_env()` is the one place that maps
+environment variables (and command-line overrides) onto it, for the CLI and
+for callers who want the same behaviour.  `JobInputs` does the same for the
+container paths of one registration job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+)
+
+from ._config import describe_validation_errors
+from ._errors import ConfigurationError
+
+__all__ = ["JobInputs", "Settings", "describe_source", "environment_value"]
+
+M = TypeVar("M", bound=BaseModel)
+
+MiB = 1024 * 1024
+#: S3's bounds on a multipart upload's parts.
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value) < 10:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _prefix(value: str) -> str:
+    value = value.lstrip("/")
+    return value if not value or value.endswith("/") else value + "/"
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+BucketName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
+]
+PartSize = Annotated[ByteSize, Field(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)]
+Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+
+
+class Settings(BaseModel):
+    """Where temporary artifacts go, which registry to use, and the tuning knobs.
+
+    Only `s3_bucket` and `mims_endpoint` are required.  Explicit AWS credentials
+    are optional: without them the standard AWS credential chain is used.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s3_bucket: BucketName
+    mims_endpoint: HttpUrl
+    s3_prefix: Annotated[str, AfterValidator(_prefix), StringConstraints(max_length=512)] = "registrar-tmp/"
+    wait_timeout: Seconds = 3600.0
+
+    # How S3 is reached.
+    aws_region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")] | None = None
+    s3_endpoint_url: HttpUrl | None = None
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    s3_checksums: Literal["when_supported", "when_required"] = "when_supported"
+
+    # The upload engine.
+    part_size: PartSize = ByteSize(16 * MiB)
+    upload_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    upload_queue_parts: Annotated[int, Field(ge=1, le=64)] = 2
+    compression_level: Annotated[int, Field(ge=0, le=3)] = 1
+    archive_mtime: Annotated[int, Field(ge=0, lt=2**33)] = 315532800  # 1980-01-01T00:00:00Z
+
+    # The registry client.
+    mims_service_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] = "mims"
+    mims_request_timeout: Seconds = 30.0
+    submit_timeout: Seconds = 300.0
+    poll_initial: Seconds = 1.0
+    poll_max: Seconds = 30.0
+
+    # Cleanup, which must finish inside a container's grace period.
+    cleanup_timeout: Seconds = 25.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables, with keyword overrides taking precedence.
+
+        Raises `ConfigurationError` naming each bad variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field, names in _ENVIRONMENT.items():
+            for name in names:
+                if env.get(name):
+                    values[field] = env[name]
+                    break
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return _validate(cls, values, _describe_field)
+
+
+#: Each setting's environment variables, first match wins.
+_ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "s3_bucket": ("REGISTRAR_S3_BUCKET",),
+    "s3_prefix": ("REGISTRAR_S3_PREFIX",),
+    "mims_endpoint": ("REGISTRAR_MIMS_ENDPOINT",),
+    "wait_timeout": ("REGISTRAR_WAIT_TIMEOUT",),
+    "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "s3_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "s3_checksums": ("REGISTRAR_S3_CHECKSUMS",),
+    "part_size": ("REGISTRAR_PART_SIZE",),
+    "upload_concurrency": ("REGISTRAR_UPLOAD_CONCURRENCY",),
+    "upload_queue_parts": ("REGISTRAR_UPLOAD_QUEUE_PARTS",),
+    "compression_level": ("REGISTRAR_COMPRESSION_LEVEL",),
+    "archive_mtime": ("SOURCE_DATE_EPOCH",),
+    "mims_service_name": ("REGISTRAR_MIMS_SERVICE_NAME",),
+    "mims_request_timeout": ("REGISTRAR_MIMS_REQUEST_TIMEOUT",),
+    "submit_timeout": ("REGISTRAR_SUBMIT_TIMEOUT",),
+    "poll_initial": ("REGISTRAR_POLL_INITIAL",),
+    "poll_max": ("REGISTRAR_POLL_MAX",),
+    "cleanup_timeout": ("REGISTRAR_CLEANUP_TIMEOUT",),
+}
+
+#: The command-line option of a setting or input, where it has one.
+OPTIONS: dict[str, str] = {
+    "s3_bucket": "--bucket",
+    "s3_prefix": "--prefix",
+    "mims_endpoint": "--mims-endpoint",
+    "wait_timeout": "--wait-timeout",
+    "model_path": "--model",
+    "payload_path": "--payload",
+    "config_path": "--config",
+    "metadata_path": "--metadata",
+}
+
+
+def environment_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """One environment variable, for the CLI's own options (such as the log level)."""
+    env = os.environ if environ is None else environ
+    return env.get(name) or None
+
+
+def describe_source(field: str) -> str:
+    """The environment variable(s) of a setting or job input, for help texts."""
+    return " or ".join(_ENVIRONMENT.get(field, ()) or _JOB_ENVIRONMENT.get(field, ()))
+
+
+def _describe_field(field: str) -> str:
+    names = [OPTIONS[field]] if field in OPTIONS else []
+    names += _ENVIRONMENT.get(field, ()) or _JOB_ENVIRONMENT.get(field, ())
+    return " / ".join(names) if names else field
+
+
+class JobInputs(BaseModel):
+    """The inputs of one registration job: where its files are, and its lineage.
+
+    The defaults are the SageMaker Processing container paths of the original.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path = Path("/opt/ml/processing/input/model")
+    payload_path: Path = Path("/opt/ml/processing/mims_payload")
+    config_path: Path = Path("/opt/ml/processing/config/config")
+    metadata_path: Path = Path("/opt/ml/processing/input/metadata")
+    #: An `s3://` URI of a JSON performance-metadata object (PERFORMANCE_METADATA_PATH).
+    performance_metadata_uri: Annotated[str, StringConstraints(pattern=r"^s3://[^/]+/.+")] | None = None
+    workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JobInputs:
+        """Build the job inputs from environment variables, with keyword overrides taking precedence."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {field: env[name] for field, (name,) in _JOB_ENVIRONMENT.items() if env.get(name)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return _validate(cls, values, _describe_field)
+
+
+_JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
+    "model_path": ("REGISTRAR_MODEL_PATH",),
+    "payload_path": ("REGISTRAR_PAYLOAD_PATH",),
+    "config_path": ("REGISTRAR_CONFIG_PATH",),
+    "metadata_path": ("REGISTRAR_METADATA_PATH",),
+    "performance_metadata_uri": ("PERFORMANCE_METADATA_PATH",),
+    "workflow_execution_id": ("MODS_WORKFLOW_EXECUTION_ID",),
+}
+
+
+def _validate(model: type[M], values: dict[str, Any], describe: Callable[[str], str]) -> M:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for line in describe_validation_errors(exc, known=list(model.model_fields)):
+            field, _, rest = line.partition(":")
+            base = field.split("[", 1)[0]
+            problems.append(f"{describe(base)}:{rest}" if base in model.model_fields else line)
+        raise ConfigurationError("invalid settings; fix each and run again:", problems) from None
