@@ -1,0 +1,231 @@
+"""Input artifacts: what a model or payload path holds, checked before any upload.
+
+A path is either a directory whose contents are archived on the fly, or (when
+the directory holds exactly one file, and that file is a gzip-compressed tar)
+a prebuilt archive uploaded as it is.  Archives contain only regular files and
+directories: the scan lists every link, special file or unusable name at once,
+so the user fixes them in one go, before a single byte is uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import InputError
+from ._settings import MAX_PART_SIZE, MAX_PARTS, MiB
+
+__all__ = ["ArtifactSource", "DirectorySource", "FileEntry", "PrebuiltArchive", "choose_part_size", "inspect_artifact"]
+
+GZIP_MAGIC = b"\x1f\x8b"
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+#: S3's largest object.
+MAX_OBJECT_SIZE = 5 * 1024**4
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One member of a directory archive: a regular file or a directory."""
+
+    name: str  # POSIX path relative to the archive root
+    path: Path
+    is_dir: bool
+    size: int
+    executable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySource:
+    """A directory to archive, its members in archive order."""
+
+    root: Path
+    entries: tuple[FileEntry, ...]
+
+    @property
+    def content_bytes(self) -> int:
+        """The total size of the files' contents."""
+        return sum(e.size for e in self.entries)
+
+    @property
+    def size_bound(self) -> int:
+        """An upper bound of the compressed archive's size.
+
+        A tar member costs at most its padded data plus a header block and, for long or
+        non-ASCII names, a PAX header; deflate at worst adds a little over 0.1 %.
+        """
+        tar = sum(_BLOCK * 4 + len(e.name.encode()) + _padded(e.size) for e in self.entries)
+        tar = _padded(tar + 2 * _BLOCK, _RECORD)
+        return tar + tar // 100 + MiB
+
+
+@dataclass(frozen=True, slots=True)
+class PrebuiltArchive:
+    """A `.tar.gz` file found in the input, uploaded without recompression."""
+
+    path: Path
+    size: int
+
+    @property
+    def size_bound(self) -> int:
+        """The archive's size, known exactly."""
+        return self.size
+
+
+ArtifactSource = DirectorySource | PrebuiltArchive
+
+
+def inspect_artifact(path: Path, *, role: str) -> ArtifactSource:
+    """Scan `path` and describe what will be uploaded; raise `InputError` if it can't be.
+
+    `role` ("model", "payload") names the input in messages.  Blocking: run it in a
+    worker thread for large trees.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(
+            f"{role} path {path} does not exist; mount the {role} there or pass its directory with --{role}",
+            [str(path)],
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{role} path {path} cannot be read ({exc.strerror})", [str(path)]) from None
+    if stat.S_ISREG(info.st_mode):
+        if _is_tar_gz(path):
+            return PrebuiltArchive(path, info.st_size)
+        raise InputError(
+            f"{role} path {path} is a file but not a gzip-compressed tar archive; pass the directory "
+            f"that holds the {role} files, or a .tar.gz",
+            [str(path)],
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{role} path {path} is neither a directory nor a file", [str(path)])
+
+    entries, problems = _scan(path)
+    if problems:
+        raise InputError(
+            f"{role} directory {path} holds entries that can't go into an archive (only regular files "
+            f"and directories can); remove or replace each of these and run again:\n"
+            + "\n".join(f"  - {p}" for p in problems),
+            [p.split(":", 1)[0] for p in problems],
+        )
+    files = [e for e in entries if not e.is_dir]
+    if not files:
+        raise InputError(
+            f"{role} directory {path} holds no files; put the {role} files (or one {role}.tar.gz) there",
+            [str(path)],
+        )
+    if len(entries) == 1 and files[0].name.count("/") == 0:
+        single = files[0]
+        if _is_tar_gz(single.path):
+            return PrebuiltArchive(single.path, single.size)
+        if single.name.endswith((".tar.gz", ".tgz")):
+            raise InputError(
+                f"{single.path} is named like a tar.gz archive but is not one (corrupt, truncated or "
+                "not gzip); rebuild it, or put the unpacked files in the directory instead",
+                [str(single.path)],
+            )
+    source = DirectorySource(path, tuple(entries))
+    if source.size_bound > MAX_OBJECT_SIZE:
+        raise InputError(f"{role} directory {path} is larger than S3's 5 TiB object limit", [str(path)])
+    return source
+
+
+def choose_part_size(size_bound: int, configured: int) -> int:
+    """The configured part size, grown (in whole MiB) so the upload needs at most 10,000 parts."""
+    needed = -(-size_bound // MAX_PARTS)
+    needed = -(-needed // MiB) * MiB
+    return min(max(configured, needed), MAX_PART_SIZE)
+
+
+def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
+    """Walk `root` in archive order (by UTF-8 name, depth first); collect entries and problems."""
+    entries: list[FileEntry] = []
+    problems: list[str] = []
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                children = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            problems.append(f"{directory}: cannot list directory ({exc.strerror})")
+            continue
+        subdirs = []
+        for child in children:
+            full = Path(child.path)
+            reason = _name_problem(child.name)
+            if reason:
+                problems.append(f"{os.fsencode(full)!r}: {reason}; rename it")
+                continue
+            name = prefix + child.name
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError as exc:
+                problems.append(f"{full}: cannot stat ({exc.strerror})")
+                continue
+            mode = st.st_mode
+            if stat.S_ISLNK(mode):
+                target = os.readlink(full)
+                problems.append(f"{full}: symbolic link (to {target}); replace it with a copy of its target")
+            elif stat.S_ISDIR(mode):
+                entries.append(FileEntry(name, full, True, 0, True))
+                subdirs.append((full, name + "/"))
+            elif stat.S_ISREG(mode):
+                if st.st_nlink > 1:
+                    problems.append(f"{full}: hard link ({st.st_nlink} names for one file); replace it with a copy")
+                else:
+                    executable = bool(mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
+                    entries.append(FileEntry(name, full, False, st.st_size, executable))
+            else:
+                problems.append(f"{full}: {_special_kind(mode)}; archives hold only regular files and directories")
+        # Depth first in sorted order: push subdirectories in reverse so the first pops first.
+        # Their members are appended after all of this directory's direct entries, which
+        # keeps the order a pure function of the tree.
+        stack.extend(reversed(subdirs))
+    return entries, problems
+
+
+def _name_problem(name: str) -> str | None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "name is not valid UTF-8"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "name contains control characters"
+    return None
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file"
+    return "special file"
+
+
+def _is_tar_gz(path: Path) -> bool:
+    """True if `path` starts with gzip magic bytes and the first member decompresses to a tar header."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return False
+    if not head.startswith(GZIP_MAGIC):
+        return False
+    try:
+        block = zlib.decompressobj(31).decompress(head, _BLOCK)
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except (zlib.error, tarfile.TarError):
+        return False
+    return True
+
+
+def _padded(size: int, unit: int = _BLOCK) -> int:
+    return -(-size // unit) * unit

@@ -1,0 +1,54 @@
+"""Small structured-concurrency helpers shared by the pipeline and the registrar."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from types import TracebackType
+
+import anyio
+
+from ._errors import RegistrarError
+
+__all__ = ["first_error"]
+
+log = logging.getLogger("async_registrar")
+
+
+class first_error:
+    """Raise the one error that matters out of a task group's `ExceptionGroup`.
+
+    anyio wraps every child failure in a group, even a single one.  Callers of this
+    package expect its own errors, so: a group of cancellations only is left alone,
+    and otherwise the first `RegistrarError` wins, else the first error; any others
+    are logged, not lost.  It never swallows an exception.
+    """
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, BaseExceptionGroup):
+            return
+        cancelled = anyio.get_cancelled_exc_class()
+        real = [e for e in _leaves(exc) if not isinstance(e, cancelled)]
+        if not real:
+            return
+        chosen = next((e for e in real if isinstance(e, RegistrarError)), real[0])
+        for other in real:
+            if other is not chosen:
+                log.debug("also failed: %r", other)
+        raise chosen from None
+
+
+def _leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error

@@ -1,0 +1,69 @@
+"""Progress events: what a registration reports while it runs.
+
+A caller passes a callback that receives these typed events and forwards them to
+its own log, UI or metrics.  The callback runs on the event loop and must not block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "CleanupFinished",
+    "ProgressCallback",
+    "ProgressEvent",
+    "RegistrationStatusChanged",
+    "RegistrationSubmitted",
+    "UploadProgress",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UploadProgress:
+    """An artifact's upload moved on: sent after each part, and once at the end."""
+
+    artifact: str  # "model" or "payload"
+    uri: str
+    bytes_read: int  # uncompressed input consumed
+    bytes_uploaded: int  # archive bytes S3 has acknowledged
+    parts_done: int
+    elapsed: float  # seconds since the upload started
+    done: bool
+
+    @property
+    def rate(self) -> float:
+        """Archive bytes per second uploaded so far."""
+        return self.bytes_uploaded / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationSubmitted:
+    """The registry accepted the registration."""
+
+    registration_id: str
+    model_id: str
+    workflow_execution_arn: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationStatusChanged:
+    """The registration's status changed (PENDING, IN_PROGRESS, SUCCEEDED, FAILED)."""
+
+    registration_id: str
+    status: str
+    failure_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupFinished:
+    """The temporary objects were removed (or could not all be: `leftovers` names them)."""
+
+    prefix_uri: str
+    deleted: int
+    aborted_uploads: int
+    leftovers: tuple[str, ...]
+
+
+ProgressEvent = UploadProgress | RegistrationSubmitted | RegistrationStatusChanged | CleanupFinished
+ProgressCallback = Callable[[ProgressEvent], None]

@@ -1,0 +1,131 @@
+"""S3 plumbing: one session, one client, locations, and errors in our own terms."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import SecretStr
+
+from ._errors import InputError, StorageError
+
+__all__ = ["S3Client", "S3Location", "make_session", "open_s3_client", "storage_errors"]
+
+#: aiobotocore's clients are untyped; this alias marks where one is expected.
+S3Client = Any
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    """A bucket and key."""
+
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        """The `s3://bucket/key` form."""
+        return f"s3://{self.bucket}/{self.key}"
+
+    @classmethod
+    def parse(cls, uri: str, *, what: str = "S3 URI") -> S3Location:
+        """Parse `s3://bucket/key`; raise `InputError` naming `what` otherwise."""
+        match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)", uri)
+        if not match:
+            raise InputError(f"{what} {uri!r} is not of the form s3://bucket/key", [uri])
+        return cls(match.group(1), match.group(2))
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def make_session(
+    access_key_id: SecretStr | None = None,
+    secret_access_key: SecretStr | None = None,
+    session_token: SecretStr | None = None,
+) -> AioSession:
+    """A botocore session: explicit credentials if given, else the standard AWS chain."""
+    session = AioSession()
+    if access_key_id and secret_access_key:
+        session.set_credentials(
+            access_key_id.get_secret_value(),
+            secret_access_key.get_secret_value(),
+            session_token.get_secret_value() if session_token else None,
+        )
+    return session
+
+
+def open_s3_client(
+    session: AioSession,
+    *,
+    region: str | None,
+    endpoint_url: str | None,
+    checksums: str = "when_supported",
+    pool_size: int = 10,
+) -> contextlib.AbstractAsyncContextManager[S3Client]:
+    """An S3 client as an async context manager.
+
+    `checksums="when_required"` stops botocore from sending the checksum headers that
+    some S3-compatible servers reject.
+    """
+    config = AioConfig(
+        max_pool_connections=pool_size,
+        connect_timeout=10,
+        read_timeout=120,
+        retries={"mode": "standard", "max_attempts": 5},
+        request_checksum_calculation=checksums,
+        response_checksum_validation=checksums,
+    )
+    client: contextlib.AbstractAsyncContextManager[S3Client] = aioboto3.Session(botocore_session=session).client(
+        "s3",
+        region_name=region or session.get_config_variable("region") or "us-east-1",
+        endpoint_url=endpoint_url,
+        config=config,
+    )
+    return client
+
+
+_HINTS = {
+    "AccessDenied": "check that the job's role may read and write there",
+    "AllAccessDisabled": "check that the job's role may read and write there",
+    "NoSuchBucket": "create the bucket or fix --bucket / REGISTRAR_S3_BUCKET",
+    "InvalidAccessKeyId": "check the AWS credentials the job runs with",
+    "SignatureDoesNotMatch": "check the AWS credentials the job runs with",
+    "ExpiredToken": "refresh the AWS credentials the job runs with",
+    "SlowDown": "S3 is throttling; retry later or lower REGISTRAR_UPLOAD_CONCURRENCY",
+}
+
+
+@contextlib.contextmanager
+def storage_errors(operation: str, bucket: str, key: str | None = None) -> Iterator[None]:
+    """Turn botocore's exceptions raised inside the block into a `StorageError`."""
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+        detail = error.get("Message") or ""
+        hint = _HINTS.get(code, "see the S3 error code")
+        raise StorageError(
+            f"S3 {operation} failed for {where}: {code}{f' ({detail})' if detail else ''}; {hint}",
+            operation=operation,
+            bucket=bucket,
+            key=key,
+            code=code,
+        ) from exc
+    except BotoCoreError as exc:
+        raise StorageError(
+            f"S3 {operation} failed for {where}: {type(exc).__name__}: {exc}",
+            operation=operation,
+            bucket=bucket,
+            key=key,
+            code=type(exc).__name__,
+        ) from exc

@@ -1,0 +1,144 @@
+"""The run's temporary prefix, emptied on every way out.
+
+Everything a registration uploads lives under `s3://bucket/{prefix}{run-id}/`.
+Leaving `TemporaryPrefix` (success, error or cancellation) aborts every
+multipart upload still open under it and deletes every object under it,
+shielded from cancellation and bounded in time.  Listing the prefix, not only
+remembering keys, also catches an upload whose CreateMultipartUpload reached
+S3 just as the run was cancelled.
+
+If something can't be removed, the original error stays the one raised and a
+note names each key and upload id left behind; after a success a
+`CleanupError` names them.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+import anyio
+
+from ._errors import CleanupError, StorageError
+from ._progress import CleanupFinished, ProgressCallback
+from ._s3 import S3Client, storage_errors
+
+__all__ = ["TemporaryPrefix"]
+
+log = logging.getLogger("async_registrar.cleanup")
+
+
+class TemporaryPrefix:
+    """A prefix that belongs to one run and is emptied when the context ends."""
+
+    def __init__(
+        self,
+        s3: S3Client,
+        bucket: str,
+        prefix: str,
+        *,
+        timeout: float,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        if not prefix.endswith("/") or len(prefix) < 2:
+            raise ValueError(f"a temporary prefix must be a non-empty folder, got {prefix!r}")
+        self._s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix
+        self._timeout = timeout
+        self._on_progress = on_progress
+        self._known: set[str] = set()
+        self._entered = False
+
+    @property
+    def uri(self) -> str:
+        """`s3://bucket/prefix`."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def key(self, name: str) -> str:
+        """The key of `name` under the prefix; remembered, so it is deleted even if listing fails."""
+        key = self.prefix + name
+        self._known.add(key)
+        return key
+
+    async def __aenter__(self) -> TemporaryPrefix:
+        if self._entered:
+            raise RuntimeError("a TemporaryPrefix can be entered only once")
+        self._entered = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        leftovers: list[str] = []
+        counts = [0, 0]
+        with anyio.move_on_after(self._timeout, shield=True) as scope:
+            leftovers = await self._empty(counts)
+        if scope.cancelled_caught:
+            leftovers = [f"{self.uri} (cleanup timed out after {self._timeout:g} s)"]
+        if self._on_progress is not None:
+            self._on_progress(CleanupFinished(self.uri, counts[0], counts[1], tuple(leftovers)))
+        if not leftovers:
+            log.info("removed the temporary objects under %s", self.uri)
+            return
+        message = (
+            f"could not remove everything under {self.uri}; remove these by hand "
+            "(aws s3 rm / aws s3api abort-multipart-upload):"
+        )
+        if exc is None:
+            raise CleanupError(message, leftovers)
+        log.error("%s %s", message, "; ".join(leftovers))
+        exc.add_note(CleanupError(message, leftovers).message)
+
+    async def _empty(self, counts: list[int]) -> list[str]:
+        """Abort the open uploads and delete the objects; return what is left."""
+        leftovers: list[str] = []
+        try:
+            uploads = await self._list_uploads()
+        except StorageError as exc:
+            log.warning("%s", exc)
+            uploads = []
+            leftovers.append(f"{self.uri} (multipart uploads could not be listed: {exc.code})")
+        for key, upload_id in uploads:
+            try:
+                with storage_errors("AbortMultipartUpload", self.bucket, key):
+                    await self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                counts[1] += 1
+            except StorageError as exc:
+                log.warning("%s", exc)
+                leftovers.append(f"s3://{self.bucket}/{key} (open multipart upload, upload id {upload_id})")
+        try:
+            keys = await self._list_keys()
+        except StorageError as exc:
+            log.warning("%s", exc)
+            keys = set()
+            if not self._known:
+                leftovers.append(f"{self.uri} (objects could not be listed: {exc.code})")
+        for key in sorted(keys | self._known):
+            try:
+                with storage_errors("DeleteObject", self.bucket, key):
+                    await self._s3.delete_object(Bucket=self.bucket, Key=key)
+                counts[0] += key in keys
+            except StorageError as exc:
+                log.warning("%s", exc)
+                leftovers.append(f"s3://{self.bucket}/{key}")
+        return leftovers
+
+    async def _list_uploads(self) -> list[tuple[str, str]]:
+        found = []
+        with storage_errors("ListMultipartUploads", self.bucket, self.prefix):
+            paginator = self._s3.get_paginator("list_multipart_uploads")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        return found
+
+    async def _list_keys(self) -> set[str]:
+        found = set()
+        with storage_errors("ListObjectsV2", self.bucket, self.prefix):
+            paginator = self._s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                found |= {o["Key"] for o in page.get("Contents", [])}
+        return found
