@@ -1,0 +1,254 @@
+"""The MIMS client: submit a registration and wait for it, patiently.
+
+One `httpx.AsyncClient` is shared (created or injected by the registrar); it
+never follows redirects, so a signed request is never replayed to another host.
+Transient failures (429, 500, 502, 503, 504, connect and read timeouts) are
+retried by stamina with exponential backoff under an overall deadline,
+honouring `Retry-After`; every attempt is signed afresh by the auth, and a
+submission carries the same `Idempotency-Key` on every attempt, so a timeout
+after the request left never creates a second registration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import logging
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import stamina
+from pydantic import ValidationError
+
+from ._errors import (
+    RegistrationFailed,
+    RegistrationRejected,
+    RegistrationTimeout,
+    RegistryError,
+    RegistryUnavailable,
+)
+from ._mims_contract import (
+    IDEMPOTENCY_HEADER,
+    REGISTRATIONS_PATH,
+    TERMINAL_STATUSES,
+    ErrorBody,
+    Registration,
+    RegistrationSubmission,
+)
+from ._settings import Settings
+
+__all__ = ["MimsClient", "redact_url"]
+
+log = logging.getLogger("async_registrar.mims")
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: The longest `Retry-After` honoured; a server asking for more is waited on for this long.
+MAX_RETRY_AFTER = 60.0
+#: How long a registration may be unknown (404) right after its submission.
+NOT_FOUND_GRACE = 30.0
+
+
+class _Retryable(Exception):
+    """A transient answer: retried, and reported as `RegistryUnavailable` if it persists."""
+
+    def __init__(self, response: httpx.Response, retry_after: float | None) -> None:
+        super().__init__(f"{response.status_code} {response.reason_phrase}")
+        self.status_code = response.status_code
+        self.retry_after = retry_after
+
+
+_TRANSIENT_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.RemoteProtocolError)
+
+
+def _backoff(exc: Exception) -> bool | float:
+    """stamina's hook: retry transient failures, waiting as long as `Retry-After` asks."""
+    if isinstance(exc, _Retryable):
+        return exc.retry_after if exc.retry_after is not None else True
+    return isinstance(exc, _TRANSIENT_TRANSPORT)
+
+
+class MimsClient:
+    """Talks to one MIMS endpoint over a shared `httpx.AsyncClient`."""
+
+    def __init__(self, http: httpx.AsyncClient, endpoint: str, settings: Settings, *, auth: httpx.Auth | None) -> None:
+        self._http = http
+        self._endpoint = endpoint.rstrip("/")
+        self._settings = settings
+        self._auth = auth
+
+    async def submit(self, submission: RegistrationSubmission, *, idempotency_key: str) -> Registration:
+        """Submit a registration; return the registry's answer once it accepted it."""
+        url = self._endpoint + REGISTRATIONS_PATH
+        body = submission.model_dump_json(exclude_none=False).encode()
+        headers = {"content-type": "application/json", IDEMPOTENCY_HEADER: idempotency_key}
+        response = await self._request(
+            "POST", url, content=body, headers=headers, deadline=self._settings.submit_timeout
+        )
+        registration = self._parse(response, url)
+        log.info("registration %s submitted (model id %s)", registration.registration_id, registration.model_id)
+        return registration
+
+    async def get(self, registration_id: str, *, deadline: float) -> Registration | None:
+        """The registration's current state, or None if the registry does not know it (yet)."""
+        url = f"{self._endpoint}{REGISTRATIONS_PATH}/{urllib.parse.quote(registration_id, safe='')}"
+        response = await self._request("GET", url, deadline=deadline, allow_not_found=True)
+        if response.status_code == 404:
+            return None
+        return self._parse(response, url)
+
+    async def wait(
+        self,
+        registration_id: str,
+        *,
+        max_wait: float,
+        on_status: Callable[[Registration], None] | None = None,
+    ) -> Registration:
+        """Poll until SUCCEEDED (returned), FAILED (raised) or `max_wait` seconds (raised)."""
+        delay = self._settings.poll_initial
+        last: Registration | None = None
+        deadline = anyio.current_time() + max_wait
+        missing_since: float | None = None
+        with anyio.move_on_after(max_wait):
+            while True:
+                remaining = max(deadline - anyio.current_time(), 0.001)
+                current = await self.get(registration_id, deadline=remaining)
+                now = anyio.current_time()
+                if current is None:
+                    missing_since = missing_since or now
+                    if now - missing_since > NOT_FOUND_GRACE:
+                        raise RegistrationRejected(
+                            f"the registry does not know registration {registration_id} "
+                            f"({NOT_FOUND_GRACE:g} s after it accepted it)",
+                            url=redact_url(self._endpoint),
+                            status_code=404,
+                        )
+                else:
+                    missing_since = None
+                    if last is None or current.status != last.status:
+                        log.info("registration %s is %s", registration_id, current.status)
+                        if on_status is not None:
+                            on_status(current)
+                    last = current
+                    if current.status in TERMINAL_STATUSES:
+                        return self._finish(current)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self._settings.poll_max)
+        raise RegistrationTimeout(
+            f"registration {registration_id} did not finish within {max_wait:g} s (last status: "
+            f"{last.status if last else 'unknown'}); raise --wait-timeout / REGISTRAR_WAIT_TIMEOUT, "
+            "or check the registry",
+            registration_id=registration_id,
+            last_status=last.status if last else None,
+            url=redact_url(self._endpoint),
+        )
+
+    def _finish(self, registration: Registration) -> Registration:
+        if registration.status == "FAILED":
+            reason = registration.failure_reason or "no reason given"
+            raise RegistrationFailed(
+                f"registration {registration.registration_id} FAILED: {reason}",
+                registration_id=registration.registration_id,
+                failure_reason=registration.failure_reason,
+                url=redact_url(self._endpoint),
+            )
+        return registration
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        allow_not_found: bool = False,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        shown = redact_url(url)
+        try:
+            async for attempt in stamina.retry_context(
+                on=_backoff,
+                attempts=None,
+                timeout=deadline,
+                wait_initial=min(0.5, self._settings.poll_initial),
+                wait_max=10.0,
+                wait_jitter=0.5,
+            ):
+                with attempt:
+                    if attempt.num > 1:
+                        log.info("%s %s: attempt %d", method, shown, attempt.num)
+                    response = await self._http.request(method, url, auth=self._auth, **kwargs)
+                    return self._check(response, shown, allow_not_found=allow_not_found)
+        except _Retryable as exc:
+            raise RegistryUnavailable(
+                f"{method} {shown} kept answering {exc} until the deadline ({deadline:g} s); "
+                "the registry is throttling or failing, retry later",
+                url=shown,
+            ) from None
+        except httpx.TransportError as exc:
+            raise RegistryUnavailable(
+                f"{method} {shown} failed: {type(exc).__name__}; check --mims-endpoint / "
+                "REGISTRAR_MIMS_ENDPOINT and the network",
+                url=shown,
+            ) from None
+        raise AssertionError("unreachable: stamina retries until it returns or raises")
+
+    def _check(self, response: httpx.Response, shown: str, *, allow_not_found: bool) -> httpx.Response:
+        status = response.status_code
+        if status < 300 or (status == 404 and allow_not_found):
+            return response
+        if status in RETRYABLE_STATUS:
+            raise _Retryable(response, _retry_after(response.headers.get("retry-after")))
+        message, errors = _error_details(response)
+        raise RegistrationRejected(
+            f"{response.request.method} {shown} was rejected with {status}: {message}",
+            url=shown,
+            status_code=status,
+            errors=errors,
+        )
+
+    def _parse(self, response: httpx.Response, url: str) -> Registration:
+        try:
+            return Registration.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise RegistryError(
+                f"{redact_url(url)} answered {response.status_code} with a body that is not a registration "
+                f"({exc.error_count()} problem(s)); is --mims-endpoint a MIMS endpoint?",
+                url=redact_url(url),
+            ) from None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds (a number or an HTTP date), capped; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
+    try:
+        body = ErrorBody.model_validate_json(response.content)
+        return body.message, body.errors
+    except ValidationError:
+        text = response.text.strip().replace("\n", " ")
+        return (text[:300] or response.reason_phrase), []
+
+
+def redact_url(url: str) -> str:
+    """`url` without credentials, query string or fragment, safe to log."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
