@@ -1,0 +1,245 @@
+"""The reference MIMS service: a real implementation of the contract, as an ASGI app.
+
+It keeps registrations in memory, processes each in a task of the app's task
+group (see `_processing`), and can be told to misbehave (see the fault knobs of
+`ReferenceMimsSettings`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+from botocore.exceptions import ClientError
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._config import describe_validation_errors
+from .._mims_contract import (
+    IDEMPOTENCY_HEADER,
+    REGISTRATIONS_PATH,
+    Registration,
+    RegistrationSubmission,
+)
+from .._s3 import S3Client, S3Location, make_session, open_s3_client, storage_errors
+from .._sigv4 import verify_request
+from ._openapi import openapi_document
+from ._processing import ArtifactProblem, copy_object, verify_artifact
+from ._settings import ReferenceMimsSettings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("async_registrar.reference_mims")
+
+
+@dataclass
+class _Record:
+    registration: Registration
+    submission: RegistrationSubmission
+    body_hash: str
+    registry_uris: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    settings: ReferenceMimsSettings
+    s3: S3Client | None = None
+    tasks: anyio.abc.TaskGroup | None = None
+    records: dict[str, _Record] = field(default_factory=dict)
+    by_key: dict[str, str] = field(default_factory=dict)
+    submissions_seen: int = 0
+    polls_seen: int = 0
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
+def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = None) -> Starlette:
+    """The ASGI app.  It opens its own S3 client unless `s3_client` is given."""
+    state = _State(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            if s3_client is not None:
+                state.s3 = s3_client
+            else:
+                session = make_session(settings.aws_access_key_id, settings.aws_secret_access_key)
+                state.s3 = await stack.enter_async_context(
+                    open_s3_client(session, region=settings.aws_region, endpoint_url=settings.s3_endpoint_url)
+                )
+            await _ensure_bucket(state.s3, settings.registry_bucket, settings.aws_region)
+            async with anyio.create_task_group() as tasks:
+                state.tasks = tasks
+                yield
+                tasks.cancel_scope.cancel()
+
+    async def submit(request: Request) -> Response:
+        async with state.lock:
+            state.submissions_seen += 1
+            failing = state.submissions_seen <= settings.fail_submissions
+        if failing:
+            return _error(503, "the registry is busy (injected fault); retry later", retry_after=settings.retry_after)
+        body = await request.body()
+        denied = _authenticate(request, body, settings)
+        if denied:
+            return denied
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if not key or len(key) > 256:
+            return _error(400, f"the {IDEMPOTENCY_HEADER} header is required (at most 256 characters)")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            return _error(400, "the body must be a JSON object")
+        try:
+            submission = RegistrationSubmission.model_validate(data)
+        except ValidationError as exc:
+            problems = describe_validation_errors(exc, known=list(RegistrationSubmission.model_fields), data=data)
+            return _error(422, "the registration is invalid", problems)
+        body_hash = hashlib.sha256(submission.model_dump_json().encode()).hexdigest()
+        async with state.lock:
+            existing = state.by_key.get(key)
+            if existing is not None:
+                record = state.records[existing]
+                if record.body_hash != body_hash:
+                    return _error(409, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different registration")
+                return _json(200, record.registration)
+            record = _new_record(submission, body_hash, settings)
+            state.records[record.registration.registration_id] = record
+            state.by_key[key] = record.registration.registration_id
+        assert state.tasks is not None
+        state.tasks.start_soon(_process, state, record)
+        log.info("accepted %s (%s)", record.registration.registration_id, record.registration.model_id)
+        return _json(202, record.registration)
+
+    async def status(request: Request) -> Response:
+        async with state.lock:
+            state.polls_seen += 1
+            throttled = state.polls_seen <= settings.throttle_polls
+        if throttled:
+            return _error(429, "too many requests (injected fault)", retry_after=settings.retry_after)
+        if settings.stall_poll:
+            await anyio.sleep(settings.stall_poll)
+        denied = _authenticate(request, await request.body(), settings)
+        if denied:
+            return denied
+        record = state.records.get(request.path_params["registration_id"])
+        if record is None:
+            return _error(404, f"no registration {request.path_params['registration_id']!r}")
+        return _json(200, record.registration, registry_uris=record.registry_uris or None)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    return Starlette(
+        routes=[
+            Route(REGISTRATIONS_PATH, submit, methods=["POST"]),
+            Route(REGISTRATIONS_PATH + "/{registration_id}", status, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _new_record(submission: RegistrationSubmission, body_hash: str, settings: ReferenceMimsSettings) -> _Record:
+    registration_id = "reg-" + secrets.token_hex(8)
+    region = submission.model_registration_region
+    registration = Registration(
+        registration_id=registration_id,
+        model_id="model-" + secrets.token_hex(4),
+        workflow_execution_arn=(
+            f"arn:aws:states:{region}:{settings.account_id}:execution:mims-registration-workflow:{registration_id}"
+        ),
+        status="PENDING",
+    )
+    return _Record(registration, submission, body_hash)
+
+
+async def _process(state: _State, record: _Record) -> None:
+    """PENDING -> IN_PROGRESS -> (verify, copy) -> SUCCEEDED or FAILED."""
+    settings = state.settings
+    s3 = state.s3
+    registration_id = record.registration.registration_id
+
+    def move(status: str, reason: str | None = None) -> None:
+        record.registration = record.registration.model_copy(update={"status": status, "failure_reason": reason})
+        log.info("%s is %s%s", registration_id, status, f": {reason}" if reason else "")
+
+    await anyio.sleep(settings.pending_delay)
+    move("IN_PROGRESS")
+    artifacts = {"model": record.submission.model_artifact}
+    if record.submission.payload_artifact is not None:
+        artifacts["payload"] = record.submission.payload_artifact
+    try:
+        verified = {name: await verify_artifact(s3, ref, name) for name, ref in artifacts.items()}
+        await anyio.sleep(settings.processing_delay)
+        if settings.fail_registrations:
+            raise ArtifactProblem(settings.fail_registrations)
+        for name, source in verified.items():
+            target = S3Location(settings.registry_bucket, f"models/{record.registration.model_id}/{name}.tar.gz")
+            with storage_errors("CopyObject", target.bucket, target.key):
+                await copy_object(s3, source, target, artifacts[name].size_bytes)
+            record.registry_uris[name] = target.uri
+    except ArtifactProblem as exc:
+        move("FAILED", str(exc))
+        return
+    except Exception as exc:  # a registry that breaks says so; it does not die
+        log.exception("processing %s failed", registration_id)
+        move("FAILED", f"internal error while processing: {type(exc).__name__}: {exc}")
+        return
+    move("SUCCEEDED")
+
+
+def _authenticate(request: Request, body: bytes, settings: ReferenceMimsSettings) -> Response | None:
+    secrets_map = (
+        {k: v.get_secret_value() for k, v in settings.signing_secrets.items()}
+        if settings.signing_secrets is not None
+        else None
+    )
+    problem = verify_request(
+        method=request.method,
+        url=str(request.url),
+        headers=request.headers,
+        body=body,
+        service=settings.service_name,
+        secrets=secrets_map,
+    )
+    if problem is None:
+        return None
+    return _error(403, f"request signature rejected: {problem}")
+
+
+def _json(status: int, registration: Registration, **extra: Any) -> Response:
+    body = registration.model_dump(mode="json")
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status)
+
+
+def _error(status: int, message: str, errors: list[str] | None = None, *, retry_after: float | None = None) -> Response:
+    headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+    return JSONResponse({"message": message, "errors": errors or []}, status_code=status, headers=headers)
+
+
+async def _ensure_bucket(s3: S3Client, bucket: str, region: str) -> None:
+    try:
+        await s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        with storage_errors("CreateBucket", bucket):
+            await s3.create_bucket(Bucket=bucket, **location)
+        log.info("created the registry bucket s3://%s", bucket)

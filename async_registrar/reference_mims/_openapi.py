@@ -1,0 +1,102 @@
+"""The OpenAPI document of the MIMS contract, generated from the wire models."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from .._mims_contract import (
+    IDEMPOTENCY_HEADER,
+    REGISTRATIONS_PATH,
+    ErrorBody,
+    Registration,
+    RegistrationSubmission,
+)
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("ErrorBody")}}}
+
+
+def _retry_after(description: str) -> dict[str, Any]:
+    answer = _error(description)
+    answer["headers"] = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds or an HTTP date"}}
+    return answer
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """The document served at `/openapi.json`."""
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in (RegistrationSubmission, Registration, ErrorBody)],
+        ref_template="#/components/schemas/{model}",
+    )
+    registration = {
+        "description": "the registration",
+        "content": {"application/json": {"schema": _ref("Registration")}},
+    }
+    auth = {"403": _error("missing, malformed or wrong SigV4 signature")}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "MIMS (Model Inference Management Service): registration API",
+            "version": "1",
+            "description": (
+                "Every request is signed with AWS SigV4 (service 'mims', the registration's region). "
+                "A registration moves PENDING -> IN_PROGRESS -> SUCCEEDED or FAILED; before SUCCEEDED the "
+                "registry reads each artifact back, checks size, sha256 and tar.gz, and copies it."
+            ),
+        },
+        "paths": {
+            REGISTRATIONS_PATH: {
+                "post": {
+                    "operationId": "submitRegistration",
+                    "parameters": [
+                        {
+                            "name": IDEMPOTENCY_HEADER,
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string", "maxLength": 256},
+                            "description": "one value per logical registration, the same on every retry",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("RegistrationSubmission")}},
+                    },
+                    "responses": {
+                        "202": registration,
+                        "200": {**registration, "description": "the same key and body were submitted before"},
+                        "400": _error("not JSON, or no Idempotency-Key"),
+                        "409": _error("the Idempotency-Key was used with a different body"),
+                        "422": _error("invalid fields; `errors` names each"),
+                        "503": _retry_after("busy; retry after the given time"),
+                        **auth,
+                    },
+                }
+            },
+            REGISTRATIONS_PATH + "/{registration_id}": {
+                "get": {
+                    "operationId": "getRegistration",
+                    "parameters": [
+                        {"name": "registration_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {
+                        "200": registration,
+                        "404": _error("no such registration"),
+                        "429": _retry_after("throttled; retry after the given time"),
+                        **auth,
+                    },
+                }
+            },
+        },
+        "components": {"schemas": schemas.get("$defs", {})},
+    }

@@ -1,0 +1,74 @@
+"""Settings of the reference MIMS service: where its registry bucket is, its pace, its faults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
+
+from .._config import describe_validation_errors
+from .._errors import ConfigurationError
+
+__all__ = ["ReferenceMimsSettings"]
+
+Delay = Annotated[float, Field(ge=0, le=3600)]
+
+
+class ReferenceMimsSettings(BaseModel):
+    """How the reference service behaves.
+
+    The fault knobs exist for tests and demos: they make the service answer the way a
+    busy or broken registry would, on purpose.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Where registered artifacts are copied; created at start-up if missing.
+    registry_bucket: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")] = "mims-registry"
+    service_name: str = "mims"
+    account_id: Annotated[str, StringConstraints(pattern=r"^\d{12}$")] = "012345678910"
+
+    # S3 access (the standard AWS chain when these are unset).
+    s3_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    #: Access key id -> secret key.  When set, signatures are verified (403 on a mismatch);
+    #: otherwise only their form is checked.
+    signing_secrets: dict[str, SecretStr] | None = None
+
+    # Pace: how long a registration stays PENDING, and how long verification takes at least.
+    pending_delay: Delay = 0.2
+    processing_delay: Delay = 0.0
+
+    # Faults.
+    fail_submissions: Annotated[int, Field(ge=0)] = 0  # the first N submissions get 503
+    throttle_polls: Annotated[int, Field(ge=0)] = 0  # the first N polls get 429
+    retry_after: Delay = 1.0  # the Retry-After sent with those answers
+    stall_poll: Delay = 0.0  # every poll waits this long before answering
+    fail_registrations: str | None = None  # end every registration FAILED with this reason
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ReferenceMimsSettings:
+        """Settings from `MIMS_*` variables (and the standard AWS ones), overrides first."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            var = f"MIMS_{name.upper()}"
+            if env.get(var):
+                values[name] = env[var]
+        if env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"):
+            values.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
+        if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+            values.setdefault("aws_region", env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+        if env.get("MIMS_SIGNING_KEY") and env.get("MIMS_SIGNING_SECRET"):
+            values.setdefault("signing_secrets", {env["MIMS_SIGNING_KEY"]: env["MIMS_SIGNING_SECRET"]})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = describe_validation_errors(exc, known=list(cls.model_fields))
+            raise ConfigurationError("invalid reference MIMS settings (MIMS_* variables):", problems) from None
