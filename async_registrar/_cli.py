@@ -1,0 +1,361 @@
+"""The command line: `async-registrar register | demo | upload | mims-server`.
+
+This is the only module that prints, exits, installs signal handlers and
+configures logging.  stdout carries exactly the two result lines of the
+original script; everything else goes to stderr.
+
+Exit codes: 0 registered; 2 usage or invalid configuration; 3 bad input
+artifacts or metadata; 4 storage (S3) failure; 5 registration rejected or
+failed; 6 timed out waiting; 130 interrupted (SIGINT); 143 terminated (SIGTERM);
+1 an unexpected error (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ._concurrency import first_error
+from ._errors import (
+    ConfigurationError,
+    InputError,
+    RegistrarError,
+    RegistrationTimeout,
+    RegistryError,
+    StorageError,
+)
+from ._progress import ProgressEvent, RegistrationSubmitted, UploadProgress
+from ._registrar import Registrar, RegistrationRequest, RegistrationResult
+from ._s3 import S3Location, make_session, open_s3_client
+from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
+from ._upload import upload_artifact
+from ._version import __version__
+
+__all__ = ["main"]
+
+log = logging.getLogger("async_registrar.cli")
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_STORAGE = 4
+EXIT_REGISTRY = 5
+EXIT_TIMEOUT = 6
+
+#: Where SageMaker looks for a job's failure reason (its first 1 KB is shown).
+SAGEMAKER_OUTPUT = Path("/opt/ml/output")
+
+ARN_LINE = "Workflow execution arn for model registration process: {}"
+MODEL_LINE = "Model id for model being registered: {}"
+
+
+def exit_code(error: BaseException) -> int:
+    """The documented exit code of an error."""
+    for kind, code in (
+        (ConfigurationError, EXIT_USAGE),
+        (InputError, EXIT_INPUT),
+        (StorageError, EXIT_STORAGE),
+        (RegistrationTimeout, EXIT_TIMEOUT),
+        (RegistryError, EXIT_REGISTRY),
+    ):
+        if isinstance(error, kind):
+            return code
+    return EXIT_UNEXPECTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    if args.foreground:  # uvicorn runs its own loop and handles signals itself
+        return _mims_server(args)
+    command: Callable[[argparse.Namespace], Awaitable[int]] = args.command
+    return _run(lambda: command(args))
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+async def _register(args: argparse.Namespace) -> int:
+    settings = Settings.from_env(
+        s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint, wait_timeout=args.wait_timeout
+    )
+    inputs = JobInputs.from_env(
+        model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
+    )
+    request = await RegistrationRequest.from_job(inputs)
+    return await _registration(settings, request)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._local import LocalStack, example_request  # needs the `local` extra
+
+    request = await example_request(args.example)
+    with LocalStack() as stack:
+        log.info("demo: S3 at %s, reference MIMS at %s", stack.s3_endpoint, stack.mims_endpoint)
+        code = await _registration(stack.registrar_settings(), request)
+        if code == EXIT_OK:
+            for line in await stack.describe_registry():
+                log.info("demo: %s", line)
+        return code
+
+
+async def _upload(args: argparse.Namespace) -> int:
+    from ._artifacts import inspect_artifact
+
+    target = S3Location.parse(args.target, what="upload target")
+    # The engine alone: no registry is contacted, so its endpoint is a placeholder.
+    settings = Settings.from_env(s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid")
+    source = await anyio.to_thread.run_sync(lambda: inspect_artifact(Path(args.path), role="upload"))
+    session = make_session(settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
+    async with open_s3_client(
+        session,
+        region=settings.aws_region,
+        endpoint_url=settings.s3_endpoint_url,
+        checksums=settings.s3_checksums,
+        pool_size=max(10, 4 * settings.upload_concurrency),
+    ) as s3:
+        uploaded = await upload_artifact(s3, source, target, settings, artifact="upload", on_progress=_ProgressLog())
+    print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
+    return EXIT_OK
+
+
+def _mims_server(args: argparse.Namespace) -> int:
+    from .reference_mims import ReferenceMimsSettings, serve  # needs the `mims` extra
+
+    try:
+        settings = ReferenceMimsSettings.from_env(registry_bucket=args.registry_bucket)
+    except ConfigurationError as exc:
+        _report(exc.message, exc)
+        return EXIT_USAGE
+    serve(settings, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+async def _registration(settings: Settings, request: RegistrationRequest) -> int:
+    async with Registrar(settings, on_progress=_ProgressLog()) as registrar:
+        result = await registrar.register(request)
+    _print_result(result)
+    return EXIT_OK
+
+
+def _print_result(result: RegistrationResult) -> None:
+    log.info(
+        "registered %s in %.1f s (upload %.1f s, registry %.1f s)",
+        result.model_id,
+        result.timings.get("total", 0.0),
+        result.timings.get("upload", 0.0),
+        result.timings.get("register", 0.0),
+    )
+    print(ARN_LINE.format(result.workflow_execution_arn))
+    print(MODEL_LINE.format(result.model_id), flush=True)
+
+
+class _ProgressLog:
+    """Logs progress events on stderr, upload progress at most every few seconds."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, UploadProgress):
+            now = time.monotonic()
+            if not event.done and now - self._last.setdefault(event.artifact, now) < self._interval:
+                return
+            self._last[event.artifact] = now
+            log.info(
+                "%s: %s read, %s uploaded, %d part(s), %.1f MB/s%s",
+                event.artifact,
+                _mib(event.bytes_read),
+                _mib(event.bytes_uploaded),
+                event.parts_done,
+                event.rate / 1e6,
+                " (done)" if event.done else "",
+            )
+        elif isinstance(event, RegistrationSubmitted):
+            log.info("submitted: registration %s, model id %s", event.registration_id, event.model_id)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+# --- running, signals, exit codes -----------------------------------------------------
+
+
+def _run(command: Callable[[], Awaitable[int]]) -> int:
+    """Run `command` under signal handling; map its outcome to an exit code."""
+    received: list[int] = []
+
+    async def guarded() -> int:
+        with first_error():
+            return await _guarded()
+
+    async def _guarded() -> int:
+        code = EXIT_UNEXPECTED
+        async with anyio.create_task_group() as tg:
+            work = anyio.CancelScope()
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not received:
+                            received.append(signum)
+                            log.warning("%s received: stopping and cleaning up", name)
+                            work.cancel()
+                        else:
+                            log.warning("%s received again: still cleaning up (bounded), please wait", name)
+
+            tg.start_soon(watch_signals)
+            try:
+                with work:
+                    code = await command()
+            finally:
+                tg.cancel_scope.cancel()
+        return code
+
+    try:
+        code = anyio.run(guarded)
+    except RegistrarError as exc:
+        code = exit_code(exc)
+        _report(exc.message, exc)
+    except Exception as exc:
+        log.exception("unexpected error")
+        _report(f"unexpected error: {type(exc).__name__}: {exc}", exc)
+        code = EXIT_UNEXPECTED
+    if received:
+        signum = received[0]
+        _write_exit_message(f"interrupted by {signal.Signals(signum).name}; temporary objects were removed")
+        return 128 + signum
+    return code
+
+
+def _report(message: str, exc: BaseException) -> None:
+    notes = getattr(exc, "__notes__", [])
+    print(f"error: {message}", *notes, sep="\n", file=sys.stderr)
+    _write_exit_message(message)
+
+
+def _write_exit_message(message: str) -> None:
+    """Leave the reason where SageMaker shows it, when running there."""
+    if SAGEMAKER_OUTPUT.is_dir():
+        with contextlib.suppress(OSError):
+            (SAGEMAKER_OUTPUT / "message").write_text(message.splitlines()[0][:1024] + "\n")
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Third-party loggers are loud and can echo request details; keep them to warnings.
+    for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+# --- arguments ------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="async-registrar",
+        description="Register a trained model with MIMS: stream its artifacts to S3, submit, wait, clean up.",
+        epilog="Exit codes: 0 registered; 2 usage or configuration; 3 input artifacts or metadata; "
+        "4 storage (S3); 5 registration rejected or failed; 6 timed out; 130 SIGINT; 143 SIGTERM.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=environment_value("REGISTRAR_LOG_LEVEL") or "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+        help="logging on stderr (env REGISTRAR_LOG_LEVEL; default INFO)",
+    )
+    parser.set_defaults(foreground=False)
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    register = commands.add_parser("register", help="register a model (the container's job)")
+    register.set_defaults(command=_register)
+    _option(
+        register,
+        "model_path",
+        "PATH",
+        "the model directory, or a directory holding one model.tar.gz",
+        "/opt/ml/processing/input/model",
+    )
+    _option(
+        register,
+        "payload_path",
+        "PATH",
+        "payload samples (optional: absent means no payload)",
+        "/opt/ml/processing/mims_payload",
+    )
+    _option(
+        register, "config_path", "PATH", "the registration configuration (JSON)", "/opt/ml/processing/config/config"
+    )
+    _option(
+        register,
+        "metadata_path",
+        "PATH",
+        "performance metadata, a JSON file or a directory holding one (optional)",
+        "/opt/ml/processing/input/metadata",
+    )
+    _option(register, "s3_bucket", "NAME", "bucket for the temporary artifacts", "required")
+    _option(register, "s3_prefix", "PREFIX", "prefix for the temporary artifacts", "registrar-tmp/")
+    _option(register, "mims_endpoint", "URL", "the MIMS endpoint", "required")
+    _option(register, "wait_timeout", "SECONDS", "how long to wait for the registration to finish", "3600", kind=float)
+
+    demo = commands.add_parser(
+        "demo", help="register the example model on an S3 server and the reference MIMS started in-process"
+    )
+    demo.set_defaults(command=_demo)
+    demo.add_argument(
+        "--example",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the example directory (default: examples/demo of this checkout)",
+    )
+
+    upload = commands.add_parser("upload", help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else")
+    upload.set_defaults(command=_upload)
+    upload.add_argument("path", help="a directory, or a directory holding one .tar.gz")
+    upload.add_argument("target", help="s3://bucket/key")
+
+    server = commands.add_parser("mims-server", help="run the reference MIMS service (S3 via the AWS variables)")
+    server.set_defaults(command=None, foreground=True)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    server.add_argument(
+        "--registry-bucket",
+        default=None,
+        help="where registered artifacts are copied (env MIMS_REGISTRY_BUCKET; default mims-registry)",
+    )
+    return parser
+
+
+def _option(
+    parser: argparse.ArgumentParser, field: str, metavar: str, help: str, default: str, *, kind: type = str
+) -> None:
+    """An option whose environment variable and default are shown in --help; env is read by Settings."""
+    parser.add_argument(
+        OPTIONS[field],
+        dest=field.removeprefix("s3_").removesuffix("_path"),
+        type=kind,
+        default=None,
+        metavar=metavar,
+        help=f"{help} (env {describe_source(field)}; default {default})",
+    )
