@@ -80,7 +80,8 @@ async def _from_s3(s3: S3Client, location: S3Location) -> dict[str, Any]:
                     [location.uri],
                 ) from None
             raise
-    async with response["Body"] as body:
+    body = response["Body"]
+    async with body:  # closes the connection; `as` would give aiohttp's response, not the body
         if response.get("ContentLength", 0) > MAX_METADATA_BYTES:
             raise InputError(_too_large(location.uri), [location.uri])
         with storage_errors("GetObject", location.bucket, location.key):

@@ -174,7 +174,9 @@ async def upload_artifact(
         await send.aclose()
 
     log.info("uploading %s to %s (parts of %d MiB)", artifact, location, part_size >> 20)
-    with first_error():
+    # `send` is closed early by the producer on success only; on failure it is closed
+    # here, once the task group has cancelled and collected every task.
+    with send, first_error():
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             async with receive:

@@ -1,0 +1,104 @@
+"""Shared fixtures: a real S3 server (moto) and the reference MIMS, both on loopback.
+
+The servers run in threads of the test process, once per session; every test gets
+a prefix of its own, and checks that its prefix is empty afterwards where it
+matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stamina
+from pydantic import SecretStr
+
+from async_registrar import Settings
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._s3 import make_session, open_s3_client
+from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "demo"
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[LocalStack]:
+    """moto S3 and the reference MIMS (verifying signatures), for the whole session."""
+    with LocalStack(mims=ReferenceMimsSettings(pending_delay=0.05)) as running:
+        yield running
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A temporary prefix of this test's own."""
+    return f"test-{secrets.token_hex(4)}/"
+
+
+@pytest.fixture
+def settings(stack: LocalStack, prefix: str) -> Settings:
+    """Registrar settings pointing at the session's stack, under this test's prefix."""
+    return stack.registrar_settings(s3_prefix=prefix, poll_initial=0.02, poll_max=0.2)
+
+
+@pytest.fixture
+async def s3(stack: LocalStack) -> AsyncIterator[Any]:
+    """An S3 client on the session's moto server."""
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with open_s3_client(session, region=REGION, endpoint_url=stack.s3_endpoint) as client:
+        yield client
+
+
+@pytest.fixture
+def no_backoff() -> Iterator[None]:
+    """stamina retries without sleeping (up to 10 attempts)."""
+    with stamina.set_testing(True, attempts=10):
+        yield
+
+
+def mims_server(stack: LocalStack, **faults: Any) -> ThreadedMimsServer:
+    """A reference MIMS of its own, with the given fault settings, on the session's S3."""
+    settings = ReferenceMimsSettings(
+        registry_bucket=stack.registry_bucket,
+        s3_endpoint_url=stack.s3_endpoint,
+        aws_region=REGION,
+        aws_access_key_id=SecretStr(ACCESS_KEY),
+        aws_secret_access_key=SecretStr(SECRET_KEY),
+        signing_secrets={ACCESS_KEY: SecretStr(SECRET_KEY)},
+        **faults,
+    )
+    return ThreadedMimsServer(settings)
+
+
+async def leftovers(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Objects and open multipart uploads under `prefix` (should be none after a run)."""
+    objects = await s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    uploads = await s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for o in objects.get("Contents", [])] + [f"upload:{u['Key']}" for u in uploads.get("Uploads", [])]
+
+
+def registration_config(**changes: Any) -> dict[str, Any]:
+    """The example's registration configuration, with `changes` applied."""
+    config: dict[str, Any] = json.loads((EXAMPLE / "registration.json").read_text())
+    config.update(changes)
+    return config
+
+
+def make_job(tmp_path: Path, *, model_bytes: int = 0, config: dict[str, Any] | None = None) -> dict[str, Path]:
+    """A job's inputs under `tmp_path`: the example, optionally with extra random weights."""
+    model = tmp_path / "model"
+    shutil.copytree(EXAMPLE / "model", model)
+    if model_bytes:
+        (model / "extra.f32").write_bytes(os.urandom(model_bytes))
+    payload = tmp_path / "payload"
+    shutil.copytree(EXAMPLE / "payload", payload)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(config if config is not None else registration_config()))
+    return {"model": model, "payload": payload, "config": config_path, "metadata": tmp_path / "no-metadata"}

@@ -1,0 +1,148 @@
+"""Archive streaming: deterministic tar.gz that GNU tar reads back byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from async_registrar import InputError
+from async_registrar._archive import stream_archive, stream_prebuilt
+from async_registrar._artifacts import DirectorySource, PrebuiltArchive, inspect_artifact
+
+MiB = 1024 * 1024
+
+
+class Collect:
+    """A sink that keeps everything (fine for test-sized archives)."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    @property
+    def data(self) -> bytes:
+        return self.buffer.getvalue()
+
+
+def make_tree(root: Path) -> None:
+    (root / "code").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "weights.bin").write_bytes(os.urandom(3 * MiB + 17))
+    (root / "config.json").write_text('{"layers": 2}')
+    (root / "code" / "inference.py").write_text("def model_fn(d):\n    return d\n")
+    (root / "code" / "run.sh").write_text("#!/bin/sh\n")
+    (root / "code" / "run.sh").chmod(0o700)
+    (root / ("n" * 150 + ".txt")).write_text("long name")
+    (root / "ünïcode.txt").write_text("utf-8 name")
+
+
+def archive(root: Path, *, mtime: int = 315532800, level: int = 1) -> bytes:
+    source = inspect_artifact(root, role="model")
+    assert isinstance(source, DirectorySource)
+    sink = Collect()
+    stream_archive(source, sink, level=level, mtime=mtime)
+    return sink.data
+
+
+def test_gnu_tar_extracts_every_file_byte_for_byte(tmp_path: Path) -> None:
+    """GNU tar reads the stream back: same files, same bytes, empty directories kept."""
+    make_tree(tmp_path / "in")
+    (tmp_path / "model.tar.gz").write_bytes(archive(tmp_path / "in"))
+    (tmp_path / "out").mkdir()
+    subprocess.run(["tar", "-xzf", str(tmp_path / "model.tar.gz"), "-C", str(tmp_path / "out")], check=True)
+    originals = sorted(p.relative_to(tmp_path / "in") for p in (tmp_path / "in").rglob("*"))
+    extracted = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    assert originals == extracted
+    for rel in originals:
+        if (tmp_path / "in" / rel).is_file():
+            assert (tmp_path / "out" / rel).read_bytes() == (tmp_path / "in" / rel).read_bytes()
+
+
+def test_same_tree_same_bytes(tmp_path: Path) -> None:
+    """Two runs over the same tree give the same sha256, whatever the files' own times and owners."""
+    make_tree(tmp_path / "in")
+    first = archive(tmp_path / "in")
+    for path in (tmp_path / "in").rglob("*"):
+        os.utime(path, (1_000_000_000, 1_000_000_000), follow_symlinks=False)
+    second = archive(tmp_path / "in")
+    assert hashlib.sha256(first).hexdigest() == hashlib.sha256(second).hexdigest()
+    assert archive(tmp_path / "in", mtime=1_700_000_000) != first
+
+
+def test_member_metadata_is_normalised(tmp_path: Path) -> None:
+    """Fixed mtime, uid/gid 0, no owner names, modes 0644 or 0755."""
+    make_tree(tmp_path / "in")
+    with tarfile.open(fileobj=io.BytesIO(archive(tmp_path / "in", mtime=1_234_567_890)), mode="r:gz") as tar:
+        members = tar.getmembers()
+    assert {m.mtime for m in members} == {1_234_567_890}
+    assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, "", "")}
+    modes = {m.name: m.mode for m in members}
+    assert modes["code/run.sh"] == 0o755
+    assert modes["config.json"] == 0o644
+    assert modes["empty-dir"] == 0o755
+    assert all(tarfile.data_filter(m, "/x") is not None for m in members)
+
+
+def test_a_file_that_grows_while_read_is_refused(tmp_path: Path) -> None:
+    """The tar header already promised a size: growth is an InputError naming the file."""
+    root = tmp_path / "in"
+    root.mkdir()
+    weights = root / "weights.bin"
+    weights.write_bytes(os.urandom(2 * MiB))
+    source = inspect_artifact(root, role="model")
+    assert isinstance(source, DirectorySource)
+
+    def grow(_: int) -> None:
+        with weights.open("ab") as f:
+            f.write(b"more")
+
+    with pytest.raises(InputError, match=r"weights\.bin changed while it was being archived \(it grew"):
+        stream_archive(source, Collect(), level=1, mtime=0, on_read=grow)
+
+
+def test_a_file_that_shrinks_while_read_is_refused(tmp_path: Path) -> None:
+    """A file truncated mid-read is an InputError naming the file."""
+    root = tmp_path / "in"
+    root.mkdir()
+    weights = root / "weights.bin"
+    weights.write_bytes(os.urandom(3 * MiB))
+    source = inspect_artifact(root, role="model")
+    assert isinstance(source, DirectorySource)
+
+    def shrink(_: int) -> None:
+        os.truncate(weights, MiB)
+
+    with pytest.raises(InputError, match="it shrank while it was read"):
+        stream_archive(source, Collect(), level=1, mtime=0, on_read=shrink)
+
+
+def test_a_file_replaced_after_the_scan_is_refused(tmp_path: Path) -> None:
+    """A size different from the scan's is caught before any byte of it is archived."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text("short")
+    source = inspect_artifact(root, role="model")
+    (root / "a.txt").write_text("a lot longer now")
+    with pytest.raises(InputError, match="its size changed from 5 to 16 bytes"):
+        stream_archive(source, Collect(), level=1, mtime=0)  # type: ignore[arg-type]
+
+
+def test_prebuilt_archives_are_copied_unchanged(tmp_path: Path) -> None:
+    """A prebuilt archive's bytes pass through untouched."""
+    data = os.urandom(MiB + 3)
+    (tmp_path / "m.tar.gz").write_bytes(data)
+    sink = Collect()
+    stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data)), sink, chunk=64 * 1024)
+    assert sink.data == data
+    with pytest.raises(InputError, match="grew"):
+        stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) - 1), Collect())
+    with pytest.raises(InputError, match="shrank"):
+        stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) + 1), Collect())

@@ -1,0 +1,211 @@
+"""The CLI as a user runs it: a subprocess against moto S3 and the reference MIMS on loopback."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_registrar import Settings
+from async_registrar._archive import stream_archive
+from async_registrar._artifacts import DirectorySource, inspect_artifact
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+
+from .conftest import MiB, leftovers, make_job, mims_server, registration_config
+
+
+def environment(stack: LocalStack, settings: Settings, job: dict[str, Path], **extra: str) -> dict[str, str]:
+    """A clean environment: only what a registration job would be given."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "AWS_ENDPOINT_URL_S3": stack.s3_endpoint,
+        "REGISTRAR_S3_BUCKET": settings.s3_bucket,
+        "REGISTRAR_S3_PREFIX": settings.s3_prefix,
+        "REGISTRAR_MIMS_ENDPOINT": stack.mims_endpoint,
+        "REGISTRAR_MODEL_PATH": str(job["model"]),
+        "REGISTRAR_PAYLOAD_PATH": str(job["payload"]),
+        "REGISTRAR_CONFIG_PATH": str(job["config"]),
+        "REGISTRAR_METADATA_PATH": str(job["metadata"]),
+        "REGISTRAR_PART_SIZE": "5MiB",
+        "REGISTRAR_POLL_INITIAL": "0.05",
+        "REGISTRAR_POLL_MAX": "0.2",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        **extra,
+    }
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "async_registrar", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def expected_archive(path: Path) -> bytes:
+    """The bytes the registrar must have produced: the archive is deterministic."""
+    source = inspect_artifact(path, role="model")
+    assert isinstance(source, DirectorySource)
+    sink = io.BytesIO()
+    stream_archive(source, sink, level=1, mtime=315532800)  # type: ignore[arg-type]
+    return sink.getvalue()
+
+
+async def test_register_prints_the_two_lines(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
+    """Exit 0, exactly the original's two lines, the artifacts in the registry byte for byte, nothing left."""
+    job = make_job(tmp_path, model_bytes=6 * MiB)
+    result = run(environment(stack, settings, job), "register")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Workflow execution arn for model registration process: arn:aws:states:us-west-2:")
+    assert lines[1].startswith("Model id for model being registered: model-")
+    model_id = lines[1].rsplit(" ", 1)[1]
+    for name in ("model", "payload"):
+        obj = await s3.get_object(Bucket=stack.registry_bucket, Key=f"models/{model_id}/{name}.tar.gz")
+        async with obj["Body"] as body:
+            assert await body.read() == expected_archive(job[name]), name
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert "Workflow execution arn" not in result.stderr
+
+
+def test_options_override_the_environment(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """--config beats REGISTRAR_CONFIG_PATH: a bad file through the option is what gets read."""
+    job = make_job(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    result = run(environment(stack, settings, job), "register", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: the configuration must be a JSON object" in result.stderr
+
+
+def test_invalid_config_exits_2_naming_every_problem(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """Exit 2 before anything is uploaded, with all the problems listed."""
+    config = registration_config(model_registration_region="mars", model_ownr="me", model_domain=7)
+    del config["model_owner"]
+    job = make_job(tmp_path, config=config)
+    result = run(environment(stack, settings, job), "register")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    for needle in (
+        "(4 problems)",
+        "model_domain: Input should be a valid string",
+        "model_registration_region",
+        "model_owner: required field is missing",
+        "model_ownr: unknown key (did you mean 'model_owner'?)",
+    ):
+        assert needle in result.stderr
+
+
+async def test_empty_model_directory_exits_3(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
+    """Exit 3 naming the directory, and nothing in S3."""
+    job = make_job(tmp_path)
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    result = run(environment(stack, settings, job), "register", "--model", str(empty))
+    assert result.returncode == 3, result.stderr
+    assert f"model directory {empty} holds no files" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+def test_missing_settings_exit_2(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """No bucket and no endpoint: both named, by option and variable."""
+    job = make_job(tmp_path)
+    env = environment(stack, settings, job)
+    del env["REGISTRAR_S3_BUCKET"], env["REGISTRAR_MIMS_ENDPOINT"]
+    result = run(env, "register")
+    assert result.returncode == 2
+    assert "--bucket / REGISTRAR_S3_BUCKET: required" in result.stderr
+    assert "--mims-endpoint / REGISTRAR_MIMS_ENDPOINT: required" in result.stderr
+
+
+async def test_missing_bucket_exits_4(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """A bucket that does not exist is a storage failure, named."""
+    job = make_job(tmp_path)
+    result = run(environment(stack, settings, job), "register", "--bucket", "no-such-bucket-for-cli")
+    assert result.returncode == 4, result.stderr
+    assert "NoSuchBucket" in result.stderr
+    assert "no-such-bucket-for-cli" in result.stderr
+
+
+async def test_failed_registration_exits_5(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
+    """FAILED: exit 5 with the registry's reason; the temporary objects are gone."""
+    job = make_job(tmp_path)
+    with mims_server(stack, fail_registrations="owner not allowed") as failing:
+        result = run(environment(stack, settings, job, REGISTRAR_MIMS_ENDPOINT=failing.endpoint), "register")
+    assert result.returncode == 5, result.stderr
+    assert "FAILED: owner not allowed" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_wait_timeout_exits_6(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
+    """A registration still PENDING at --wait-timeout: exit 6; the temporary objects are gone."""
+    job = make_job(tmp_path)
+    with mims_server(stack, pending_delay=60) as slow:
+        env = environment(stack, settings, job, REGISTRAR_MIMS_ENDPOINT=slow.endpoint)
+        result = run(env, "register", "--wait-timeout", "1")
+    assert result.returncode == 6, result.stderr
+    assert "did not finish within 1 s (last status: PENDING)" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_a_signal_during_the_wait_cleans_up(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, signum: int, code: int
+) -> None:
+    """SIGTERM/SIGINT once the registration is submitted: exit 143/130 and an empty prefix."""
+    job = make_job(tmp_path)
+    with mims_server(stack, pending_delay=60) as slow:
+        env = environment(stack, settings, job, REGISTRAR_MIMS_ENDPOINT=slow.endpoint)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "async_registrar", "register"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if "submitted:" in line:
+                process.send_signal(signum)
+                break
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == code, "".join(seen) + stderr
+    assert f"{signal.Signals(signum).name} received: stopping and cleaning up" in stderr
+    assert stdout == ""
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+def test_help_lists_every_option_with_its_variable() -> None:
+    """`register --help` documents the contract's options, variables and defaults."""
+    result = subprocess.run(
+        [sys.executable, "-m", "async_registrar", "register", "--help"], capture_output=True, text=True, check=True
+    )
+    for option, variable in (
+        ("--model", "REGISTRAR_MODEL_PATH"),
+        ("--payload", "REGISTRAR_PAYLOAD_PATH"),
+        ("--config", "REGISTRAR_CONFIG_PATH"),
+        ("--metadata", "REGISTRAR_METADATA_PATH"),
+        ("--bucket", "REGISTRAR_S3_BUCKET"),
+        ("--prefix", "REGISTRAR_S3_PREFIX"),
+        ("--mims-endpoint", "REGISTRAR_MIMS_ENDPOINT"),
+        ("--wait-timeout", "REGISTRAR_WAIT_TIMEOUT"),
+    ):
+        assert option in result.stdout
+        assert variable in result.stdout
+    assert "/opt/ml/processing/input/model" in result.stdout

@@ -1,0 +1,221 @@
+"""The MIMS client on exact fault sequences (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from botocore.credentials import ReadOnlyCredentials
+
+from async_registrar import (
+    RegistrationFailed,
+    RegistrationRejected,
+    RegistrationTimeout,
+    RegistryError,
+    RegistryUnavailable,
+    Settings,
+)
+from async_registrar._mims_client import MimsClient, _retry_after
+from async_registrar._mims_contract import ArtifactRef, Registration, RegistrationSubmission
+from async_registrar._sigv4 import SigV4
+
+from .conftest import registration_config
+
+ENDPOINT = "https://mims.test"
+SETTINGS = Settings(s3_bucket="b-1", mims_endpoint=ENDPOINT, poll_initial=0.01, poll_max=0.02, submit_timeout=5)
+SUBMISSION = RegistrationSubmission.model_validate(
+    {
+        **registration_config(),
+        "model_artifact": ArtifactRef(s3_uri="s3://b-1/p/model.tar.gz", size_bytes=10, sha256="0" * 64),
+    }
+)
+
+
+def registration(status: str = "PENDING", reason: str | None = None) -> dict[str, Any]:
+    return {
+        "registration_id": "reg-1",
+        "model_id": "model-1",
+        "workflow_execution_arn": "arn:aws:states:us-west-2:1:execution:w:reg-1",
+        "status": status,
+        "failure_reason": reason,
+    }
+
+
+class Script:
+    """Answers requests in order from a list of responses or exceptions; records the requests."""
+
+    def __init__(self, *answers: httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+        self.signings = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        if callable(answer):
+            return answer(request)
+        return answer
+
+    async def credentials(self) -> ReadOnlyCredentials:
+        self.signings += 1
+        return ReadOnlyCredentials("AKIDTEST", "secret", None)
+
+    def client(self, settings: Settings = SETTINGS) -> tuple[MimsClient, httpx.AsyncClient]:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(self), follow_redirects=False)
+        auth = SigV4(self.credentials, region="us-west-2", service="mims")
+        return MimsClient(http, ENDPOINT, settings, auth=auth), http
+
+
+async def test_submission_is_retried_with_one_idempotency_key(no_backoff: None) -> None:
+    """503, a read timeout, then 202: one logical submission, one key, every attempt signed afresh."""
+    script = Script(
+        httpx.Response(503, json={"message": "busy"}, headers={"Retry-After": "0"}),
+        httpx.ReadTimeout("slow"),
+        httpx.Response(202, json=registration()),
+    )
+    client, http = script.client()
+    async with http:
+        accepted = await client.submit(SUBMISSION, idempotency_key="key-1")
+    assert accepted.registration_id == "reg-1"
+    assert len(script.requests) == 3
+    assert {r.headers["idempotency-key"] for r in script.requests} == {"key-1"}
+    assert script.signings == 3
+    assert all(r.headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDTEST/") for r in script.requests)
+    body = json.loads(script.requests[0].content)
+    assert body["model_artifact"]["s3_uri"] == "s3://b-1/p/model.tar.gz"
+    assert body["source_model_inference_output_variable_list"] == [["risk_score", "NUMERIC"]]
+
+
+async def test_a_400_is_not_retried_and_its_message_reaches_the_user(no_backoff: None) -> None:
+    """Client errors fail at once, with the server's message and errors."""
+    script = Script(
+        httpx.Response(400, json={"message": "model_owner unknown", "errors": ["model_owner: no such team"]})
+    )
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationRejected) as caught:
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert len(script.requests) == 1
+    assert caught.value.status_code == 400
+    assert "rejected with 400: model_owner unknown" in str(caught.value)
+    assert "model_owner: no such team" in str(caught.value)
+
+
+async def test_redirects_are_not_followed(no_backoff: None) -> None:
+    """A signed request is never replayed to another host."""
+    script = Script(httpx.Response(307, headers={"Location": "https://elsewhere.test/v1/registrations"}))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationRejected, match="307"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert [r.url.host for r in script.requests] == ["mims.test"]
+
+
+async def test_throttling_past_the_deadline_is_unavailable(no_backoff: None) -> None:
+    """429 on every attempt ends as RegistryUnavailable, naming the URL."""
+    script = Script(httpx.Response(429, json={"message": "slow down"}))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistryUnavailable, match=r"POST https://mims.test/v1/registrations kept answering 429"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert len(script.requests) == 10
+
+
+async def test_an_unreachable_registry_is_unavailable(no_backoff: None) -> None:
+    """Connection failures on every attempt end as RegistryUnavailable."""
+    script = Script(httpx.ConnectError("refused"))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistryUnavailable, match="ConnectError; check --mims-endpoint"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+
+
+async def test_retry_after_is_honoured() -> None:
+    """A 503 asking for 0.3 s is waited on at least that long (no testing mode here)."""
+    script = Script(
+        httpx.Response(503, headers={"Retry-After": "0.3"}),
+        httpx.Response(202, json=registration()),
+    )
+    client, http = script.client()
+    started = time.monotonic()
+    async with http:
+        await client.submit(SUBMISSION, idempotency_key="k")
+    assert time.monotonic() - started >= 0.3
+
+
+def test_retry_after_parsing() -> None:
+    """Seconds or an HTTP date, capped at a minute; garbage is ignored."""
+    assert _retry_after("2") == 2.0
+    assert _retry_after("86400") == 60.0
+    assert _retry_after("soon") is None
+    assert _retry_after(None) is None
+    in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
+    assert 8 <= (_retry_after(in_ten) or 0) <= 10
+    assert _retry_after(email.utils.formatdate(time.time() - 10, usegmt=True)) == 0.0
+
+
+async def test_wait_reports_each_status_until_succeeded(no_backoff: None) -> None:
+    """A brief 404, then PENDING, IN_PROGRESS, SUCCEEDED: each change reported once."""
+    script = Script(
+        httpx.Response(404, json={"message": "unknown"}),
+        httpx.Response(200, json=registration("PENDING")),
+        httpx.Response(200, json=registration("PENDING")),
+        httpx.Response(503),
+        httpx.Response(200, json=registration("IN_PROGRESS")),
+        httpx.Response(200, json=registration("SUCCEEDED")),
+    )
+    seen: list[str] = []
+    client, http = script.client()
+    async with http:
+        final = await client.wait("reg-1", max_wait=5, on_status=lambda r: seen.append(r.status))
+    assert final.status == "SUCCEEDED"
+    assert seen == ["PENDING", "IN_PROGRESS", "SUCCEEDED"]
+    assert all(r.method == "GET" and r.url.path == "/v1/registrations/reg-1" for r in script.requests)
+
+
+async def test_failed_surfaces_the_reason(no_backoff: None) -> None:
+    """FAILED raises RegistrationFailed carrying the registry's reason."""
+    script = Script(httpx.Response(200, json=registration("FAILED", "sha256 mismatch")))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationFailed, match="reg-1 FAILED: sha256 mismatch") as caught:
+            await client.wait("reg-1", max_wait=5)
+    assert caught.value.failure_reason == "sha256 mismatch"
+
+
+async def test_the_wait_stops_at_its_deadline(no_backoff: None) -> None:
+    """A registration stuck IN_PROGRESS times out with the last status; polling backed off."""
+    script = Script(httpx.Response(200, json=registration("IN_PROGRESS")))
+    client, http = script.client(SETTINGS.model_copy(update={"poll_initial": 0.01, "poll_max": 0.08}))
+    started = anyio.current_time()
+    async with http:
+        with pytest.raises(
+            RegistrationTimeout, match=r"did not finish within 0.3 s \(last status: IN_PROGRESS\)"
+        ) as caught:
+            await client.wait("reg-1", max_wait=0.3)
+    assert anyio.current_time() - started < 1.0
+    assert caught.value.last_status == "IN_PROGRESS"
+    # 0.01, 0.02, 0.04, 0.08, 0.08 ...: far fewer polls than a fixed 10 ms interval would make.
+    assert 4 <= len(script.requests) <= 8
+
+
+async def test_a_body_that_is_not_a_registration_is_an_error(no_backoff: None) -> None:
+    """A 2xx from something that is not MIMS is named, not trusted."""
+    script = Script(httpx.Response(200, text="<html>login</html>"))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistryError, match="not a registration"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+
+
+def test_registration_ignores_unknown_fields() -> None:
+    """Newer registries may add fields; the client keeps working."""
+    assert Registration.model_validate({**registration(), "new_field": 1}).status == "PENDING"

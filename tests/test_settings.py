@@ -1,0 +1,85 @@
+"""Settings and job inputs from the environment, with overrides first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from async_registrar import ConfigurationError, JobInputs, Settings
+
+REQUIRED = {"REGISTRAR_S3_BUCKET": "models-tmp", "REGISTRAR_MIMS_ENDPOINT": "https://mims.example.com/"}
+
+
+def test_environment_maps_onto_settings() -> None:
+    """Each documented variable lands in its setting, with units and normalisation."""
+    settings = Settings.from_env(
+        {
+            **REQUIRED,
+            "REGISTRAR_S3_PREFIX": "/tmp-artifacts",
+            "REGISTRAR_WAIT_TIMEOUT": "90",
+            "REGISTRAR_PART_SIZE": "64MiB",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "REGISTRAR_S3_CHECKSUMS": "when_required",
+            "SOURCE_DATE_EPOCH": "1700000000",
+        }
+    )
+    assert settings.s3_bucket == "models-tmp"
+    assert settings.mims_endpoint == "https://mims.example.com"
+    assert settings.s3_prefix == "tmp-artifacts/"
+    assert settings.wait_timeout == 90
+    assert settings.part_size == 64 * 1024 * 1024
+    assert settings.aws_region == "eu-west-1"
+    assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
+    assert settings.s3_checksums == "when_required"
+    assert settings.archive_mtime == 1_700_000_000
+
+
+def test_overrides_win_over_the_environment() -> None:
+    """A command-line value beats its environment variable; None means 'not given'."""
+    settings = Settings.from_env({**REQUIRED, "REGISTRAR_S3_PREFIX": "env/"}, s3_prefix="cli/", wait_timeout=None)
+    assert settings.s3_prefix == "cli/"
+    assert settings.wait_timeout == 3600
+
+
+def test_the_service_specific_endpoint_wins() -> None:
+    """AWS_ENDPOINT_URL_S3 is preferred to AWS_ENDPOINT_URL, as botocore does."""
+    settings = Settings.from_env(
+        {**REQUIRED, "AWS_ENDPOINT_URL": "http://general:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"}
+    )
+    assert settings.s3_endpoint_url == "http://s3only:2"
+
+
+def test_errors_name_the_option_and_variable() -> None:
+    """Missing and bad values are all reported, each by option and variable name."""
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"REGISTRAR_WAIT_TIMEOUT": "soon", "REGISTRAR_PART_SIZE": "1MiB"})
+    problems = caught.value.problems
+    assert any(p.startswith("--bucket / REGISTRAR_S3_BUCKET: required") for p in problems)
+    assert any(p.startswith("--mims-endpoint / REGISTRAR_MIMS_ENDPOINT: required") for p in problems)
+    assert any(p.startswith("--wait-timeout / REGISTRAR_WAIT_TIMEOUT:") for p in problems)
+    assert any(p.startswith("REGISTRAR_PART_SIZE:") for p in problems)
+    assert len(problems) == 4
+
+
+def test_job_inputs_default_to_the_sagemaker_paths() -> None:
+    """With nothing set, the inputs are the original's container paths."""
+    inputs = JobInputs.from_env({})
+    assert inputs.model_path == Path("/opt/ml/processing/input/model")
+    assert inputs.payload_path == Path("/opt/ml/processing/mims_payload")
+    assert inputs.config_path == Path("/opt/ml/processing/config/config")
+    assert inputs.metadata_path == Path("/opt/ml/processing/input/metadata")
+    assert inputs.performance_metadata_uri is None
+
+
+def test_job_inputs_read_lineage_and_metadata_uri() -> None:
+    """MODS_WORKFLOW_EXECUTION_ID and PERFORMANCE_METADATA_PATH are read; a bad URI is named."""
+    inputs = JobInputs.from_env(
+        {"MODS_WORKFLOW_EXECUTION_ID": "exec-1", "PERFORMANCE_METADATA_PATH": "s3://b-1/m.json"}, model_path="/m"
+    )
+    assert inputs.workflow_execution_id == "exec-1"
+    assert inputs.performance_metadata_uri == "s3://b-1/m.json"
+    assert inputs.model_path == Path("/m")
+    with pytest.raises(ConfigurationError, match="PERFORMANCE_METADATA_PATH"):
+        JobInputs.from_env({"PERFORMANCE_METADATA_PATH": "/local/file.json"})

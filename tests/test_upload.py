@@ -1,0 +1,149 @@
+"""The upload pipeline against a real S3 server (moto on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from botocore.exceptions import ClientError
+
+from async_registrar import InputError, Settings, StorageError, UploadProgress
+from async_registrar._artifacts import inspect_artifact
+from async_registrar._s3 import S3Location
+from async_registrar._upload import upload_artifact
+
+from .conftest import MiB, leftovers
+
+
+def model_dir(root: Path, size: int) -> Path:
+    root.mkdir()
+    (root / "a-weights.bin").write_bytes(os.urandom(size))
+    (root / "b-config.json").write_text('{"dim": 3}')
+    return root
+
+
+async def download(s3: Any, location: S3Location) -> bytes:
+    response = await s3.get_object(Bucket=location.bucket, Key=location.key)
+    async with response["Body"] as body:
+        data: bytes = await body.read()
+    return data
+
+
+@pytest.mark.parametrize("checksums", ["when_supported", "when_required"])
+async def test_multipart_round_trip(tmp_path: Path, s3: Any, settings: Settings, checksums: str) -> None:
+    """A 12 MiB model goes up in 5 MiB parts; GNU tar extracts it; sha256 and size match."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    settings = settings.model_copy(update={"s3_checksums": checksums})
+    location = S3Location(settings.s3_bucket, f"{settings.s3_prefix}model.tar.gz")
+    events: list[UploadProgress] = []
+    result = await upload_artifact(
+        s3, inspect_artifact(root, role="model"), location, settings, artifact="model", on_progress=events.append
+    )  # type: ignore[arg-type]
+    data = await download(s3, location)
+    assert result.parts == 3
+    assert result.size == len(data)
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    (tmp_path / "got.tar.gz").write_bytes(data)
+    (tmp_path / "out").mkdir()
+    subprocess.run(["tar", "-xzf", str(tmp_path / "got.tar.gz"), "-C", str(tmp_path / "out")], check=True)
+    assert (tmp_path / "out" / "a-weights.bin").read_bytes() == (root / "a-weights.bin").read_bytes()
+    assert events[-1].done
+    assert events[-1].bytes_uploaded == result.size
+    assert events[-1].parts_done == 3
+    assert events[-1].bytes_read > 12 * MiB
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [location.key]
+
+
+async def test_small_artifacts_take_one_put(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """An archive smaller than a part is one PutObject: no multipart upload is ever created."""
+    root = model_dir(tmp_path / "model", 1000)
+    created: list[str] = []
+    s3.meta.events.register("before-call.s3.CreateMultipartUpload", lambda **_: created.append("mpu"))
+    location = S3Location(settings.s3_bucket, f"{settings.s3_prefix}small.tar.gz")
+    result = await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert result.parts == 1
+    assert created == []
+    assert hashlib.sha256(await download(s3, location)).hexdigest() == result.sha256
+
+
+async def test_same_input_same_sha256(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """Two uploads of one directory give the same sha256 (what MIMS checks)."""
+    root = model_dir(tmp_path / "model", 6 * MiB)
+    source = inspect_artifact(root, role="model")
+    first = await upload_artifact(s3, source, S3Location(settings.s3_bucket, settings.s3_prefix + "1"), settings)
+    second = await upload_artifact(s3, source, S3Location(settings.s3_bucket, settings.s3_prefix + "2"), settings)
+    assert first.sha256 == second.sha256
+    assert first.size == second.size
+
+
+async def test_prebuilt_archive_is_uploaded_unchanged(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """A directory holding one tar.gz uploads that file's exact bytes."""
+    src = model_dir(tmp_path / "src", 11 * MiB)
+    (tmp_path / "prebuilt").mkdir()
+    archive = tmp_path / "prebuilt" / "model.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(src), "."], check=True)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    result = await upload_artifact(s3, inspect_artifact(archive.parent, role="model"), location, settings)
+    assert await download(s3, location) == archive.read_bytes()
+    assert result.parts == 3
+
+
+async def test_producer_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """A file that changed after the scan fails the producer after parts went up: nothing stays open."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    source = inspect_artifact(root, role="model")
+    (root / "b-config.json").write_text('{"dim": 3, "changed": true}')
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    parts: list[int] = []
+    s3.meta.events.register("before-call.s3.UploadPart", lambda **_: parts.append(1))
+    with pytest.raises(InputError, match=r"b-config\.json changed"):
+        await upload_artifact(s3, source, location, settings)
+    assert parts, "parts should have been uploaded before the producer failed"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_part_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """S3 failing one part (after botocore's own retries) aborts the whole upload."""
+    root = model_dir(tmp_path / "model", 16 * MiB)
+
+    def fail_part_two(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+
+    s3.meta.events.register("before-parameter-build.s3.UploadPart", fail_part_two)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with pytest.raises(StorageError, match=r"UploadPart \(part 2\) failed for s3://.*: InternalError") as caught:
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert caught.value.code == "InternalError"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_cancellation_mid_upload_aborts(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """Cancelling after the first part stops the producer, cancels the parts and aborts the upload."""
+    root = model_dir(tmp_path / "model", 24 * MiB)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    seen: list[UploadProgress] = []
+    with anyio.CancelScope() as scope:
+
+        def on_progress(event: Any) -> None:
+            seen.append(event)
+            scope.cancel()
+
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings, on_progress=on_progress)
+    assert scope.cancelled_caught
+    assert len(seen) == 1
+    assert not seen[0].done
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_missing_bucket_is_a_storage_error(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """NoSuchBucket names the bucket and says what to do."""
+    root = model_dir(tmp_path / "model", 6 * MiB)
+    location = S3Location("no-such-bucket-here", "k/model.tar.gz")
+    with pytest.raises(StorageError, match=r"NoSuchBucket.*create the bucket or fix --bucket"):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
