@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -34,11 +35,13 @@ from ._errors import (
     StorageError,
 )
 from ._progress import ProgressEvent, RegistrationSubmitted, UploadProgress
-from ._registrar import Registrar, RegistrationRequest, RegistrationResult
 from ._s3 import S3Location, make_session, open_s3_client
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
 from ._upload import upload_artifact
 from ._version import __version__
+
+if TYPE_CHECKING:  # the registrar (HTTP client, retries) is imported by the commands that use it
+    from ._registrar import RegistrationRequest, RegistrationResult
 
 __all__ = ["main"]
 
@@ -94,6 +97,8 @@ async def _register(args: argparse.Namespace) -> int:
     inputs = JobInputs.from_env(
         model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
     )
+    from ._registrar import RegistrationRequest
+
     request = await RegistrationRequest.from_job(inputs)
     return await _registration(settings, request)
 
@@ -144,6 +149,8 @@ def _mims_server(args: argparse.Namespace) -> int:
 
 
 async def _registration(settings: Settings, request: RegistrationRequest) -> int:
+    from ._registrar import Registrar
+
     async with Registrar(settings, on_progress=_ProgressLog()) as registrar:
         result = await registrar.register(request)
     _print_result(result)

@@ -9,6 +9,7 @@ shielded from cancellation and bounded in time.
 
 from __future__ import annotations
 
+import io
 import logging
 from types import TracebackType
 from typing import Any
@@ -18,9 +19,48 @@ import anyio
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 
-__all__ = ["MultipartUpload", "put_object"]
+__all__ = ["MultipartUpload", "PartBody", "put_object"]
 
 log = logging.getLogger("async_registrar.upload")
+
+
+class PartBody(io.BytesIO):
+    """A read-only, seekable file over a part's buffer, without copying it.
+
+    botocore hashes a body by reading it in chunks and aiohttp sends a `BytesIO` in
+    64 KiB chunks with flow control; both accept the memoryview slices this returns.
+    Handing them the bare bytearray instead would make aiohttp push the whole part into
+    the socket's buffer at once (a second copy per part in flight); a real `BytesIO`
+    would copy the part up front.
+    """
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._view) - self._position
+
+    def read(self, size: int | None = -1, /) -> memoryview:  # type: ignore[override]
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
+        chunk = self._view[self._position : end]
+        self._position = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, min(base + offset, len(self._view)))
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def getbuffer(self) -> memoryview:
+        return self._view[:]  # a view of its own: callers release it with `with`
+
+    def close(self) -> None:  # aiohttp closes what it sent; the buffer belongs to the pool
+        super().close()
 
 
 class MultipartUpload:
@@ -56,16 +96,16 @@ class MultipartUpload:
         log.debug("started multipart upload to %s", self.location)
         return self
 
-    async def upload_part(self, number: int, data: bytes) -> None:
-        """Upload part `number` (1-based); S3 verifies its checksum."""
-        extra = {"ChecksumAlgorithm": self._checksum} if self._checksum else {}
+    async def upload_part(self, number: int, data: bytes | bytearray, *, crc32: str | None = None) -> None:
+        """Upload part `number` (1-based); S3 verifies its checksum (`crc32` if given, else botocore's)."""
+        extra = _checksum_args(self._checksum, crc32)
         with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):
             response = await self._s3.upload_part(
                 Bucket=self.location.bucket,
                 Key=self.location.key,
                 UploadId=self.upload_id,
                 PartNumber=number,
-                Body=data,
+                Body=PartBody(data),
                 **extra,
             )
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
@@ -115,8 +155,19 @@ class MultipartUpload:
             log.warning("aborting the multipart upload to %s timed out", self.location)
 
 
-async def put_object(s3: S3Client, location: S3Location, data: bytes, *, checksum: str | None) -> None:
+async def put_object(
+    s3: S3Client, location: S3Location, data: bytes, *, checksum: str | None, crc32: str | None = None
+) -> None:
     """Upload a small artifact in one request."""
-    extra = {"ChecksumAlgorithm": checksum} if checksum else {}
+    extra = _checksum_args(checksum, crc32)
     with storage_errors("PutObject", location.bucket, location.key):
         await s3.put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
+
+
+def _checksum_args(algorithm: str | None, crc32: str | None) -> dict[str, str]:
+    """The checksum parameters: the algorithm, and the value when it was computed already."""
+    if not algorithm:
+        return {}
+    if crc32 and algorithm == "CRC32":
+        return {"ChecksumAlgorithm": algorithm, "ChecksumCRC32": crc32}
+    return {"ChecksumAlgorithm": algorithm}

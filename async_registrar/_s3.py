@@ -76,6 +76,9 @@ def open_s3_client(
     some S3-compatible servers reject.
     """
     config = AioConfig(
+        # With per-part checksums that S3 verifies, hashing each body again for the
+        # signature is redundant work (botocore already skips it over HTTPS).
+        s3={"payload_signing_enabled": checksums != "when_supported"},
         max_pool_connections=pool_size,
         connect_timeout=10,
         read_timeout=120,

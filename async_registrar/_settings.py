@@ -82,10 +82,11 @@ class Settings(BaseModel):
     s3_checksums: Literal["when_supported", "when_required"] = "when_supported"
 
     # The upload engine.
-    part_size: PartSize = ByteSize(16 * MiB)
-    upload_concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    part_size: PartSize = ByteSize(8 * MiB)
+    upload_concurrency: Annotated[int, Field(ge=1, le=64)] = 8
     upload_queue_parts: Annotated[int, Field(ge=1, le=64)] = 2
     compression_level: Annotated[int, Field(ge=0, le=3)] = 1
+    compression_threads: Annotated[int, Field(ge=1, le=64)] = Field(default_factory=lambda: min(4, os.cpu_count() or 1))
     archive_mtime: Annotated[int, Field(ge=0, lt=2**33)] = 315532800  # 1980-01-01T00:00:00Z
 
     # The registry client.
@@ -128,6 +129,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "upload_concurrency": ("REGISTRAR_UPLOAD_CONCURRENCY",),
     "upload_queue_parts": ("REGISTRAR_UPLOAD_QUEUE_PARTS",),
     "compression_level": ("REGISTRAR_COMPRESSION_LEVEL",),
+    "compression_threads": ("REGISTRAR_COMPRESSION_THREADS",),
     "archive_mtime": ("SOURCE_DATE_EPOCH",),
     "mims_service_name": ("REGISTRAR_MIMS_SERVICE_NAME",),
     "mims_request_timeout": ("REGISTRAR_MIMS_REQUEST_TIMEOUT",),

@@ -1,20 +1,23 @@
 """The upload pipeline: an artifact streamed as parts into S3, with bounded memory.
 
-    worker thread                  bounded stream            N upload tasks
-    read -> tar -> gzip -> sha256 -> [part][part] ->  upload_part x N -> complete
+    worker thread (+ gzip threads)       thread, in order       N upload tasks
+    read -> tar -> gzip -> cut -> [part] -> sha256 -> [part] -> upload_part x N -> complete
 
 The producer runs in a worker thread and blocks when the stream is full
-(backpressure), so memory stays near (concurrency + queue + 1) x part size
-whatever the artifact's size.  An artifact that fits in one part goes up in a
+(backpressure), so memory stays near (concurrency + queue + 3) x part size
+whatever the artifact's size; full parts live in reused buffers.  An artifact that fits in one part goes up in a
 single PutObject.  On any error or cancellation the producer stops, the parts in
 flight are cancelled and the multipart upload is aborted (see `MultipartUpload`).
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
+from isal import isal_zlib
 
 from ._archive import stream_archive, stream_prebuilt
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
@@ -55,38 +59,65 @@ class UploadedArtifact:
 @dataclass(frozen=True, slots=True)
 class _Part:
     number: int
-    data: bytes
+    data: bytes | bytearray  # a full part is a pooled bytearray, handed back once uploaded
     last: bool
+    crc32: str | None = None  # base64, as S3 wants it; set by the hasher
 
 
 class _PartCutter:
-    """The producer's sink: hashes the archive and cuts it into numbered parts.
+    """The producer's sink: cuts the archive into numbered parts.
 
-    Every part but the last is exactly `part_size` bytes; a part is handed on only once
-    a byte after it exists, so the last part is always flagged as such.
+    Full parts are written straight into part-sized bytearrays taken from `pool` (or
+    allocated while the pool warms up) and given back by the uploader, so steady state
+    allocates nothing: memory stays flat and the allocator doesn't fragment.  At most
+    queue + concurrency + 2 buffers ever exist, because the bounded stream blocks the
+    producer before it can take another.
+
+    Every part but the last is exactly `part_size` bytes; a full part is handed on only
+    once a byte after it exists, so the last part is always flagged as such.
     """
 
-    def __init__(self, part_size: int, emit: Callable[[_Part], object]) -> None:
+    def __init__(self, part_size: int, emit: Callable[[_Part], object], pool: deque[bytearray]) -> None:
         self._part_size = part_size
         self._emit = emit
-        self._buffer = bytearray()
+        self._pool = pool
+        self._buffer: bytearray | None = None
+        self._fill = 0
         self._number = 0
-        self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
-        self.sha256.update(data)
+    def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
-        self._buffer += data
-        while len(self._buffer) > self._part_size:
-            self._send(bytes(memoryview(self._buffer)[: self._part_size]), last=False)
-            del self._buffer[: self._part_size]
+        view = memoryview(data)
+        while view:
+            if self._buffer is None:
+                self._buffer = self._take()
+            elif self._fill == self._part_size:
+                self._send(self._buffer, last=False)
+                self._buffer = self._take()
+            n = min(len(view), self._part_size - self._fill)
+            self._buffer[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
 
     def finish(self) -> None:
-        self._send(bytes(self._buffer), last=True)
-        self._buffer = bytearray()
+        buffer, fill = self._buffer, self._fill
+        if buffer is not None and fill == self._part_size:
+            self._send(buffer, last=True)
+        else:
+            self._send(bytes(memoryview(buffer)[:fill]) if buffer is not None else b"", last=True)
+            if buffer is not None:
+                self._pool.append(buffer)
+        self._buffer = None
 
-    def _send(self, data: bytes, *, last: bool) -> None:
+    def _take(self) -> bytearray:
+        self._fill = 0
+        try:
+            return self._pool.pop()
+        except IndexError:
+            return bytearray(self._part_size)
+
+    def _send(self, data: bytes | bytearray, *, last: bool) -> None:
         self._number += 1
         self._emit(_Part(self._number, data, last))
 
@@ -143,13 +174,17 @@ async def upload_artifact(
     """
     part_size = choose_part_size(source.size_bound, settings.part_size)
     checksum = "CRC32" if settings.s3_checksums == "when_supported" else None
-    send, receive = anyio.create_memory_object_stream[_Part](settings.upload_queue_parts)
+    # producer thread -> [cut] -> hasher (in order, own thread) -> [hashed] -> uploaders
+    send_cut, receive_cut = anyio.create_memory_object_stream[_Part](settings.upload_queue_parts)
+    send_hashed, receive_hashed = anyio.create_memory_object_stream[_Part](1)
 
     def emit(part: _Part) -> None:  # in the producer thread: blocks while the stream is full
-        anyio.from_thread.run(send.send, part)
+        anyio.from_thread.run(send_cut.send, part)
 
-    cutter = _PartCutter(part_size, emit)
+    pool: deque[bytearray] = deque()
+    cutter = _PartCutter(part_size, emit, pool)
     tracker = _Tracker(artifact, location, on_progress)
+    sha256 = hashlib.sha256()
 
     def produce_blocking() -> None:
         if isinstance(source, DirectorySource):
@@ -158,6 +193,7 @@ async def upload_artifact(
                 cutter,
                 level=settings.compression_level,
                 mtime=settings.archive_mtime,
+                threads=settings.compression_threads,
                 on_read=tracker.add_read,
             )
         else:
@@ -171,18 +207,37 @@ async def upload_artifact(
             return  # the consumers went away; their error is the one to report
         # Closed only on success: consumers that see the end without a last part never
         # complete the upload; on failure they are cancelled by the task group instead.
-        await send.aclose()
+        await send_cut.aclose()
+
+    def hash_part(data: bytes | bytearray) -> str:
+        sha256.update(data)
+        return base64.b64encode(isal_zlib.crc32(data).to_bytes(4, "big")).decode()
+
+    async def hash_in_order() -> None:
+        # The sha256 of the whole archive (what MIMS checks) and each part's CRC32 (what
+        # S3 checks; isal's is several times faster than the one botocore would compute),
+        # off the producer's thread.  A part is hashed before it is uploaded, so before
+        # its buffer can be reused.
+        async with receive_cut:
+            try:
+                async for part in receive_cut:
+                    crc32 = await anyio.to_thread.run_sync(hash_part, part.data)
+                    await send_hashed.send(dataclasses.replace(part, crc32=crc32 if checksum else None))
+            except anyio.BrokenResourceError:
+                return
+        await send_hashed.aclose()
 
     log.info("uploading %s to %s (parts of %d MiB)", artifact, location, part_size >> 20)
-    # `send` is closed early by the producer on success only; on failure it is closed
-    # here, once the task group has cancelled and collected every task.
-    with send, first_error():
+    # The send sides are closed early on success only; on failure they are closed here,
+    # once the task group has cancelled and collected every task.
+    with send_cut, send_hashed, first_error():
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
-            async with receive:
-                parts = await _consume(s3, receive, location, settings, checksum, tracker)
+            tg.start_soon(hash_in_order)
+            async with receive_hashed:
+                parts = await _consume(s3, receive_hashed, location, settings, checksum, tracker, pool)
 
-    size, digest = cutter.size, cutter.sha256.hexdigest()
+    size, digest = cutter.size, sha256.hexdigest()
     await _confirm(s3, location, size)
     tracker.report(done=True)
     log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, location, size, parts)
@@ -196,11 +251,12 @@ async def _consume(
     settings: Settings,
     checksum: str | None,
     tracker: _Tracker,
+    pool: deque[bytearray],
 ) -> int:
-    """Upload the parts as they come; return how many there were."""
+    """Upload the parts as they come, handing full buffers back to `pool`; return how many."""
     first = await receive.receive()
     if first.last:
-        await put_object(s3, location, first.data, checksum=checksum)
+        await put_object(s3, location, bytes(first.data), checksum=checksum, crc32=first.crc32)
         tracker.part_done(len(first.data))
         return 1
 
@@ -212,12 +268,16 @@ async def _consume(
         nonlocal seen_last
         async with parts:
             if initial is not None:
-                await mpu.upload_part(initial.number, initial.data)
-                tracker.part_done(len(initial.data))
+                await upload(mpu, initial)
             async for part in parts:
                 seen_last = seen_last or part.last
-                await mpu.upload_part(part.number, part.data)
-                tracker.part_done(len(part.data))
+                await upload(mpu, part)
+
+    async def upload(mpu: MultipartUpload, part: _Part) -> None:
+        await mpu.upload_part(part.number, part.data, crc32=part.crc32)
+        tracker.part_done(len(part.data))
+        if isinstance(part.data, bytearray):
+            pool.append(part.data)  # only after success: a failed request may still hold it
 
     async with MultipartUpload(s3, location, checksum=checksum, abort_timeout=settings.cleanup_timeout) as mpu:
         with first_error():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from async_registrar import InputError
-from async_registrar._archive import stream_archive, stream_prebuilt
-from async_registrar._artifacts import DirectorySource, PrebuiltArchive, inspect_artifact
+from async_registrar._archive import _header, stream_archive, stream_prebuilt
+from async_registrar._artifacts import DirectorySource, FileEntry, PrebuiltArchive, inspect_artifact
 
 MiB = 1024 * 1024
 
@@ -146,3 +146,52 @@ def test_prebuilt_archives_are_copied_unchanged(tmp_path: Path) -> None:
         stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) - 1), Collect())
     with pytest.raises(InputError, match="shrank"):
         stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) + 1), Collect())
+
+
+def test_output_does_not_depend_on_the_gzip_threads(tmp_path: Path) -> None:
+    """Blocks sit at fixed offsets: one thread or three give the same bytes."""
+    make_tree(tmp_path / "in")
+    source = inspect_artifact(tmp_path / "in", role="model")
+    assert isinstance(source, DirectorySource)
+    outputs = []
+    for threads in (1, 3):
+        sink = Collect()
+        stream_archive(source, sink, level=1, mtime=0, threads=threads)
+        outputs.append(sink.data)
+    assert outputs[0] == outputs[1]
+
+
+def test_stream_readers_accept_the_blocked_gzip(tmp_path: Path) -> None:
+    """The parallel blocks form one gzip member: tarfile's stream mode and gzip -t read it."""
+    make_tree(tmp_path / "in")
+    data = archive(tmp_path / "in")
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|gz") as tar:
+        names = [member.name for member in tar]
+    assert "weights.bin" in names
+    (tmp_path / "a.tar.gz").write_bytes(data)
+    subprocess.run(["gzip", "-t", str(tmp_path / "a.tar.gz")], check=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "is_dir", "size", "executable"),
+    [
+        ("a.txt", False, 5, False),
+        ("dir", True, 0, True),
+        ("x/y/run.sh", False, 8**11 - 1, True),
+        ("n" * 100, False, 0, False),
+        ("n" * 100, True, 0, True),  # 101 with the slash: PAX
+        ("ü.txt", False, 1, False),  # non-ASCII: PAX
+        ("big.bin", False, 8**11, False),  # 8 GiB: PAX
+    ],
+)
+def test_fast_headers_are_what_tarfile_writes(name: str, is_dir: bool, size: int, executable: bool) -> None:
+    """The directly packed ustar header is byte for byte tarfile's PAX-format header."""
+    entry = FileEntry(name, Path("unused"), is_dir, size, executable)
+    for mtime in (0, 315532800, 8**11 - 1):
+        info = tarfile.TarInfo(name)
+        info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "", ""
+        if is_dir:
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+        else:
+            info.mode, info.size = (0o755 if executable else 0o644), size
+        assert _header(entry, mtime) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")

@@ -94,13 +94,20 @@ async def test_prebuilt_archive_is_uploaded_unchanged(tmp_path: Path, s3: Any, s
 
 
 async def test_producer_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: Settings) -> None:
-    """A file that changed after the scan fails the producer after parts went up: nothing stays open."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
+    """A file that changes once parts are going up fails the producer: nothing stays open."""
+    root = model_dir(tmp_path / "model", 40 * MiB)
     source = inspect_artifact(root, role="model")
-    (root / "b-config.json").write_text('{"dim": 3, "changed": true}')
+    # With one upload at a time, backpressure holds the producer well inside a-weights.bin
+    # when the first part goes up; b-config.json changes then, before it is read.
+    settings = settings.model_copy(update={"upload_concurrency": 1, "upload_queue_parts": 1})
     location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     parts: list[int] = []
-    s3.meta.events.register("before-call.s3.UploadPart", lambda **_: parts.append(1))
+
+    def change_config(**_: Any) -> None:
+        parts.append(1)
+        (root / "b-config.json").write_text('{"dim": 3, "changed": true}')
+
+    s3.meta.events.register("before-call.s3.UploadPart", change_config)
     with pytest.raises(InputError, match=r"b-config\.json changed"):
         await upload_artifact(s3, source, location, settings)
     assert parts, "parts should have been uploaded before the producer failed"
