@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import logging
+import random
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,8 @@ log = logging.getLogger("async_registrar.mims")
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 #: The longest `Retry-After` honoured; a server asking for more is waited on for this long.
 MAX_RETRY_AFTER = 60.0
+#: The longest wait between two attempts (without Retry-After).
+RETRY_CAP = 10.0
 #: How long a registration may be unknown (404) right after its submission.
 NOT_FOUND_GRACE = 30.0
 
@@ -63,11 +66,27 @@ class _Retryable(Exception):
 _TRANSIENT_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.RemoteProtocolError)
 
 
-def _backoff(exc: Exception) -> bool | float:
-    """stamina's hook: retry transient failures, waiting as long as `Retry-After` asks."""
-    if isinstance(exc, _Retryable):
-        return exc.retry_after if exc.retry_after is not None else True
-    return isinstance(exc, _TRANSIENT_TRANSPORT)
+class _Backoff:
+    """stamina's backoff hook for one request: which failures to retry, and how long to wait.
+
+    Exponential backoff with full jitter (a uniform wait between 0 and the exponential
+    bound, which spreads out clients that failed together), unless the server said how
+    long in `Retry-After`.  stamina keeps the deadline and the attempts.
+    """
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self._initial = initial
+        self._cap = cap
+        self._failures = 0
+
+    def __call__(self, exc: Exception) -> bool | float:
+        if not isinstance(exc, (_Retryable, *_TRANSIENT_TRANSPORT)):
+            return False
+        self._failures += 1
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        bound = min(self._cap, self._initial * 2 ** (self._failures - 1))
+        return random.uniform(0, bound)  # noqa: S311  (jitter, not cryptography)
 
 
 class MimsClient:
@@ -168,12 +187,9 @@ class MimsClient:
         shown = redact_url(url)
         try:
             async for attempt in stamina.retry_context(
-                on=_backoff,
+                on=_Backoff(initial=min(0.5, self._settings.poll_initial), cap=RETRY_CAP),
                 attempts=None,
                 timeout=deadline,
-                wait_initial=min(0.5, self._settings.poll_initial),
-                wait_max=10.0,
-                wait_jitter=0.5,
             ):
                 with attempt:
                     if attempt.num > 1:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -26,7 +28,7 @@ import httpx
 from aiobotocore.session import AioSession
 from botocore.credentials import ReadOnlyCredentials
 
-from ._artifacts import ArtifactSource, inspect_artifact
+from ._artifacts import ArtifactSource, DirectorySource, inspect_artifact
 from ._concurrency import first_error
 from ._config import RegistrationConfig, load_config
 from ._errors import ConfigurationError
@@ -60,7 +62,8 @@ class RegistrationRequest:
     metadata_path: Path | None = None
     performance_metadata_uri: str | None = None
     workflow_execution_id: str | None = None
-    #: Sent with every submission attempt; a fresh one per registration if not given.
+    #: Sent with every submission attempt.  When neither this nor `workflow_execution_id`
+    #: is set, each registration gets a fresh key (see `run_identity`).
     idempotency_key: str | None = None
 
     @classmethod
@@ -73,6 +76,7 @@ class RegistrationRequest:
             metadata_path=inputs.metadata_path,
             performance_metadata_uri=inputs.performance_metadata_uri,
             workflow_execution_id=inputs.workflow_execution_id,
+            idempotency_key=inputs.idempotency_key,
         )
 
 
@@ -166,7 +170,7 @@ class Registrar:
         )
         timings["validate"] = time.monotonic() - started
 
-        run_id = new_run_id()
+        run_id, idempotency_key = run_identity(request, model_source, payload_source, metadata)
         prefix = f"{settings.s3_prefix}{run_id}/"
         region = request.config.model_registration_region
         auth = SigV4(self._credentials, region=region, service=settings.mims_service_name)
@@ -202,7 +206,7 @@ class Registrar:
                     "workflow_execution_id": request.workflow_execution_id,
                 }
             )
-            accepted = await mims.submit(submission, idempotency_key=request.idempotency_key or run_id)
+            accepted = await mims.submit(submission, idempotency_key=idempotency_key)
             self._emit(
                 RegistrationSubmitted(accepted.registration_id, accepted.model_id, accepted.workflow_execution_arn)
             )
@@ -253,6 +257,45 @@ class Registrar:
         if self._s3 is None or self._http is None:
             raise RuntimeError("use the Registrar as an async context manager: async with Registrar(...) as r")
         return self._s3, self._http
+
+
+def run_identity(
+    request: RegistrationRequest,
+    model: ArtifactSource,
+    payload: ArtifactSource | None,
+    metadata: dict[str, Any] | None,
+) -> tuple[str, str]:
+    """The run id (the temporary prefix's name) and the Idempotency-Key of a registration.
+
+    With a lineage id (MODS_WORKFLOW_EXECUTION_ID) or an explicit key, both are derived
+    from what the job registers: the lineage, the configuration, the metadata and the
+    inputs' names and sizes.  A retried container therefore uploads to the same keys and,
+    since archives are deterministic, submits the same body with the same key: the
+    registry answers with the registration it already has instead of making a second.
+    Without either, each run is its own registration: a fresh id and key.
+    """
+    if not (request.idempotency_key or request.workflow_execution_id):
+        run_id = new_run_id()
+        return run_id, f"registrar-{run_id}"
+    identity = {
+        "key": request.idempotency_key,
+        "workflow_execution_id": request.workflow_execution_id,
+        "config": request.config.to_wire(),
+        "metadata": metadata,
+        "performance_metadata_uri": request.performance_metadata_uri,
+        "model": _listing(model),
+        "payload": _listing(payload),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"run-{digest[:24]}", request.idempotency_key or f"registrar-{digest}"
+
+
+def _listing(source: ArtifactSource | None) -> list[tuple[str, int, bool]] | None:
+    if source is None:
+        return None
+    if isinstance(source, DirectorySource):
+        return [(e.name, e.size, e.executable) for e in source.entries]
+    return [(source.path.name, source.size, False)]
 
 
 def new_run_id() -> str:

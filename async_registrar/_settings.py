@@ -184,6 +184,8 @@ class JobInputs(BaseModel):
     #: An `s3://` URI of a JSON performance-metadata object (PERFORMANCE_METADATA_PATH).
     performance_metadata_uri: Annotated[str, StringConstraints(pattern=r"^s3://[^/]+/.+")] | None = None
     workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+    #: One logical registration's key, when the caller manages retries itself.
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JobInputs:
@@ -201,6 +203,7 @@ _JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "metadata_path": ("REGISTRAR_METADATA_PATH",),
     "performance_metadata_uri": ("PERFORMANCE_METADATA_PATH",),
     "workflow_execution_id": ("MODS_WORKFLOW_EXECUTION_ID",),
+    "idempotency_key": ("REGISTRAR_IDEMPOTENCY_KEY",),
 }
 
 

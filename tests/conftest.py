@@ -63,18 +63,19 @@ def no_backoff() -> Iterator[None]:
         yield
 
 
-def mims_server(stack: LocalStack, **faults: Any) -> ThreadedMimsServer:
-    """A reference MIMS of its own, with the given fault settings, on the session's S3."""
-    settings = ReferenceMimsSettings(
-        registry_bucket=stack.registry_bucket,
-        s3_endpoint_url=stack.s3_endpoint,
-        aws_region=REGION,
-        aws_access_key_id=SecretStr(ACCESS_KEY),
-        aws_secret_access_key=SecretStr(SECRET_KEY),
-        signing_secrets={ACCESS_KEY: SecretStr(SECRET_KEY)},
-        **faults,
-    )
-    return ThreadedMimsServer(settings)
+def mims_server(stack: LocalStack, **overrides: Any) -> ThreadedMimsServer:
+    """A reference MIMS of its own (faults and all), on the session's S3."""
+    values: dict[str, Any] = {
+        "registry_bucket": stack.registry_bucket,
+        "s3_endpoint_url": stack.s3_endpoint,
+        "aws_region": REGION,
+        "aws_access_key_id": SecretStr(ACCESS_KEY),
+        "aws_secret_access_key": SecretStr(SECRET_KEY),
+        "signing_secrets": {ACCESS_KEY: SecretStr(SECRET_KEY)},
+        "pending_delay": 0.05,
+        **overrides,
+    }
+    return ThreadedMimsServer(ReferenceMimsSettings(**values))
 
 
 async def leftovers(s3: Any, bucket: str, prefix: str) -> list[str]:

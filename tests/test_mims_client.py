@@ -219,3 +219,17 @@ async def test_a_body_that_is_not_a_registration_is_an_error(no_backoff: None) -
 def test_registration_ignores_unknown_fields() -> None:
     """Newer registries may add fields; the client keeps working."""
     assert Registration.model_validate({**registration(), "new_field": 1}).status == "PENDING"
+
+
+def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
+    """Waits are uniform in [0, bound] with the bound doubling to the cap; Retry-After wins."""
+    from async_registrar._mims_client import RETRY_CAP, _Backoff, _Retryable
+
+    hook = _Backoff(initial=0.5, cap=RETRY_CAP)
+    waits = [hook(httpx.ConnectError("refused")) for _ in range(8)]
+    bounds = [min(RETRY_CAP, 0.5 * 2**n) for n in range(8)]
+    assert all(0 <= w <= b for w, b in zip(waits, bounds, strict=True))
+    assert len({round(float(w), 6) for w in waits}) > 1
+    busy = httpx.Response(503, headers={"Retry-After": "7"}, request=httpx.Request("GET", ENDPOINT))
+    assert hook(_Retryable(busy, 7.0)) == 7.0
+    assert hook(ValueError("not transient")) is False

@@ -59,6 +59,7 @@ class _State:
     records: dict[str, _Record] = field(default_factory=dict)
     by_key: dict[str, str] = field(default_factory=dict)
     submissions_seen: int = 0
+    accepted: int = 0
     polls_seen: int = 0
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -118,9 +119,13 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
             record = _new_record(submission, body_hash, settings)
             state.records[record.registration.registration_id] = record
             state.by_key[key] = record.registration.registration_id
+            state.accepted += 1
+            stalling = state.accepted <= settings.stall_submissions
         assert state.tasks is not None
         state.tasks.start_soon(_process, state, record)
         log.info("accepted %s (%s)", record.registration.registration_id, record.registration.model_id)
+        if stalling:  # the registration exists; the answer comes too late for the client
+            await anyio.sleep(settings.stall_seconds)
         return _json(202, record.registration)
 
     async def status(request: Request) -> Response:
@@ -145,7 +150,7 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route(REGISTRATIONS_PATH, submit, methods=["POST"]),
             Route(REGISTRATIONS_PATH + "/{registration_id}", status, methods=["GET"]),
@@ -154,6 +159,8 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
         ],
         lifespan=lifespan,
     )
+    app.state.registry = state  # for tests and demos that inspect what the registry holds
+    return app
 
 
 def _new_record(submission: RegistrationSubmission, body_hash: str, settings: ReferenceMimsSettings) -> _Record:

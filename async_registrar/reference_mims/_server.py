@@ -8,6 +8,7 @@ import time
 from types import TracebackType
 
 import uvicorn
+from starlette.applications import Starlette
 
 from ._app import create_app
 from ._settings import ReferenceMimsSettings
@@ -30,6 +31,7 @@ class ThreadedMimsServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.endpoint = ""
+        self.app: Starlette | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         """Start serving; return once the service accepts requests."""
@@ -40,9 +42,8 @@ class ThreadedMimsServer:
         sock.bind((self._host, self._port))
         host, port = sock.getsockname()[:2]
         self.endpoint = f"http://{host}:{port}"
-        config = uvicorn.Config(
-            create_app(self._settings), log_config=None, log_level="warning", lifespan="on", access_log=False
-        )
+        self.app = create_app(self._settings)
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", lifespan="on", access_log=False)
         self._server = uvicorn.Server(config)
 
         def run() -> None:
@@ -61,6 +62,11 @@ class ThreadedMimsServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the reference MIMS service did not start: {self._error!r}")
             time.sleep(0.01)
+
+    @property
+    def registration_count(self) -> int:
+        """How many registrations the service has accepted (each idempotency key counts once)."""
+        return len(self.app.state.registry.records) if self.app is not None else 0
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and wait for the thread."""

@@ -49,6 +49,8 @@ class ReferenceMimsSettings(BaseModel):
     throttle_polls: Annotated[int, Field(ge=0)] = 0  # the first N polls get 429
     retry_after: Delay = 1.0  # the Retry-After sent with those answers
     stall_poll: Delay = 0.0  # every poll waits this long before answering
+    stall_submissions: Annotated[int, Field(ge=0)] = 0  # the first N accepted submissions answer late...
+    stall_seconds: Delay = 5.0  # ...by this long (the registration exists already: a client timeout)
     fail_registrations: str | None = None  # end every registration FAILED with this reason
 
     @classmethod
