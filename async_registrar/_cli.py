@@ -33,8 +33,9 @@ from ._errors import (
     RegistrationTimeout,
     RegistryError,
     StorageError,
+    redact,
 )
-from ._progress import ProgressEvent, RegistrationSubmitted, UploadProgress
+from ._progress import CleanupFinished, ProgressEvent, RegistrationSubmitted, UploadProgress
 from ._s3 import S3Location, make_session, open_s3_client
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
 from ._upload import upload_artifact
@@ -56,7 +57,7 @@ EXIT_REGISTRY = 5
 EXIT_TIMEOUT = 6
 
 #: Where SageMaker looks for a job's failure reason (its first 1 KB is shown).
-SAGEMAKER_OUTPUT = Path("/opt/ml/output")
+SAGEMAKER_OUTPUT = "/opt/ml/output"
 
 ARN_LINE = "Workflow execution arn for model registration process: {}"
 MODEL_LINE = "Model id for model being registered: {}"
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.foreground:  # uvicorn runs its own loop and handles signals itself
         return _mims_server(args)
     command: Callable[[argparse.Namespace], Awaitable[int]] = args.command
-    return _run(lambda: command(args))
+    args.progress = _ProgressLog()
+    return _run(lambda: command(args), args.progress)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -100,7 +102,7 @@ async def _register(args: argparse.Namespace) -> int:
     from ._registrar import RegistrationRequest
 
     request = await RegistrationRequest.from_job(inputs)
-    return await _registration(settings, request)
+    return await _registration(settings, request, args.progress)
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -109,7 +111,7 @@ async def _demo(args: argparse.Namespace) -> int:
     request = await example_request(args.example)
     with LocalStack() as stack:
         log.info("demo: S3 at %s, reference MIMS at %s", stack.s3_endpoint, stack.mims_endpoint)
-        code = await _registration(stack.registrar_settings(), request)
+        code = await _registration(stack.registrar_settings(), request, args.progress)
         if code == EXIT_OK:
             for line in await stack.describe_registry():
                 log.info("demo: %s", line)
@@ -131,7 +133,7 @@ async def _upload(args: argparse.Namespace) -> int:
         checksums=settings.s3_checksums,
         pool_size=max(10, 4 * settings.upload_concurrency),
     ) as s3:
-        uploaded = await upload_artifact(s3, source, target, settings, artifact="upload", on_progress=_ProgressLog())
+        uploaded = await upload_artifact(s3, source, target, settings, artifact="upload", on_progress=args.progress)
     print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
     return EXIT_OK
 
@@ -148,10 +150,10 @@ def _mims_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _registration(settings: Settings, request: RegistrationRequest) -> int:
+async def _registration(settings: Settings, request: RegistrationRequest, progress: _ProgressLog) -> int:
     from ._registrar import Registrar
 
-    async with Registrar(settings, on_progress=_ProgressLog()) as registrar:
+    async with Registrar(settings, on_progress=progress) as registrar:
         result = await registrar.register(request)
     _print_result(result)
     return EXIT_OK
@@ -175,6 +177,8 @@ class _ProgressLog:
     def __init__(self, interval: float = 5.0) -> None:
         self._interval = interval
         self._last: dict[str, float] = {}
+        #: What the cleanup could not remove, for the exit message.
+        self.leftovers: tuple[str, ...] = ()
 
     def __call__(self, event: ProgressEvent) -> None:
         if isinstance(event, UploadProgress):
@@ -191,6 +195,8 @@ class _ProgressLog:
                 event.rate / 1e6,
                 " (done)" if event.done else "",
             )
+        elif isinstance(event, CleanupFinished):
+            self.leftovers += event.leftovers
         elif isinstance(event, RegistrationSubmitted):
             log.info("submitted: registration %s, model id %s", event.registration_id, event.model_id)
 
@@ -202,7 +208,7 @@ def _mib(size: int) -> str:
 # --- running, signals, exit codes -----------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[int]]) -> int:
+def _run(command: Callable[[], Awaitable[int]], progress: _ProgressLog) -> int:
     """Run `command` under signal handling; map its outcome to an exit code."""
     received: list[int] = []
 
@@ -245,22 +251,27 @@ def _run(command: Callable[[], Awaitable[int]]) -> int:
         code = EXIT_UNEXPECTED
     if received:
         signum = received[0]
-        _write_exit_message(f"interrupted by {signal.Signals(signum).name}; temporary objects were removed")
+        name = signal.Signals(signum).name
+        if progress.leftovers:
+            _write_exit_message(f"interrupted by {name}; left behind: {', '.join(progress.leftovers)}")
+        else:
+            _write_exit_message(f"interrupted by {name}; no temporary object was left behind")
         return 128 + signum
     return code
 
 
 def _report(message: str, exc: BaseException) -> None:
-    notes = getattr(exc, "__notes__", [])
-    print(f"error: {message}", *notes, sep="\n", file=sys.stderr)
+    notes = [redact(note) for note in getattr(exc, "__notes__", [])]
+    print(f"error: {redact(message)}", *notes, sep="\n", file=sys.stderr)
     _write_exit_message(message)
 
 
 def _write_exit_message(message: str) -> None:
-    """Leave the reason where SageMaker shows it, when running there."""
-    if SAGEMAKER_OUTPUT.is_dir():
+    """Leave a one-line reason where SageMaker shows it (REGISTRAR_OUTPUT_DIR elsewhere), if that exists."""
+    directory = Path(environment_value("REGISTRAR_OUTPUT_DIR") or SAGEMAKER_OUTPUT)
+    if directory.is_dir():
         with contextlib.suppress(OSError):
-            (SAGEMAKER_OUTPUT / "message").write_text(message.splitlines()[0][:1024] + "\n")
+            (directory / "message").write_text(redact(message.splitlines()[0])[:1024] + "\n")
 
 
 def _configure_logging(level: str) -> None:

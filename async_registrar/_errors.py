@@ -12,6 +12,7 @@ handle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 __all__ = [
@@ -25,7 +26,21 @@ __all__ = [
     "RegistryError",
     "RegistryUnavailable",
     "StorageError",
+    "redact",
 ]
+
+
+_URL_QUERY = re.compile(r"""(\b[a-z][a-z0-9+.-]*://[^\s"'<>?#]*)[?#][^\s"'<>]*""", re.IGNORECASE)
+_USERINFO = re.compile(r"""(\b[a-z][a-z0-9+.-]*://)[^\s"'<>/@]*@""", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with every URL's query string, fragment and credentials removed.
+
+    Presigned URLs carry signatures and tokens in their query strings; text bound for a
+    log, a message or an exit file goes through this first.
+    """
+    return _USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
 
 
 class RegistrarError(Exception):

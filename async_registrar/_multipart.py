@@ -9,12 +9,15 @@ shielded from cancellation and bounded in time.
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
+import zlib
 from types import TracebackType
 from typing import Any
 
 import anyio
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
@@ -80,6 +83,7 @@ class MultipartUpload:
         self._abort_timeout = abort_timeout
         self.upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
+        self._sizes: dict[int, int] = {}
         self._completed = False
         self._entered = False
 
@@ -114,9 +118,31 @@ class MultipartUpload:
             if value:
                 part[f"Checksum{self._checksum}"] = value
         self._parts[number] = part
+        self._sizes[number] = len(data)
+
+    @property
+    def size(self) -> int:
+        """The bytes uploaded in all parts."""
+        return sum(self._sizes.values())
+
+    @property
+    def expected_checksum(self) -> str | None:
+        """The object's composite CRC32 (base64, without S3's "-N" suffix), if parts carry CRC32s."""
+        if self._checksum != "CRC32" or not self._parts:
+            return None
+        values: list[str] = [self._parts[n].get("ChecksumCRC32") or "" for n in sorted(self._parts)]
+        if not all(values):
+            return None
+        joined = b"".join(base64.b64decode(v) for v in values)
+        return base64.b64encode(zlib.crc32(joined).to_bytes(4, "big")).decode()
 
     async def complete(self) -> None:
-        """Complete the upload from the parts uploaded so far, in order."""
+        """Complete the upload from the parts uploaded so far, in order.
+
+        If completing reports an error (S3 can answer 200 with an error body, and a retry of
+        a completion that did succeed gets NoSuchUpload), the object is checked with
+        HeadObject: when it is whole (size and checksum), the upload did complete.
+        """
         parts = [self._parts[n] for n in sorted(self._parts)]
         if [p["PartNumber"] for p in parts] != list(range(1, len(parts) + 1)):
             raise StorageError(
@@ -125,13 +151,19 @@ class MultipartUpload:
                 bucket=self.location.bucket,
                 key=self.location.key,
             )
-        with storage_errors("CompleteMultipartUpload", self.location.bucket, self.location.key):
-            await self._s3.complete_multipart_upload(
-                Bucket=self.location.bucket,
-                Key=self.location.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+        try:
+            with storage_errors("CompleteMultipartUpload", self.location.bucket, self.location.key):
+                await self._s3.complete_multipart_upload(
+                    Bucket=self.location.bucket,
+                    Key=self.location.key,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except StorageError as error:
+            problem = await object_problem(self._s3, self.location, self.size, self.expected_checksum)
+            if problem is not None:
+                raise error from None
+            log.warning("%s; but %s is whole (size and checksum), so the upload did complete", error, self.location)
         self._completed = True
 
     async def __aexit__(
@@ -171,3 +203,17 @@ def _checksum_args(algorithm: str | None, crc32: str | None) -> dict[str, str]:
     if crc32 and algorithm == "CRC32":
         return {"ChecksumAlgorithm": algorithm, "ChecksumCRC32": crc32}
     return {"ChecksumAlgorithm": algorithm}
+
+
+async def object_problem(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> str | None:
+    """What is wrong with the object at `location` (missing, wrong size or checksum), or None."""
+    try:
+        head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+    except (ClientError, BotoCoreError) as exc:
+        return f"it cannot be read back ({type(exc).__name__})"
+    if head["ContentLength"] != size:
+        return f"it holds {head['ContentLength']} bytes, {size} were sent"
+    stored = head.get("ChecksumCRC32")
+    if checksum and stored and stored.split("-")[0] != checksum:
+        return f"its CRC32 is {stored}, the parts sent make {checksum}"
+    return None

@@ -14,7 +14,7 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
-from ._errors import InputError, StorageError
+from ._errors import InputError, StorageError, redact
 
 __all__ = ["S3Client", "S3Location", "make_session", "open_s3_client", "storage_errors"]
 
@@ -115,7 +115,7 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
-        detail = error.get("Message") or ""
+        detail = redact(str(error.get("Message") or ""))
         hint = _HINTS.get(code, "see the S3 error code")
         raise StorageError(
             f"S3 {operation} failed for {where}: {code}{f' ({detail})' if detail else ''}; {hint}",
@@ -126,7 +126,7 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
         ) from exc
     except BotoCoreError as exc:
         raise StorageError(
-            f"S3 {operation} failed for {where}: {type(exc).__name__}: {exc}",
+            f"S3 {operation} failed for {where}: {type(exc).__name__}: {redact(str(exc))}",
             operation=operation,
             bucket=bucket,
             key=key,

@@ -31,7 +31,7 @@ from ._archive import stream_archive, stream_prebuilt
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._concurrency import first_error
 from ._errors import StorageError
-from ._multipart import MultipartUpload, put_object
+from ._multipart import MultipartUpload, object_problem, put_object
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
@@ -235,10 +235,10 @@ async def upload_artifact(
             tg.start_soon(produce)
             tg.start_soon(hash_in_order)
             async with receive_hashed:
-                parts = await _consume(s3, receive_hashed, location, settings, checksum, tracker, pool)
+                parts, expected = await _consume(s3, receive_hashed, location, settings, checksum, tracker, pool)
 
     size, digest = cutter.size, sha256.hexdigest()
-    await _confirm(s3, location, size)
+    await _confirm(s3, location, size, expected)
     tracker.report(done=True)
     log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, location, size, parts)
     return UploadedArtifact(location, size, digest, parts)
@@ -252,13 +252,16 @@ async def _consume(
     checksum: str | None,
     tracker: _Tracker,
     pool: deque[bytearray],
-) -> int:
-    """Upload the parts as they come, handing full buffers back to `pool`; return how many."""
+) -> tuple[int, str | None]:
+    """Upload the parts as they come, handing full buffers back to `pool`.
+
+    Returns how many parts there were and the object's expected CRC32 (if checksums are on).
+    """
     first = await receive.receive()
     if first.last:
         await put_object(s3, location, bytes(first.data), checksum=checksum, crc32=first.crc32)
         tracker.part_done(len(first.data))
-        return 1
+        return 1, first.crc32
 
     seen_last = False
 
@@ -287,20 +290,20 @@ async def _consume(
         if not seen_last:  # the stream ended early: never complete a partial archive
             raise RuntimeError("the archive stream ended without its last part")
         await mpu.complete()
-    return tracker.parts_done
+    return tracker.parts_done, mpu.expected_checksum
 
 
-async def _confirm(s3: S3Client, location: S3Location, size: int) -> None:
-    """Check that S3 holds an object of the size written; delete it if not."""
+async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> None:
+    """Check that S3 holds the object whole (size, and CRC32 where known); delete it if not."""
     with storage_errors("HeadObject", location.bucket, location.key):
-        head = await s3.head_object(Bucket=location.bucket, Key=location.key)
-    if head["ContentLength"] != size:
-        with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):
-            await s3.delete_object(Bucket=location.bucket, Key=location.key)
-        raise StorageError(
-            f"{location} holds {head['ContentLength']} bytes after the upload, {size} were sent; "
-            "the object was deleted",
-            operation="HeadObject",
-            bucket=location.bucket,
-            key=location.key,
-        )
+        problem = await object_problem(s3, location, size, checksum)
+    if problem is None:
+        return
+    with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):
+        await s3.delete_object(Bucket=location.bucket, Key=location.key)
+    raise StorageError(
+        f"{location} is not what was uploaded: {problem}; the object was deleted, run again",
+        operation="HeadObject",
+        bucket=location.bucket,
+        key=location.key,
+    )

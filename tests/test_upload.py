@@ -154,3 +154,68 @@ async def test_missing_bucket_is_a_storage_error(tmp_path: Path, s3: Any, settin
     location = S3Location("no-such-bucket-here", "k/model.tar.gz")
     with pytest.raises(StorageError, match=r"NoSuchBucket.*create the bucket or fix --bucket"):
         await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+
+
+def client_error(code: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
+
+
+async def test_a_completion_reported_failed_but_done_is_reconciled(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """NoSuchUpload after the completion went through (a retried success): HeadObject finds it whole."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+
+    def lose_the_answer(**_: Any) -> None:
+        raise client_error("NoSuchUpload", "CompleteMultipartUpload")
+
+    s3.meta.events.register("after-call.s3.CompleteMultipartUpload", lose_the_answer)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    result = await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert hashlib.sha256(await download(s3, location)).hexdigest() == result.sha256
+
+
+async def test_a_completion_that_failed_is_reported_and_aborted(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """An error before the completion reached S3: HeadObject finds nothing, exit 4, nothing left."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+
+    def fail(**_: Any) -> None:
+        raise client_error("InternalError", "CompleteMultipartUpload")
+
+    s3.meta.events.register("before-call.s3.CompleteMultipartUpload", fail)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with pytest.raises(StorageError, match=r"CompleteMultipartUpload failed .*InternalError"):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [("ChecksumCRC32", "AAAAAA==-3", "its CRC32 is AAAAAA==-3"), ("ContentLength", 17, "it holds 17 bytes")],
+)
+async def test_an_object_that_is_not_whole_is_deleted(
+    tmp_path: Path, s3: Any, settings: Settings, field: str, value: object, problem: str
+) -> None:
+    """A size or checksum that does not match after completion: StorageError, and the object goes."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+
+    def corrupt(parsed: dict[str, Any], **_: Any) -> None:
+        parsed[field] = value
+
+    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with pytest.raises(StorageError, match=f"is not what was uploaded: {problem}.*the object was deleted"):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_access_denied_on_create_is_named(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """AccessDenied when starting the upload: a StorageError that says what to check; nothing left."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+
+    def deny(**_: Any) -> None:
+        raise client_error("AccessDenied", "CreateMultipartUpload")
+
+    s3.meta.events.register("before-call.s3.CreateMultipartUpload", deny)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with pytest.raises(StorageError, match=r"AccessDenied.*check that the job's role may read and write there"):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
