@@ -30,10 +30,10 @@ from typing import Protocol
 
 from isal import isal_zlib
 
-from ._artifacts import DirectorySource, FileEntry, PrebuiltArchive
+from ._artifacts import DirectorySource, FileEntry
 from ._errors import InputError
 
-__all__ = ["BLOCK", "Sink", "stream_archive", "stream_prebuilt"]
+__all__ = ["BLOCK", "Sink", "changed", "open_regular", "stream_archive"]
 
 #: The unit of parallel compression: fixed, so the output does not depend on the threads.
 BLOCK = 1024 * 1024
@@ -171,14 +171,14 @@ def stream_archive(
             out.write(_header(entry, mtime))
             if entry.is_dir:
                 continue
-            with _open_regular(entry.path) as f:
+            with open_regular(entry.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size != entry.size:
-                    raise _changed(entry.path, f"its size changed from {entry.size} to {size} bytes")
+                    raise changed(entry.path, f"its size changed from {entry.size} to {size} bytes")
                 if out.read_from(f, size) != size:
-                    raise _changed(entry.path, "it shrank while it was read")
+                    raise changed(entry.path, "it shrank while it was read")
                 if f.read(1):
-                    raise _changed(entry.path, "it grew while it was read")
+                    raise changed(entry.path, "it grew while it was read")
             out.write(_ZEROS[: -size % _BLOCK])
         # End of archive: two zero blocks, then zeros up to a whole record, as tar writes it.
         out.write(_ZEROS[: 2 * _BLOCK])
@@ -239,32 +239,7 @@ _USTAR_TEMPLATE = (
 assert len(_USTAR_TEMPLATE) == tarfile.BLOCKSIZE
 
 
-def stream_prebuilt(
-    source: PrebuiltArchive,
-    sink: Sink,
-    *,
-    chunk: int = 1024 * 1024,
-    on_read: Callable[[int], object] | None = None,
-) -> None:
-    """Copy a prebuilt archive to `sink` as it is, checking that its size holds still.
-
-    The sink gets views of one reused buffer: it must copy what it keeps.
-    """
-    total = 0
-    buffer = memoryview(bytearray(chunk))
-    with _open_regular(source.path) as f:
-        while n := f.readinto(buffer):
-            total += n
-            if total > source.size:
-                raise _changed(source.path, "it grew while it was read")
-            sink.write(buffer[:n])
-            if on_read is not None:
-                on_read(n)
-    if total != source.size:
-        raise _changed(source.path, "it shrank while it was read")
-
-
-def _open_regular(path: os.PathLike[str]) -> io.FileIO:
+def open_regular(path: os.PathLike[str]) -> io.FileIO:
     """Open for reading without blocking on a FIFO that replaced a scanned file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
@@ -273,12 +248,12 @@ def _open_regular(path: os.PathLike[str]) -> io.FileIO:
     f = io.FileIO(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         f.close()
-        raise _changed(path, "it is no longer a regular file")
+        raise changed(path, "it is no longer a regular file")
     os.set_blocking(fd, True)
     return f
 
 
-def _changed(path: os.PathLike[str], what: str) -> InputError:
+def changed(path: os.PathLike[str], what: str) -> InputError:
     return InputError(
         f"{path} changed while it was being archived ({what}); make sure nothing writes to the "
         "input while the registration runs, then run again",

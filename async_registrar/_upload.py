@@ -27,11 +27,12 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 from isal import isal_zlib
 
-from ._archive import stream_archive, stream_prebuilt
+from ._archive import stream_archive
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._concurrency import first_error
 from ._errors import StorageError
 from ._multipart import MultipartUpload, object_problem, put_object
+from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
@@ -197,7 +198,7 @@ async def upload_artifact(
                 on_read=tracker.add_read,
             )
         else:
-            stream_prebuilt(source, cutter, on_read=tracker.add_read)
+            stream_prebuilt(source, cutter, check=settings.check_prebuilt, on_read=tracker.add_read)
         cutter.finish()
 
     async def produce() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from async_registrar import InputError
-from async_registrar._archive import _header, stream_archive, stream_prebuilt
-from async_registrar._artifacts import DirectorySource, FileEntry, PrebuiltArchive, inspect_artifact
+from async_registrar._archive import _header, stream_archive
+from async_registrar._artifacts import DirectorySource, FileEntry, inspect_artifact
 
 MiB = 1024 * 1024
 
@@ -133,19 +133,6 @@ def test_a_file_replaced_after_the_scan_is_refused(tmp_path: Path) -> None:
     (root / "a.txt").write_text("a lot longer now")
     with pytest.raises(InputError, match="its size changed from 5 to 16 bytes"):
         stream_archive(source, Collect(), level=1, mtime=0)  # type: ignore[arg-type]
-
-
-def test_prebuilt_archives_are_copied_unchanged(tmp_path: Path) -> None:
-    """A prebuilt archive's bytes pass through untouched."""
-    data = os.urandom(MiB + 3)
-    (tmp_path / "m.tar.gz").write_bytes(data)
-    sink = Collect()
-    stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data)), sink, chunk=64 * 1024)
-    assert sink.data == data
-    with pytest.raises(InputError, match="grew"):
-        stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) - 1), Collect())
-    with pytest.raises(InputError, match="shrank"):
-        stream_prebuilt(PrebuiltArchive(tmp_path / "m.tar.gz", len(data) + 1), Collect())
 
 
 def test_output_does_not_depend_on_the_gzip_threads(tmp_path: Path) -> None:

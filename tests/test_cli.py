@@ -209,3 +209,49 @@ def test_help_lists_every_option_with_its_variable() -> None:
         assert option in result.stdout
         assert variable in result.stdout
     assert "/opt/ml/processing/input/model" in result.stdout
+
+
+async def test_a_truncated_prebuilt_archive_exits_3(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """Checked while streaming: the parts already sent are aborted, exit 3 names the file."""
+    job = make_job(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(os.urandom(12 * MiB))
+    archive = tmp_path / "full.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(src), "."], check=True)
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / "model.tar.gz").write_bytes(archive.read_bytes()[: 9 * MiB])
+    result = run(environment(stack, settings, job), "register", "--model", str(prebuilt))
+    assert result.returncode == 3, result.stderr
+    assert f"{prebuilt / 'model.tar.gz'} is not a usable tar.gz" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_links_and_special_files_exit_3(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
+    """Every offending entry of the model directory is listed in one message, before any upload."""
+    job = make_job(tmp_path)
+    (job["model"] / "link").symlink_to("/etc/passwd")
+    os.mkfifo(job["model"] / "pipe")
+    result = run(environment(stack, settings, job), "register")
+    assert result.returncode == 3, result.stderr
+    assert "link: symbolic link" in result.stderr
+    assert "pipe: named pipe" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_the_exit_message_is_written_for_sagemaker(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """On failure, one line goes to <output>/message (SageMaker shows it as the job's reason)."""
+    job = make_job(tmp_path)
+    output = tmp_path / "output"
+    output.mkdir()
+    env = environment(stack, settings, job, REGISTRAR_OUTPUT_DIR=str(output))
+    result = run(env, "register", "--model", str(tmp_path / "missing"))
+    assert result.returncode == 3
+    message = (output / "message").read_text()
+    assert (
+        message == f"model path {tmp_path / 'missing'} does not exist; mount the model there or pass its "
+        "directory with --model\n"
+    )

@@ -1,0 +1,177 @@
+"""Prebuilt archives: uploaded byte for byte, and checked while they stream past.
+
+A `.tar.gz` found in the input is not recompressed.  It is still read as a tar
+archive on the way, in a thread of its own: a file that is not gzip, is
+corrupt or truncated, or holds a member that `tarfile`'s `data` filter refuses
+(absolute paths, `..`, links out of the tree, special files) is an `InputError`
+raised before the upload can complete, so the upload is aborted instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import tarfile
+import threading
+import zlib
+from collections.abc import Callable
+
+from isal import igzip
+
+from ._archive import Sink, changed, open_regular
+from ._artifacts import PrebuiltArchive
+from ._errors import InputError
+
+__all__ = ["stream_prebuilt"]
+
+
+def stream_prebuilt(
+    source: PrebuiltArchive,
+    sink: Sink,
+    *,
+    chunk: int = 1024 * 1024,
+    check: bool = True,
+    on_read: Callable[[int], object] | None = None,
+) -> None:
+    """Copy a prebuilt archive to `sink` as it is, checking its size and (if `check`) its contents.
+
+    The sink gets views of one reused buffer: it must copy what it keeps.
+    """
+    total = 0
+    buffer = memoryview(bytearray(chunk))
+    with _TarGzCheck(source) if check else _NoCheck() as checker, open_regular(source.path) as f:
+        while n := f.readinto(buffer):
+            total += n
+            if total > source.size:
+                raise changed(source.path, "it grew while it was read")
+            checker.feed(buffer[:n])
+            sink.write(buffer[:n])
+            if on_read is not None:
+                on_read(n)
+        if total != source.size:
+            raise changed(source.path, "it shrank while it was read")
+        checker.finish()
+
+
+class _TarGzCheck:
+    """Reads the archive as a tar.gz in a thread of its own, from the chunks it is fed.
+
+    The reader always consumes chunks up to the end marker, even after it found a
+    problem, so the feeder never waits forever; the feeder stops early once it is told.
+    """
+
+    def __init__(self, source: PrebuiltArchive) -> None:
+        self._path = source.path
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._problem: str | None = None
+        self._crash: Exception | None = None  # a bug here, not a bad archive: raised as it is
+        self._thread = threading.Thread(target=self._read, name="registrar-tar-check", daemon=True)
+        self._ended = False
+
+    def __enter__(self) -> _TarGzCheck:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()  # after an early exit too: the reader sees the end and stops
+
+    def feed(self, data: memoryview) -> None:
+        """Hand on a copy of `data`; raise at once if the archive is already known to be bad."""
+        self._raise_if_bad()
+        self._chunks.put(bytes(data))
+
+    def finish(self) -> None:
+        """Wait for the reader to reach the end; raise if the archive is bad."""
+        self._end()
+        self._raise_if_bad()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._chunks.put(None)
+            self._thread.join()
+
+    def _raise_if_bad(self) -> None:
+        if self._crash is not None:
+            raise RuntimeError("checking the prebuilt archive failed") from self._crash
+        if self._problem is not None:
+            raise InputError(
+                f"{self._path} is not a usable tar.gz ({self._problem}); rebuild the archive, or put "
+                "the unpacked files in the directory instead",
+                [str(self._path)],
+            )
+
+    def _read(self) -> None:
+        reader = _ChunkReader(self._chunks)
+        try:
+            with (
+                igzip.IGzipFile(fileobj=reader, mode="rb") as gz,  # type: ignore[no-untyped-call]
+                tarfile.open(fileobj=gz, mode="r|", bufsize=1024 * 1024) as tar,
+            ):
+                for member in tar:
+                    if member.name.startswith("/"):  # the data filter would strip the slash: refuse
+                        self._problem = f"member {member.name!r} has an absolute path"
+                        break
+                    tarfile.data_filter(member, "/extract-here")
+                while self._problem is None and gz.read(1024 * 1024):  # on to the gzip trailer
+                    pass
+        except tarfile.FilterError as exc:
+            self._problem = f"member {exc.tarinfo.name!r}: {exc}"
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            self._problem = str(exc) or type(exc).__name__
+        except Exception as exc:  # reported to the feeding thread, not lost in this one
+            self._crash = exc
+        finally:
+            reader.drain()
+
+
+class _NoCheck:
+    """Stands in for the check when it is turned off."""
+
+    def __enter__(self) -> _NoCheck:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def feed(self, data: memoryview) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class _ChunkReader:
+    """A blocking file object over the queue of chunks (for the reader thread)."""
+
+    def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
+        self._chunks = chunks
+        self._buffer = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: memoryview | bytearray) -> int:
+        view = self._next(len(target))
+        target[: len(view)] = view
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self._next(size))
+
+    def _next(self, size: int) -> memoryview:
+        """Up to `size` bytes (all of the current chunk if negative); empty only at the end."""
+        if not self._buffer and not self._ended:
+            chunk = self._chunks.get()
+            self._ended = chunk is None
+            self._buffer = memoryview(chunk or b"")
+        if size < 0 or size >= len(self._buffer):
+            data, self._buffer = self._buffer, memoryview(b"")
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def drain(self) -> None:
+        """Consume (and drop) chunks up to the end marker."""
+        while not self._ended:
+            self._ended = self._chunks.get() is None

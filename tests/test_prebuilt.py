@@ -1,0 +1,105 @@
+"""Prebuilt archives: uploaded byte for byte, checked on the way, refused when unusable."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from async_registrar import InputError
+from async_registrar._artifacts import PrebuiltArchive
+from async_registrar._prebuilt import stream_prebuilt
+
+MiB = 1024 * 1024
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buffer.write(data)
+
+
+def tar_gz(path: Path, members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> Path:
+    data = data or {}
+    with tarfile.open(path, "w:gz") as tar:
+        for info in members:
+            payload = data.get(info.name, b"")
+            info.size = len(payload) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(payload) if info.isfile() else None)
+    return path
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+def source(path: Path) -> PrebuiltArchive:
+    return PrebuiltArchive(path, path.stat().st_size)
+
+
+def test_a_good_archive_passes_unchanged(tmp_path: Path) -> None:
+    """Bytes pass through untouched, read in small chunks; multi-member gzip is fine too."""
+    weights = os.urandom(3 * MiB)
+    path = tar_gz(
+        tmp_path / "m.tar.gz", [member("weights.bin"), member("code", tarfile.DIRTYPE)], {"weights.bin": weights}
+    )
+    sink = Collect()
+    stream_prebuilt(source(path), sink, chunk=64 * 1024)
+    assert sink.buffer.getvalue() == path.read_bytes()
+    # The same tar split over two gzip members (what pigz --independent or cat-ed files give).
+    raw = gzip.decompress(path.read_bytes())
+    (tmp_path / "multi.tar.gz").write_bytes(gzip.compress(raw[: 2 * MiB]) + gzip.compress(raw[2 * MiB :]))
+    stream_prebuilt(source(tmp_path / "multi.tar.gz"), Collect())
+
+
+@pytest.mark.parametrize(
+    ("members", "problem"),
+    [
+        ([member("/etc/cron.d/x")], "absolute"),
+        ([member("../escape.txt")], "outside the destination"),
+        ([member("link", tarfile.SYMTYPE, "/etc/passwd")], "absolute"),
+        ([member("link", tarfile.SYMTYPE, "../../etc")], "outside the destination"),
+        ([member("fifo", tarfile.FIFOTYPE)], "special file"),
+        ([member("dev", tarfile.CHRTYPE)], "special file"),
+    ],
+)
+def test_members_the_data_filter_refuses(tmp_path: Path, members: list[tarfile.TarInfo], problem: str) -> None:
+    """Absolute paths, `..`, links out of the tree and special files: InputError naming the member."""
+    path = tar_gz(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(InputError, match=f"not a usable tar.gz .member {members[0].name!r}.*{problem}") as caught:
+        stream_prebuilt(source(path), Collect())
+    assert caught.value.paths == (str(path),)
+
+
+def test_truncated_corrupt_and_not_gzip(tmp_path: Path) -> None:
+    """A cut-off archive, flipped bytes in the middle, and plain data are all refused."""
+    good = tar_gz(tmp_path / "good.tar.gz", [member("w.bin")], {"w.bin": os.urandom(2 * MiB)}).read_bytes()
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "corrupt": good[:1000] + bytes(b ^ 0xFF for b in good[1000:1200]) + good[1200:],
+        "not-gzip": b"PK\x03\x04" + os.urandom(5000),
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.tar.gz"
+        path.write_bytes(data)
+        with pytest.raises(InputError, match=r"is not a usable tar\.gz"):
+            stream_prebuilt(source(path), Collect(), chunk=64 * 1024)
+
+
+def test_size_changes_are_refused(tmp_path: Path) -> None:
+    """A file that grows or shrinks after the scan is refused."""
+    path = tar_gz(tmp_path / "m.tar.gz", [member("a")], {"a": b"x" * 1000})
+    size = path.stat().st_size
+    with pytest.raises(InputError, match="grew"):
+        stream_prebuilt(PrebuiltArchive(path, size - 1), Collect())
+    with pytest.raises(InputError, match="shrank"):
+        stream_prebuilt(PrebuiltArchive(path, size + 1), Collect())
