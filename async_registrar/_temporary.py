@@ -75,6 +75,7 @@ class TemporaryPrefix:
     ) -> None:
         leftovers: list[str] = []
         counts = [0, 0]
+        log.info("cleaning up the temporary objects under %s", self.uri)
         with anyio.move_on_after(self._timeout, shield=True) as scope:
             leftovers = await self._empty(counts)
         if scope.cancelled_caught:

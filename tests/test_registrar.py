@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,9 @@ async def test_cancelled_during_upload_leaves_nothing(tmp_path: Path, settings: 
             await registrar.register(request_for(job))
     assert scope.cancelled_caught
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    # Nothing of the registration runs on: no task, no gzip or checking thread.
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("registrar-")]
 
 
 async def test_cancelled_during_the_wait_leaves_nothing(

@@ -1,0 +1,104 @@
+"""Storage faults through a fault-injecting proxy in front of the moto server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from async_registrar import Settings, StorageError
+from async_registrar._artifacts import inspect_artifact
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._s3 import S3Location, make_session, open_s3_client
+from async_registrar._upload import upload_artifact
+
+from .conftest import MiB, leftovers
+from .fault_proxy import RESET, FaultProxy, Reply, Stall, s3_error
+
+
+class Faults:
+    """Fail the first `times` UploadPart requests for part `part` with `action` (times < 0: always)."""
+
+    def __init__(self) -> None:
+        self.action: Reply | Stall | object | None = None
+        self.times = 0
+        self.part = "partNumber=2"
+
+    def __call__(self, method: str, target: str) -> Reply | Stall | object | None:
+        if method == "PUT" and self.part in target and self.times != 0:
+            self.times -= 1
+            return self.action
+        return None
+
+
+@pytest.fixture
+def faults() -> Faults:
+    return Faults()
+
+
+@pytest.fixture
+def proxy(stack: LocalStack, faults: Faults) -> Iterator[FaultProxy]:
+    with FaultProxy(stack.s3_endpoint, faults) as running:
+        yield running
+
+
+@pytest.fixture
+async def proxied_s3(proxy: FaultProxy) -> AsyncIterator[Any]:
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as client:
+        yield client
+
+
+def model(root: Path) -> Path:
+    root.mkdir()
+    (root / "weights.bin").write_bytes(os.urandom(16 * MiB))
+    return root
+
+
+@pytest.mark.parametrize(
+    "action", [s3_error(503, "SlowDown"), s3_error(500, "InternalError"), RESET], ids=["503", "500", "reset"]
+)
+async def test_a_part_that_fails_a_few_times_still_arrives(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults, action: object
+) -> None:
+    """Two failures of part 2 (botocore retries them): the upload succeeds, whole."""
+    faults.action, faults.times = action, 2
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    result = await upload_artifact(
+        proxied_s3, inspect_artifact(model(tmp_path / "m"), role="model"), location, settings
+    )
+    assert proxy.count("PUT", "partNumber=2") == 3
+    head = await s3.head_object(Bucket=location.bucket, Key=location.key)
+    assert head["ContentLength"] == result.size
+
+
+@pytest.mark.parametrize("action", [s3_error(503, "SlowDown"), RESET], ids=["503", "reset"])
+async def test_a_part_that_always_fails_aborts_the_upload(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults, action: object
+) -> None:
+    """Part 2 fails on every attempt: StorageError naming it, and no upload stays open."""
+    faults.action, faults.times = action, -1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with pytest.raises(StorageError, match=r"UploadPart \(part 2\) failed"):
+        await upload_artifact(proxied_s3, source, location, settings)
+    assert proxy.count("PUT", "partNumber=2") >= 5  # botocore's standard mode retried it
+    assert proxy.count("DELETE", "uploadId=") >= 1  # the abort
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_stalled_part_is_waited_for(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
+) -> None:
+    """A slow link (a part held back 1 s) only makes the upload slower."""
+    faults.action, faults.times = Stall(1.0), 1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    result = await upload_artifact(
+        proxied_s3, inspect_artifact(model(tmp_path / "m"), role="model"), location, settings
+    )
+    assert result.parts == 4
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [location.key]
