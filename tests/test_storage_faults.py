@@ -102,3 +102,17 @@ async def test_a_stalled_part_is_waited_for(
     )
     assert result.parts == 4
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [location.key]
+
+
+async def test_access_denied_on_create_is_not_retried(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy
+) -> None:
+    """A real 403 AccessDenied to CreateMultipartUpload: one request, exit-4 error, nothing left."""
+    proxy.rule = lambda method, target: s3_error(403, "AccessDenied") if target.endswith("?uploads") else None
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with pytest.raises(StorageError, match=r"CreateMultipartUpload failed .*AccessDenied") as caught:
+        await upload_artifact(proxied_s3, source, location, settings)
+    assert caught.value.code == "AccessDenied"
+    assert proxy.count("POST", "?uploads") == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
