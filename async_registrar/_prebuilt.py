@@ -20,6 +20,7 @@ from isal import igzip
 from ._archive import Sink, changed, open_regular
 from ._artifacts import PrebuiltArchive
 from ._errors import InputError
+from ._members import member_problem
 
 __all__ = ["stream_prebuilt"]
 
@@ -108,14 +109,11 @@ class _TarGzCheck:
                 tarfile.open(fileobj=gz, mode="r|", bufsize=1024 * 1024) as tar,
             ):
                 for member in tar:
-                    if member.name.startswith("/"):  # the data filter would strip the slash: refuse
-                        self._problem = f"member {member.name!r} has an absolute path"
+                    self._problem = member_problem(member)
+                    if self._problem is not None:
                         break
-                    tarfile.data_filter(member, "/extract-here")
                 while self._problem is None and gz.read(1024 * 1024):  # on to the gzip trailer
                     pass
-        except tarfile.FilterError as exc:
-            self._problem = f"member {exc.tarinfo.name!r}: {exc}"
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             self._problem = str(exc) or type(exc).__name__
         except Exception as exc:  # reported to the feeding thread, not lost in this one

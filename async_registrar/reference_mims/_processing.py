@@ -21,6 +21,7 @@ import anyio.from_thread
 import anyio.to_thread
 from botocore.exceptions import BotoCoreError, ClientError
 
+from .._members import member_problem
 from .._mims_contract import ArtifactRef
 from .._s3 import S3Client, S3Location
 
@@ -75,7 +76,9 @@ async def verify_artifact(s3: S3Client, ref: ArtifactRef, name: str) -> S3Locati
         with gzip.GzipFile(fileobj=reader, mode="rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 members += 1
-                tarfile.data_filter(member, "/registry")
+                problem = member_problem(member)
+                if problem is not None:
+                    raise ArtifactProblem(f"{name} artifact {location} holds an unsafe member: {problem}")
         while reader.read(1024 * 1024):
             pass
         return members
@@ -83,8 +86,6 @@ async def verify_artifact(s3: S3Client, ref: ArtifactRef, name: str) -> S3Locati
     try:
         async with response["Body"]:
             members = await anyio.to_thread.run_sync(check)
-    except tarfile.FilterError as exc:
-        raise ArtifactProblem(f"{name} artifact {location} holds an unsafe member: {exc}") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise ArtifactProblem(f"{name} artifact {location} is not a readable tar.gz: {exc}") from None
     if reader.size != ref.size_bytes:
