@@ -13,12 +13,14 @@ flight are cancelled and the multipart upload is aborted (see `MultipartUpload`)
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -37,7 +39,7 @@ from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
 
-__all__ = ["UploadedArtifact", "upload_artifact"]
+__all__ = ["UploadedArtifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -173,6 +175,21 @@ async def upload_artifact(
     `InputError` if the input changes while it is read and `StorageError` if S3 fails;
     in every case, and on cancellation, no multipart upload is left open.
     """
+    (uploaded,) = await upload_to_all(source, [(s3, location)], settings, artifact=artifact, on_progress=on_progress)
+    return uploaded
+
+
+async def upload_to_all(
+    source: ArtifactSource,
+    targets: Sequence[tuple[S3Client, S3Location]],
+    settings: Settings,
+    *,
+    artifact: str = "artifact",
+    on_progress: ProgressCallback | None = None,
+) -> list[UploadedArtifact]:
+    """Like `upload_artifact`, to several places at once: archived and hashed once, each part
+    sent to every target (one multipart upload per target, all aborted if any fails)."""
+    location = targets[0][1]
     part_size = choose_part_size(source.size_bound, settings.part_size)
     checksum = "CRC32" if settings.s3_checksums == "when_supported" else None
     # producer thread -> [cut] -> hasher (in order, own thread) -> [hashed] -> uploaders
@@ -236,62 +253,86 @@ async def upload_artifact(
             tg.start_soon(produce)
             tg.start_soon(hash_in_order)
             async with receive_hashed:
-                parts, expected = await _consume(s3, receive_hashed, location, settings, checksum, tracker, pool)
+                parts, expected = await _consume(receive_hashed, targets, settings, checksum, tracker, pool)
 
     size, digest = cutter.size, sha256.hexdigest()
-    await _confirm(s3, location, size, expected)
+    with first_error():
+        async with anyio.create_task_group() as tg:
+            for s3, target in targets:
+                tg.start_soon(_confirm, s3, target, size, expected)
     tracker.report(done=True)
-    log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, location, size, parts)
-    return UploadedArtifact(location, size, digest, parts)
+    for _, target in targets:
+        log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
+    return [UploadedArtifact(target, size, digest, parts) for _, target in targets]
 
 
 async def _consume(
-    s3: S3Client,
     receive: MemoryObjectReceiveStream[_Part],
-    location: S3Location,
+    targets: Sequence[tuple[S3Client, S3Location]],
     settings: Settings,
     checksum: str | None,
     tracker: _Tracker,
     pool: deque[bytearray],
 ) -> tuple[int, str | None]:
-    """Upload the parts as they come, handing full buffers back to `pool`.
+    """Upload the parts as they come to every target, handing full buffers back to `pool`.
 
     Returns how many parts there were and the object's expected CRC32 (if checksums are on).
     """
     first = await receive.receive()
     if first.last:
-        await put_object(s3, location, bytes(first.data), checksum=checksum, crc32=first.crc32)
+        data = bytes(first.data)
+        with first_error():
+            async with anyio.create_task_group() as tg:
+                for s3, location in targets:
+                    tg.start_soon(
+                        functools.partial(put_object, s3, location, data, checksum=checksum, crc32=first.crc32)
+                    )
         tracker.part_done(len(first.data))
         return 1, first.crc32
 
     seen_last = False
 
     async def upload_parts(
-        mpu: MultipartUpload, parts: MemoryObjectReceiveStream[_Part], initial: _Part | None
+        uploads: list[MultipartUpload], parts: MemoryObjectReceiveStream[_Part], initial: _Part | None
     ) -> None:
         nonlocal seen_last
         async with parts:
             if initial is not None:
-                await upload(mpu, initial)
+                await upload(uploads, initial)
             async for part in parts:
                 seen_last = seen_last or part.last
-                await upload(mpu, part)
+                await upload(uploads, part)
 
-    async def upload(mpu: MultipartUpload, part: _Part) -> None:
-        await mpu.upload_part(part.number, part.data, crc32=part.crc32)
+    async def upload(uploads: list[MultipartUpload], part: _Part) -> None:
+        if len(uploads) == 1:
+            await uploads[0].upload_part(part.number, part.data, crc32=part.crc32)
+        else:
+            with first_error():
+                async with anyio.create_task_group() as tg:
+                    for mpu in uploads:
+                        tg.start_soon(functools.partial(mpu.upload_part, part.number, part.data, crc32=part.crc32))
         tracker.part_done(len(part.data))
         if isinstance(part.data, bytearray):
             pool.append(part.data)  # only after success: a failed request may still hold it
 
-    async with MultipartUpload(s3, location, checksum=checksum, abort_timeout=settings.cleanup_timeout) as mpu:
+    async with contextlib.AsyncExitStack() as stack:  # every upload is aborted if any step fails
+        uploads = [
+            await stack.enter_async_context(
+                MultipartUpload(s3, location, checksum=checksum, abort_timeout=settings.cleanup_timeout)
+            )
+            for s3, location in targets
+        ]
         with first_error():
             async with anyio.create_task_group() as tg:
                 for i in range(settings.upload_concurrency):
-                    tg.start_soon(upload_parts, mpu, receive.clone(), first if i == 0 else None)
+                    tg.start_soon(upload_parts, uploads, receive.clone(), first if i == 0 else None)
         if not seen_last:  # the stream ended early: never complete a partial archive
             raise RuntimeError("the archive stream ended without its last part")
-        await mpu.complete()
-    return tracker.parts_done, mpu.expected_checksum
+        with first_error():
+            async with anyio.create_task_group() as tg:
+                for mpu in uploads:
+                    tg.start_soon(mpu.complete)
+    return tracker.parts_done, uploads[0].expected_checksum
 
 
 async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> None:
