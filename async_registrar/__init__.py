@@ -36,7 +36,8 @@ if TYPE_CHECKING:
         RegistrationSubmitted,
         UploadProgress,
     )
-    from ._registrar import Registrar, RegistrationRequest, RegistrationResult
+    from ._registrar import RegionRegistration, Registrar, RegistrationHandle, RegistrationResult
+    from ._request import RegistrationRequest
     from ._settings import JobInputs, Settings
     from ._upload import UploadedArtifact
 
@@ -54,7 +55,9 @@ _MODULES = {
     "RegistrationConfig": "._config",
     "RegistrationFailed": "._errors",
     "RegistrationRejected": "._errors",
-    "RegistrationRequest": "._registrar",
+    "RegistrationRequest": "._request",
+    "RegistrationHandle": "._registrar",
+    "RegionRegistration": "._registrar",
     "RegistrationResult": "._registrar",
     "RegistrationStatusChanged": "._progress",
     "RegistrationSubmitted": "._progress",
@@ -90,10 +93,12 @@ __all__ = [
     "JobInputs",
     "ProgressCallback",
     "ProgressEvent",
+    "RegionRegistration",
     "Registrar",
     "RegistrarError",
     "RegistrationConfig",
     "RegistrationFailed",
+    "RegistrationHandle",
     "RegistrationRejected",
     "RegistrationRequest",
     "RegistrationResult",

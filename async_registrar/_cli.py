@@ -42,7 +42,8 @@ from ._upload import upload_artifact
 from ._version import __version__
 
 if TYPE_CHECKING:  # the registrar (HTTP client, retries) is imported by the commands that use it
-    from ._registrar import RegistrationRequest, RegistrationResult
+    from ._registrar import RegistrationResult
+    from ._request import RegistrationRequest
 
 __all__ = ["main"]
 
@@ -99,7 +100,7 @@ async def _register(args: argparse.Namespace) -> int:
     inputs = JobInputs.from_env(
         model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
     )
-    from ._registrar import RegistrationRequest
+    from ._request import RegistrationRequest
 
     request = await RegistrationRequest.from_job(inputs)
     return await _registration(settings, request, args.progress)
@@ -160,15 +161,17 @@ async def _registration(settings: Settings, request: RegistrationRequest, progre
 
 
 def _print_result(result: RegistrationResult) -> None:
+    """The original's two lines; with several regions, the two lines once per region, in order."""
     log.info(
         "registered %s in %.1f s (upload %.1f s, registry %.1f s)",
-        result.model_id,
+        ", ".join(f"{r.model_id} ({r.region})" for r in result.registrations),
         result.timings.get("total", 0.0),
         result.timings.get("upload", 0.0),
         result.timings.get("register", 0.0),
     )
-    print(ARN_LINE.format(result.workflow_execution_arn))
-    print(MODEL_LINE.format(result.model_id), flush=True)
+    for registration in result.registrations:
+        print(ARN_LINE.format(registration.workflow_execution_arn))
+        print(MODEL_LINE.format(registration.model_id), flush=True)
 
 
 class _ProgressLog:

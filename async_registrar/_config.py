@@ -61,6 +61,21 @@ def _unique_names(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return value
 
 
+def _listify(value: Any) -> Any:
+    """Accept one region as well as a list of them."""
+    return [value] if isinstance(value, str) else value
+
+
+def _unique_regions(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError("regions must be unique")
+    return value
+
+
+Regions = Annotated[
+    list[Region], BeforeValidator(_listify), AfterValidator(_unique_regions), Field(min_length=1, max_length=20)
+]
+
 VariableList = Annotated[
     list[tuple[VariableName, VariableType]],
     BeforeValidator(_pairs_from_mapping),
@@ -84,7 +99,9 @@ class RegistrationConfig(BaseModel):
     source_model_inference_response_types: Annotated[list[ContentType], Field(min_length=1, max_length=32)]
     source_model_inference_input_variable_list: VariableList
     source_model_inference_output_variable_list: VariableList
-    model_registration_region: Region
+    #: One region, or several: the model is then registered in each (one archive, one
+    #: upload and one registration per region).
+    model_registration_region: Regions
     model_owner: Text
     source_model_inference_image_arn: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2048, pattern=_NO_CONTROL)
@@ -124,9 +141,22 @@ class RegistrationConfig(BaseModel):
             raise ConfigurationError(f"{source}: the configuration is not valid JSON ({exc})") from None
         return cls.from_mapping(data, source=source)
 
-    def to_wire(self) -> dict[str, Any]:
-        """The fields as they are sent to the registry (variable lists as pairs)."""
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The regions to register in, in the order given."""
+        return tuple(self.model_registration_region)
+
+    def to_wire(self, region: str | None = None) -> dict[str, Any]:
+        """The fields as they are sent to the registry of `region` (variable lists as pairs).
+
+        `region` may be left out when there is only one.
+        """
+        if region is None:
+            if len(self.regions) != 1:
+                raise ValueError("to_wire needs the region of a multi-region configuration")
+            region = self.regions[0]
         data = self.model_dump(mode="json")
+        data["model_registration_region"] = region
         for field in ("source_model_inference_input_variable_list", "source_model_inference_output_variable_list"):
             data[field] = [list(pair) for pair in data[field]]
         return data
@@ -191,6 +221,8 @@ def _named_loc(loc: tuple[int | str, ...], data: object) -> tuple[int | str, ...
     """Name a variable by its key when the file used the mapping form of a variable list."""
     if len(loc) >= 2 and isinstance(data, dict) and isinstance(loc[1], int):
         original = data.get(loc[0])
+        if isinstance(original, str) and loc[1] == 0:  # one region given as a string
+            return (loc[0], *loc[2:])
         if isinstance(original, dict) and loc[1] < len(original):
             name = list(original)[loc[1]]
             return (loc[0], repr(name), *loc[3:])

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from ._config import load_config
 from ._errors import ConfigurationError
-from ._registrar import RegistrationRequest
+from ._request import RegistrationRequest
 from ._s3 import make_session, open_s3_client
 from ._settings import MIN_PART_SIZE, Settings
 from .reference_mims import ReferenceMimsSettings, ThreadedMimsServer

@@ -44,6 +44,7 @@ class RegistrationSubmitted:
     registration_id: str
     model_id: str
     workflow_execution_arn: str
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class RegistrationStatusChanged:
     registration_id: str
     status: str
     failure_reason: str | None
+    region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ container paths of one registration job.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -50,11 +51,18 @@ def _prefix(value: str) -> str:
     return value if not value or value.endswith("/") else value + "/"
 
 
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _bucket_template(value: str) -> str:
+    """A bucket name, which may hold `{region}` (filled per region)."""
+    if not _BUCKET.fullmatch(value.replace("{region}", "us-east-1")):
+        raise ValueError("must be an S3 bucket name (3-63 of a-z 0-9 . -), optionally with {region} in it")
+    return value
+
+
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
-BucketName = Annotated[
-    str,
-    StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
-]
+BucketName = Annotated[str, AfterValidator(_bucket_template)]
 PartSize = Annotated[ByteSize, Field(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)]
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 
@@ -68,7 +76,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: May hold `{region}`: one bucket per region for multi-region registrations.
     s3_bucket: BucketName
+    #: May hold `{region}`: one endpoint per region.
     mims_endpoint: HttpUrl
     s3_prefix: Annotated[str, AfterValidator(_prefix), StringConstraints(max_length=512)] = "registrar-tmp/"
     wait_timeout: Seconds = 3600.0
@@ -101,6 +111,14 @@ class Settings(BaseModel):
 
     # Cleanup, which must finish inside a container's grace period.
     cleanup_timeout: Seconds = 25.0
+
+    def bucket_for(self, region: str) -> str:
+        """The temporary bucket for `region`."""
+        return self.s3_bucket.replace("{region}", region)
+
+    def endpoint_for(self, region: str) -> str:
+        """The MIMS endpoint for `region`."""
+        return self.mims_endpoint.replace("{region}", region)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -18,7 +18,8 @@ def test_example_configuration_is_valid() -> None:
     """The shipped example validates and keeps its values."""
     config = RegistrationConfig.from_mapping(registration_config())
     assert config.model_domain == "buyer_abuse"
-    assert config.model_registration_region == "us-west-2"
+    assert config.regions == ("us-west-2",)
+    assert config.to_wire()["model_registration_region"] == "us-west-2"
     assert config.source_model_inference_output_variable_list == [("risk_score", "NUMERIC")]
 
 
@@ -56,6 +57,19 @@ def test_every_problem_is_listed_at_once() -> None:
     assert any(p.startswith("source_model_inference_input_variable_list['amount']:") for p in problems)
     assert any("AWS region" in p for p in problems)
     assert "model_domian: unknown key (did you mean 'model_domain'?)" in problems
+
+
+def test_several_regions() -> None:
+    """A list of regions is kept in order; duplicates and bad names are problems."""
+    config = RegistrationConfig.from_mapping(registration_config(model_registration_region=["us-west-2", "eu-west-1"]))
+    assert config.regions == ("us-west-2", "eu-west-1")
+    assert config.to_wire("eu-west-1")["model_registration_region"] == "eu-west-1"
+    with pytest.raises(ValueError, match="needs the region"):
+        config.to_wire()
+    with pytest.raises(ConfigurationError, match="regions must be unique"):
+        RegistrationConfig.from_mapping(registration_config(model_registration_region=["us-west-2", "us-west-2"]))
+    with pytest.raises(ConfigurationError, match=r"model_registration_region\[1\]: must be an AWS region"):
+        RegistrationConfig.from_mapping(registration_config(model_registration_region=["us-west-2", "mars"]))
 
 
 def test_duplicate_variable_names_are_rejected() -> None:

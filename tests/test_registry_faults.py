@@ -19,7 +19,7 @@ from async_registrar import (
 )
 from async_registrar._artifacts import inspect_artifact
 from async_registrar._local import ACCESS_KEY, LocalStack
-from async_registrar._registrar import run_identity
+from async_registrar._request import run_identity
 
 from .conftest import leftovers, make_job, mims_server, registration_config
 

@@ -165,7 +165,7 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
 
 def _new_record(submission: RegistrationSubmission, body_hash: str, settings: ReferenceMimsSettings) -> _Record:
     registration_id = "reg-" + secrets.token_hex(8)
-    region = submission.model_registration_region
+    region = submission.regions[0]
     registration = Registration(
         registration_id=registration_id,
         model_id="model-" + secrets.token_hex(4),
