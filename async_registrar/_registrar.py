@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import aioboto3
 import anyio
 import anyio.to_thread
 import httpx
-from aiobotocore.session import AioSession
 from botocore.credentials import ReadOnlyCredentials
 
 from ._artifacts import ArtifactSource, inspect_artifact
@@ -207,7 +207,7 @@ class Registrar:
         *,
         s3_client: S3Client | None = None,
         http_client: httpx.AsyncClient | None = None,
-        session: AioSession | None = None,
+        session: aioboto3.Session | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
         self.settings = settings

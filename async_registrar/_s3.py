@@ -50,8 +50,12 @@ def make_session(
     access_key_id: SecretStr | None = None,
     secret_access_key: SecretStr | None = None,
     session_token: SecretStr | None = None,
-) -> AioSession:
-    """A botocore session: explicit credentials if given, else the standard AWS chain."""
+) -> aioboto3.Session:
+    """One session for all clients: explicit credentials if given, else the standard AWS chain.
+
+    Make clients from one `aioboto3.Session` only: a second one over the same botocore
+    session injects aioboto3's client methods twice and fails.
+    """
     session = AioSession()
     if access_key_id and secret_access_key:
         session.set_credentials(
@@ -59,11 +63,11 @@ def make_session(
             secret_access_key.get_secret_value(),
             session_token.get_secret_value() if session_token else None,
         )
-    return session
+    return aioboto3.Session(botocore_session=session)
 
 
 def open_s3_client(
-    session: AioSession,
+    session: aioboto3.Session,
     *,
     region: str | None,
     endpoint_url: str | None,
@@ -86,9 +90,9 @@ def open_s3_client(
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
     )
-    client: contextlib.AbstractAsyncContextManager[S3Client] = aioboto3.Session(botocore_session=session).client(
+    client: contextlib.AbstractAsyncContextManager[S3Client] = session.client(
         "s3",
-        region_name=region or session.get_config_variable("region") or "us-east-1",
+        region_name=region or session.region_name or "us-east-1",
         endpoint_url=endpoint_url,
         config=config,
     )

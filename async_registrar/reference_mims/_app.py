@@ -197,6 +197,8 @@ async def _process(state: _State, record: _Record) -> None:
         await anyio.sleep(settings.processing_delay)
         if settings.fail_registrations:
             raise ArtifactProblem(settings.fail_registrations)
+        if record.submission.regions[0] in settings.fail_regions:
+            raise ArtifactProblem(f"registrations in {record.submission.regions[0]} are failing (injected fault)")
         for name, source in verified.items():
             target = S3Location(settings.registry_bucket, f"models/{record.registration.model_id}/{name}.tar.gz")
             with storage_errors("CopyObject", target.bucket, target.key):

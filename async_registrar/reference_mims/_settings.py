@@ -52,6 +52,7 @@ class ReferenceMimsSettings(BaseModel):
     stall_submissions: Annotated[int, Field(ge=0)] = 0  # the first N accepted submissions answer late...
     stall_seconds: Delay = 5.0  # ...by this long (the registration exists already: a client timeout)
     fail_registrations: str | None = None  # end every registration FAILED with this reason
+    fail_regions: list[str] = []  # end registrations for these regions FAILED
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ReferenceMimsSettings:

@@ -1,0 +1,186 @@
+"""The library in an async service: handles, many registrations at once, several regions."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from pydantic import SecretStr
+
+from async_registrar import (
+    ProgressEvent,
+    Registrar,
+    RegistrationFailed,
+    RegistrationRequest,
+    RegistrationResult,
+    Settings,
+    UploadProgress,
+)
+from async_registrar._artifacts import inspect_artifact
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._request import run_identity
+from async_registrar._s3 import make_session, open_s3_client
+
+from .conftest import MiB, leftovers, make_job, mims_server, registration_config
+
+
+async def request_for(job: dict[str, Path], **options: Any) -> RegistrationRequest:
+    return await RegistrationRequest.from_files(job["config"], job["model"], payload=job["payload"], **options)
+
+
+async def test_submit_returns_a_handle_to_wait_on(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """submit() returns once accepted (objects still there for the registry); wait() ends and cleans."""
+    async with Registrar(settings) as registrar:
+        handle = await registrar.submit(await request_for(make_job(tmp_path)))
+        (accepted,) = handle.accepted
+        assert accepted.status == "PENDING"
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 2
+        result = await handle.wait()
+        with pytest.raises(RuntimeError, match="already waited"):
+            await handle.wait()
+    assert result.registration_id == accepted.registration_id
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_handle_never_waited_for_is_cleaned_at_exit(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """Leaving the registrar closes open handles: their temporary objects go."""
+    async with Registrar(settings) as registrar:
+        await registrar.submit(await request_for(make_job(tmp_path)))
+        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_two_registrars_with_different_settings(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Two registrars in one process, each with its own prefix and registry, side by side."""
+    other_prefix = settings.s3_prefix.rstrip("/") + "-other/"
+    results: dict[str, RegistrationResult] = {}
+    with mims_server(stack) as first, mims_server(stack) as second:
+
+        async def run(name: str, settings: Settings) -> None:
+            async with Registrar(settings) as registrar:
+                results[name] = await registrar.register(await request_for(make_job(tmp_path / name)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "a", settings.model_copy(update={"mims_endpoint": first.endpoint}))
+            tg.start_soon(
+                run, "b", settings.model_copy(update={"mims_endpoint": second.endpoint, "s3_prefix": other_prefix})
+            )
+        assert (first.registration_count, second.registration_count) == (1, 1)
+    assert results["a"].model_id != results["b"].model_id
+    assert results["a"].model_artifact.uri.startswith(f"s3://{settings.s3_bucket}/{settings.s3_prefix}")
+    assert results["b"].model_artifact.uri.startswith(f"s3://{settings.s3_bucket}/{other_prefix}")
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert await leftovers(s3, settings.s3_bucket, other_prefix) == []
+
+
+async def test_cancelling_one_of_ten_leaves_the_others_alone(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """Ten registrations share one registrar; one is cancelled mid-upload: nine succeed."""
+    results: dict[int, RegistrationResult] = {}
+    victim = anyio.CancelScope()
+    victim_job = make_job(tmp_path / "victim", model_bytes=6 * MiB)
+    victim_request = await request_for(victim_job, workflow_execution_id="the-victim")
+    victim_run, _ = run_identity(
+        victim_request,
+        inspect_artifact(victim_job["model"], role="model"),
+        inspect_artifact(victim_job["payload"], role="payload"),
+        None,
+    )
+
+    def on_progress(event: ProgressEvent) -> None:
+        if isinstance(event, UploadProgress) and f"/{victim_run}/" in event.uri:
+            victim.cancel()
+
+    async with Registrar(settings, on_progress=on_progress) as registrar:
+
+        async def run(index: int) -> None:
+            if index == 3:
+                with victim:
+                    await registrar.register(victim_request)
+                return
+            job = make_job(tmp_path / str(index), model_bytes=6 * MiB)
+            results[index] = await registrar.register(await request_for(job))
+
+        async with anyio.create_task_group() as tg:
+            for index in range(10):
+                tg.start_soon(run, index)
+    assert victim.cancelled_caught
+    assert sorted(results) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert len({r.model_id for r in results.values()}) == 9
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.fixture
+async def regional_s3(stack: LocalStack) -> AsyncIterator[dict[str, Any]]:
+    """A client per region, and each region's temporary bucket (moto checks a bucket's region)."""
+    regions = ["us-west-2", "eu-west-1", "ap-south-1"]
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with contextlib.AsyncExitStack() as stack_:
+        clients = {}
+        for region in regions:
+            client = await stack_.enter_async_context(
+                open_s3_client(session, region=region, endpoint_url=stack.s3_endpoint)
+            )
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                await client.create_bucket(
+                    Bucket=f"registrar-mr-{region}", CreateBucketConfiguration={"LocationConstraint": region}
+                )
+            clients[region] = client
+        yield clients
+
+
+async def test_three_regions(
+    tmp_path: Path, settings: Settings, stack: LocalStack, regional_s3: dict[str, Any]
+) -> None:
+    """One archive, uploaded to three regions' buckets, registered three times, all cleaned."""
+    regions = list(regional_s3)
+    job = make_job(tmp_path, config=registration_config(model_registration_region=regions))
+    with mims_server(stack) as registry:
+        regional = settings.model_copy(
+            update={"s3_bucket": "registrar-mr-{region}", "mims_endpoint": registry.endpoint}
+        )
+        async with Registrar(regional) as registrar:
+            result = await registrar.register(await request_for(job))
+        assert registry.registration_count == 3
+    assert [r.region for r in result.registrations] == regions
+    assert len({r.model_id for r in result.registrations}) == 3
+    assert len({r.model_artifact.sha256 for r in result.registrations}) == 1
+    for registration in result.registrations:
+        assert registration.model_artifact.location.bucket == f"registrar-mr-{registration.region}"
+        assert registration.workflow_execution_arn.startswith(f"arn:aws:states:{registration.region}:")
+    for region, client in regional_s3.items():
+        assert await leftovers(client, f"registrar-mr-{region}", settings.s3_prefix) == []
+
+
+async def test_one_failing_region_leaves_nothing_anywhere(
+    tmp_path: Path, settings: Settings, stack: LocalStack, regional_s3: dict[str, Any]
+) -> None:
+    """eu-west-1's registry fails the registration: the error names it; no region keeps objects."""
+    regions = list(regional_s3)
+    job = make_job(tmp_path, config=registration_config(model_registration_region=regions))
+    with mims_server(stack, fail_regions=["eu-west-1"]) as registry:
+        regional = settings.model_copy(
+            update={"s3_bucket": "registrar-mr-{region}", "mims_endpoint": registry.endpoint}
+        )
+        async with Registrar(regional) as registrar:
+            with pytest.raises(RegistrationFailed, match="registrations in eu-west-1 are failing"):
+                await registrar.register(await request_for(job))
+        assert registry.registration_count == 3
+    for region, client in regional_s3.items():
+        assert await leftovers(client, f"registrar-mr-{region}", settings.s3_prefix) == []
+
+
+def test_the_example_config_has_one_region() -> None:
+    """The shipped example stays single-region (the CLI's two lines)."""
+    assert (
+        json.loads((Path(__file__).parent.parent / "examples/demo/registration.json").read_text())[
+            "model_registration_region"
+        ]
+        == REGION
+    )
