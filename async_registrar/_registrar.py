@@ -119,8 +119,10 @@ class RegistrationHandle:
         stack: contextlib.AsyncExitStack,
         timings: dict[str, float],
         started: float,
+        emit: ProgressCallback,
     ) -> None:
         self._registrar = registrar
+        self._emit = emit
         self._regions = regions
         self.accepted: tuple[Registration, ...] = tuple(accepted)
         self._uploaded = uploaded
@@ -144,7 +146,7 @@ class RegistrationHandle:
             part = self._regions[index]
 
             def changed(registration: Registration) -> None:
-                self._registrar.emit(
+                self._emit(
                     RegistrationStatusChanged(
                         registration.registration_id, registration.status, registration.failure_reason, part.region
                     )
@@ -253,15 +255,21 @@ class Registrar:
             if self._stack is not None:
                 await self._stack.aclose()
 
-    async def register(self, request: RegistrationRequest) -> RegistrationResult:
+    async def register(
+        self, request: RegistrationRequest, *, on_progress: ProgressCallback | None = None
+    ) -> RegistrationResult:
         """Run one registration to the end; raise a `RegistrarError` subclass if it fails.
 
-        Cancelling it stops the uploads and the wait, and still removes its temporary objects.
+        `on_progress` receives this registration's events (besides the registrar's own
+        callback).  Cancelling it stops the uploads and the wait, and still removes its
+        temporary objects.
         """
-        handle = await self.submit(request)
+        handle = await self.submit(request, on_progress=on_progress)
         return await handle.wait()
 
-    async def submit(self, request: RegistrationRequest) -> RegistrationHandle:
+    async def submit(
+        self, request: RegistrationRequest, *, on_progress: ProgressCallback | None = None
+    ) -> RegistrationHandle:
         """Check the inputs, upload them and submit; return once MIMS accepted the registration.
 
         With several regions, the archives are built once and uploaded to every region's
@@ -270,6 +278,7 @@ class Registrar:
         """
         s3, http = self._clients()
         settings = self.settings
+        emit = self._emitter(on_progress)
         started = time.monotonic()
         timings: dict[str, float] = {}
         model_source, payload_source = await self._inspect(request)
@@ -288,9 +297,7 @@ class Registrar:
                 prefix = f"{settings.s3_prefix}{run_id}/" + (f"{region}/" if len(regions) > 1 else "")
                 regional = await self._s3_for(region, several=len(regions) > 1)
                 temporary = await stack.enter_async_context(
-                    TemporaryPrefix(
-                        regional, bucket, prefix, timeout=settings.cleanup_timeout, on_progress=self._on_progress
-                    )
+                    TemporaryPrefix(regional, bucket, prefix, timeout=settings.cleanup_timeout, on_progress=emit)
                 )
                 auth = SigV4(self._credentials, region=region, service=settings.mims_service_name)
                 parts.append(
@@ -308,7 +315,7 @@ class Registrar:
 
             async def upload(name: str, source: ArtifactSource) -> None:
                 targets = [(p.s3, S3Location(p.temporary.bucket, p.temporary.key(f"{name}.tar.gz"))) for p in parts]
-                results = await upload_to_all(source, targets, settings, artifact=name, on_progress=self._on_progress)
+                results = await upload_to_all(source, targets, settings, artifact=name, on_progress=emit)
                 for index, result in enumerate(results):
                     uploaded[index][name] = result
 
@@ -336,7 +343,7 @@ class Registrar:
                 region_key = key if len(parts) == 1 else f"{key}-{part.region}"
                 answer = await part.mims.submit(submission, idempotency_key=region_key)
                 accepted[index] = answer
-                self.emit(
+                emit(
                     RegistrationSubmitted(
                         answer.registration_id, answer.model_id, answer.workflow_execution_arn, part.region
                     )
@@ -352,15 +359,20 @@ class Registrar:
                 await stack.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         handle = RegistrationHandle(
-            self, parts, [a for a in accepted if a is not None], uploaded, stack, timings, started
+            self, parts, [a for a in accepted if a is not None], uploaded, stack, timings, started, emit
         )
         self._handles.add(handle)
         return handle
 
-    def emit(self, event: ProgressEvent) -> None:
-        """Hand `event` to the progress callback, if there is one."""
-        if self._on_progress is not None:
-            self._on_progress(event)
+    def _emitter(self, extra: ProgressCallback | None) -> ProgressCallback:
+        """The callback for one registration's events: the registrar's, then the call's own."""
+        callbacks = [c for c in (self._on_progress, extra) if c is not None]
+
+        def emit(event: ProgressEvent) -> None:
+            for callback in callbacks:
+                callback(event)
+
+        return emit
 
     def _forget(self, handle: RegistrationHandle) -> None:
         self._handles.discard(handle)
