@@ -220,6 +220,7 @@ class Registrar:
         self._shared_s3 = s3_client is not None
         self._regional_s3: dict[str, S3Client] = {}
         self._client_lock = anyio.Lock()
+        self._uploads = anyio.CapacityLimiter(settings.max_parallel_uploads)
         self._http = http_client
         self._on_progress = on_progress
         self._stack: contextlib.AsyncExitStack | None = None
@@ -315,7 +316,8 @@ class Registrar:
 
             async def upload(name: str, source: ArtifactSource) -> None:
                 targets = [(p.s3, S3Location(p.temporary.bucket, p.temporary.key(f"{name}.tar.gz"))) for p in parts]
-                results = await upload_to_all(source, targets, settings, artifact=name, on_progress=emit)
+                async with self._uploads:
+                    results = await upload_to_all(source, targets, settings, artifact=name, on_progress=emit)
                 for index, result in enumerate(results):
                     uploaded[index][name] = result
 

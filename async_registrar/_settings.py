@@ -95,6 +95,9 @@ class Settings(BaseModel):
     part_size: PartSize = ByteSize(8 * MiB)
     upload_concurrency: Annotated[int, Field(ge=1, le=64)] = 8
     upload_queue_parts: Annotated[int, Field(ge=1, le=64)] = 2
+    #: Artifacts a registrar uploads at once, across all its registrations (memory is
+    #: about this many times one upload's); the other registrations wait their turn.
+    max_parallel_uploads: Annotated[int, Field(ge=1, le=256)] = 4
     compression_level: Annotated[int, Field(ge=0, le=3)] = 1
     compression_threads: Annotated[int, Field(ge=1, le=64)] = Field(default_factory=lambda: min(4, os.cpu_count() or 1))
     archive_mtime: Annotated[int, Field(ge=0, lt=2**33)] = 315532800  # 1980-01-01T00:00:00Z
@@ -149,6 +152,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "part_size": ("REGISTRAR_PART_SIZE",),
     "upload_concurrency": ("REGISTRAR_UPLOAD_CONCURRENCY",),
     "upload_queue_parts": ("REGISTRAR_UPLOAD_QUEUE_PARTS",),
+    "max_parallel_uploads": ("REGISTRAR_MAX_PARALLEL_UPLOADS",),
     "compression_level": ("REGISTRAR_COMPRESSION_LEVEL",),
     "compression_threads": ("REGISTRAR_COMPRESSION_THREADS",),
     "archive_mtime": ("SOURCE_DATE_EPOCH",),

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -317,6 +318,148 @@ def run_once(command: list[str] | str, env: dict[str, str]) -> tuple[float, floa
     return result["wall"], result["cpu"], result["maxrss_kib"] / 1024, result["written"] / MiB
 
 
+# --- many registrations in one process --------------------------------------------------
+
+CONCURRENT_CLIENT = textwrap.dedent(
+    """
+    import json, sys, time
+    import anyio
+    from pathlib import Path
+    from async_registrar import Registrar, RegistrationConfig, RegistrationRequest, Settings
+
+    count, s3_port, mims_port, data = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+    settings = Settings(
+        s3_bucket="bench-concurrent", mims_endpoint=f"http://127.0.0.1:{mims_port}",
+        s3_endpoint_url=f"http://127.0.0.1:{s3_port}", aws_region="us-east-1",
+        aws_access_key_id="benchadmin", aws_secret_access_key="bench-secret-key-1234",
+        poll_initial=0.2, poll_max=1.0,
+    )
+
+    def established(port):
+        # Client-side TCP connections to `port` (remote port, state ESTABLISHED) in /proc/net/tcp.
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return sum(1 for r in rows if int(r[2].split(":")[1], 16) == port and r[3] == "01")
+
+    async def main():
+        config = RegistrationConfig.from_json((data / "registration.json").read_text())
+        peaks = {"s3": 0, "mims": 0}
+        results = []
+        async with Registrar(settings) as registrar, anyio.create_task_group() as sampler:
+            async def sample():
+                while True:
+                    peaks["s3"] = max(peaks["s3"], established(s3_port))
+                    peaks["mims"] = max(peaks["mims"], established(mims_port))
+                    await anyio.sleep(0.02)
+            sampler.start_soon(sample)
+            started = time.perf_counter()
+            async def one(i):
+                request = RegistrationRequest(config=config, model_path=data / f"model-{i:03d}")
+                results.append((await registrar.register(request)).model_id)
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(one, i)
+            wall = time.perf_counter() - started
+            sampler.cancel_scope.cancel()
+        print(json.dumps({"registered": len(set(results)), "wall": wall, **peaks}))
+
+    anyio.run(main)
+    """
+)
+
+
+def concurrent_bench(args: argparse.Namespace, work: Path) -> int:
+    """`--concurrent N`: N registrations of small models at once in one process, beside one alone."""
+    count = args.concurrent
+    data = work / "data" / f"concurrent-{count}"
+    if not (data / ".complete").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        for i in range(count):
+            model = data / f"model-{i:03d}"
+            model.mkdir()
+            (model / "weights.f32").write_bytes(os.urandom(2 * MiB))
+            (model / "config.json").write_text(json.dumps({"index": i}))
+        (data / ".complete").touch()
+    shutil.copy(ROOT / "examples" / "demo" / "registration.json", data / "registration.json")
+    rows = []
+    with Server("moto", work) as s3_server:
+        s3_server.s3().create_bucket(Bucket="bench-concurrent")
+        mims_port = free_port()
+        env = {**s3_server.env(), "MIMS_PENDING_DELAY": "0.1"}
+        registrar_cli = str(Path(sys.executable).parent / "async-registrar")
+        log = (work / "mims.log").open("wb")
+        mims = subprocess.Popen(
+            [registrar_cli, "--log-level", "WARNING", "mims-server", "--port", str(mims_port)],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            wait_for_port(mims_port)
+            for n in (1, count):
+                launcher = [
+                    sys.executable,
+                    "-c",
+                    LAUNCHER,
+                    json.dumps(
+                        [
+                            sys.executable,
+                            "-c",
+                            CONCURRENT_CLIENT,
+                            str(n),
+                            str(s3_server.port),
+                            str(mims_port),
+                            str(data),
+                        ]
+                    ),
+                ]
+                # The launcher's child prints the client's JSON; capture it through a file.
+                out_file = work / f"concurrent-{n}.json"
+                wrapped = json.dumps(
+                    f"{sys.executable} -c {shlex.quote(CONCURRENT_CLIENT)} {n} {s3_server.port} "
+                    f"{mims_port} {shlex.quote(str(data))} > {shlex.quote(str(out_file))}"
+                )
+                launcher[-1] = wrapped
+                usage = json.loads(subprocess.run(launcher, env=env, capture_output=True, text=True, check=True).stdout)
+                if usage["code"] != 0:
+                    raise RuntimeError(f"the concurrent client failed with {usage['code']}")
+                client = json.loads(out_file.read_text())
+                rows.append(
+                    {
+                        "registrations": n,
+                        "registered": client["registered"],
+                        "wall_s": round(client["wall"], 2),
+                        "peak_rss_mib": round(usage["maxrss_kib"] / 1024),
+                        "cpu_s": round(usage["cpu"], 2),
+                        "max_s3_connections": client["s3"],
+                        "max_mims_connections": client["mims"],
+                    }
+                )
+                print(f"bench: {n} at once: {rows[-1]}", file=sys.stderr)
+        finally:
+            mims.terminate()
+            mims.wait(30)
+    lines = [
+        "| registrations at once | registered | wall s | peak RSS MiB | CPU s | max S3 connections (pool 32) "
+        "| max MIMS connections (pool 100) |",
+        "|---|---|---|---|---|---|---|",
+    ] + [
+        f"| {r['registrations']} | {r['registered']} | {r['wall_s']} | {r['peak_rss_mib']} | {r['cpu_s']} "
+        f"| {r['max_s3_connections']} | {r['max_mims_connections']} |"
+        for r in rows
+    ]
+    ok = all(
+        r["registered"] == r["registrations"] and r["max_s3_connections"] <= 32 and r["max_mims_connections"] <= 100
+        for r in rows
+    )
+    print("\n".join(lines) + f"\n\nall registered, connections within the pools: {'ok' if ok else 'MISSED'}")
+    out = work / f"results-concurrent-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\nJSON: {out}")
+    return 0 if ok else 1
+
+
 # --- main ----------------------------------------------------------------------------
 
 
@@ -329,10 +472,21 @@ def main() -> int:
     parser.add_argument("--small-files", type=int, default=20_000)
     parser.add_argument("--only", default="", help="comma-separated datasets: model,prebuilt,small,big")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        nargs="?",
+        const=50,
+        default=0,
+        metavar="N",
+        help="instead: N (default 50) registrations of small models at once, beside one alone",
+    )
     args = parser.parse_args()
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.concurrent:
+        return concurrent_bench(args, work)
     needed = int((args.size * 2.2 + 1.5 + (9 if args.big else 0)) * GiB)
     free = shutil.disk_usage(work).free
     if free < needed:
