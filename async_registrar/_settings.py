@@ -129,15 +129,7 @@ class Settings(BaseModel):
 
         Raises `ConfigurationError` naming each bad variable.
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field, names in _ENVIRONMENT.items():
-            for name in names:
-                if env.get(name):
-                    values[field] = env[name]
-                    break
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return _validate(cls, values, _describe_field)
+        return _validate(cls, _gather(_ENVIRONMENT, environ, overrides), _describe_field)
 
 
 #: Each setting's environment variables, first match wins.
@@ -216,10 +208,7 @@ class JobInputs(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JobInputs:
         """Build the job inputs from environment variables, with keyword overrides taking precedence."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {field: env[name] for field, (name,) in _JOB_ENVIRONMENT.items() if env.get(name)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return _validate(cls, values, _describe_field)
+        return _validate(cls, _gather(_JOB_ENVIRONMENT, environ, overrides), _describe_field)
 
 
 _JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
@@ -231,6 +220,20 @@ _JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "workflow_execution_id": ("MODS_WORKFLOW_EXECUTION_ID",),
     "idempotency_key": ("REGISTRAR_IDEMPOTENCY_KEY",),
 }
+
+
+def _gather(
+    variables: Mapping[str, tuple[str, ...]], environ: Mapping[str, str] | None, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Field values from the first set variable of each field, then the overrides that are not None."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field, names in variables.items():
+        value = next((env[name] for name in names if env.get(name)), None)
+        if value is not None:
+            values[field] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
 
 
 def _validate(model: type[M], values: dict[str, Any], describe: Callable[[str], str]) -> M:

@@ -41,6 +41,16 @@ def request_for(job: dict[str, Path], **extra: Any) -> RegistrationRequest:
     )
 
 
+def recording_client(bodies: list[dict[str, Any]]) -> httpx.AsyncClient:
+    """An HTTP client that keeps the JSON body of every POST it sends (the submissions)."""
+
+    async def record(request: httpx.Request) -> None:
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+
+    return httpx.AsyncClient(event_hooks={"request": [record]})
+
+
 async def registry_sha256(s3: Any, bucket: str, key: str) -> str:
     obj = await s3.get_object(Bucket=bucket, Key=key)
     async with obj["Body"] as body:
@@ -53,12 +63,8 @@ async def test_register_end_to_end(tmp_path: Path, settings: Settings, s3: Any, 
     events: list[ProgressEvent] = []
     bodies: list[dict[str, Any]] = []
 
-    async def record(request: httpx.Request) -> None:
-        if request.method == "POST":
-            bodies.append(json.loads(request.content))
-
     async with (
-        httpx.AsyncClient(event_hooks={"request": [record]}) as http,
+        recording_client(bodies) as http,
         Registrar(settings, http_client=http, on_progress=events.append) as registrar,
     ):
         result = await registrar.register(request_for(job, workflow_execution_id="wf-7"))
@@ -96,12 +102,8 @@ async def test_metadata_is_sent(tmp_path: Path, settings: Settings, s3: Any, sta
     await s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=json.dumps({"auc": 0.91}).encode())
     bodies: list[dict[str, Any]] = []
 
-    async def record(request: httpx.Request) -> None:
-        if request.method == "POST":
-            bodies.append(json.loads(request.content))
-
     async with (
-        httpx.AsyncClient(event_hooks={"request": [record]}) as http,
+        recording_client(bodies) as http,
         Registrar(settings, http_client=http) as registrar,
     ):
         await registrar.register(request_for(job, performance_metadata_uri=f"s3://{settings.s3_bucket}/{key}"))
