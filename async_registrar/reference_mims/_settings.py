@@ -62,7 +62,7 @@ class ReferenceMimsSettings(BaseModel):
         for name in cls.model_fields:
             var = f"MIMS_{name.upper()}"
             if env.get(var):
-                values[name] = env[var]
+                values[name] = env[var].split(",") if name == "fail_regions" else env[var]
         if env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"):
             values.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
         if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
