@@ -15,7 +15,7 @@ import threading
 import zlib
 from collections.abc import Callable
 
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from ._archive import Sink, changed, open_regular
 from ._artifacts import PrebuiltArchive
@@ -23,6 +23,10 @@ from ._errors import InputError
 from ._members import member_problem
 
 __all__ = ["stream_prebuilt"]
+
+#: What isal raises for corrupt deflate data: its own class, not a `zlib.error` (its stub
+#: declares an instance, hence the cast).
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
 
 
 def stream_prebuilt(
@@ -114,7 +118,7 @@ class _TarGzCheck:
                         break
                 while self._problem is None and gz.read(1024 * 1024):  # on to the gzip trailer
                     pass
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error, _ISAL_ERROR) as exc:
             self._problem = str(exc) or type(exc).__name__
         except Exception as exc:  # reported to the feeding thread, not lost in this one
             self._crash = exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import tarfile
 from pathlib import Path
 
@@ -81,13 +82,21 @@ def test_members_the_data_filter_refuses(tmp_path: Path, members: list[tarfile.T
 
 
 def test_truncated_corrupt_and_not_gzip(tmp_path: Path) -> None:
-    """A cut-off archive, flipped bytes in the middle, and plain data are all refused."""
-    good = tar_gz(tmp_path / "good.tar.gz", [member("w.bin")], {"w.bin": os.urandom(2 * MiB)}).read_bytes()
+    """A cut-off archive, flipped bytes anywhere in it, and plain data are all refused.
+
+    Damage in different places fails in different layers (gzip's CRC, isal's inflate, tar's
+    headers), each with its own exception class: every offset must end as an InputError.
+    """
+    weights = random.Random(0).randbytes(MiB)
+    good = tar_gz(tmp_path / "good.tar.gz", [member("w.bin")], {"w.bin": weights}).read_bytes()
     cases = {
         "truncated": good[: len(good) // 2],
-        "corrupt": good[:1000] + bytes(b ^ 0xFF for b in good[1000:1200]) + good[1200:],
         "not-gzip": b"PK\x03\x04" + os.urandom(5000),
     }
+    for offset in range(100, len(good) - 300, 8191):
+        cases[f"corrupt-{offset}"] = (
+            good[:offset] + bytes(b ^ 0xFF for b in good[offset : offset + 200]) + good[offset + 200 :]
+        )
     for name, data in cases.items():
         path = tmp_path / f"{name}.tar.gz"
         path.write_bytes(data)
