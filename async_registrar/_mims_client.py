@@ -30,6 +30,7 @@ from ._errors import (
     RegistrationTimeout,
     RegistryError,
     RegistryUnavailable,
+    redact,
 )
 from ._mims_contract import (
     IDEMPOTENCY_HEADER,
@@ -41,7 +42,7 @@ from ._mims_contract import (
 )
 from ._settings import Settings
 
-__all__ = ["MimsClient", "redact_url"]
+__all__ = ["MimsClient"]
 
 log = logging.getLogger("async_registrar.mims")
 
@@ -141,7 +142,7 @@ class MimsClient:
                         raise RegistrationRejected(
                             f"the registry does not know registration {registration_id} "
                             f"({NOT_FOUND_GRACE:g} s after it accepted it)",
-                            url=redact_url(self._endpoint),
+                            url=redact(self._endpoint),
                             status_code=404,
                         )
                 else:
@@ -161,7 +162,7 @@ class MimsClient:
             "or check the registry",
             registration_id=registration_id,
             last_status=last.status if last else None,
-            url=redact_url(self._endpoint),
+            url=redact(self._endpoint),
         )
 
     def _finish(self, registration: Registration) -> Registration:
@@ -171,7 +172,7 @@ class MimsClient:
                 f"registration {registration.registration_id} FAILED: {reason}",
                 registration_id=registration.registration_id,
                 failure_reason=registration.failure_reason,
-                url=redact_url(self._endpoint),
+                url=redact(self._endpoint),
             )
         return registration
 
@@ -184,7 +185,7 @@ class MimsClient:
         allow_not_found: bool = False,
         **kwargs: Any,
     ) -> httpx.Response:
-        shown = redact_url(url)
+        shown = redact(url)
         try:
             async for attempt in stamina.retry_context(
                 on=_Backoff(initial=min(0.5, self._settings.poll_initial), cap=RETRY_CAP),
@@ -229,9 +230,9 @@ class MimsClient:
             return Registration.model_validate_json(response.content)
         except ValidationError as exc:
             raise RegistryError(
-                f"{redact_url(url)} answered {response.status_code} with a body that is not a registration "
+                f"{redact(url)} answered {response.status_code} with a body that is not a registration "
                 f"({exc.error_count()} problem(s)); is --mims-endpoint a MIMS endpoint?",
-                url=redact_url(url),
+                url=redact(url),
             ) from None
 
 
@@ -259,12 +260,3 @@ def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
     except ValidationError:
         text = response.text.strip().replace("\n", " ")
         return (text[:300] or response.reason_phrase), []
-
-
-def redact_url(url: str) -> str:
-    """`url` without credentials, query string or fragment, safe to log."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -58,7 +58,7 @@ class _BodyReader:
 
 async def verify_artifact(s3: S3Client, ref: ArtifactRef, name: str) -> S3Location:
     """Check the artifact at `ref.s3_uri` against `ref`; raise `ArtifactProblem` with the reason."""
-    location = _location(ref.s3_uri)
+    location = S3Location.parse(ref.s3_uri)  # the contract's pattern already checked it
     try:
         response = await s3.get_object(Bucket=location.bucket, Key=location.key)
     except (ClientError, BotoCoreError) as exc:
@@ -127,11 +127,6 @@ async def copy_object(s3: S3Client, source: S3Location, target: S3Location, size
         with anyio.move_on_after(30, shield=True):
             await s3.abort_multipart_upload(Bucket=target.bucket, Key=target.key, UploadId=upload_id)
         raise
-
-
-def _location(uri: str) -> S3Location:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return S3Location(bucket, key)
 
 
 def _code(exc: Exception) -> str:
