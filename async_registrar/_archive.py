@@ -67,7 +67,7 @@ class _ParallelGzip:
         self._on_read = on_read
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registrar-gzip")
         self._window = 2 * threads
-        self._pending: deque[tuple[Future[tuple[bytes, int, int]], bytearray]] = deque()
+        self._pending: deque[tuple[Future[tuple[bytes, bytes, int, int]], bytearray]] = deque()
         self._free: list[bytearray] = []
         self._block = bytearray(BLOCK)
         self._fill = 0
@@ -89,12 +89,12 @@ class _ParallelGzip:
             if self._fill == BLOCK:
                 self._submit()
 
-    def read_from(self, f: io.FileIO, count: int) -> int:
-        """Append up to `count` bytes read from `f` straight into the blocks; fewer only at EOF."""
+    def read_from(self, fd: int, count: int) -> int:
+        """Append up to `count` bytes read from `fd` straight into the blocks; fewer only at EOF."""
         total = 0
         while total < count:
             room = min(BLOCK - self._fill, count - total)
-            n = f.readinto(memoryview(self._block)[self._fill : self._fill + room])
+            n = os.readv(fd, [memoryview(self._block)[self._fill : self._fill + room]])
             if not n:
                 break
             self._fill += n
@@ -133,22 +133,23 @@ class _ParallelGzip:
 
     def _write_next(self) -> None:
         future, block = self._pending.popleft()
-        compressed, crc, length = future.result()
+        head, tail, crc, length = future.result()
         self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
         self._size += length
         self._free.append(block)
-        self._sink.write(compressed)
+        self._sink.write(head)
+        self._sink.write(tail)
 
 
-def _deflate(block: bytearray, length: int, dictionary: bytes, level: int) -> tuple[bytes, int, int]:
-    """One block as raw deflate ending in a sync flush, with its CRC32 (runs in a gzip thread)."""
+def _deflate(block: bytearray, length: int, dictionary: bytes, level: int) -> tuple[bytes, bytes, int, int]:
+    """One block as raw deflate ending in a sync flush (two pieces, not joined: that would
+    copy them), with its CRC32 (runs in a gzip thread)."""
     data = memoryview(block)[:length]
     if dictionary:
         compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS, zdict=dictionary)
     else:
         compressor = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
-    compressed = compressor.compress(data) + compressor.flush(isal_zlib.Z_SYNC_FLUSH)
-    return compressed, isal_zlib.crc32(data), length
+    return compressor.compress(data), compressor.flush(isal_zlib.Z_SYNC_FLUSH), isal_zlib.crc32(data), length
 
 
 def stream_archive(
@@ -171,14 +172,17 @@ def stream_archive(
             out.write(_header(entry, mtime))
             if entry.is_dir:
                 continue
-            with open_regular(entry.path) as f:
-                size = os.fstat(f.fileno()).st_size
+            fd = _open_regular_fd(entry.path)
+            try:
+                size = os.fstat(fd).st_size
                 if size != entry.size:
                     raise changed(entry.path, f"its size changed from {entry.size} to {size} bytes")
-                if out.read_from(f, size) != size:
+                if out.read_from(fd, size) != size:
                     raise changed(entry.path, "it shrank while it was read")
-                if f.read(1):
+                if os.read(fd, 1):
                     raise changed(entry.path, "it grew while it was read")
+            finally:
+                os.close(fd)
             out.write(_ZEROS[: -size % _BLOCK])
         # End of archive: two zero blocks, then zeros up to a whole record, as tar writes it.
         out.write(_ZEROS[: 2 * _BLOCK])
@@ -206,7 +210,7 @@ def _header(entry: FileEntry, mtime: int) -> bytes:
         header[124:136] = b"%011o\0" % size
         header[136:148] = b"%011o\0" % mtime
         header[156:157] = tarfile.DIRTYPE if entry.is_dir else tarfile.REGTYPE
-        header[148:155] = b"%06o\0" % sum(header)
+        header[148:155] = b"%06o\0" % (sum(header[:157]) + _USTAR_FIXED_SUM)
         return bytes(header)
     info = tarfile.TarInfo(entry.name)
     info.mtime = mtime
@@ -237,23 +241,34 @@ _USTAR_TEMPLATE = (
     + bytes(16 + 155 + 12)  # devmajor, devminor (empty for files and directories), prefix, padding
 )
 assert len(_USTAR_TEMPLATE) == tarfile.BLOCKSIZE
+#: The checksum's share of the bytes after the type flag, which every simple header shares.
+_USTAR_FIXED_SUM = sum(_USTAR_TEMPLATE[157:])
 
 
-def open_regular(path: os.PathLike[str]) -> io.FileIO:
+def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
     """Open for reading without blocking on a FIFO that replaced a scanned file."""
+    fd = _open_regular_fd(path)
+    os.set_blocking(fd, True)
+    return io.FileIO(fd, "rb")
+
+
+def _open_regular_fd(path: str | os.PathLike[str]) -> int:
+    """A descriptor open for reading; refused (and not blocked on) unless a regular file.
+
+    O_NONBLOCK keeps a FIFO that replaced a scanned file from blocking the open; it has no
+    effect on reading a regular file, so the descriptor can be read as it is.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise InputError(f"{path}: cannot open for reading ({exc.strerror})", [str(path)]) from None
-    f = io.FileIO(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
+        os.close(fd)
         raise changed(path, "it is no longer a regular file")
-    os.set_blocking(fd, True)
-    return f
+    return fd
 
 
-def changed(path: os.PathLike[str], what: str) -> InputError:
+def changed(path: str | os.PathLike[str], what: str) -> InputError:
     return InputError(
         f"{path} changed while it was being archived ({what}); make sure nothing writes to the "
         "input while the registration runs, then run again",

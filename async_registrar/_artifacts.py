@@ -10,6 +10,7 @@ so the user fixes them in one go, before a single byte is uploaded.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tarfile
 import zlib
@@ -33,7 +34,7 @@ class FileEntry:
     """One member of a directory archive: a regular file or a directory."""
 
     name: str  # POSIX path relative to the archive root
-    path: Path
+    path: str  # as the directory scan gives it (a Path per entry costs more than the entry)
     is_dir: bool
     size: int
     executable: bool
@@ -121,8 +122,8 @@ def inspect_artifact(path: Path, *, role: str) -> ArtifactSource:
         )
     if len(entries) == 1 and files[0].name.count("/") == 0:
         single = files[0]
-        if _is_tar_gz(single.path):
-            return PrebuiltArchive(single.path, single.size)
+        if _is_tar_gz(Path(single.path)):
+            return PrebuiltArchive(Path(single.path), single.size)
         if single.name.endswith((".tar.gz", ".tgz")):
             raise InputError(
                 f"{single.path} is named like a tar.gz archive but is not one (corrupt, truncated or "
@@ -146,7 +147,7 @@ def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
     """Walk `root` in archive order (by UTF-8 name, depth first); collect entries and problems."""
     entries: list[FileEntry] = []
     problems: list[str] = []
-    stack: list[tuple[Path, str]] = [(root, "")]
+    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
     while stack:
         directory, prefix = stack.pop()
         try:
@@ -157,7 +158,7 @@ def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
             continue
         subdirs = []
         for child in children:
-            full = Path(child.path)
+            full = child.path
             reason = _name_problem(child.name)
             if reason:
                 problems.append(f"{os.fsencode(full)!r}: {reason}; rename it")
@@ -190,12 +191,16 @@ def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
     return entries, problems
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _name_problem(name: str) -> str | None:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return "name is not valid UTF-8"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return "name is not valid UTF-8"
+    if _CONTROL.search(name):
         return "name contains control characters"
     return None
 

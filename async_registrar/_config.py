@@ -201,6 +201,8 @@ def describe_validation_errors(exc: ValidationError, *, known: list[str], data: 
     for error in exc.errors(include_url=False):
         loc = _format_loc(_named_loc(error["loc"], data))
         kind = error["type"]
+        if kind == "default_factory_not_called":
+            continue  # a default that depends on a field in error: that error is listed
         if kind == "missing":
             problems.append(f"{loc}: required field is missing")
         elif kind == "extra_forbidden":
