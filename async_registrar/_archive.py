@@ -172,9 +172,8 @@ def stream_archive(
             out.write(_header(entry, mtime))
             if entry.is_dir:
                 continue
-            fd = _open_regular_fd(entry.path)
+            fd, size = _open_regular_fd(entry.path)
             try:
-                size = os.fstat(fd).st_size
                 if size != entry.size:
                     raise changed(entry.path, f"its size changed from {entry.size} to {size} bytes")
                 if out.read_from(fd, size) != size:
@@ -247,13 +246,14 @@ _USTAR_FIXED_SUM = sum(_USTAR_TEMPLATE[157:])
 
 def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
     """Open for reading without blocking on a FIFO that replaced a scanned file."""
-    fd = _open_regular_fd(path)
+    fd, _ = _open_regular_fd(path)
     os.set_blocking(fd, True)
     return io.FileIO(fd, "rb")
 
 
-def _open_regular_fd(path: str | os.PathLike[str]) -> int:
-    """A descriptor open for reading; refused (and not blocked on) unless a regular file.
+def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """A descriptor open for reading, and the file's size; refused (and not blocked on)
+    unless a regular file.
 
     O_NONBLOCK keeps a FIFO that replaced a scanned file from blocking the open; it has no
     effect on reading a regular file, so the descriptor can be read as it is.
@@ -262,10 +262,11 @@ def _open_regular_fd(path: str | os.PathLike[str]) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise InputError(f"{path}: cannot open for reading ({exc.strerror})", [str(path)]) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise changed(path, "it is no longer a regular file")
-    return fd
+    return fd, info.st_size
 
 
 def changed(path: str | os.PathLike[str], what: str) -> InputError:

@@ -120,21 +120,32 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _upload(args: argparse.Namespace) -> int:
-    from ._artifacts import inspect_artifact
+    from ._artifacts import ArtifactSource, inspect_artifact
 
     target = S3Location.parse(args.target, what="upload target")
     # The engine alone: no registry is contacted, so its endpoint is a placeholder.
     settings = Settings.from_env(s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid")
-    source = await anyio.to_thread.run_sync(lambda: inspect_artifact(Path(args.path), role="upload"))
     session = make_session(settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
-    async with open_s3_client(
-        session,
-        region=settings.aws_region,
-        endpoint_url=settings.s3_endpoint_url,
-        checksums=settings.s3_checksums,
-        pool_size=max(10, 4 * settings.upload_concurrency),
-    ) as s3:
-        uploaded = await upload_artifact(s3, source, target, settings, artifact="upload", on_progress=args.progress)
+    sources: list[ArtifactSource] = []
+
+    async def scan() -> None:
+        sources.append(await anyio.to_thread.run_sync(lambda: inspect_artifact(Path(args.path), role="upload")))
+
+    async with contextlib.AsyncExitStack() as stack:
+        # The scan (in a thread) and the client's setup overlap: each takes ~0.1 s.
+        with first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(scan)
+                s3 = await stack.enter_async_context(
+                    open_s3_client(
+                        session,
+                        region=settings.aws_region,
+                        endpoint_url=settings.s3_endpoint_url,
+                        checksums=settings.s3_checksums,
+                        pool_size=max(10, 4 * settings.upload_concurrency),
+                    )
+                )
+        uploaded = await upload_artifact(s3, sources[0], target, settings, artifact="upload", on_progress=args.progress)
     print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
     return EXIT_OK
 

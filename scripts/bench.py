@@ -47,6 +47,7 @@ class Sample:
     disk_write_mib: float
     input_bytes: int
     object_bytes: int
+    server_cpu: float = 0.0  # the server's CPU seconds during the run: it shares the machine
 
 
 # --- tools ---------------------------------------------------------------------------
@@ -146,6 +147,14 @@ class Server:
             self.process.terminate()
             self.process.wait(30)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (Linux; 0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()  # type: ignore[union-attr]
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def s3(self, **config: object):  # type: ignore[no-untyped-def]
         import boto3
@@ -528,13 +537,18 @@ def main() -> int:
                         continue
                     key = f"{dataset}-{contender}-{run}"
                     extra = {"REGISTRAR_CHECK_PREBUILT": "false"} if contender.endswith("-unchecked") else {}
+                    server_before = server.cpu_seconds()
                     wall, cpu, rss, written = run_once(command, {**env, **extra})
+                    server_cpu = server.cpu_seconds() - server_before
                     head = s3.head_object(Bucket=BUCKET, Key=key)
                     s3.delete_object(Bucket=BUCKET, Key=key)
-                    sample = Sample(contender, dataset, run, wall, cpu, rss, written, size, head["ContentLength"])
+                    sample = Sample(
+                        contender, dataset, run, wall, cpu, rss, written, size, head["ContentLength"], server_cpu
+                    )
                     samples.append(sample)
                     print(
                         f"bench: run {run} {dataset:>8} {contender:<14} {wall:6.2f} s  {cpu:6.2f} cpu-s  "
+                        f"(server {server_cpu:5.2f})  "
                         f"{rss:6.0f} MiB  {written:6.0f} MiB written",
                         file=sys.stderr,
                     )
@@ -570,6 +584,7 @@ def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, obje
                 "peak_rss_mib": round(max(s.peak_rss_mib for s in group)),
                 "cpu_s": round(statistics.median(s.cpu for s in group), 2),
                 "cpu_s_per_gib": round(statistics.median(s.cpu for s in group) / (size / GiB), 2),
+                "server_cpu_s": round(statistics.median(s.server_cpu for s in group), 2),
                 "disk_write_mib": round(max(s.disk_write_mib for s in group)),
             }
         )
@@ -628,12 +643,13 @@ def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, obje
             )
 
     header = (
-        "| dataset | contender | median s | MB/s | peak RSS MiB | CPU s | CPU s/GiB | disk writes MiB "
-        "| x raw ceiling |\n|---|---|---|---|---|---|---|---|---|"
+        "| dataset | contender | median s | MB/s | peak RSS MiB | CPU s | CPU s/GiB | server CPU s | disk writes MiB "
+        "| x raw ceiling |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header] + [
         f"| {r['dataset']} ({r['input_mib']} MiB) | {r['contender']} | {r['median_wall_s']} | {r['throughput_mb_s']} "
-        f"| {r['peak_rss_mib']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | {r['disk_write_mib']} | {r['x_raw_ceiling']} |"
+        f"| {r['peak_rss_mib']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | {r['server_cpu_s']} | {r['disk_write_mib']} "
+        f"| {r['x_raw_ceiling']} |"
         for r in rows
     ]
     lines += ["", "| check | value | target | |", "|---|---|---|---|"] + [
