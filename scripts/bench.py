@@ -156,6 +156,16 @@ class Server:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
+    def settle(self, timeout: float = 60.0) -> None:
+        """Wait until the server is idle: deleting the last run's object goes on in its
+        background (JuiceFS removes the chunks), which would otherwise bill the next run."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline:
+            before = self.cpu_seconds()
+            time.sleep(0.25)
+            quiet = quiet + 1 if self.cpu_seconds() - before < 0.01 else 0
+
     def s3(self, **config: object):  # type: ignore[no-untyped-def]
         import boto3
         from botocore.config import Config
@@ -537,6 +547,7 @@ def main() -> int:
                         continue
                     key = f"{dataset}-{contender}-{run}"
                     extra = {"REGISTRAR_CHECK_PREBUILT": "false"} if contender.endswith("-unchecked") else {}
+                    server.settle()
                     server_before = server.cpu_seconds()
                     wall, cpu, rss, written = run_once(command, {**env, **extra})
                     server_cpu = server.cpu_seconds() - server_before
