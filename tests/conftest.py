@@ -19,7 +19,7 @@ import pytest
 import stamina
 from pydantic import SecretStr
 
-from async_registrar import Settings
+from async_registrar import RegistrationConfig, RegistrationRequest, Settings
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
 from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
@@ -103,3 +103,14 @@ def make_job(tmp_path: Path, *, model_bytes: int = 0, config: dict[str, Any] | N
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config if config is not None else registration_config()))
     return {"model": model, "payload": payload, "config": config_path, "metadata": tmp_path / "no-metadata"}
+
+
+def request_for(job: dict[str, Path], **extra: Any) -> RegistrationRequest:
+    """A registration of `make_job`'s inputs (its metadata path does not exist: no metadata)."""
+    return RegistrationRequest(
+        config=RegistrationConfig.from_json(job["config"].read_text()),
+        model_path=job["model"],
+        payload_path=job["payload"],
+        metadata_path=job["metadata"],
+        **extra,
+    )

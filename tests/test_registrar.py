@@ -20,7 +20,6 @@ from async_registrar import (
     Registrar,
     RegistrationConfig,
     RegistrationFailed,
-    RegistrationRequest,
     RegistrationStatusChanged,
     RegistrationSubmitted,
     Settings,
@@ -28,17 +27,7 @@ from async_registrar import (
 )
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config
-
-
-def request_for(job: dict[str, Path], **extra: Any) -> RegistrationRequest:
-    return RegistrationRequest(
-        config=RegistrationConfig.from_json(job["config"].read_text()),
-        model_path=job["model"],
-        payload_path=job["payload"],
-        metadata_path=job["metadata"],
-        **extra,
-    )
+from .conftest import MiB, leftovers, make_job, mims_server, registration_config, request_for
 
 
 def recording_client(bodies: list[dict[str, Any]]) -> httpx.AsyncClient:

@@ -21,16 +21,7 @@ from async_registrar._artifacts import inspect_artifact
 from async_registrar._local import ACCESS_KEY, LocalStack
 from async_registrar._request import run_identity
 
-from .conftest import leftovers, make_job, mims_server, registration_config
-
-
-def request_for(job: dict[str, Path], **extra: Any) -> RegistrationRequest:
-    return RegistrationRequest(
-        config=RegistrationConfig.from_json(job["config"].read_text()),
-        model_path=job["model"],
-        payload_path=job["payload"],
-        **extra,
-    )
+from .conftest import leftovers, make_job, mims_server, registration_config, request_for
 
 
 async def test_a_timeout_after_the_request_left_makes_one_registration(

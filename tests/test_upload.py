@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from botocore.exceptions import ClientError
 from async_registrar import InputError, Settings, StorageError, UploadProgress
 from async_registrar._artifacts import inspect_artifact
 from async_registrar._s3 import S3Location
-from async_registrar._upload import upload_artifact
+from async_registrar._upload import UploadedArtifact, upload_artifact
 
 from .conftest import MiB, leftovers
 
@@ -25,6 +26,23 @@ def model_dir(root: Path, size: int) -> Path:
     (root / "a-weights.bin").write_bytes(os.urandom(size))
     (root / "b-config.json").write_text('{"dim": 3}')
     return root
+
+
+def client_error(code: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
+
+
+def model_location(settings: Settings) -> S3Location:
+    return S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+
+
+async def upload_with_hook(
+    tmp_path: Path, s3: Any, settings: Settings, event: str, hook: Callable[..., None], size: int = 12 * MiB
+) -> UploadedArtifact:
+    """Upload a model of `size` bytes to `model_location` with `hook` registered on botocore's `event`."""
+    root = model_dir(tmp_path / "model", size)
+    s3.meta.events.register(event, hook)
+    return await upload_artifact(s3, inspect_artifact(root, role="model"), model_location(settings), settings)
 
 
 async def download(s3: Any, location: S3Location) -> bytes:
@@ -39,7 +57,7 @@ async def test_multipart_round_trip(tmp_path: Path, s3: Any, settings: Settings,
     """A 12 MiB model goes up in 5 MiB parts; GNU tar extracts it; sha256 and size match."""
     root = model_dir(tmp_path / "model", 12 * MiB)
     settings = settings.model_copy(update={"s3_checksums": checksums})
-    location = S3Location(settings.s3_bucket, f"{settings.s3_prefix}model.tar.gz")
+    location = model_location(settings)
     events: list[UploadProgress] = []
     result = await upload_artifact(
         s3, inspect_artifact(root, role="model"), location, settings, artifact="model", on_progress=events.append
@@ -87,7 +105,7 @@ async def test_prebuilt_archive_is_uploaded_unchanged(tmp_path: Path, s3: Any, s
     (tmp_path / "prebuilt").mkdir()
     archive = tmp_path / "prebuilt" / "model.tar.gz"
     subprocess.run(["tar", "-czf", str(archive), "-C", str(src), "."], check=True)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    location = model_location(settings)
     result = await upload_artifact(s3, inspect_artifact(archive.parent, role="model"), location, settings)
     assert await download(s3, location) == archive.read_bytes()
     assert result.parts == 3
@@ -100,7 +118,7 @@ async def test_producer_error_aborts_the_upload(tmp_path: Path, s3: Any, setting
     # With one upload at a time, backpressure holds the producer well inside a-weights.bin
     # when the first part goes up; b-config.json changes then, before it is read.
     settings = settings.model_copy(update={"upload_concurrency": 1, "upload_queue_parts": 1})
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    location = model_location(settings)
     parts: list[int] = []
 
     def change_config(**_: Any) -> None:
@@ -116,16 +134,15 @@ async def test_producer_error_aborts_the_upload(tmp_path: Path, s3: Any, setting
 
 async def test_part_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: Settings) -> None:
     """S3 failing one part (after botocore's own retries) aborts the whole upload."""
-    root = model_dir(tmp_path / "model", 16 * MiB)
 
     def fail_part_two(params: dict[str, Any], **_: Any) -> None:
         if params.get("PartNumber") == 2:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "UploadPart")
+            raise client_error("InternalError", "UploadPart")
 
-    s3.meta.events.register("before-parameter-build.s3.UploadPart", fail_part_two)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(StorageError, match=r"UploadPart \(part 2\) failed for s3://.*: InternalError") as caught:
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        await upload_with_hook(
+            tmp_path, s3, settings, "before-parameter-build.s3.UploadPart", fail_part_two, size=16 * MiB
+        )
     assert caught.value.code == "InternalError"
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -133,7 +150,7 @@ async def test_part_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: S
 async def test_cancellation_mid_upload_aborts(tmp_path: Path, s3: Any, settings: Settings) -> None:
     """Cancelling after the first part stops the producer, cancels the parts and aborts the upload."""
     root = model_dir(tmp_path / "model", 24 * MiB)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    location = model_location(settings)
     seen: list[UploadProgress] = []
     with anyio.CancelScope() as scope:
 
@@ -156,34 +173,24 @@ async def test_missing_bucket_is_a_storage_error(tmp_path: Path, s3: Any, settin
         await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
 
 
-def client_error(code: str, operation: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
-
-
 async def test_a_completion_reported_failed_but_done_is_reconciled(tmp_path: Path, s3: Any, settings: Settings) -> None:
     """NoSuchUpload after the completion went through (a retried success): HeadObject finds it whole."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
 
     def lose_the_answer(**_: Any) -> None:
         raise client_error("NoSuchUpload", "CompleteMultipartUpload")
 
-    s3.meta.events.register("after-call.s3.CompleteMultipartUpload", lose_the_answer)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
-    result = await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    assert hashlib.sha256(await download(s3, location)).hexdigest() == result.sha256
+    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.CompleteMultipartUpload", lose_the_answer)
+    assert hashlib.sha256(await download(s3, model_location(settings))).hexdigest() == result.sha256
 
 
 async def test_a_completion_that_failed_is_reported_and_aborted(tmp_path: Path, s3: Any, settings: Settings) -> None:
     """An error before the completion reached S3: HeadObject finds nothing, exit 4, nothing left."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
 
     def fail(**_: Any) -> None:
         raise client_error("InternalError", "CompleteMultipartUpload")
 
-    s3.meta.events.register("before-call.s3.CompleteMultipartUpload", fail)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(StorageError, match=r"CompleteMultipartUpload failed .*InternalError"):
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        await upload_with_hook(tmp_path, s3, settings, "before-call.s3.CompleteMultipartUpload", fail)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
@@ -195,27 +202,21 @@ async def test_an_object_that_is_not_whole_is_deleted(
     tmp_path: Path, s3: Any, settings: Settings, field: str, value: object, problem: str
 ) -> None:
     """A size or checksum that does not match after completion: StorageError, and the object goes."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
 
     def corrupt(parsed: dict[str, Any], **_: Any) -> None:
         parsed[field] = value
 
-    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(StorageError, match=f"is not what was uploaded: {problem}.*the object was deleted"):
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", corrupt)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
 async def test_access_denied_on_create_is_named(tmp_path: Path, s3: Any, settings: Settings) -> None:
     """AccessDenied when starting the upload: a StorageError that says what to check; nothing left."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
 
     def deny(**_: Any) -> None:
         raise client_error("AccessDenied", "CreateMultipartUpload")
 
-    s3.meta.events.register("before-call.s3.CreateMultipartUpload", deny)
-    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(StorageError, match=r"AccessDenied.*check that the job's role may read and write there"):
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        await upload_with_hook(tmp_path, s3, settings, "before-call.s3.CreateMultipartUpload", deny)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
