@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
 import anyio
 
 from ._errors import RegistrarError
 
-__all__ = ["first_error"]
+__all__ = ["first_error", "run_all"]
 
 log = logging.getLogger("async_registrar")
 
@@ -52,3 +53,12 @@ def _leaves(error: BaseException) -> Iterator[BaseException]:
             yield from _leaves(inner)
     else:
         yield error
+
+
+async def run_all(calls: Iterable[Callable[[], Coroutine[Any, Any, object]]]) -> None:
+    """Run every call at once in a task group; if any fails, the others are cancelled and
+    the one error that matters is raised (see `first_error`)."""
+    with first_error():
+        async with anyio.create_task_group() as tg:
+            for call in calls:
+                tg.start_soon(call)

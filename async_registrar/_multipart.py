@@ -62,9 +62,6 @@ class PartBody(io.BytesIO):
     def getbuffer(self) -> memoryview:
         return self._view[:]  # a view of its own: callers release it with `with`
 
-    def close(self) -> None:  # aiohttp closes what it sent; the buffer belongs to the pool
-        super().close()
-
 
 class MultipartUpload:
     """A multipart upload to `location`: created on entry, aborted on exit unless completed."""

@@ -13,6 +13,7 @@ live under prefixes of their own, emptied by `TemporaryPrefix` on every way out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import httpx
 from botocore.credentials import ReadOnlyCredentials
 
 from ._artifacts import ArtifactSource, inspect_artifact
-from ._concurrency import first_error
+from ._concurrency import first_error, run_all
 from ._errors import ConfigurationError
 from ._metadata import load_performance_metadata
 from ._mims_client import MimsClient
@@ -157,10 +158,7 @@ class RegistrationHandle:
             )
 
         try:
-            with first_error():
-                async with anyio.create_task_group() as tg:
-                    for index in range(len(self._regions)):
-                        tg.start_soon(wait_one, index)
+            await run_all(functools.partial(wait_one, index) for index in range(len(self._regions)))
         except BaseException as exc:
             await self._close(exc)
             raise
@@ -351,10 +349,7 @@ class Registrar:
                     )
                 )
 
-            with first_error():
-                async with anyio.create_task_group() as tg:
-                    for index in range(len(parts)):
-                        tg.start_soon(submit_one, index)
+            await run_all(functools.partial(submit_one, index) for index in range(len(parts)))
             timings["submit"] = time.monotonic() - mark
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

@@ -31,7 +31,7 @@ from isal import isal_zlib
 
 from ._archive import stream_archive
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
-from ._concurrency import first_error
+from ._concurrency import first_error, run_all
 from ._errors import StorageError
 from ._multipart import MultipartUpload, object_problem, put_object
 from ._prebuilt import stream_prebuilt
@@ -227,8 +227,10 @@ async def upload_to_all(
         # complete the upload; on failure they are cancelled by the task group instead.
         await send_cut.aclose()
 
-    def hash_part(data: bytes | bytearray) -> str:
+    def hash_part(data: bytes | bytearray) -> str | None:
         sha256.update(data)
+        if checksum is None:  # S3 is not sent checksums: no CRC32 to compute
+            return None
         return base64.b64encode(isal_zlib.crc32(data).to_bytes(4, "big")).decode()
 
     async def hash_in_order() -> None:
@@ -240,7 +242,7 @@ async def upload_to_all(
             try:
                 async for part in receive_cut:
                     crc32 = await anyio.to_thread.run_sync(hash_part, part.data)
-                    await send_hashed.send(dataclasses.replace(part, crc32=crc32 if checksum else None))
+                    await send_hashed.send(dataclasses.replace(part, crc32=crc32))
             except anyio.BrokenResourceError:
                 return
         await send_hashed.aclose()
@@ -256,10 +258,7 @@ async def upload_to_all(
                 parts, expected = await _consume(receive_hashed, targets, settings, checksum, tracker, pool)
 
     size, digest = cutter.size, sha256.hexdigest()
-    with first_error():
-        async with anyio.create_task_group() as tg:
-            for s3, target in targets:
-                tg.start_soon(_confirm, s3, target, size, expected)
+    await run_all(functools.partial(_confirm, s3, target, size, expected) for s3, target in targets)
     tracker.report(done=True)
     for _, target in targets:
         log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
@@ -281,12 +280,10 @@ async def _consume(
     first = await receive.receive()
     if first.last:
         data = bytes(first.data)
-        with first_error():
-            async with anyio.create_task_group() as tg:
-                for s3, location in targets:
-                    tg.start_soon(
-                        functools.partial(put_object, s3, location, data, checksum=checksum, crc32=first.crc32)
-                    )
+        await run_all(
+            functools.partial(put_object, s3, location, data, checksum=checksum, crc32=first.crc32)
+            for s3, location in targets
+        )
         tracker.part_done(len(first.data))
         return 1, first.crc32
 
@@ -304,13 +301,7 @@ async def _consume(
                 await upload(uploads, part)
 
     async def upload(uploads: list[MultipartUpload], part: _Part) -> None:
-        if len(uploads) == 1:
-            await uploads[0].upload_part(part.number, part.data, crc32=part.crc32)
-        else:
-            with first_error():
-                async with anyio.create_task_group() as tg:
-                    for mpu in uploads:
-                        tg.start_soon(functools.partial(mpu.upload_part, part.number, part.data, crc32=part.crc32))
+        await run_all(functools.partial(mpu.upload_part, part.number, part.data, crc32=part.crc32) for mpu in uploads)
         tracker.part_done(len(part.data))
         if isinstance(part.data, bytearray):
             pool.append(part.data)  # only after success: a failed request may still hold it
@@ -322,23 +313,19 @@ async def _consume(
             )
             for s3, location in targets
         ]
-        with first_error():
-            async with anyio.create_task_group() as tg:
-                for i in range(settings.upload_concurrency):
-                    tg.start_soon(upload_parts, uploads, receive.clone(), first if i == 0 else None)
+        await run_all(
+            functools.partial(upload_parts, uploads, receive.clone(), first if i == 0 else None)
+            for i in range(settings.upload_concurrency)
+        )
         if not seen_last:  # the stream ended early: never complete a partial archive
             raise RuntimeError("the archive stream ended without its last part")
-        with first_error():
-            async with anyio.create_task_group() as tg:
-                for mpu in uploads:
-                    tg.start_soon(mpu.complete)
+        await run_all(mpu.complete for mpu in uploads)
     return tracker.parts_done, uploads[0].expected_checksum
 
 
 async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> None:
     """Check that S3 holds the object whole (size, and CRC32 where known); delete it if not."""
-    with storage_errors("HeadObject", location.bucket, location.key):
-        problem = await object_problem(s3, location, size, checksum)
+    problem = await object_problem(s3, location, size, checksum)  # a failed HeadObject is a problem too
     if problem is None:
         return
     with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):
