@@ -9,16 +9,15 @@ shielded from cancellation and bounded in time.
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
-import zlib
 from types import TracebackType
 from typing import Any
 
 import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ._checksums import composite_crc32
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 
@@ -64,7 +63,11 @@ class PartBody(io.BytesIO):
 
 
 class MultipartUpload:
-    """A multipart upload to `location`: created on entry, aborted on exit unless completed."""
+    """A multipart upload to `location`: created on entry, aborted on exit unless completed.
+
+    `checksum` names the algorithm S3 checks each part with (None: no checksums); with
+    CRC64NVME, S3 also checks the whole object's checksum given to `complete`.
+    """
 
     def __init__(
         self,
@@ -81,6 +84,7 @@ class MultipartUpload:
         self.upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
+        self._whole: str | None = None
         self._completed = False
         self._entered = False
 
@@ -89,6 +93,8 @@ class MultipartUpload:
             raise RuntimeError("a MultipartUpload can be entered only once")
         self._entered = True
         extra = {"ChecksumAlgorithm": self._checksum} if self._checksum else {}
+        if self._checksum == "CRC64NVME":
+            extra["ChecksumType"] = "FULL_OBJECT"
         with storage_errors("CreateMultipartUpload", self.location.bucket, self.location.key):
             response = await self._s3.create_multipart_upload(
                 Bucket=self.location.bucket, Key=self.location.key, **extra
@@ -97,9 +103,9 @@ class MultipartUpload:
         log.debug("started multipart upload to %s", self.location)
         return self
 
-    async def upload_part(self, number: int, data: bytes | bytearray, *, crc32: str | None = None) -> None:
-        """Upload part `number` (1-based); S3 verifies its checksum (`crc32` if given, else botocore's)."""
-        extra = _checksum_args(self._checksum, crc32)
+    async def upload_part(self, number: int, data: bytes | bytearray, *, checksum: str | None = None) -> None:
+        """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
+        extra = _checksum_args(self._checksum, checksum)
         with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):
             response = await self._s3.upload_part(
                 Bucket=self.location.bucket,
@@ -111,7 +117,7 @@ class MultipartUpload:
             )
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         if self._checksum:
-            value = response.get(f"Checksum{self._checksum}")
+            value = response.get(f"Checksum{self._checksum}") or checksum
             if value:
                 part[f"Checksum{self._checksum}"] = value
         self._parts[number] = part
@@ -124,17 +130,20 @@ class MultipartUpload:
 
     @property
     def expected_checksum(self) -> str | None:
-        """The object's composite CRC32 (base64, without S3's "-N" suffix), if parts carry CRC32s."""
+        """The object's checksum as S3 will report it (base64, without a "-N" suffix), if known:
+        the composite of the parts' CRC32s, or the whole-object CRC64NVME given to `complete`."""
+        if self._checksum == "CRC64NVME":
+            return self._whole
         if self._checksum != "CRC32" or not self._parts:
             return None
         values: list[str] = [self._parts[n].get("ChecksumCRC32") or "" for n in sorted(self._parts)]
-        if not all(values):
-            return None
-        joined = b"".join(base64.b64decode(v) for v in values)
-        return base64.b64encode(zlib.crc32(joined).to_bytes(4, "big")).decode()
+        return composite_crc32(values) if all(values) else None
 
-    async def complete(self) -> None:
+    async def complete(self, whole: str | None = None) -> None:
         """Complete the upload from the parts uploaded so far, in order.
+
+        With CRC64NVME, `whole` is the object's checksum: S3 checks it, and the object size,
+        before it completes.
 
         If completing reports an error (S3 can answer 200 with an error body, and a retry of
         a completion that did succeed gets NoSuchUpload), the object is checked with
@@ -148,6 +157,10 @@ class MultipartUpload:
                 bucket=self.location.bucket,
                 key=self.location.key,
             )
+        extra: dict[str, Any] = {}
+        if self._checksum == "CRC64NVME" and whole:
+            self._whole = whole
+            extra = {"ChecksumCRC64NVME": whole, "ChecksumType": "FULL_OBJECT", "MpuObjectSize": self.size}
         try:
             with storage_errors("CompleteMultipartUpload", self.location.bucket, self.location.key):
                 await self._s3.complete_multipart_upload(
@@ -155,9 +168,12 @@ class MultipartUpload:
                     Key=self.location.key,
                     UploadId=self.upload_id,
                     MultipartUpload={"Parts": parts},
+                    **extra,
                 )
         except StorageError as error:
-            problem = await object_problem(self._s3, self.location, self.size, self.expected_checksum)
+            problem = await object_problem(
+                self._s3, self.location, self.size, self.expected_checksum, algorithm=self._checksum
+            )
             if problem is not None:
                 raise error from None
             log.warning("%s; but %s is whole (size and checksum), so the upload did complete", error, self.location)
@@ -185,32 +201,35 @@ class MultipartUpload:
 
 
 async def put_object(
-    s3: S3Client, location: S3Location, data: bytes, *, checksum: str | None, crc32: str | None = None
+    s3: S3Client, location: S3Location, data: bytes, *, checksum: str | None, value: str | None = None
 ) -> None:
-    """Upload a small artifact in one request."""
-    extra = _checksum_args(checksum, crc32)
+    """Upload a small artifact in one request, with its `checksum` algorithm's `value` if computed."""
+    extra = _checksum_args(checksum, value)
     with storage_errors("PutObject", location.bucket, location.key):
         await s3.put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
 
 
-def _checksum_args(algorithm: str | None, crc32: str | None) -> dict[str, str]:
+def _checksum_args(algorithm: str | None, value: str | None) -> dict[str, str]:
     """The checksum parameters: the algorithm, and the value when it was computed already."""
     if not algorithm:
         return {}
-    if crc32 and algorithm == "CRC32":
-        return {"ChecksumAlgorithm": algorithm, "ChecksumCRC32": crc32}
+    if value:
+        return {"ChecksumAlgorithm": algorithm, f"Checksum{algorithm}": value}
     return {"ChecksumAlgorithm": algorithm}
 
 
-async def object_problem(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> str | None:
-    """What is wrong with the object at `location` (missing, wrong size or checksum), or None."""
+async def object_problem(
+    s3: S3Client, location: S3Location, size: int, checksum: str | None, *, algorithm: str | None = "CRC32"
+) -> str | None:
+    """What is wrong with the object at `location` (missing, wrong size, or a `checksum` of
+    `algorithm` that differs from the one S3 reports), or None."""
     try:
         head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
     except (ClientError, BotoCoreError) as exc:
         return f"it cannot be read back ({type(exc).__name__})"
     if head["ContentLength"] != size:
         return f"it holds {head['ContentLength']} bytes, {size} were sent"
-    stored = head.get("ChecksumCRC32")
+    stored = head.get(f"Checksum{algorithm}") if algorithm else None
     if checksum and stored and stored.split("-")[0] != checksum:
-        return f"its CRC32 is {stored}, the parts sent make {checksum}"
+        return f"its {algorithm} is {stored}, the parts sent make {checksum}"
     return None

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
@@ -26,6 +27,7 @@ from pydantic import (
     ValidationError,
 )
 
+from ._checksums import ChecksumAlgorithm, crt_available
 from ._config import describe_validation_errors
 from ._errors import ConfigurationError
 
@@ -69,6 +71,16 @@ def _bucket_template(value: str) -> str:
     return value
 
 
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _computable(value: ChecksumAlgorithm) -> ChecksumAlgorithm:
+    if value == "CRC64NVME" and not crt_available():
+        raise ValueError("CRC64NVME needs the AWS CRT: install async-registrar[crt], or use CRC32")
+    return value
+
+
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 BucketName = Annotated[str, AfterValidator(_bucket_template)]
 PartSize = Annotated[ByteSize, Field(ge=MIN_PART_SIZE, le=MAX_PART_SIZE)]
@@ -98,6 +110,9 @@ class Settings(BaseModel):
     aws_secret_access_key: SecretStr | None = None
     aws_session_token: SecretStr | None = None
     s3_checksums: Literal["when_supported", "when_required"] = "when_supported"
+    #: What S3 checks each part with: CRC32, or CRC64NVME, which S3 also checks over the
+    #: whole object at completion (AWS S3 has it; needs `async-registrar[crt]`).
+    s3_checksum_algorithm: Annotated[ChecksumAlgorithm, BeforeValidator(_upper), AfterValidator(_computable)] = "CRC32"
 
     # The upload engine.
     part_size: PartSize = ByteSize(8 * MiB)
@@ -156,6 +171,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
     "s3_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
     "s3_checksums": ("REGISTRAR_S3_CHECKSUMS",),
+    "s3_checksum_algorithm": ("REGISTRAR_S3_CHECKSUM_ALGORITHM",),
     "part_size": ("REGISTRAR_PART_SIZE",),
     "upload_concurrency": ("REGISTRAR_UPLOAD_CONCURRENCY",),
     "upload_queue_parts": ("REGISTRAR_UPLOAD_QUEUE_PARTS",),

@@ -12,7 +12,6 @@ flight are cancelled and the multipart upload is aborted (see `MultipartUpload`)
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import functools
@@ -27,10 +26,10 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
-from isal import isal_zlib
 
 from ._archive import stream_archive
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
+from ._checksums import Checksummer
 from ._concurrency import first_error, run_all
 from ._errors import StorageError
 from ._multipart import MultipartUpload, object_problem, put_object
@@ -64,7 +63,7 @@ class _Part:
     number: int
     data: bytes | bytearray  # a full part is a pooled bytearray, handed back once uploaded
     last: bool
-    crc32: str | None = None  # base64, as S3 wants it; set by the hasher
+    checksum: str | None = None  # base64, as S3 wants it; set by the hasher
 
 
 class _PartCutter:
@@ -191,7 +190,9 @@ async def upload_to_all(
     sent to every target (one multipart upload per target, all aborted if any fails)."""
     location = targets[0][1]
     part_size = choose_part_size(source.size_bound, settings.part_size)
-    checksum = "CRC32" if settings.s3_checksums == "when_supported" else None
+    # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
+    # server is one that rejects checksum headers.
+    checksummer = Checksummer(settings.s3_checksum_algorithm) if settings.s3_checksums == "when_supported" else None
     # producer thread -> [cut] -> hasher (in order, own thread) -> [hashed] -> uploaders
     send_cut, receive_cut = anyio.create_memory_object_stream[_Part](settings.upload_queue_parts)
     send_hashed, receive_hashed = anyio.create_memory_object_stream[_Part](1)
@@ -229,20 +230,18 @@ async def upload_to_all(
 
     def hash_part(data: bytes | bytearray) -> str | None:
         sha256.update(data)
-        if checksum is None:  # S3 is not sent checksums: no CRC32 to compute
-            return None
-        return base64.b64encode(isal_zlib.crc32(data).to_bytes(4, "big")).decode()
+        return None if checksummer is None else checksummer.part(data)
 
     async def hash_in_order() -> None:
-        # The sha256 of the whole archive (what MIMS checks) and each part's CRC32 (what
-        # S3 checks; isal's is several times faster than the one botocore would compute),
-        # off the producer's thread.  A part is hashed before it is uploaded, so before
-        # its buffer can be reused.
+        # The sha256 of the whole archive (what MIMS checks) and each part's checksum (what
+        # S3 checks; isal's CRC32 is several times faster than the one botocore would
+        # compute), in order, off the producer's thread.  A part is hashed before it is
+        # uploaded, so before its buffer can be reused.
         async with receive_cut:
             try:
                 async for part in receive_cut:
-                    crc32 = await anyio.to_thread.run_sync(hash_part, part.data)
-                    await send_hashed.send(dataclasses.replace(part, crc32=crc32))
+                    checksum = await anyio.to_thread.run_sync(hash_part, part.data)
+                    await send_hashed.send(dataclasses.replace(part, checksum=checksum))
             except anyio.BrokenResourceError:
                 return
         await send_hashed.aclose()
@@ -255,10 +254,11 @@ async def upload_to_all(
             tg.start_soon(produce)
             tg.start_soon(hash_in_order)
             async with receive_hashed:
-                parts, expected = await _consume(receive_hashed, targets, settings, checksum, tracker, pool)
+                parts, expected = await _consume(receive_hashed, targets, settings, checksummer, tracker, pool)
 
     size, digest = cutter.size, sha256.hexdigest()
-    await run_all(functools.partial(_confirm, s3, target, size, expected) for s3, target in targets)
+    algorithm = checksummer.algorithm if checksummer is not None else None
+    await run_all(functools.partial(_confirm, s3, target, size, expected, algorithm) for s3, target in targets)
     tracker.report(done=True)
     for _, target in targets:
         log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
@@ -269,23 +269,24 @@ async def _consume(
     receive: MemoryObjectReceiveStream[_Part],
     targets: Sequence[tuple[S3Client, S3Location]],
     settings: Settings,
-    checksum: str | None,
+    checksummer: Checksummer | None,
     tracker: _Tracker,
     pool: deque[bytearray],
 ) -> tuple[int, str | None]:
     """Upload the parts as they come to every target, handing full buffers back to `pool`.
 
-    Returns how many parts there were and the object's expected CRC32 (if checksums are on).
+    Returns how many parts there were and the object's expected checksum (if checksums are on).
     """
+    algorithm = checksummer.algorithm if checksummer is not None else None
     first = await receive.receive()
     if first.last:
         data = bytes(first.data)
         await run_all(
-            functools.partial(put_object, s3, location, data, checksum=checksum, crc32=first.crc32)
+            functools.partial(put_object, s3, location, data, checksum=algorithm, value=first.checksum)
             for s3, location in targets
         )
         tracker.part_done(len(first.data))
-        return 1, first.crc32
+        return 1, first.checksum
 
     seen_last = False
 
@@ -301,7 +302,9 @@ async def _consume(
                 await upload(uploads, part)
 
     async def upload(uploads: list[MultipartUpload], part: _Part) -> None:
-        await run_all(functools.partial(mpu.upload_part, part.number, part.data, crc32=part.crc32) for mpu in uploads)
+        await run_all(
+            functools.partial(mpu.upload_part, part.number, part.data, checksum=part.checksum) for mpu in uploads
+        )
         tracker.part_done(len(part.data))
         if isinstance(part.data, bytearray):
             pool.append(part.data)  # only after success: a failed request may still hold it
@@ -309,7 +312,7 @@ async def _consume(
     async with contextlib.AsyncExitStack() as stack:  # every upload is aborted if any step fails
         uploads = [
             await stack.enter_async_context(
-                MultipartUpload(s3, location, checksum=checksum, abort_timeout=settings.cleanup_timeout)
+                MultipartUpload(s3, location, checksum=algorithm, abort_timeout=settings.cleanup_timeout)
             )
             for s3, location in targets
         ]
@@ -319,13 +322,15 @@ async def _consume(
         )
         if not seen_last:  # the stream ended early: never complete a partial archive
             raise RuntimeError("the archive stream ended without its last part")
-        await run_all(mpu.complete for mpu in uploads)
+        whole = checksummer.whole if checksummer is not None else None  # every part was hashed
+        await run_all(functools.partial(mpu.complete, whole) for mpu in uploads)
     return tracker.parts_done, uploads[0].expected_checksum
 
 
-async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None) -> None:
-    """Check that S3 holds the object whole (size, and CRC32 where known); delete it if not."""
-    problem = await object_problem(s3, location, size, checksum)  # a failed HeadObject is a problem too
+async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None, algorithm: str | None) -> None:
+    """Check that S3 holds the object whole (size, and checksum where known); delete it if not."""
+    # A failed HeadObject is a problem too.
+    problem = await object_problem(s3, location, size, checksum, algorithm=algorithm)
     if problem is None:
         return
     with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):

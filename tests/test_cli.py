@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import signal
@@ -80,6 +81,29 @@ async def test_register_prints_the_two_lines(tmp_path: Path, stack: LocalStack, 
             assert await body.read() == expected_archive(job[name]), name
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
     assert "Workflow execution arn" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"BOTO_DISABLE_CRT": "true"}, {"REGISTRAR_S3_CHECKSUM_ALGORITHM": "CRC64NVME"}],
+    ids=["plain-botocore", "crc64nvme"],
+)
+async def test_upload_streams_a_directory(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, extra: dict[str, str]
+) -> None:
+    """`upload DIR s3://...` puts the deterministic archive there and prints its URI, size and sha256:
+    with botocore as `pip install async-registrar` has it (no AWS CRT), and with CRC64NVME."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    key = settings.s3_prefix + "uploaded.tar.gz"
+    uri = f"s3://{settings.s3_bucket}/{key}"
+    result = run(environment(stack, settings, job, **extra), "upload", str(job["model"]), uri)
+    assert result.returncode == 0, result.stderr
+    expected = expected_archive(job["model"])
+    assert result.stdout.split() == [uri, str(len(expected)), hashlib.sha256(expected).hexdigest()]
+    obj = await s3.get_object(Bucket=settings.s3_bucket, Key=key)
+    async with obj["Body"] as body:
+        assert await body.read() == expected
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [key]
 
 
 def test_options_override_the_environment(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:

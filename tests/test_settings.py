@@ -22,6 +22,7 @@ def test_environment_maps_onto_settings() -> None:
             "AWS_DEFAULT_REGION": "eu-west-1",
             "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
             "REGISTRAR_S3_CHECKSUMS": "when_required",
+            "REGISTRAR_S3_CHECKSUM_ALGORITHM": "crc64nvme",
             "SOURCE_DATE_EPOCH": "1700000000",
         }
     )
@@ -33,6 +34,7 @@ def test_environment_maps_onto_settings() -> None:
     assert settings.aws_region == "eu-west-1"
     assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
     assert settings.s3_checksums == "when_required"
+    assert settings.s3_checksum_algorithm == "CRC64NVME"
     assert settings.archive_mtime == 1_700_000_000
 
 
@@ -49,6 +51,17 @@ def test_the_service_specific_endpoint_wins() -> None:
         {**REQUIRED, "AWS_ENDPOINT_URL": "http://general:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2"}
     )
     assert settings.s3_endpoint_url == "http://s3only:2"
+
+
+def test_crc64nvme_without_the_crt_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CRC64NVME is computed by the AWS CRT: without it, the setting is refused with the fix."""
+    monkeypatch.setattr("async_registrar._settings.crt_available", lambda: False)
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({**REQUIRED, "REGISTRAR_S3_CHECKSUM_ALGORITHM": "CRC64NVME"})
+    (problem,) = caught.value.problems
+    assert problem.startswith("REGISTRAR_S3_CHECKSUM_ALGORITHM: ")
+    assert "install async-registrar[crt], or use CRC32" in problem
+    assert Settings.from_env({**REQUIRED, "REGISTRAR_S3_CHECKSUM_ALGORITHM": "crc32"}).s3_checksum_algorithm == "CRC32"
 
 
 def test_errors_name_the_option_and_variable() -> None:

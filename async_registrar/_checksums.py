@@ -1,0 +1,67 @@
+"""The checksums S3 verifies: each part's, and (for CRC64NVME) the whole object's.
+
+CRC32 (the default) is checked by S3 part by part; the object then carries a
+checksum of the part checksums ("composite").  CRC64NVME is a full-object
+checksum: each part still carries its own, and S3 also checks the whole
+object's against the value sent with CompleteMultipartUpload.  Computing
+CRC64NVME needs the AWS CRT (`awscrt`, installed with `async-registrar[crt]`),
+as it does for botocore.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import zlib
+from collections.abc import Sequence
+from typing import Literal
+
+from isal import isal_zlib
+
+__all__ = ["ALGORITHMS", "ChecksumAlgorithm", "Checksummer", "crt_available"]
+
+ChecksumAlgorithm = Literal["CRC32", "CRC64NVME"]
+ALGORITHMS: tuple[ChecksumAlgorithm, ...] = ("CRC32", "CRC64NVME")
+
+
+def crt_available() -> bool:
+    """Whether the AWS CRT, which computes CRC64NVME, is installed."""
+    return importlib.util.find_spec("awscrt") is not None
+
+
+def _b64(value: int, size: int) -> str:
+    return base64.b64encode(value.to_bytes(size, "big")).decode()
+
+
+class Checksummer:
+    """Computes the checksums of one upload's parts, which must be fed in order."""
+
+    def __init__(self, algorithm: ChecksumAlgorithm) -> None:
+        self.algorithm = algorithm
+        #: Whether S3 checks the whole object's checksum at completion.
+        self.full_object = algorithm == "CRC64NVME"
+        self._crc64 = 0
+        self._fed = False
+        if self.full_object:
+            from awscrt import checksums  # optional: only CRC64NVME needs it
+
+            self._crc64nvme = checksums.crc64nvme
+
+    def part(self, data: bytes | bytearray | memoryview) -> str:
+        """The part's checksum (base64, as S3 wants it)."""
+        self._fed = True
+        if not self.full_object:
+            return _b64(isal_zlib.crc32(data), 4)
+        self._crc64 = self._crc64nvme(data, self._crc64)
+        return _b64(self._crc64nvme(data), 8)
+
+    @property
+    def whole(self) -> str | None:
+        """The whole object's CRC64NVME once every part was fed; None with CRC32, whose
+        object checksum S3 composes from the parts' (see `composite_crc32`)."""
+        return _b64(self._crc64, 8) if self.full_object and self._fed else None
+
+
+def composite_crc32(parts: Sequence[str]) -> str:
+    """S3's checksum of a multipart object's part CRC32s (base64, without the "-N" suffix)."""
+    return _b64(zlib.crc32(b"".join(base64.b64decode(v) for v in parts)), 4)
