@@ -33,7 +33,7 @@ from isal import isal_zlib
 from ._artifacts import DirectorySource, FileEntry
 from ._errors import InputError
 
-__all__ = ["BLOCK", "Sink", "changed", "open_regular", "stream_archive"]
+__all__ = ["BLOCK", "Sink", "changed", "open_regular", "stream_archive", "tar_size"]
 
 #: The unit of parallel compression: fixed, so the output does not depend on the threads.
 BLOCK = 1024 * 1024
@@ -201,7 +201,7 @@ def _header(entry: FileEntry, mtime: int) -> bytes:
     """
     name = entry.name + "/" if entry.is_dir else entry.name
     size = 0 if entry.is_dir else entry.size
-    if len(name) <= 100 and name.isascii() and size < _USTAR_MAX_SIZE and mtime < _USTAR_MAX_TIME:
+    if _simple(name, size, mtime):
         mode = 0o755 if entry.is_dir or entry.executable else 0o644
         header = bytearray(_USTAR_TEMPLATE)
         header[0 : len(name)] = name.encode("ascii")
@@ -222,6 +222,24 @@ def _header(entry: FileEntry, mtime: int) -> bytes:
         info.mode = 0o755 if entry.executable else 0o644
         info.size = entry.size
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _simple(name: str, size: int, mtime: int) -> bool:
+    """Whether a member's header is one plain ustar block (no PAX header needed)."""
+    return len(name) <= 100 and name.isascii() and size < _USTAR_MAX_SIZE and mtime < _USTAR_MAX_TIME
+
+
+def tar_size(source: DirectorySource, mtime: int) -> int:
+    """The exact length of `stream_archive`'s tar stream, before gzip (what progress counts)."""
+    total = 0
+    for entry in source.entries:
+        if entry.is_dir:
+            total += _BLOCK if _simple(entry.name + "/", 0, mtime) else len(_header(entry, mtime))
+        else:
+            simple = _simple(entry.name, entry.size, mtime)
+            total += (_BLOCK if simple else len(_header(entry, mtime))) + entry.size + (-entry.size % _BLOCK)
+    total += 2 * _BLOCK
+    return total + (-total % _RECORD)
 
 
 _USTAR_MAX_SIZE = 8**11

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from ._concurrency import first_error
+from ._console import ProgressDisplay, configure_logging
 from ._errors import (
     ConfigurationError,
     InputError,
@@ -35,7 +35,6 @@ from ._errors import (
     StorageError,
     redact,
 )
-from ._progress import CleanupFinished, ProgressEvent, RegistrationSubmitted, UploadProgress
 from ._s3 import S3Location, make_session, open_s3_client
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
 from ._upload import upload_artifact
@@ -82,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    console = configure_logging(args.log_level, sys.stderr)
     if args.foreground:  # uvicorn runs its own loop and handles signals itself
         return _mims_server(args)
     command: Callable[[argparse.Namespace], Awaitable[int]] = args.command
-    args.progress = _ProgressLog()
+    args.progress = ProgressDisplay(console)
     return _run(lambda: command(args), args.progress)
 
 
@@ -145,7 +144,9 @@ async def _upload(args: argparse.Namespace) -> int:
                         pool_size=max(10, 4 * settings.upload_concurrency),
                     )
                 )
-        uploaded = await upload_artifact(s3, sources[0], target, settings, artifact="upload", on_progress=args.progress)
+        uploaded = await upload_artifact(
+            s3, sources[0], target, settings, artifact=Path(args.path).name or "upload", on_progress=args.progress
+        )
     print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
     return EXIT_OK
 
@@ -162,7 +163,7 @@ def _mims_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _registration(settings: Settings, request: RegistrationRequest, progress: _ProgressLog) -> int:
+async def _registration(settings: Settings, request: RegistrationRequest, progress: ProgressDisplay) -> int:
     from ._registrar import Registrar
 
     async with Registrar(settings, on_progress=progress) as registrar:
@@ -185,44 +186,10 @@ def _print_result(result: RegistrationResult) -> None:
         print(MODEL_LINE.format(registration.model_id), flush=True)
 
 
-class _ProgressLog:
-    """Logs progress events on stderr, upload progress at most every few seconds."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self._interval = interval
-        self._last: dict[str, float] = {}
-        #: What the cleanup could not remove, for the exit message.
-        self.leftovers: tuple[str, ...] = ()
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if isinstance(event, UploadProgress):
-            now = time.monotonic()
-            if not event.done and now - self._last.setdefault(event.artifact, now) < self._interval:
-                return
-            self._last[event.artifact] = now
-            log.info(
-                "%s: %s read, %s uploaded, %d part(s), %.1f MB/s%s",
-                event.artifact,
-                _mib(event.bytes_read),
-                _mib(event.bytes_uploaded),
-                event.parts_done,
-                event.rate / 1e6,
-                " (done)" if event.done else "",
-            )
-        elif isinstance(event, CleanupFinished):
-            self.leftovers += event.leftovers
-        elif isinstance(event, RegistrationSubmitted):
-            log.info("submitted: registration %s, model id %s", event.registration_id, event.model_id)
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
-
-
 # --- running, signals, exit codes -----------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[int]], progress: _ProgressLog) -> int:
+def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> int:
     """Run `command` under signal handling; map its outcome to an exit code."""
     received: list[int] = []
 
@@ -286,17 +253,6 @@ def _write_exit_message(message: str) -> None:
     if directory.is_dir():
         with contextlib.suppress(OSError):
             (directory / "message").write_text(redact(message.splitlines()[0])[:1024] + "\n")
-
-
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Third-party loggers are loud and can echo request details; keep them to warnings.
-    for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
 # --- arguments ------------------------------------------------------------------------

@@ -30,11 +30,19 @@ class UploadProgress:
     parts_done: int
     elapsed: float  # seconds since the upload started
     done: bool
+    bytes_total: int = 0  # the input bytes_read will reach: the tar stream's length, or the archive's size
 
     @property
     def rate(self) -> float:
         """Archive bytes per second uploaded so far."""
         return self.bytes_uploaded / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def fraction(self) -> float:
+        """How much of the input has been read, from 0 to 1 (1 once done)."""
+        if self.done:
+            return 1.0
+        return min(1.0, self.bytes_read / self.bytes_total) if self.bytes_total > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._archive import stream_archive
+from ._archive import stream_archive, tar_size
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._checksums import Checksummer
 from ._concurrency import first_error, run_all
@@ -127,9 +127,10 @@ class _PartCutter:
 class _Tracker:
     """Counts what has been read and uploaded, and reports it."""
 
-    def __init__(self, artifact: str, location: S3Location, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, artifact: str, location: S3Location, total: int, on_progress: ProgressCallback | None) -> None:
         self.artifact = artifact
         self.location = location
+        self.total = total
         self.on_progress = on_progress
         self.started = time.monotonic()
         self.bytes_read = 0  # updated from the producer thread
@@ -155,6 +156,7 @@ class _Tracker:
                     parts_done=self.parts_done,
                     elapsed=time.monotonic() - self.started,
                     done=done,
+                    bytes_total=self.total,
                 )
             )
 
@@ -202,7 +204,8 @@ async def upload_to_all(
 
     pool: deque[bytearray] = deque()
     cutter = _PartCutter(part_size, emit, pool)
-    tracker = _Tracker(artifact, location, on_progress)
+    total = tar_size(source, settings.archive_mtime) if isinstance(source, DirectorySource) else source.size
+    tracker = _Tracker(artifact, location, total, on_progress)
     sha256 = hashlib.sha256()
 
     def produce_blocking() -> None:

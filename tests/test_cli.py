@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pty
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -104,6 +107,39 @@ async def test_upload_streams_a_directory(
     async with obj["Body"] as body:
         assert await body.read() == expected
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [key]
+
+
+def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """With stderr on a terminal (a pty here), upload progress is a bar redrawn in place."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    uri = f"s3://{settings.s3_bucket}/{settings.s3_prefix}tty.tar.gz"
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "async_registrar", "upload", str(job["model"]), uri],
+            env=environment(stack, settings, job, COLUMNS="200"),
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=60,
+            check=False,
+        )
+        os.close(terminal)
+        shown = b""
+        while select.select([controller], [], [], 0)[0]:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+    out = shown.decode()
+    assert process.returncode == 0, out
+    assert re.search(r"model \[[#-]{20}\] +\d+% \d+/\d+ MiB, \d+ MB/s", out), out
+    # The bar is erased before the next log record: the upload's "(done)" line.
+    assert re.search(r"\r\x1b\[K[\d:]+ INFO async_registrar.cli: model: [\d.]+ MiB read, .*\(done\)", out), out
 
 
 def test_options_override_the_environment(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:

@@ -76,6 +76,8 @@ async def test_multipart_round_trip(tmp_path: Path, s3: Any, settings: Settings,
     assert events[-1].bytes_uploaded == result.size
     assert events[-1].parts_done == 3
     assert events[-1].bytes_read > 12 * MiB
+    assert events[-1].bytes_total == events[-1].bytes_read  # the tar stream's length, known up front
+    assert all(e.bytes_total == events[-1].bytes_total for e in events)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [location.key]
 
 
@@ -108,9 +110,12 @@ async def test_prebuilt_archive_is_uploaded_unchanged(tmp_path: Path, s3: Any, s
     archive = tmp_path / "prebuilt" / "model.tar.gz"
     subprocess.run(["tar", "-czf", str(archive), "-C", str(src), "."], check=True)
     location = model_location(settings)
-    result = await upload_artifact(s3, inspect_artifact(archive.parent, role="model"), location, settings)
+    events: list[UploadProgress] = []
+    source = inspect_artifact(archive.parent, role="model")
+    result = await upload_artifact(s3, source, location, settings, on_progress=events.append)  # type: ignore[arg-type]
     assert await download(s3, location) == archive.read_bytes()
     assert result.parts == 3
+    assert events[-1].bytes_read == events[-1].bytes_total == archive.stat().st_size
 
 
 async def test_producer_error_aborts_the_upload(tmp_path: Path, s3: Any, settings: Settings) -> None:

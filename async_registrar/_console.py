@@ -1,0 +1,143 @@
+"""What the command writes on stderr: log lines and, on a terminal, one live progress line.
+
+The library only emits progress events (see `_progress`); the command shows them.  Off a
+terminal (a container's log, a file, a pipe) upload progress is a log line every few
+seconds.  On a terminal it is a status line redrawn in place, at most ten times a second,
+under the log lines: each log record clears it, is written, and redraws it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from typing import TextIO
+
+from ._progress import CleanupFinished, ProgressEvent, RegistrationSubmitted, UploadProgress
+
+__all__ = ["Console", "ProgressDisplay", "configure_logging"]
+
+log = logging.getLogger("async_registrar.cli")
+
+_CLEAR_LINE = "\r\x1b[K"
+_BAR = 20  # characters of the bar itself
+
+
+class Console(logging.StreamHandler[TextIO]):
+    """A log handler that can keep one status line below the records (`live` terminals only)."""
+
+    def __init__(self, stream: TextIO, *, live: bool) -> None:
+        super().__init__(stream)
+        self.live = live
+        self._status = ""
+        self._shown = False
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        self._clear()
+        super().emit(record)
+        self._draw()
+
+    def set_status(self, text: str) -> None:
+        """Show `text` as the status line (an empty text removes it)."""
+        if not self.live:
+            return
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._clear()
+            self._status = text
+            self._draw()
+
+    def _clear(self) -> None:
+        if self._shown:
+            self.stream.write(_CLEAR_LINE)
+            self._shown = False
+
+    def _draw(self) -> None:
+        if self._status:
+            width = shutil.get_terminal_size().columns
+            self.stream.write(self._status[: max(1, width - 1)])
+            self.stream.flush()
+            self._shown = True
+
+
+def configure_logging(level: str, stream: TextIO) -> Console:
+    """Send the log to `stream`; with a live status line if it is a terminal and INFO is shown."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    console = Console(stream, live=stream.isatty() and root.level <= logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.handlers[:] = [console]
+    # Third-party loggers are loud and can echo request details; keep them to warnings.
+    for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    return console
+
+
+class ProgressDisplay:
+    """Shows a command's progress events on its console.
+
+    Upload progress is a live line on a terminal (redrawn at most every `refresh`
+    seconds) and otherwise a log line per artifact at most every `interval` seconds;
+    either way each finished upload gets a log line.
+    """
+
+    def __init__(self, console: Console, interval: float = 5.0, refresh: float = 0.1) -> None:
+        self._console = console
+        self._interval = interval
+        self._refresh = refresh
+        self._logged: dict[str, float] = {}
+        self._drawn = 0.0
+        self._uploads: dict[str, UploadProgress] = {}  # in progress, for the live line
+        #: What the cleanup could not remove, for the exit message.
+        self.leftovers: tuple[str, ...] = ()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if isinstance(event, UploadProgress):
+            self._upload(event)
+        elif isinstance(event, CleanupFinished):
+            self.leftovers += event.leftovers
+        elif isinstance(event, RegistrationSubmitted):
+            log.info("submitted: registration %s, model id %s", event.registration_id, event.model_id)
+
+    def _upload(self, event: UploadProgress) -> None:
+        now = time.monotonic()
+        if event.done:
+            self._uploads.pop(event.artifact, None)
+            self._console.set_status(self.status_line())
+            self._log(event)
+            return
+        if self._console.live:
+            self._uploads[event.artifact] = event
+            if now - self._drawn >= self._refresh:
+                self._drawn = now
+                self._console.set_status(self.status_line())
+        elif now - self._logged.setdefault(event.artifact, now) >= self._interval:
+            self._logged[event.artifact] = now
+            self._log(event)
+
+    def status_line(self) -> str:
+        """The live line: each upload in progress with its bar, the share and MiB read, and its rate."""
+        return "  ".join(_status(event) for event in self._uploads.values())
+
+    @staticmethod
+    def _log(event: UploadProgress) -> None:
+        log.info(
+            "%s: %s read, %s uploaded, %d part(s), %.1f MB/s%s",
+            event.artifact,
+            _mib(event.bytes_read),
+            _mib(event.bytes_uploaded),
+            event.parts_done,
+            event.rate / 1e6,
+            " (done)" if event.done else "",
+        )
+
+
+def _status(event: UploadProgress) -> str:
+    filled = int(event.fraction * _BAR)
+    return (
+        f"{event.artifact} [{'#' * filled}{'-' * (_BAR - filled)}] {event.fraction:4.0%} "
+        f"{event.bytes_read / 2**20:.0f}/{event.bytes_total / 2**20:.0f} MiB, {event.rate / 1e6:.0f} MB/s"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
