@@ -11,22 +11,24 @@ as it does for botocore.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import zlib
 from collections.abc import Sequence
 from typing import Literal
 
 from isal import isal_zlib
 
-__all__ = ["ALGORITHMS", "ChecksumAlgorithm", "Checksummer", "crt_available"]
+__all__ = ["ChecksumAlgorithm", "Checksummer", "composite_crc32", "crc64nvme_available"]
 
 ChecksumAlgorithm = Literal["CRC32", "CRC64NVME"]
-ALGORITHMS: tuple[ChecksumAlgorithm, ...] = ("CRC32", "CRC64NVME")
 
 
-def crt_available() -> bool:
-    """Whether the AWS CRT, which computes CRC64NVME, is installed."""
-    return importlib.util.find_spec("awscrt") is not None
+def crc64nvme_available() -> bool:
+    """Whether the AWS CRT is installed and computes CRC64NVME."""
+    try:
+        from awscrt import checksums
+    except ImportError:
+        return False
+    return hasattr(checksums, "crc64nvme")
 
 
 def _b64(value: int, size: int) -> str:

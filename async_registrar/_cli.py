@@ -222,7 +222,10 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
         return code
 
     try:
-        code = anyio.run(guarded)
+        try:
+            code = anyio.run(guarded)
+        finally:
+            progress.close()  # a failed or interrupted upload leaves no progress line behind
     except RegistrarError as exc:
         code = exit_code(exc)
         _report(exc.message, exc)

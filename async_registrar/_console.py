@@ -9,6 +9,7 @@ under the log lines: each log record clears it, is written, and redraws it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from typing import TextIO
@@ -49,14 +50,23 @@ class Console(logging.StreamHandler[TextIO]):
     def _clear(self) -> None:
         if self._shown:
             self.stream.write(_CLEAR_LINE)
+            self.stream.flush()
             self._shown = False
 
     def _draw(self) -> None:
         if self._status:
-            width = shutil.get_terminal_size().columns
-            self.stream.write(self._status[: max(1, width - 1)])
+            # One screen row: a wrapped line could not be erased in place.
+            self.stream.write(self._status[: max(1, self._width() - 1)])
             self.stream.flush()
             self._shown = True
+
+    def _width(self) -> int:
+        """The terminal's width: stderr's own (stdout is often a pipe), else COLUMNS or 80."""
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+            columns = 0
+        return columns or shutil.get_terminal_size().columns
 
 
 def configure_logging(level: str, stream: TextIO) -> Console:
@@ -113,6 +123,11 @@ class ProgressDisplay:
         elif now - self._logged.setdefault(event.artifact, now) >= self._interval:
             self._logged[event.artifact] = now
             self._log(event)
+
+    def close(self) -> None:
+        """Take the live line away (uploads that failed or were cancelled never said done)."""
+        self._uploads.clear()
+        self._console.set_status("")
 
     def status_line(self) -> str:
         """The live line: each upload in progress with its bar, the share and MiB read, and its rate."""

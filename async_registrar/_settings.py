@@ -27,7 +27,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ._checksums import ChecksumAlgorithm, crt_available
+from ._checksums import ChecksumAlgorithm, crc64nvme_available
 from ._config import describe_validation_errors
 from ._errors import ConfigurationError
 
@@ -76,7 +76,7 @@ def _upper(value: object) -> object:
 
 
 def _computable(value: ChecksumAlgorithm) -> ChecksumAlgorithm:
-    if value == "CRC64NVME" and not crt_available():
+    if value == "CRC64NVME" and not crc64nvme_available():
         raise ValueError("CRC64NVME needs the AWS CRT: install async-registrar[crt], or use CRC32")
     return value
 

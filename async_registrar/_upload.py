@@ -204,7 +204,10 @@ async def upload_to_all(
 
     pool: deque[bytearray] = deque()
     cutter = _PartCutter(part_size, emit, pool)
-    total = tar_size(source, settings.archive_mtime) if isinstance(source, DirectorySource) else source.size
+    if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
+        total = await anyio.to_thread.run_sync(tar_size, source, settings.archive_mtime)
+    else:
+        total = source.size
     tracker = _Tracker(artifact, location, total, on_progress)
     sha256 = hashlib.sha256()
 
@@ -261,7 +264,10 @@ async def upload_to_all(
 
     size, digest = cutter.size, sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
-    await run_all(functools.partial(_confirm, s3, target, size, expected, algorithm) for s3, target in targets)
+    composite = algorithm == "CRC32" and parts > 1  # else the checksum is the whole object's
+    await run_all(
+        functools.partial(_confirm, s3, target, size, expected, algorithm, composite) for s3, target in targets
+    )
     tracker.report(done=True)
     for _, target in targets:
         log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
@@ -330,10 +336,12 @@ async def _consume(
     return tracker.parts_done, uploads[0].expected_checksum
 
 
-async def _confirm(s3: S3Client, location: S3Location, size: int, checksum: str | None, algorithm: str | None) -> None:
+async def _confirm(
+    s3: S3Client, location: S3Location, size: int, checksum: str | None, algorithm: str | None, composite: bool
+) -> None:
     """Check that S3 holds the object whole (size, and checksum where known); delete it if not."""
     # A failed HeadObject is a problem too.
-    problem = await object_problem(s3, location, size, checksum, algorithm=algorithm)
+    problem = await object_problem(s3, location, size, checksum, algorithm=algorithm, composite=composite)
     if problem is None:
         return
     with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):

@@ -610,8 +610,8 @@ def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, obje
         )
     ceiling = {d: medians.get((d, "raw")) for d in ("prebuilt",)}.get("prebuilt")
     for row in rows:  # against the raw upload of an archive the same size (none for the small files)
-        name = row["dataset"]
-        base = medians.get(("big-prebuilt", "raw")) if name == "big" else None if name == "small" else ceiling
+        big = medians.get(("big-prebuilt", "raw"))
+        base = {"big": big, "big-prebuilt": big, "small": None}.get(str(row["dataset"]), ceiling)
         row["x_raw_ceiling"] = round(row["median_wall_s"] / base, 2) if base else None  # type: ignore[operator]
     checks = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from async_registrar import InputError
-from async_registrar._archive import _header, stream_archive
+from async_registrar._archive import _header, stream_archive, tar_size
 from async_registrar._artifacts import DirectorySource, FileEntry, inspect_artifact
 
 MiB = 1024 * 1024
@@ -157,6 +158,18 @@ def test_stream_readers_accept_the_blocked_gzip(tmp_path: Path) -> None:
     assert "weights.bin" in names
     (tmp_path / "a.tar.gz").write_bytes(data)
     subprocess.run(["gzip", "-t", str(tmp_path / "a.tar.gz")], check=True)
+
+
+@pytest.mark.parametrize("mtime", [315532800, 8**11])  # the second needs a PAX header for every member
+def test_tar_size_is_the_length_of_the_tar_stream(tmp_path: Path, mtime: int) -> None:
+    """What progress counts against: exact, with directories, PAX headers (long and non-ASCII
+    names) and the record padding."""
+    make_tree(tmp_path / "in")
+    (tmp_path / "in" / "code" / ("d" * 120)).mkdir()
+    source = inspect_artifact(tmp_path / "in", role="model")
+    assert isinstance(source, DirectorySource)
+    tar = gzip.decompress(archive(tmp_path / "in", mtime=mtime))
+    assert tar_size(source, mtime) == len(tar)
 
 
 @pytest.mark.parametrize(

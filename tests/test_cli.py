@@ -11,6 +11,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,25 +115,26 @@ def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: 
     job = make_job(tmp_path, model_bytes=12 * MiB)
     uri = f"s3://{settings.s3_bucket}/{settings.s3_prefix}tty.tar.gz"
     controller, terminal = pty.openpty()
+    shown = b""
     try:
-        process = subprocess.run(
+        process = subprocess.Popen(
             [sys.executable, "-m", "async_registrar", "upload", str(job["model"]), uri],
             env=environment(stack, settings, job, COLUMNS="200"),
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=terminal,
-            timeout=60,
-            check=False,
         )
-        os.close(terminal)
-        shown = b""
-        while select.select([controller], [], [], 0)[0]:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the terminal side is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
+        os.close(terminal)  # the child has its own: reading ends (EIO) once it exits
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # read as it writes: a full pty would block it
+            if select.select([controller], [], [], 1)[0]:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        process.wait(timeout=10)
     finally:
         os.close(controller)
     out = shown.decode()

@@ -64,6 +64,20 @@ def test_a_terminal_gets_a_live_line_that_log_records_step_around(monkeypatch: p
     assert "model: 100.0 MiB read, 50.0 MiB uploaded, 12 part(s), 26.2 MB/s (done)\n" in pieces[-2]
 
 
+def test_closing_takes_away_the_line_of_an_upload_that_never_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed or interrupted upload sends no 'done': closing the display erases its line, and
+    the records after it (the error, the cleanup) no longer bring it back."""
+    monkeypatch.setenv("COLUMNS", "200")
+    stream = Terminal()
+    display = ProgressDisplay(configure_logging("INFO", stream), refresh=0)
+    display(progress("model", 25 * MiB))
+    display.close()
+    logging.getLogger("async_registrar.test").warning("cleaning up")
+    out = stream.getvalue()
+    assert out.startswith("model [#####")
+    assert out.split("\r\x1b[K")[1].endswith("WARNING async_registrar.test: cleaning up\n")
+
+
 def test_a_narrow_terminal_gets_the_line_cut_to_its_width(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "30")
     stream = Terminal()

@@ -55,7 +55,7 @@ def test_the_service_specific_endpoint_wins() -> None:
 
 def test_crc64nvme_without_the_crt_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     """CRC64NVME is computed by the AWS CRT: without it, the setting is refused with the fix."""
-    monkeypatch.setattr("async_registrar._settings.crt_available", lambda: False)
+    monkeypatch.setattr("async_registrar._settings.crc64nvme_available", lambda: False)
     with pytest.raises(ConfigurationError) as caught:
         Settings.from_env({**REQUIRED, "REGISTRAR_S3_CHECKSUM_ALGORITHM": "CRC64NVME"})
     (problem,) = caught.value.problems

@@ -220,6 +220,22 @@ async def test_an_object_that_is_not_whole_is_deleted(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+async def test_a_checksum_of_another_kind_is_not_taken_for_damage(
+    tmp_path: Path, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that answers a FULL_OBJECT CRC64NVME request with a composite value ("-N") gives
+    nothing to compare: a warning, and the object stays."""
+    settings = settings.model_copy(update={"s3_checksum_algorithm": "CRC64NVME"})
+
+    def composite(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["ChecksumCRC64NVME"] = "AAAAAAAAAAA=-3"
+        parsed["ChecksumType"] = "COMPOSITE"
+
+    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", composite)
+    assert hashlib.sha256(await download(s3, model_location(settings))).hexdigest() == result.sha256
+    assert "reports a COMPOSITE CRC64NVME (AAAAAAAAAAA=-3); it was not compared" in caplog.text
+
+
 def crc64nvme(data: bytes) -> str:
     """The CRC64NVME S3 reports, computed the way botocore does (the AWS CRT)."""
     from awscrt import checksums
