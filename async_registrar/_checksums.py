@@ -17,9 +17,16 @@ from typing import Literal
 
 from isal import isal_zlib
 
-__all__ = ["ChecksumAlgorithm", "Checksummer", "composite_crc32", "crc64nvme_available"]
+__all__ = ["ChecksumAlgorithm", "Checksummer", "composite_crc32", "crc64nvme_available", "is_full_object"]
 
 ChecksumAlgorithm = Literal["CRC32", "CRC64NVME"]
+
+
+def is_full_object(algorithm: str | None) -> bool:
+    """Whether a multipart object's checksum of `algorithm` is the whole object's (S3's
+    FULL_OBJECT type, which S3 checks at completion) rather than the composite of the
+    parts' checksums (COMPOSITE).  A single PutObject's checksum is always the whole object's."""
+    return algorithm == "CRC64NVME"
 
 
 def crc64nvme_available() -> bool:
@@ -41,7 +48,7 @@ class Checksummer:
     def __init__(self, algorithm: ChecksumAlgorithm) -> None:
         self.algorithm = algorithm
         #: Whether S3 checks the whole object's checksum at completion.
-        self.full_object = algorithm == "CRC64NVME"
+        self.full_object = is_full_object(algorithm)
         self._crc64 = 0
         self._fed = False
         if self.full_object:

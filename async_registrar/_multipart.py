@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ._checksums import composite_crc32
+from ._checksums import composite_crc32, is_full_object
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 
@@ -80,6 +80,7 @@ class MultipartUpload:
         self._s3 = s3
         self.location = location
         self._checksum = checksum
+        self._full_object = is_full_object(checksum)
         self._abort_timeout = abort_timeout
         self.upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
@@ -93,7 +94,7 @@ class MultipartUpload:
             raise RuntimeError("a MultipartUpload can be entered only once")
         self._entered = True
         extra = {"ChecksumAlgorithm": self._checksum} if self._checksum else {}
-        if self._checksum == "CRC64NVME":
+        if self._full_object:
             extra["ChecksumType"] = "FULL_OBJECT"
         with storage_errors("CreateMultipartUpload", self.location.bucket, self.location.key):
             response = await self._s3.create_multipart_upload(
@@ -132,9 +133,9 @@ class MultipartUpload:
     def expected_checksum(self) -> str | None:
         """The object's checksum as S3 will report it (base64, without a "-N" suffix), if known:
         the composite of the parts' CRC32s, or the whole-object CRC64NVME given to `complete`."""
-        if self._checksum == "CRC64NVME":
+        if self._full_object:
             return self._whole
-        if self._checksum != "CRC32" or not self._parts:
+        if self._checksum != "CRC32" or not self._parts:  # composite_crc32 knows CRC32 only
             return None
         values: list[str] = [self._parts[n].get("ChecksumCRC32") or "" for n in sorted(self._parts)]
         return composite_crc32(values) if all(values) else None
@@ -158,9 +159,9 @@ class MultipartUpload:
                 key=self.location.key,
             )
         extra: dict[str, Any] = {}
-        if self._checksum == "CRC64NVME" and whole:
+        if self._full_object and whole:
             self._whole = whole
-            extra = {"ChecksumCRC64NVME": whole, "ChecksumType": "FULL_OBJECT", "MpuObjectSize": self.size}
+            extra = {f"Checksum{self._checksum}": whole, "ChecksumType": "FULL_OBJECT", "MpuObjectSize": self.size}
         try:
             with storage_errors("CompleteMultipartUpload", self.location.bucket, self.location.key):
                 await self._s3.complete_multipart_upload(
@@ -177,7 +178,7 @@ class MultipartUpload:
                 self.size,
                 self.expected_checksum,
                 algorithm=self._checksum,
-                composite=self._checksum == "CRC32",
+                composite=not self._full_object,
             )
             if problem is not None:
                 raise error from None

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import stream_archive, tar_size
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
-from ._checksums import Checksummer
+from ._checksums import Checksummer, is_full_object
 from ._concurrency import first_error, run_all
 from ._errors import StorageError
 from ._multipart import MultipartUpload, object_problem, put_object
@@ -264,7 +264,7 @@ async def upload_to_all(
 
     size, digest = cutter.size, sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
-    composite = algorithm == "CRC32" and parts > 1  # else the checksum is the whole object's
+    composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's
     await run_all(
         functools.partial(_confirm, s3, target, size, expected, algorithm, composite) for s3, target in targets
     )
