@@ -17,35 +17,44 @@ from ._version import __version__
 if TYPE_CHECKING:
     from ._config import RegistrationConfig, load_config
     from ._errors import (
+        AcceptedRegistration,
         CleanupError,
         ConfigurationError,
+        IdempotencyConflict,
         InputError,
         RegistrarError,
         RegistrationFailed,
+        RegistrationInterrupted,
         RegistrationRejected,
         RegistrationTimeout,
         RegistryError,
         RegistryUnavailable,
         StorageError,
     )
+    from ._mims_contract import Registration
     from ._progress import (
         CleanupFinished,
         ProgressCallback,
         ProgressEvent,
+        RegistrationKept,
         RegistrationStatusChanged,
         RegistrationSubmitted,
         UploadProgress,
     )
-    from ._registrar import RegionRegistration, Registrar, RegistrationHandle, RegistrationResult
+    from ._registrar import Registrar, RegistrationHandle
     from ._request import RegistrationRequest
+    from ._results import RegionRegistration, RegistrationResult
+    from ._s3 import S3Location
     from ._settings import JobInputs, Settings
     from ._upload import UploadedArtifact
 
 
 _MODULES = {
+    "AcceptedRegistration": "._errors",
     "CleanupError": "._errors",
     "CleanupFinished": "._progress",
     "ConfigurationError": "._errors",
+    "IdempotencyConflict": "._errors",
     "InputError": "._errors",
     "JobInputs": "._settings",
     "ProgressCallback": "._progress",
@@ -53,17 +62,21 @@ _MODULES = {
     "Registrar": "._registrar",
     "RegistrarError": "._errors",
     "RegistrationConfig": "._config",
+    "Registration": "._mims_contract",
     "RegistrationFailed": "._errors",
+    "RegistrationInterrupted": "._errors",
+    "RegistrationKept": "._progress",
     "RegistrationRejected": "._errors",
     "RegistrationRequest": "._request",
     "RegistrationHandle": "._registrar",
-    "RegionRegistration": "._registrar",
-    "RegistrationResult": "._registrar",
+    "RegionRegistration": "._results",
+    "RegistrationResult": "._results",
     "RegistrationStatusChanged": "._progress",
     "RegistrationSubmitted": "._progress",
     "RegistrationTimeout": "._errors",
     "RegistryError": "._errors",
     "RegistryUnavailable": "._errors",
+    "S3Location": "._s3",
     "Settings": "._settings",
     "StorageError": "._errors",
     "UploadProgress": "._progress",
@@ -86,9 +99,11 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AcceptedRegistration",
     "CleanupError",
     "CleanupFinished",
     "ConfigurationError",
+    "IdempotencyConflict",
     "InputError",
     "JobInputs",
     "ProgressCallback",
@@ -96,9 +111,12 @@ __all__ = [
     "RegionRegistration",
     "Registrar",
     "RegistrarError",
+    "Registration",
     "RegistrationConfig",
     "RegistrationFailed",
     "RegistrationHandle",
+    "RegistrationInterrupted",
+    "RegistrationKept",
     "RegistrationRejected",
     "RegistrationRequest",
     "RegistrationResult",
@@ -107,6 +125,7 @@ __all__ = [
     "RegistrationTimeout",
     "RegistryError",
     "RegistryUnavailable",
+    "S3Location",
     "Settings",
     "StorageError",
     "UploadProgress",

@@ -6,8 +6,11 @@ original script; everything else goes to stderr.
 
 Exit codes: 0 registered; 2 usage or invalid configuration; 3 bad input
 artifacts or metadata; 4 storage (S3) failure; 5 registration rejected or
-failed; 6 timed out waiting; 130 interrupted (SIGINT); 143 terminated (SIGTERM);
-1 an unexpected error (a bug: please report it).
+failed; 6 timed out waiting (also when the registry stayed unreachable until
+then); 130 interrupted (SIGINT); 143 terminated (SIGTERM); 1 an unexpected error
+(a bug: please report it).  Once the registry has accepted a registration, an
+exit before it is final keeps its artifacts and says so on stderr, with how to
+resume it (re-run with the same MODS_WORKFLOW_EXECUTION_ID).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import anyio.to_thread
 from ._concurrency import first_error
 from ._console import ProgressDisplay, configure_logging
 from ._errors import (
+    AcceptedRegistration,
     ConfigurationError,
     InputError,
     RegistrarError,
@@ -168,6 +172,8 @@ async def _registration(settings: Settings, request: RegistrationRequest, progre
 
     async with Registrar(settings, on_progress=progress) as registrar:
         result = await registrar.register(request)
+    # Registered: that stands even if some temporary objects could not be removed (the run
+    # logged each one as a warning).
     _print_result(result)
     return EXIT_OK
 
@@ -228,7 +234,7 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
             progress.close()  # a failed or interrupted upload leaves no progress line behind
     except RegistrarError as exc:
         code = exit_code(exc)
-        _report(exc.message, exc)
+        _report(exc.message, exc, kept=_kept_summary(exc.kept, exc.resume_hint))
     except Exception as exc:
         log.exception("unexpected error")
         _report(f"unexpected error: {type(exc).__name__}: {exc}", exc)
@@ -236,7 +242,12 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
     if received:
         signum = received[0]
         name = signal.Signals(signum).name
-        if progress.leftovers:
+        if progress.kept:
+            kept = progress.kept[-1]
+            lines = [r.describe() for r in kept.registrations] or [f"kept {', '.join(kept.prefixes)}"]
+            print(f"interrupted by {name}:", *lines, kept.resume_hint, sep="\n", file=sys.stderr)
+            _write_exit_message(f"interrupted by {name}; {_kept_summary(kept.registrations, kept.resume_hint)}")
+        elif progress.leftovers:
             _write_exit_message(f"interrupted by {name}; left behind: {', '.join(progress.leftovers)}")
         else:
             _write_exit_message(f"interrupted by {name}; no temporary object was left behind")
@@ -244,10 +255,18 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
     return code
 
 
-def _report(message: str, exc: BaseException) -> None:
+def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str | None:
+    """One line on what was kept for the registry, for the exit message."""
+    if not kept:
+        return None
+    names = ", ".join(f"{r.registration_id} ({r.region}, {r.status}) under {r.kept_prefix}" for r in kept)
+    return f"registration {names} kept for the registry; {hint}"
+
+
+def _report(message: str, exc: BaseException, *, kept: str | None = None) -> None:
     notes = [redact(note) for note in getattr(exc, "__notes__", [])]
     print(f"error: {redact(message)}", *notes, sep="\n", file=sys.stderr)
-    _write_exit_message(message)
+    _write_exit_message(message.splitlines()[0] + (f"; {kept}" if kept else ""))
 
 
 def _write_exit_message(message: str) -> None:

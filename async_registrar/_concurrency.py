@@ -11,7 +11,7 @@ import anyio
 
 from ._errors import RegistrarError
 
-__all__ = ["first_error", "run_all"]
+__all__ = ["CleanupDeadline", "first_error", "outcomes", "run_all"]
 
 log = logging.getLogger("async_registrar")
 
@@ -62,3 +62,49 @@ async def run_all(calls: Iterable[Callable[[], Coroutine[Any, Any, object]]]) ->
         async with anyio.create_task_group() as tg:
             for call in calls:
                 tg.start_soon(call)
+
+
+async def outcomes(calls: Iterable[Callable[[], Coroutine[Any, Any, object]]]) -> list[Exception | None]:
+    """Run every call at once; return each one's error (or None), in order.
+
+    Unlike `run_all`, one call's failure does not cancel the others: each region of a
+    registration goes on with its own work when another's fails.  Cancellation from
+    outside still cancels them all, and propagates.
+    """
+    calls = list(calls)
+    results: list[Exception | None] = [None] * len(calls)
+
+    async def run(index: int) -> None:
+        try:
+            await calls[index]()
+        except Exception as exc:  # kept for the caller, which decides what matters
+            results[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index in range(len(calls)):
+            tg.start_soon(run, index)
+    return results
+
+
+class CleanupDeadline:
+    """The one deadline of an exit's cleanup, fixed when its first step starts.
+
+    Every abort and delete of that exit runs under `shield()`, so together they finish
+    within `timeout` seconds, however many steps, regions and retries there are: a
+    container's grace period is per exit, not per step.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._deadline: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        """The deadline (on anyio's clock); the first call starts it."""
+        if self._deadline is None:
+            self._deadline = anyio.current_time() + self.timeout
+        return self._deadline
+
+    def shield(self) -> anyio.CancelScope:
+        """A scope shielded from outside cancellation that ends at the deadline."""
+        return anyio.CancelScope(deadline=self.deadline, shield=True)

@@ -14,7 +14,7 @@ import shutil
 import time
 from typing import TextIO
 
-from ._progress import CleanupFinished, ProgressEvent, RegistrationSubmitted, UploadProgress
+from ._progress import CleanupFinished, ProgressEvent, RegistrationKept, RegistrationSubmitted, UploadProgress
 
 __all__ = ["Console", "ProgressDisplay", "configure_logging"]
 
@@ -99,14 +99,19 @@ class ProgressDisplay:
         self._uploads: dict[str, UploadProgress] = {}  # in progress, for the live line
         #: What the cleanup could not remove, for the exit message.
         self.leftovers: tuple[str, ...] = ()
+        #: What was kept for a registration the registry had accepted, for the exit message.
+        self.kept: list[RegistrationKept] = []
 
     def __call__(self, event: ProgressEvent) -> None:
         if isinstance(event, UploadProgress):
             self._upload(event)
         elif isinstance(event, CleanupFinished):
             self.leftovers += event.leftovers
+        elif isinstance(event, RegistrationKept):
+            self.kept.append(event)
         elif isinstance(event, RegistrationSubmitted):
-            log.info("submitted: registration %s, model id %s", event.registration_id, event.model_id)
+            how = "found" if event.resumed else "submitted"
+            log.info("%s: registration %s, model id %s", how, event.registration_id, event.model_id)
 
     def _upload(self, event: UploadProgress) -> None:
         now = time.monotonic()

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 __all__ = [
+    "AcceptedRegistration",
     "CleanupError",
     "ConfigurationError",
+    "IdempotencyConflict",
     "InputError",
     "RegistrarError",
     "RegistrationFailed",
+    "RegistrationInterrupted",
     "RegistrationRejected",
     "RegistrationTimeout",
     "RegistryError",
@@ -43,13 +47,53 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1", _URL_QUERY.sub(r"\1", text))
 
 
+@dataclass(frozen=True, slots=True)
+class AcceptedRegistration:
+    """A registration the registry accepted during a run, as the run last saw it.
+
+    Once the registry has accepted a registration it reads the artifacts on its own
+    time, so a run that stops before the registration is final keeps them:
+    `kept_prefix` then names the `s3://` prefix left in place (and `manifest_uri` the
+    run manifest in it, which a re-run with the same lineage id resumes from).
+    """
+
+    region: str
+    registration_id: str
+    model_id: str
+    workflow_execution_arn: str
+    #: The last status seen: PENDING, IN_PROGRESS, SUCCEEDED or FAILED.
+    status: str
+    #: The `s3://bucket/prefix/` kept for this registration, or None if nothing was kept.
+    kept_prefix: str | None = None
+    #: The run manifest (`s3://.../registration.json`) in the kept prefix.
+    manifest_uri: str | None = None
+
+    def describe(self) -> str:
+        """One line: which registration, where, its status, and what was kept."""
+        line = f"registration {self.registration_id} (model id {self.model_id}, {self.region}) is {self.status}"
+        if self.kept_prefix:
+            line += f"; its artifacts are kept under {self.kept_prefix}"
+        return line
+
+
 class RegistrarError(Exception):
     """Base class of every error this package raises on purpose."""
+
+    #: Every registration the registry accepted before this error ended the run (with
+    #: what was kept for each); empty when the run never got that far.
+    registrations: tuple[AcceptedRegistration, ...] = ()
+    #: How to pick up the registrations that were kept, when there are any.
+    resume_hint: str | None = None
 
     @property
     def message(self) -> str:
         """The human-readable message, as passed to the constructor."""
         return str(self.args[0]) if self.args else ""
+
+    @property
+    def kept(self) -> tuple[AcceptedRegistration, ...]:
+        """The accepted, unfinished registrations whose artifacts were kept for the registry."""
+        return tuple(r for r in self.registrations if r.kept_prefix)
 
 
 class ConfigurationError(RegistrarError):
@@ -139,6 +183,24 @@ class RegistrationRejected(RegistryError):
         super().__init__(full, url=url)
 
 
+class IdempotencyConflict(RegistrationRejected):
+    """The Idempotency-Key is already held by another registration (409).
+
+    `holder` is that registration's id, when the registry names it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        errors: Sequence[str] = (),
+        holder: str | None = None,
+    ) -> None:
+        self.holder = holder
+        super().__init__(message, url=url, status_code=409, errors=errors)
+
+
 class RegistrationFailed(RegistryError):
     """The registry accepted the registration, then ended it FAILED."""
 
@@ -151,11 +213,29 @@ class RegistrationFailed(RegistryError):
 
 
 class RegistryUnavailable(RegistryError):
-    """The registry could not be reached, or kept failing or throttling until the deadline."""
+    """The registry could not be reached, or kept failing or throttling until the deadline.
+
+    `may_have_arrived` says whether an attempt may have reached the registry without its
+    answer reaching us (a read timeout, a reset after the request was sent, a 500, 502 or
+    504): a submission may then have been accepted after all.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, may_have_arrived: bool = False) -> None:
+        self.may_have_arrived = may_have_arrived
+        super().__init__(message, url=url)
 
 
-class RegistrationTimeout(RegistryError):
-    """The registration did not finish within the wait timeout."""
+class RegistrationInterrupted(RegistryError):
+    """The registry accepted the registration, but the run stopped before it was final.
+
+    Its artifacts are kept for the registry (see `kept` and `resume_hint`): a re-run with
+    the same lineage id resumes it.
+    """
+
+
+class RegistrationTimeout(RegistrationInterrupted):
+    """The registration did not finish within the wait timeout (or the registry stayed
+    unreachable until then)."""
 
     def __init__(self, message: str, *, registration_id: str, last_status: str | None, url: str | None = None) -> None:
         self.registration_id = registration_id

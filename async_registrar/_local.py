@@ -84,6 +84,13 @@ class LocalStack:
         if self._s3_server is not None:
             self._s3_server.stop()
 
+    @property
+    def mims_server(self) -> ThreadedMimsServer:
+        """The reference MIMS service of this stack."""
+        if self._mims_server is None:
+            raise RuntimeError("the stack is not running")
+        return self._mims_server
+
     def registrar_settings(self, **overrides: object) -> Settings:
         """Settings that point a registrar at this stack (smallest parts, quick polls)."""
         values: dict[str, object] = {

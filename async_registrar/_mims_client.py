@@ -2,11 +2,13 @@
 
 One `httpx.AsyncClient` is shared (created or injected by the registrar); it
 never follows redirects, so a signed request is never replayed to another host.
-Transient failures (429, 500, 502, 503, 504, connect and read timeouts) are
-retried by stamina with exponential backoff under an overall deadline,
-honouring `Retry-After`; every attempt is signed afresh by the auth, and a
-submission carries the same `Idempotency-Key` on every attempt, so a timeout
-after the request left never creates a second registration.
+Transient failures (429, 500, 502, 503, 504, timeouts, connection resets and
+broken connections) are retried by stamina with exponential backoff under an
+overall deadline, honouring `Retry-After` (never past the deadline); every
+attempt is signed afresh by the auth, and a submission carries the same
+`Idempotency-Key` on every attempt, so a timeout after the request left never
+creates a second registration.  While waiting for a registration, a registry
+that stays unreachable is a wait timeout: the registration may well go on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import stamina
 from pydantic import ValidationError
 
 from ._errors import (
+    IdempotencyConflict,
     RegistrationFailed,
     RegistrationRejected,
     RegistrationTimeout,
@@ -47,6 +50,10 @@ __all__ = ["MimsClient"]
 log = logging.getLogger("async_registrar.mims")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+#: Answers after which the request may have been processed: 429 and 503 mean it was not.
+MAYBE_PROCESSED_STATUS = frozenset({500, 502, 504})
+#: Failures after the whole request may have reached the server.
+_MAYBE_ARRIVED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
 #: The longest `Retry-After` honoured; a server asking for more is waited on for this long.
 MAX_RETRY_AFTER = 60.0
 #: The longest wait between two attempts (without Retry-After).
@@ -64,7 +71,10 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-_TRANSIENT_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.RemoteProtocolError)
+#: Every timeout (connect, read, write, pool), every network error (refused, reset,
+#: broken pipe) and a peer that broke the protocol (closed without answering): all
+#: may pass.  A request sent twice is harmless: submissions carry an Idempotency-Key.
+_TRANSIENT_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
 
 class _Backoff:
@@ -72,22 +82,27 @@ class _Backoff:
 
     Exponential backoff with full jitter (a uniform wait between 0 and the exponential
     bound, which spreads out clients that failed together), unless the server said how
-    long in `Retry-After`.  stamina keeps the deadline and the attempts.
+    long in `Retry-After`.  stamina keeps the attempts; no wait reaches past `deadline`
+    (on anyio's clock): a failure with no time left to retry is given up at once.
     """
 
-    def __init__(self, initial: float, cap: float) -> None:
+    def __init__(self, initial: float, cap: float, deadline: float) -> None:
         self._initial = initial
         self._cap = cap
+        self._deadline = deadline
         self._failures = 0
 
     def __call__(self, exc: Exception) -> bool | float:
         if not isinstance(exc, (_Retryable, *_TRANSIENT_TRANSPORT)):
             return False
+        remaining = self._deadline - anyio.current_time()
+        if remaining <= 0:
+            return False
         self._failures += 1
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return exc.retry_after
+            return min(exc.retry_after, remaining)
         bound = min(self._cap, self._initial * 2 ** (self._failures - 1))
-        return random.uniform(0, bound)  # noqa: S311  (jitter, not cryptography)
+        return min(random.uniform(0, bound), remaining)  # noqa: S311  (jitter, not cryptography)
 
 
 class MimsClient:
@@ -98,6 +113,11 @@ class MimsClient:
         self._endpoint = endpoint.rstrip("/")
         self._settings = settings
         self._auth = auth
+
+    @property
+    def endpoint(self) -> str:
+        """The registry's base URL."""
+        return self._endpoint
 
     async def submit(self, submission: RegistrationSubmission, *, idempotency_key: str) -> Registration:
         """Submit a registration; return the registry's answer once it accepted it."""
@@ -111,10 +131,14 @@ class MimsClient:
         log.info("registration %s submitted (model id %s)", registration.registration_id, registration.model_id)
         return registration
 
-    async def get(self, registration_id: str, *, deadline: float) -> Registration | None:
-        """The registration's current state, or None if the registry does not know it (yet)."""
+    async def get(
+        self, registration_id: str, *, deadline: float, failures: list[str] | None = None
+    ) -> Registration | None:
+        """The registration's current state, or None if the registry does not know it (yet).
+
+        Each failed attempt is described in `failures`, if given."""
         url = f"{self._endpoint}{REGISTRATIONS_PATH}/{urllib.parse.quote(registration_id, safe='')}"
-        response = await self._request("GET", url, deadline=deadline, allow_not_found=True)
+        response = await self._request("GET", url, deadline=deadline, allow_not_found=True, failures=failures)
         if response.status_code == 404:
             return None
         return self._parse(response, url)
@@ -131,10 +155,17 @@ class MimsClient:
         last: Registration | None = None
         deadline = anyio.current_time() + max_wait
         missing_since: float | None = None
+        failures: list[str] = []  # of the polls since the last answer
         with anyio.move_on_after(max_wait):
             while True:
                 remaining = max(deadline - anyio.current_time(), 0.001)
-                current = await self.get(registration_id, deadline=remaining)
+                try:
+                    current = await self.get(registration_id, deadline=remaining, failures=failures)
+                except RegistryUnavailable:
+                    if anyio.current_time() < deadline:  # not a transient failure: no use waiting
+                        raise
+                    break  # transient failures were retried until the wait's deadline
+                failures.clear()
                 now = anyio.current_time()
                 if current is None:
                     missing_since = missing_since or now
@@ -156,10 +187,15 @@ class MimsClient:
                         return self._finish(current)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, self._settings.poll_max)
+        why = (
+            f"the registry stayed unreachable until then ({len(failures)} failed attempt(s), the last: "
+            f"{failures[-1]}); the registration may well go on"
+            if failures
+            else "raise --wait-timeout / REGISTRAR_WAIT_TIMEOUT, or check the registry"
+        )
         raise RegistrationTimeout(
             f"registration {registration_id} did not finish within {max_wait:g} s (last status: "
-            f"{last.status if last else 'unknown'}); raise --wait-timeout / REGISTRAR_WAIT_TIMEOUT, "
-            "or check the registry",
+            f"{last.status if last else 'unknown'}); {why}",
             registration_id=registration_id,
             last_status=last.status if last else None,
             url=redact(self._endpoint),
@@ -183,31 +219,42 @@ class MimsClient:
         *,
         deadline: float,
         allow_not_found: bool = False,
+        failures: list[str] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         shown = redact(url)
+        backoff = _Backoff(
+            initial=min(0.5, self._settings.poll_initial), cap=RETRY_CAP, deadline=anyio.current_time() + deadline
+        )
+        arrived = False  # whether some attempt may have reached the registry unanswered
         try:
-            async for attempt in stamina.retry_context(
-                on=_Backoff(initial=min(0.5, self._settings.poll_initial), cap=RETRY_CAP),
-                attempts=None,
-                timeout=deadline,
-            ):
+            # The backoff keeps the deadline (stamina's own timeout would not cap a Retry-After).
+            async for attempt in stamina.retry_context(on=backoff, attempts=None, timeout=None):
                 with attempt:
                     if attempt.num > 1:
                         log.info("%s %s: attempt %d", method, shown, attempt.num)
-                    response = await self._http.request(method, url, auth=self._auth, **kwargs)
-                    return self._check(response, shown, allow_not_found=allow_not_found)
+                    try:
+                        response = await self._http.request(method, url, auth=self._auth, **kwargs)
+                        arrived = arrived or response.status_code in MAYBE_PROCESSED_STATUS
+                        return self._check(response, shown, allow_not_found=allow_not_found)
+                    except Exception as exc:
+                        arrived = arrived or isinstance(exc, _MAYBE_ARRIVED)
+                        if failures is not None:
+                            failures.append(str(exc) if isinstance(exc, _Retryable) else type(exc).__name__)
+                        raise
         except _Retryable as exc:
             raise RegistryUnavailable(
                 f"{method} {shown} kept answering {exc} until the deadline ({deadline:g} s); "
                 "the registry is throttling or failing, retry later",
                 url=shown,
+                may_have_arrived=arrived,
             ) from None
         except httpx.TransportError as exc:
             raise RegistryUnavailable(
                 f"{method} {shown} failed: {type(exc).__name__}; check --mims-endpoint / "
                 "REGISTRAR_MIMS_ENDPOINT and the network",
                 url=shown,
+                may_have_arrived=arrived,
             ) from None
         raise AssertionError("unreachable: stamina retries until it returns or raises")
 
@@ -217,7 +264,14 @@ class MimsClient:
             return response
         if status in RETRYABLE_STATUS:
             raise _Retryable(response, _retry_after(response.headers.get("retry-after")))
-        message, errors = _error_details(response)
+        message, errors, holder = _error_details(response)
+        if status == 409:
+            raise IdempotencyConflict(
+                f"{response.request.method} {shown} was rejected with 409: {message}",
+                url=shown,
+                errors=errors,
+                holder=holder,
+            )
         raise RegistrationRejected(
             f"{response.request.method} {shown} was rejected with {status}: {message}",
             url=shown,
@@ -253,10 +307,11 @@ def _retry_after(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
-def _error_details(response: httpx.Response) -> tuple[str, list[str]]:
+def _error_details(response: httpx.Response) -> tuple[str, list[str], str | None]:
+    """The message, the problems and (with a 409) the holder of the key, of an error answer."""
     try:
         body = ErrorBody.model_validate_json(response.content)
-        return body.message, body.errors
+        return body.message, body.errors, body.registration_id
     except ValidationError:
         text = response.text.strip().replace("\n", " ")
-        return (text[:300] or response.reason_phrase), []
+        return (text[:300] or response.reason_phrase), [], None

@@ -4,7 +4,10 @@
     GET  /v1/registrations/{registration_id} status
 
 Errors are 4xx/5xx with `{"message", "errors": [...]}`; 429 and 503 may carry
-`Retry-After`.  The reference service serves the full document at
+`Retry-After` and mean the registration was not accepted; a 409 (the
+Idempotency-Key already holds another body) names the holder's
+`registration_id`.  One registration is one region: `model_registration_region`
+is a region name.  The reference service serves the full document at
 `/openapi.json`.
 """
 
@@ -14,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from ._config import RegistrationConfig
+from ._config import Region, RegistrationConfig
 
 __all__ = [
     "REGISTRATIONS_PATH",
@@ -49,12 +52,22 @@ class ArtifactRef(BaseModel):
 
 
 class RegistrationSubmission(RegistrationConfig):
-    """The body of `POST /v1/registrations`: the configuration plus the uploaded artifacts."""
+    """The body of `POST /v1/registrations`: the configuration plus the uploaded artifacts.
 
+    Unlike a configuration, which may name several regions, a submission registers the
+    model in one: `model_registration_region` is a region name (a string).
+    """
+
+    model_registration_region: Region  # type: ignore[assignment]  # one region, not a list
     model_artifact: ArtifactRef
     payload_artifact: ArtifactRef | None = None
     performance_metadata: dict[str, Any] | None = None
     workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The one region of this registration."""
+        return (self.model_registration_region,)
 
 
 class Registration(BaseModel):
@@ -74,3 +87,5 @@ class ErrorBody(BaseModel):
 
     message: str
     errors: list[str] = []
+    #: With a 409: the registration that already holds the Idempotency-Key.
+    registration_id: str | None = None

@@ -4,24 +4,25 @@ aioboto3's `upload_fileobj` buffers up to 100 parts and does not abort when it
 is cancelled; this drives `create_multipart_upload` / `upload_part` /
 `complete_multipart_upload` / `abort_multipart_upload` itself.  Leaving the
 context without completing (an error, a cancellation) aborts the upload,
-shielded from cancellation and bounded in time.
+shielded from cancellation and bounded by the exit's cleanup deadline.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ._checksums import composite_crc32, is_full_object
+from ._concurrency import CleanupDeadline
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 
-__all__ = ["MultipartUpload", "PartBody", "put_object"]
+__all__ = ["MultipartUpload", "PartBody", "StoredObject", "check_object", "object_problem", "put_object"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -75,13 +76,13 @@ class MultipartUpload:
         location: S3Location,
         *,
         checksum: str | None,
-        abort_timeout: float,
+        cleanup: CleanupDeadline,
     ) -> None:
         self._s3 = s3
         self.location = location
         self._checksum = checksum
         self._full_object = is_full_object(checksum)
-        self._abort_timeout = abort_timeout
+        self._cleanup = cleanup
         self.upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
@@ -193,7 +194,7 @@ class MultipartUpload:
     ) -> None:
         if self._completed or self.upload_id is None:
             return
-        with anyio.move_on_after(self._abort_timeout, shield=True) as scope:
+        with self._cleanup.shield() as scope:
             try:
                 await self._s3.abort_multipart_upload(
                     Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
@@ -224,7 +225,18 @@ def _checksum_args(algorithm: str | None, value: str | None) -> dict[str, str]:
     return {"ChecksumAlgorithm": algorithm}
 
 
-async def object_problem(
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """What S3 reports about an object: its size, ETag and checksum (as S3 shows it, with
+    any "-N" part count), read back after an upload and compared again on resume."""
+
+    size: int
+    etag: str | None
+    checksum: str | None
+    checksum_type: str | None
+
+
+async def check_object(
     s3: S3Client,
     location: S3Location,
     size: int,
@@ -232,9 +244,9 @@ async def object_problem(
     *,
     algorithm: str | None = "CRC32",
     composite: bool = False,
-) -> str | None:
+) -> tuple[str | None, StoredObject | None]:
     """What is wrong with the object at `location` (missing, wrong size, or a `checksum` of
-    `algorithm` that differs from the one S3 reports), or None.
+    `algorithm` that differs from the one S3 reports), or None; and what S3 reported.
 
     `composite` says which kind `checksum` is: of the parts' checksums or of the whole object
     (S3 reports the kind as ChecksumType, and a composite value with a "-N" part count; moto
@@ -244,18 +256,33 @@ async def object_problem(
     try:
         head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
     except (ClientError, BotoCoreError) as exc:
-        return f"it cannot be read back ({type(exc).__name__})"
-    if head["ContentLength"] != size:
-        return f"it holds {head['ContentLength']} bytes, {size} were sent"
+        return f"it cannot be read back ({type(exc).__name__})", None
     stored = head.get(f"Checksum{algorithm}") if algorithm else None
+    found = StoredObject(head["ContentLength"], head.get("ETag"), stored, head.get("ChecksumType"))
+    if found.size != size:
+        return f"it holds {found.size} bytes, {size} were sent", found
     if not (checksum and stored):
-        return None
+        return None, found
     value, _, parts = stored.partition("-")
     # The kind S3 says it made; a "-N" part count also means composite; else taken as asked for.
-    kind = head.get("ChecksumType") or ("COMPOSITE" if parts else None)
+    kind = found.checksum_type or ("COMPOSITE" if parts else None)
     if kind is not None and (kind == "COMPOSITE") != composite:
         log.warning("%s: the server reports a %s %s (%s); it was not compared", location, kind, algorithm, stored)
-        return None
+        return None, found
     if value != checksum:
-        return f"its {algorithm} is {stored}, the parts sent make {checksum}"
-    return None
+        return f"its {algorithm} is {stored}, the parts sent make {checksum}", found
+    return None, found
+
+
+async def object_problem(
+    s3: S3Client,
+    location: S3Location,
+    size: int,
+    checksum: str | None,
+    *,
+    algorithm: str | None = "CRC32",
+    composite: bool = False,
+) -> str | None:
+    """What is wrong with the object at `location`, or None (see `check_object`)."""
+    problem, _ = await check_object(s3, location, size, checksum, algorithm=algorithm, composite=composite)
+    return problem

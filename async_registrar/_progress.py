@@ -2,21 +2,30 @@
 
 A caller passes a callback that receives these typed events and forwards them to
 its own log, UI or metrics.  The callback runs on the event loop and must not block.
+A callback that raises is logged and ignored: it never changes the registration's
+outcome (see `notify_all`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from ._errors import AcceptedRegistration
 
 __all__ = [
     "CleanupFinished",
     "ProgressCallback",
     "ProgressEvent",
+    "RegistrationKept",
     "RegistrationStatusChanged",
     "RegistrationSubmitted",
     "UploadProgress",
+    "notify_all",
 ]
+
+log = logging.getLogger("async_registrar")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +56,14 @@ class UploadProgress:
 
 @dataclass(frozen=True, slots=True)
 class RegistrationSubmitted:
-    """The registry accepted the registration."""
+    """The registry accepted the registration (or, `resumed`, the run found one it had accepted
+    for the same inputs earlier, and follows it instead of making a second)."""
 
     registration_id: str
     model_id: str
     workflow_execution_arn: str
     region: str | None = None
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,5 +86,47 @@ class CleanupFinished:
     leftovers: tuple[str, ...]
 
 
-ProgressEvent = UploadProgress | RegistrationSubmitted | RegistrationStatusChanged | CleanupFinished
+@dataclass(frozen=True, slots=True)
+class RegistrationKept:
+    """The run stopped after the registry accepted, before the registration was final: its
+    artifacts were kept for the registry.  A re-run with the same lineage id resumes it."""
+
+    registrations: tuple[AcceptedRegistration, ...]
+    #: Every `s3://` prefix kept (also one whose submission the registry may have taken
+    #: without answering, which has no registration id yet).
+    prefixes: tuple[str, ...]
+    #: Why the run stopped (the error, or "cancelled").
+    reason: str
+    #: What to do next.
+    resume_hint: str
+
+
+ProgressEvent = UploadProgress | RegistrationSubmitted | RegistrationStatusChanged | CleanupFinished | RegistrationKept
 ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def notify_all(callbacks: Sequence[ProgressCallback]) -> ProgressCallback:
+    """One callback that calls each of `callbacks` in turn and isolates them.
+
+    A callback that raises is logged (a warning the first time, its traceback at DEBUG)
+    and the others still get the event: a broken progress bar must never fail, or
+    worse half-fail, a registration.
+    """
+    failed: set[int] = set()
+
+    def emit(event: ProgressEvent) -> None:
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception as exc:
+                if id(callback) not in failed:
+                    failed.add(id(callback))
+                    log.warning(
+                        "the progress callback %r raised %s on %s; ignored, the registration goes on",
+                        callback,
+                        type(exc).__name__,
+                        type(event).__name__,
+                    )
+                log.debug("progress callback %r failed on %r", callback, event, exc_info=True)
+
+    return emit

@@ -1,196 +1,79 @@
-"""The registrar: whole registrations, from local checks to cleanup.
-
-    validate locally -> upload model and payload concurrently (to every region at once)
-    -> submit to MIMS (per region) -> wait until SUCCEEDED / FAILED / timeout
-    -> delete the temporary objects
+"""The registrar: registrations, as a library.
 
 `Registrar` owns (or borrows) its S3 and HTTP clients and shares them across
-registrations.  `submit()` returns a `RegistrationHandle` once MIMS accepted the
-registration; `wait()` on it for the end.  Each registration's temporary objects
-live under prefixes of their own, emptied by `TemporaryPrefix` on every way out.
+registrations.  Each registration is one run (`_run.Run`: prepare, upload,
+submit, wait, finalize); `submit()` returns a `RegistrationHandle` once the
+registry accepted it, and `wait()` on the handle follows it to the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import time
-from dataclasses import dataclass, field
 from types import TracebackType
 
 import aioboto3
 import anyio
-import anyio.to_thread
 import httpx
 from botocore.credentials import ReadOnlyCredentials
 
-from ._artifacts import ArtifactSource, inspect_artifact
-from ._concurrency import first_error, run_all
-from ._errors import ConfigurationError
-from ._metadata import load_performance_metadata
+from ._concurrency import outcomes
+from ._errors import CleanupError, ConfigurationError
 from ._mims_client import MimsClient
-from ._mims_contract import ArtifactRef, Registration, RegistrationSubmission
-from ._progress import ProgressCallback, ProgressEvent, RegistrationStatusChanged, RegistrationSubmitted
-from ._request import RegistrationRequest, run_identity
-from ._s3 import S3Client, S3Location, make_session, open_s3_client
+from ._mims_contract import Registration
+from ._progress import ProgressCallback, notify_all
+from ._request import RegistrationRequest
+from ._results import RegionRegistration, RegistrationResult
+from ._run import Run
+from ._s3 import S3Client, make_session, open_s3_client
 from ._settings import Settings
 from ._sigv4 import SigV4
-from ._temporary import TemporaryPrefix
-from ._upload import UploadedArtifact, upload_to_all
+from ._temporary import REMOVE_BY_HAND
 
 __all__ = ["RegionRegistration", "Registrar", "RegistrationHandle", "RegistrationResult"]
 
 log = logging.getLogger("async_registrar")
 
 
-@dataclass(frozen=True, slots=True)
-class RegionRegistration:
-    """The registration in one region: what MIMS registered and what was uploaded for it."""
-
-    region: str
-    registration_id: str
-    model_id: str
-    workflow_execution_arn: str
-    model_artifact: UploadedArtifact
-    payload_artifact: UploadedArtifact | None
-
-
-@dataclass(frozen=True, slots=True)
-class RegistrationResult:
-    """A finished registration, one entry per region (usually one).
-
-    The shortcuts (`model_id`, `workflow_execution_arn`, ...) are the first region's.
-    """
-
-    registrations: tuple[RegionRegistration, ...]
-    #: Seconds spent in each phase: "validate", "upload", "register", "total".
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def registration_id(self) -> str:
-        """The (first region's) registration id."""
-        return self.registrations[0].registration_id
-
-    @property
-    def model_id(self) -> str:
-        """The (first region's) model id."""
-        return self.registrations[0].model_id
-
-    @property
-    def workflow_execution_arn(self) -> str:
-        """The (first region's) workflow execution ARN."""
-        return self.registrations[0].workflow_execution_arn
-
-    @property
-    def model_artifact(self) -> UploadedArtifact:
-        """The (first region's) uploaded model archive."""
-        return self.registrations[0].model_artifact
-
-    @property
-    def payload_artifact(self) -> UploadedArtifact | None:
-        """The (first region's) uploaded payload archive, if any."""
-        return self.registrations[0].payload_artifact
-
-
-@dataclass(frozen=True, slots=True)
-class _Region:
-    """One region's share of a registration in flight."""
-
-    region: str
-    s3: S3Client
-    temporary: TemporaryPrefix
-    mims: MimsClient
-
-
 class RegistrationHandle:
     """A submitted registration: uploaded, accepted by MIMS, not yet finished.
 
-    `await handle.wait()` waits for the end and removes the temporary objects; until
-    then they stay (the registry reads them).  A handle that is never waited for is
-    closed (its objects removed) when the registrar exits, or by `aclose()`.
+    `await handle.wait()` follows it to the end and then removes the temporary objects;
+    until then they stay (the registry reads them).  `aclose()` (or the registrar's exit)
+    stops following it: its objects are removed if it is final by then, and otherwise
+    kept for the registry and named (a re-run with the same lineage id resumes it).
     """
 
-    def __init__(
-        self,
-        registrar: Registrar,
-        regions: list[_Region],
-        accepted: list[Registration],
-        uploaded: list[dict[str, UploadedArtifact]],
-        stack: contextlib.AsyncExitStack,
-        timings: dict[str, float],
-        started: float,
-        emit: ProgressCallback,
-    ) -> None:
+    def __init__(self, registrar: Registrar, run: Run) -> None:
         self._registrar = registrar
-        self._emit = emit
-        self._regions = regions
-        self.accepted: tuple[Registration, ...] = tuple(accepted)
-        self._uploaded = uploaded
-        self._stack: contextlib.AsyncExitStack | None = stack
-        self._timings = timings
-        self._started = started
+        self._run: Run | None = run
+        #: The registry's answer for each region, in order.
+        self.accepted: tuple[Registration, ...] = run.accepted
 
     async def wait(self) -> RegistrationResult:
-        """Wait until every region's registration finished; then remove the temporary objects.
+        """Wait until every region's registration is final; then remove the temporary objects.
 
-        Raises `RegistrationFailed`, `RegistrationTimeout` or another `RegistrarError` (the
-        temporary objects are removed then too).
+        Raises `RegistrationFailed`, `RegistrationTimeout` (its artifacts are kept: see
+        `RegistrationInterrupted`) or another `RegistrarError`.
         """
-        if self._stack is None:
-            raise RuntimeError("this registration was already waited for or closed")
-        settings = self._registrar.settings
-        mark = time.monotonic()
-        finals: list[Registration | None] = [None] * len(self._regions)
-
-        async def wait_one(index: int) -> None:
-            part = self._regions[index]
-
-            def changed(registration: Registration) -> None:
-                self._emit(
-                    RegistrationStatusChanged(
-                        registration.registration_id, registration.status, registration.failure_reason, part.region
-                    )
-                )
-
-            finals[index] = await part.mims.wait(
-                self.accepted[index].registration_id, max_wait=settings.wait_timeout, on_status=changed
-            )
-
-        try:
-            await run_all(functools.partial(wait_one, index) for index in range(len(self._regions)))
-        except BaseException as exc:
-            await self._close(exc)
-            raise
-        await self._close(None)
-        self._timings["register"] = self._timings.get("submit", 0.0) + time.monotonic() - mark
-        self._timings.pop("submit", None)
-        self._timings["total"] = time.monotonic() - self._started
-        registrations = []
-        for part, accepted, final, uploaded in zip(self._regions, self.accepted, finals, self._uploaded, strict=True):
-            assert final is not None
-            registrations.append(
-                RegionRegistration(
-                    region=part.region,
-                    registration_id=final.registration_id,
-                    model_id=final.model_id or accepted.model_id,
-                    workflow_execution_arn=final.workflow_execution_arn or accepted.workflow_execution_arn,
-                    model_artifact=uploaded["model"],
-                    payload_artifact=uploaded.get("payload"),
-                )
-            )
-        return RegistrationResult(tuple(registrations), dict(self._timings))
+        run = self._take()
+        return await run.finish()
 
     async def aclose(self) -> None:
-        """Remove the temporary objects without waiting (the registry may then fail them)."""
-        await self._close(None)
+        """Stop following the registration (see the class); raise `CleanupError` if objects that
+        nothing needs could not be removed."""
+        if self._run is None:
+            return
+        leftovers = await self._take().close()
+        if leftovers:
+            raise CleanupError(f"could not remove everything; {REMOVE_BY_HAND}", leftovers)
 
-    async def _close(self, exc: BaseException | None) -> None:
-        stack, self._stack = self._stack, None
+    def _take(self) -> Run:
+        run, self._run = self._run, None
+        if run is None:
+            raise RuntimeError("this registration was already waited for or closed")
         self._registrar._forget(self)
-        if stack is not None:
-            with anyio.CancelScope(shield=True):
-                await stack.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        return run
 
 
 class Registrar:
@@ -248,11 +131,28 @@ class Registrar:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Close every handle never waited for (each on its own), then the clients; then raise
+        what went wrong closing them (or, when leaving with an error, add it to that error)."""
+        errors: list[Exception] = []
         with anyio.CancelScope(shield=True):
-            for handle in list(self._handles):  # submitted, never waited for: clean up
-                await handle.aclose()
+            # Every handle gets closed (at once: each within its own cleanup deadline), and the
+            # clients too, whatever fails on the way.
+            errors += [e for e in await outcomes(h.aclose for h in list(self._handles)) if e is not None]
             if self._stack is not None:
-                await self._stack.aclose()
+                try:
+                    await self._stack.aclose()
+                except Exception as failure:
+                    errors.append(failure)
+        if not errors:
+            return
+        if exc is not None:
+            for error in errors:
+                log.error("while closing the registrar: %s", error)
+                exc.add_note(f"while closing the registrar: {error}")
+            return
+        if len(errors) == 1:
+            raise errors[0]
+        raise ExceptionGroup("closing the registrar failed in several ways", errors)
 
     async def register(
         self, request: RegistrationRequest, *, on_progress: ProgressCallback | None = None
@@ -260,8 +160,9 @@ class Registrar:
         """Run one registration to the end; raise a `RegistrarError` subclass if it fails.
 
         `on_progress` receives this registration's events (besides the registrar's own
-        callback).  Cancelling it stops the uploads and the wait, and still removes its
-        temporary objects.
+        callback).  Cancelling it stops the uploads and the wait; its temporary objects are
+        removed, except those of a registration the registry accepted and has not finished
+        (they are kept and named, see `RegistrationKept`).
         """
         handle = await self.submit(request, on_progress=on_progress)
         return await handle.wait()
@@ -271,128 +172,41 @@ class Registrar:
     ) -> RegistrationHandle:
         """Check the inputs, upload them and submit; return once MIMS accepted the registration.
 
-        With several regions, the archives are built once and uploaded to every region's
-        bucket at once, and one registration is submitted per region.  If anything fails
-        (or the call is cancelled), every region's temporary objects are removed.
+        With a lineage id, what an earlier run left for the same inputs is resumed first (a
+        registration followed instead of made again, artifacts not uploaded again).  With
+        several regions, the archives are built once and uploaded to every region's bucket at
+        once, and one registration is submitted per region.  If anything fails (or the call
+        is cancelled) before the registry accepted, the temporary objects are removed.
         """
-        s3, http = self._clients()
-        settings = self.settings
-        emit = self._emitter(on_progress)
-        started = time.monotonic()
-        timings: dict[str, float] = {}
-        model_source, payload_source = await self._inspect(request)
-        metadata = await load_performance_metadata(
-            s3, local=request.metadata_path, uri=request.performance_metadata_uri
+        s3, _ = self._clients()
+        callbacks = [c for c in (self._on_progress, on_progress) if c is not None]
+        run = Run(
+            self.settings,
+            request,
+            s3=s3,
+            region_clients=lambda region: self._region_clients(region, several=len(request.config.regions) > 1),
+            uploads=self._uploads,
+            emit=notify_all(callbacks),
         )
-        timings["validate"] = time.monotonic() - started
-
-        regions = request.config.regions
-        run_id, key = run_identity(request, model_source, payload_source, metadata)
-        stack = contextlib.AsyncExitStack()
-        try:
-            parts = []
-            for region in regions:
-                bucket = settings.bucket_for(region)
-                prefix = f"{settings.s3_prefix}{run_id}/" + (f"{region}/" if len(regions) > 1 else "")
-                regional = await self._s3_for(region, several=len(regions) > 1)
-                temporary = await stack.enter_async_context(
-                    TemporaryPrefix(regional, bucket, prefix, timeout=settings.cleanup_timeout, on_progress=emit)
-                )
-                auth = SigV4(self._credentials, region=region, service=settings.mims_service_name)
-                parts.append(
-                    _Region(
-                        region,
-                        regional,
-                        temporary,
-                        MimsClient(http, settings.endpoint_for(region), settings, auth=auth),
-                    )
-                )
-                log.info("run %s: temporary prefix %s", run_id, temporary.uri)
-
-            mark = time.monotonic()
-            uploaded: list[dict[str, UploadedArtifact]] = [{} for _ in parts]
-
-            async def upload(name: str, source: ArtifactSource) -> None:
-                targets = [(p.s3, S3Location(p.temporary.bucket, p.temporary.key(f"{name}.tar.gz"))) for p in parts]
-                async with self._uploads:
-                    results = await upload_to_all(source, targets, settings, artifact=name, on_progress=emit)
-                for index, result in enumerate(results):
-                    uploaded[index][name] = result
-
-            with first_error():
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(upload, "model", model_source)
-                    if payload_source is not None:
-                        tg.start_soon(upload, "payload", payload_source)
-            timings["upload"] = time.monotonic() - mark
-
-            mark = time.monotonic()
-            accepted: list[Registration | None] = [None] * len(parts)
-
-            async def submit_one(index: int) -> None:
-                part, artifacts = parts[index], uploaded[index]
-                submission = RegistrationSubmission.model_validate(
-                    {
-                        **request.config.to_wire(part.region),
-                        "model_artifact": _ref(artifacts["model"]),
-                        "payload_artifact": _ref(artifacts["payload"]) if "payload" in artifacts else None,
-                        "performance_metadata": metadata,
-                        "workflow_execution_id": request.workflow_execution_id,
-                    }
-                )
-                region_key = key if len(parts) == 1 else f"{key}-{part.region}"
-                answer = await part.mims.submit(submission, idempotency_key=region_key)
-                accepted[index] = answer
-                emit(
-                    RegistrationSubmitted(
-                        answer.registration_id, answer.model_id, answer.workflow_execution_arn, part.region
-                    )
-                )
-
-            await run_all(functools.partial(submit_one, index) for index in range(len(parts)))
-            timings["submit"] = time.monotonic() - mark
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        handle = RegistrationHandle(
-            self, parts, [a for a in accepted if a is not None], uploaded, stack, timings, started, emit
-        )
+        await run.start()
+        handle = RegistrationHandle(self, run)
         self._handles.add(handle)
         return handle
-
-    def _emitter(self, extra: ProgressCallback | None) -> ProgressCallback:
-        """The callback for one registration's events: the registrar's, then the call's own."""
-        callbacks = [c for c in (self._on_progress, extra) if c is not None]
-
-        def emit(event: ProgressEvent) -> None:
-            for callback in callbacks:
-                callback(event)
-
-        return emit
 
     def _forget(self, handle: RegistrationHandle) -> None:
         self._handles.discard(handle)
 
-    async def _inspect(self, request: RegistrationRequest) -> tuple[ArtifactSource, ArtifactSource | None]:
-        """Scan the inputs (in a worker thread: trees can be large)."""
-        model = await anyio.to_thread.run_sync(lambda: inspect_artifact(request.model_path, role="model"))
-        payload = None
-        if request.payload_path is not None and await anyio.Path(request.payload_path).exists():
-            path = request.payload_path
-            payload = await anyio.to_thread.run_sync(lambda: inspect_artifact(path, role="payload"))
-        return model, payload
-
-    async def _s3_for(self, region: str, *, several: bool) -> S3Client:
-        """The S3 client for `region`: the shared one, or one of that region's (opened once)."""
-        s3, _ = self._clients()
-        if self._shared_s3 or not several:
-            return s3
-        async with self._client_lock:
-            if region not in self._regional_s3:
-                assert self._stack is not None
-                self._regional_s3[region] = await self._stack.enter_async_context(self._open_s3(region))
-            return self._regional_s3[region]
+    async def _region_clients(self, region: str, *, several: bool) -> tuple[S3Client, MimsClient]:
+        """The S3 client (the shared one, or one of that region's, opened once) and a MIMS client."""
+        s3, http = self._clients()
+        if not (self._shared_s3 or not several):
+            async with self._client_lock:
+                if region not in self._regional_s3:
+                    assert self._stack is not None
+                    self._regional_s3[region] = await self._stack.enter_async_context(self._open_s3(region))
+                s3 = self._regional_s3[region]
+        auth = SigV4(self._credentials, region=region, service=self.settings.mims_service_name)
+        return s3, MimsClient(http, self.settings.endpoint_for(region), self.settings, auth=auth)
 
     def _open_s3(self, region: str | None) -> contextlib.AbstractAsyncContextManager[S3Client]:
         return open_s3_client(
@@ -417,7 +231,3 @@ class Registrar:
         if self._s3 is None or self._http is None:
             raise RuntimeError("use the Registrar as an async context manager: async with Registrar(...) as r")
         return self._s3, self._http
-
-
-def _ref(artifact: UploadedArtifact) -> ArtifactRef:
-    return ArtifactRef(s3_uri=artifact.uri, size_bytes=artifact.size, sha256=artifact.sha256)

@@ -1,9 +1,9 @@
 """What to register: the request, and the identity of its run.
 
 A request pairs the validated configuration with the input paths.  Its run
-identity (the temporary prefix's name and the Idempotency-Key) is derived from
-what it registers when it has a lineage id, so that a retried job makes no
-second registration.
+identity (the folder its attempts share, and its Idempotency-Keys) is derived
+from what it registers when it has a lineage id, so that a retried job finds
+the registration an earlier run made instead of making a second.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._artifacts import ArtifactSource, DirectorySource
 from ._config import RegistrationConfig, load_config
-from ._settings import JobInputs
+from ._settings import JobInputs, Settings
 
-__all__ = ["RegistrationRequest", "new_run_id", "run_identity"]
+__all__ = ["RegistrationRequest", "RunIdentity", "new_run_id", "run_identity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,9 @@ class RegistrationRequest:
     metadata_path: Path | None = None
     performance_metadata_uri: str | None = None
     workflow_execution_id: str | None = None
-    #: Sent with every submission attempt.  When neither this nor `workflow_execution_id`
-    #: is set, each registration gets a fresh key (see `run_identity`).
+    #: Sent with every submission attempt (with a "-gN" suffix for the Nth registration of
+    #: the same inputs, after earlier ones ended FAILED).  When neither this nor
+    #: `workflow_execution_id` is set, each registration gets a fresh key (see `run_identity`).
     idempotency_key: str | None = None
 
     @classmethod
@@ -63,24 +65,55 @@ class RegistrationRequest:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class RunIdentity:
+    """Who a registration run is: where its attempts live, and the keys it submits with.
+
+    `group` names the folder under the temporary prefix that every attempt of the same
+    registration shares (`{prefix}{group}/{attempt}/`): a re-run lists it to find what an
+    earlier run left for the registry.  With a lineage id (MODS_WORKFLOW_EXECUTION_ID) or
+    an explicit key it is derived from what the job registers, cheaply: the lineage, the
+    configuration, the metadata, the inputs' names and sizes, and the settings that shape
+    the archive.  Without either, every run is its own registration (`resumable` is False).
+    """
+
+    group: str
+    resumable: bool
+    #: The digest of the identity document, from which the Idempotency-Keys are derived.
+    seed: str
+    explicit_key: str | None = None
+
+    def idempotency_key(self, archives: Mapping[str, str], *, region: str | None = None, generation: int = 1) -> str:
+        """The Idempotency-Key of one registration: `archives` maps each artifact to its sha256.
+
+        Derived from the identity and the archives' contents, so that two different models
+        never share a key and the same inputs always get the same one.  `region` is added
+        when a configuration registers in several; `generation` counts the registrations
+        of the same inputs that ended FAILED before (a re-run means "try again").
+        """
+        if self.explicit_key is not None:
+            key = self.explicit_key
+        else:
+            contents = json.dumps({"seed": self.seed, "archives": dict(sorted(archives.items()))}, sort_keys=True)
+            key = "registrar-" + hashlib.sha256(contents.encode()).hexdigest()
+        if region is not None:
+            key += f"-{region}"
+        if generation > 1:
+            key += f"-g{generation}"
+        return key
+
+
 def run_identity(
     request: RegistrationRequest,
     model: ArtifactSource,
     payload: ArtifactSource | None,
     metadata: dict[str, Any] | None,
-) -> tuple[str, str]:
-    """The run id (the temporary prefix's name) and the Idempotency-Key of a registration.
-
-    With a lineage id (MODS_WORKFLOW_EXECUTION_ID) or an explicit key, both are derived
-    from what the job registers: the lineage, the configuration, the metadata and the
-    inputs' names and sizes.  A retried container therefore uploads to the same keys and,
-    since archives are deterministic, submits the same body with the same key: the
-    registry answers with the registration it already has instead of making a second.
-    Without either, each run is its own registration: a fresh id and key.
-    """
+    settings: Settings,
+) -> RunIdentity:
+    """The identity of a registration run (see `RunIdentity`)."""
     if not (request.idempotency_key or request.workflow_execution_id):
         run_id = new_run_id()
-        return run_id, f"registrar-{run_id}"
+        return RunIdentity(group=f"run-{run_id}", resumable=False, seed=run_id)
     identity = {
         "key": request.idempotency_key,
         "workflow_execution_id": request.workflow_execution_id,
@@ -89,9 +122,11 @@ def run_identity(
         "performance_metadata_uri": request.performance_metadata_uri,
         "model": _listing(model),
         "payload": _listing(payload),
+        # What else decides the archive's bytes: a changed level is another registration.
+        "archive": {"compression_level": settings.compression_level, "mtime": settings.archive_mtime},
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    return f"run-{digest[:24]}", request.idempotency_key or f"registrar-{digest}"
+    return RunIdentity(group=f"run-{digest[:24]}", resumable=True, seed=digest, explicit_key=request.idempotency_key)
 
 
 def _listing(source: ArtifactSource | None) -> list[tuple[str, int, bool]] | None:

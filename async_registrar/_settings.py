@@ -9,6 +9,7 @@ container paths of one registration job.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -145,6 +146,13 @@ class Settings(BaseModel):
     # Cleanup, which must finish inside a container's grace period.
     cleanup_timeout: Seconds = 25.0
 
+    def __init__(self, **values: Any) -> None:
+        """Validate `values`; raise `ConfigurationError` listing every problem (as `from_env` does)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _configuration_error(type(self), exc, _describe.get()) from None
+
     def bucket_for(self, region: str) -> str:
         """The temporary bucket for `region`."""
         return self.s3_bucket.replace("{region}", region)
@@ -267,13 +275,27 @@ def _gather(
     return values
 
 
+#: How a problem names its field: by the field's name, or (from the environment) by its
+#: option and variables.  pydantic runs a model's own `__init__` from `model_validate` too.
+_describe: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("describe", default=str)
+
+
 def _validate(model: type[M], values: dict[str, Any], describe: Callable[[str], str]) -> M:
+    token = _describe.set(describe)
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = []
-        for line in describe_validation_errors(exc, known=list(model.model_fields)):
-            field, _, rest = line.partition(":")
-            base = field.split("[", 1)[0]
-            problems.append(f"{describe(base)}:{rest}" if base in model.model_fields else line)
-        raise ConfigurationError("invalid settings; fix each and run again:", problems) from None
+        raise _configuration_error(model, exc, describe) from None
+    finally:
+        _describe.reset(token)
+
+
+def _configuration_error(
+    model: type[BaseModel], exc: ValidationError, describe: Callable[[str], str]
+) -> ConfigurationError:
+    problems = []
+    for line in describe_validation_errors(exc, known=list(model.model_fields)):
+        field, _, rest = line.partition(":")
+        base = field.split("[", 1)[0]
+        problems.append(f"{describe(base)}:{rest}" if base in model.model_fields else line)
+    return ConfigurationError("invalid settings; fix each and run again:", problems)

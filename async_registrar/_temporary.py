@@ -1,15 +1,16 @@
-"""The run's temporary prefix, emptied on every way out.
+"""The run's temporary prefix, and removing what is under it.
 
-Everything a registration uploads lives under `s3://bucket/{prefix}{run-id}/`.
-Leaving `TemporaryPrefix` (success, error or cancellation) aborts every
-multipart upload still open under it and deletes every object under it,
-shielded from cancellation and bounded in time.  Listing the prefix, not only
-remembering keys, also catches an upload whose CreateMultipartUpload reached
-S3 just as the run was cancelled.
+Everything a registration run uploads lives under one prefix of its own.
+`remove()` aborts every multipart upload still open under it and deletes every
+object under it, shielded from cancellation and bounded by the exit's cleanup
+deadline.  Listing the prefix, not only remembering keys, also catches an upload
+whose CreateMultipartUpload reached S3 just as the run was cancelled.
 
-If something can't be removed, the original error stays the one raised and a
-note names each key and upload id left behind; after a success a
-`CleanupError` names them.
+Whether to remove is the run's decision (see `_run`): a prefix that an accepted,
+unfinished registration still reads is kept.  Used as a context manager, the
+prefix is removed on every way out: if something can't be removed, the original
+error stays the one raised and a note names each key and upload id left behind;
+after a success a `CleanupError` names them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-import anyio
-
+from ._concurrency import CleanupDeadline
 from ._errors import CleanupError, StorageError
 from ._progress import CleanupFinished, ProgressCallback
 from ._s3 import S3Client, storage_errors
@@ -27,9 +27,16 @@ __all__ = ["TemporaryPrefix"]
 
 log = logging.getLogger("async_registrar.cleanup")
 
+#: What the message of a failed cleanup tells an operator to do.
+REMOVE_BY_HAND = "remove these by hand (aws s3 rm / aws s3api abort-multipart-upload):"
+
 
 class TemporaryPrefix:
-    """A prefix that belongs to one run and is emptied when the context ends."""
+    """A prefix that belongs to one run: `remove()` empties it.
+
+    `cleanup` is the deadline of the exit the removal is part of (a fresh one of `timeout`
+    seconds when not given).
+    """
 
     def __init__(
         self,
@@ -37,14 +44,18 @@ class TemporaryPrefix:
         bucket: str,
         prefix: str,
         *,
-        timeout: float,
+        timeout: float | None = None,
+        cleanup: CleanupDeadline | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> None:
         if not prefix.endswith("/") or len(prefix) < 2:
             raise ValueError(f"a temporary prefix must be a non-empty folder, got {prefix!r}")
+        if cleanup is None and timeout is None:
+            raise ValueError("give a TemporaryPrefix a cleanup deadline or a timeout")
         self._s3 = s3
         self.bucket = bucket
         self.prefix = prefix
+        self._cleanup = cleanup
         self._timeout = timeout
         self._on_progress = on_progress
         self._known: set[str] = set()
@@ -61,6 +72,23 @@ class TemporaryPrefix:
         self._known.add(key)
         return key
 
+    async def remove(self) -> tuple[str, ...]:
+        """Abort the open uploads and delete the objects under the prefix; return what is left
+        (each `s3://` key or upload id, for a person to remove), reported as `CleanupFinished`."""
+        cleanup = self._cleanup or CleanupDeadline(self._timeout or 0.0)
+        leftovers: list[str] = []
+        counts = [0, 0]
+        log.info("cleaning up the temporary objects under %s", self.uri)
+        with cleanup.shield() as scope:
+            leftovers = await self._empty(counts)
+        if scope.cancelled_caught:
+            leftovers = [f"{self.uri} (cleanup timed out after {cleanup.timeout:g} s)"]
+        if self._on_progress is not None:
+            self._on_progress(CleanupFinished(self.uri, counts[0], counts[1], tuple(leftovers)))
+        if not leftovers:
+            log.info("removed the temporary objects under %s", self.uri)
+        return tuple(leftovers)
+
     async def __aenter__(self) -> TemporaryPrefix:
         if self._entered:
             raise RuntimeError("a TemporaryPrefix can be entered only once")
@@ -73,22 +101,10 @@ class TemporaryPrefix:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        leftovers: list[str] = []
-        counts = [0, 0]
-        log.info("cleaning up the temporary objects under %s", self.uri)
-        with anyio.move_on_after(self._timeout, shield=True) as scope:
-            leftovers = await self._empty(counts)
-        if scope.cancelled_caught:
-            leftovers = [f"{self.uri} (cleanup timed out after {self._timeout:g} s)"]
-        if self._on_progress is not None:
-            self._on_progress(CleanupFinished(self.uri, counts[0], counts[1], tuple(leftovers)))
+        leftovers = await self.remove()
         if not leftovers:
-            log.info("removed the temporary objects under %s", self.uri)
             return
-        message = (
-            f"could not remove everything under {self.uri}; remove these by hand "
-            "(aws s3 rm / aws s3api abort-multipart-upload):"
-        )
+        message = f"could not remove everything under {self.uri}; {REMOVE_BY_HAND}"
         if exc is None:
             raise CleanupError(message, leftovers)
         log.error("%s %s", message, "; ".join(leftovers))

@@ -30,15 +30,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._archive import stream_archive, tar_size
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._checksums import Checksummer, is_full_object
-from ._concurrency import first_error, run_all
+from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import StorageError
-from ._multipart import MultipartUpload, object_problem, put_object
+from ._multipart import MultipartUpload, StoredObject, check_object, put_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
 
-__all__ = ["UploadedArtifact", "upload_artifact", "upload_to_all"]
+__all__ = ["UploadedArtifact", "digest_artifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -51,6 +51,11 @@ class UploadedArtifact:
     size: int
     sha256: str
     parts: int
+    #: What S3 reported once the upload was complete: the ETag and the checksum (with any
+    #: "-N" part count) of `checksum_algorithm`.  A resumed run compares them again.
+    etag: str | None = None
+    checksum: str | None = None
+    checksum_algorithm: str | None = None
 
     @property
     def uri(self) -> str:
@@ -187,10 +192,16 @@ async def upload_to_all(
     *,
     artifact: str = "artifact",
     on_progress: ProgressCallback | None = None,
+    cleanup: CleanupDeadline | None = None,
 ) -> list[UploadedArtifact]:
     """Like `upload_artifact`, to several places at once: archived and hashed once, each part
-    sent to every target (one multipart upload per target, all aborted if any fails)."""
+    sent to every target (one multipart upload per target, all aborted if any fails).
+
+    Aborts (and the delete of an object found damaged) run under `cleanup`, the deadline of
+    the caller's exit, so that they count against the same bound as the rest of its cleanup.
+    """
     location = targets[0][1]
+    cleanup = cleanup or CleanupDeadline(settings.cleanup_timeout)
     part_size = choose_part_size(source.size_bound, settings.part_size)
     # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
     # server is one that rejects checksum headers.
@@ -260,18 +271,68 @@ async def upload_to_all(
             tg.start_soon(produce)
             tg.start_soon(hash_in_order)
             async with receive_hashed:
-                parts, expected = await _consume(receive_hashed, targets, settings, checksummer, tracker, pool)
+                parts, expected = await _consume(receive_hashed, targets, settings, checksummer, tracker, pool, cleanup)
 
     size, digest = cutter.size, sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
     composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's
-    await run_all(
-        functools.partial(_confirm, s3, target, size, expected, algorithm, composite) for s3, target in targets
-    )
+    stored: list[StoredObject | None] = [None] * len(targets)
+
+    async def confirm(index: int) -> None:
+        s3, target = targets[index]
+        stored[index] = await _confirm(s3, target, size, expected, algorithm, composite, cleanup)
+
+    await run_all(functools.partial(confirm, index) for index in range(len(targets)))
     tracker.report(done=True)
     for _, target in targets:
         log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
-    return [UploadedArtifact(target, size, digest, parts) for _, target in targets]
+    return [
+        UploadedArtifact(
+            target,
+            size,
+            digest,
+            parts,
+            etag=found.etag if found else None,
+            checksum=found.checksum if found else None,
+            checksum_algorithm=algorithm if found and found.checksum else None,
+        )
+        for (_, target), found in zip(targets, stored, strict=True)
+    ]
+
+
+async def digest_artifact(source: ArtifactSource, settings: Settings) -> tuple[int, str]:
+    """The size and sha256 of the archive `upload_artifact` would upload, without uploading it.
+
+    A resumed run uses it to tell whether the inputs are the ones an earlier run registered.
+    It reads and gzips the whole input (in a worker thread, gzip on the usual threads) and
+    stops within a block of being cancelled.
+    """
+
+    class Digest:
+        def __init__(self) -> None:
+            self.sha256 = hashlib.sha256()
+            self.size = 0
+
+        def write(self, data: bytes | memoryview) -> None:
+            anyio.from_thread.check_cancelled()  # a cancelled run stops here, not at the end
+            self.sha256.update(data)
+            self.size += len(data)
+
+    def digest_blocking() -> tuple[int, str]:
+        sink = Digest()
+        if isinstance(source, DirectorySource):
+            stream_archive(
+                source,
+                sink,
+                level=settings.compression_level,
+                mtime=settings.archive_mtime,
+                threads=settings.compression_threads,
+            )
+        else:
+            stream_prebuilt(source, sink, check=False)
+        return sink.size, sink.sha256.hexdigest()
+
+    return await anyio.to_thread.run_sync(digest_blocking)
 
 
 async def _consume(
@@ -281,6 +342,7 @@ async def _consume(
     checksummer: Checksummer | None,
     tracker: _Tracker,
     pool: deque[bytearray],
+    cleanup: CleanupDeadline,
 ) -> tuple[int, str | None]:
     """Upload the parts as they come to every target, handing full buffers back to `pool`.
 
@@ -320,9 +382,7 @@ async def _consume(
 
     async with contextlib.AsyncExitStack() as stack:  # every upload is aborted if any step fails
         uploads = [
-            await stack.enter_async_context(
-                MultipartUpload(s3, location, checksum=algorithm, abort_timeout=settings.cleanup_timeout)
-            )
+            await stack.enter_async_context(MultipartUpload(s3, location, checksum=algorithm, cleanup=cleanup))
             for s3, location in targets
         ]
         await run_all(
@@ -337,14 +397,22 @@ async def _consume(
 
 
 async def _confirm(
-    s3: S3Client, location: S3Location, size: int, checksum: str | None, algorithm: str | None, composite: bool
-) -> None:
-    """Check that S3 holds the object whole (size, and checksum where known); delete it if not."""
+    s3: S3Client,
+    location: S3Location,
+    size: int,
+    checksum: str | None,
+    algorithm: str | None,
+    composite: bool,
+    cleanup: CleanupDeadline,
+) -> StoredObject | None:
+    """Check that S3 holds the object whole (size, and checksum where known); delete it if not.
+
+    Returns what S3 reported about it."""
     # A failed HeadObject is a problem too.
-    problem = await object_problem(s3, location, size, checksum, algorithm=algorithm, composite=composite)
+    problem, found = await check_object(s3, location, size, checksum, algorithm=algorithm, composite=composite)
     if problem is None:
-        return
-    with anyio.CancelScope(shield=True), storage_errors("DeleteObject", location.bucket, location.key):
+        return found
+    with cleanup.shield(), storage_errors("DeleteObject", location.bucket, location.key):
         await s3.delete_object(Bucket=location.bucket, Key=location.key)
     raise StorageError(
         f"{location} is not what was uploaded: {problem}; the object was deleted, run again",

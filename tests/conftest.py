@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import stamina
 from pydantic import SecretStr
@@ -83,6 +84,28 @@ async def leftovers(s3: Any, bucket: str, prefix: str) -> list[str]:
     objects = await s3.list_objects_v2(Bucket=bucket, Prefix=prefix)
     uploads = await s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for o in objects.get("Contents", [])] + [f"upload:{u['Key']}" for u in uploads.get("Uploads", [])]
+
+
+async def final_status(registry: ThreadedMimsServer, registration_id: str, timeout: float = 15) -> str:
+    """Wait until the registry has finished `registration_id`; its status, with the reason if FAILED."""
+    with anyio.fail_after(timeout):
+        while True:
+            registration = registry.registration(registration_id)
+            assert registration is not None, f"the registry has no {registration_id}"
+            if registration.status in ("SUCCEEDED", "FAILED"):
+                return registration.status + (f": {registration.failure_reason}" if registration.failure_reason else "")
+            await anyio.sleep(0.05)
+
+
+async def remove_all(s3: Any, bucket: str, prefix: str) -> None:
+    """Remove what a test kept on purpose under `prefix` (objects and open uploads)."""
+    for key in await leftovers(s3, bucket, prefix):
+        if key.startswith("upload:"):
+            uploads = await s3.list_multipart_uploads(Bucket=bucket, Prefix=key.removeprefix("upload:"))
+            for upload in uploads.get("Uploads", []):
+                await s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        else:
+            await s3.delete_object(Bucket=bucket, Key=key)
 
 
 def registration_config(**changes: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from async_registrar import Settings
 from async_registrar._archive import stream_archive
 from async_registrar._artifacts import DirectorySource, inspect_artifact
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar.reference_mims import ThreadedMimsServer
 
 from .conftest import MiB, leftovers, make_job, mims_server, registration_config
 
@@ -213,25 +214,71 @@ async def test_failed_registration_exits_5(tmp_path: Path, stack: LocalStack, se
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-async def test_wait_timeout_exits_6(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
-    """A registration still PENDING at --wait-timeout: exit 6; the temporary objects are gone."""
+def kept_and_named(stderr: str, registry: ThreadedMimsServer) -> tuple[str, str]:
+    """The one registration the stderr names as kept (its id and kept prefix), checked against the registry."""
+    match = re.search(
+        r"registration (reg-\w+) \(model id (model-\w+), us-west-2\) is (PENDING|IN_PROGRESS); "
+        r"its artifacts are kept under (s3://\S+/)",
+        stderr,
+    )
+    assert match, stderr
+    registration_id, model_id, _, prefix = match.groups()
+    held = registry.registration(registration_id)
+    assert held is not None
+    assert held.model_id == model_id
+    assert "re-run with the same lineage id (MODS_WORKFLOW_EXECUTION_ID=wf-cli) and the same inputs to resume" in stderr
+    return registration_id, prefix
+
+
+def resumes(env: dict[str, str], registry: ThreadedMimsServer, registration_id: str) -> None:
+    """A re-run with the same lineage id follows the kept registration to SUCCEEDED: no second
+    registration, nothing uploaded again, the two lines printed."""
+    result = run(env, "register")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming registration {registration_id}" in result.stderr, result.stderr
+    assert "nothing to upload" in result.stderr, result.stderr
+    assert "uploading model" not in result.stderr, result.stderr
+    assert registry.registration_count == 1
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(registration_id)
+
+
+async def test_wait_timeout_exits_6_keeps_and_a_rerun_resumes(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """Still unfinished at --wait-timeout: exit 6, the artifacts kept and named; the registry, reading
+    them late, is not starved; a re-run resumes it to SUCCEEDED and then removes everything."""
     job = make_job(tmp_path)
-    with mims_server(stack, pending_delay=60) as slow:
-        env = environment(stack, settings, job, REGISTRAR_MIMS_ENDPOINT=slow.endpoint)
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=3) as late:
+        env = environment(
+            stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-cli"
+        )
         result = run(env, "register", "--wait-timeout", "1")
-    assert result.returncode == 6, result.stderr
-    assert "did not finish within 1 s (last status: PENDING)" in result.stderr
+        assert result.returncode == 6, result.stderr
+        assert result.stdout == ""
+        assert "did not finish within 1 s (last status: IN_PROGRESS)" in result.stderr
+        registration_id, prefix = kept_and_named(result.stderr, late)
+        kept = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        assert sorted(f"s3://{settings.s3_bucket}/{k}" for k in kept) == [
+            prefix + name for name in ("model.tar.gz", "payload.tar.gz", "registration.json")
+        ]
+        resumes(env, late, registration_id)
+        assert late.registration(registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-async def test_a_signal_during_the_wait_cleans_up(
+async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, signum: int, code: int
 ) -> None:
-    """SIGTERM/SIGINT once the registration is submitted: exit 143/130 and an empty prefix."""
+    """SIGTERM/SIGINT once the registry accepted: exit 143/130, the registration named with what was
+    kept and how to resume; a re-run with the same lineage id resumes it, then nothing is left."""
     job = make_job(tmp_path)
-    with mims_server(stack, pending_delay=60) as slow:
-        env = environment(stack, settings, job, REGISTRAR_MIMS_ENDPOINT=slow.endpoint)
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=3) as late:
+        env = environment(
+            stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-cli"
+        )
         process = subprocess.Popen(
             [sys.executable, "-m", "async_registrar", "register"],
             env=env,
@@ -247,9 +294,13 @@ async def test_a_signal_during_the_wait_cleans_up(
                 process.send_signal(signum)
                 break
         stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == code, "".join(seen) + stderr
-    assert f"{signal.Signals(signum).name} received: stopping and cleaning up" in stderr
-    assert stdout == ""
+        assert process.returncode == code, "".join(seen) + stderr
+        assert f"{signal.Signals(signum).name} received: stopping and cleaning up" in stderr
+        assert f"interrupted by {signal.Signals(signum).name}:" in stderr
+        assert stdout == ""
+        registration_id, _ = kept_and_named(stderr, late)
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
+        resumes(env, late, registration_id)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 

@@ -26,7 +26,7 @@ from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._request import run_identity
 from async_registrar._s3 import make_session, open_s3_client
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config
+from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all
 
 
 async def request_for(job: dict[str, Path], **options: Any) -> RegistrationRequest:
@@ -39,7 +39,7 @@ async def test_submit_returns_a_handle_to_wait_on(tmp_path: Path, settings: Sett
         handle = await registrar.submit(await request_for(make_job(tmp_path)))
         (accepted,) = handle.accepted
         assert accepted.status == "PENDING"
-        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 2
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3  # and the run manifest
         result = await handle.wait()
         with pytest.raises(RuntimeError, match="already waited"):
             await handle.wait()
@@ -47,12 +47,28 @@ async def test_submit_returns_a_handle_to_wait_on(tmp_path: Path, settings: Sett
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-async def test_a_handle_never_waited_for_is_cleaned_at_exit(tmp_path: Path, settings: Settings, s3: Any) -> None:
-    """Leaving the registrar closes open handles: their temporary objects go."""
+async def test_a_handle_never_waited_for_is_cleaned_at_exit_once_final(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Leaving the registrar closes open handles: a registration final by then loses its objects."""
     async with Registrar(settings) as registrar:
-        await registrar.submit(await request_for(make_job(tmp_path)))
+        handle = await registrar.submit(await request_for(make_job(tmp_path)))
         assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        assert await final_status(stack.mims_server, handle.accepted[0].registration_id) == "SUCCEEDED"
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_handle_never_waited_for_keeps_an_unfinished_registration(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """An unfinished registration's artifacts outlive the registrar (the registry reads them), and it
+    succeeds; the warning names it."""
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=1.0) as late:
+        async with Registrar(settings.model_copy(update={"mims_endpoint": late.endpoint})) as registrar:
+            handle = await registrar.submit(await request_for(make_job(tmp_path)))
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
+        assert await final_status(late, handle.accepted[0].registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
 async def test_two_registrars_with_different_settings(
@@ -86,12 +102,13 @@ async def test_cancelling_one_of_ten_leaves_the_others_alone(tmp_path: Path, set
     victim = anyio.CancelScope()
     victim_job = make_job(tmp_path / "victim", model_bytes=6 * MiB)
     victim_request = await request_for(victim_job, workflow_execution_id="the-victim")
-    victim_run, _ = run_identity(
+    victim_run = run_identity(
         victim_request,
         inspect_artifact(victim_job["model"], role="model"),
         inspect_artifact(victim_job["payload"], role="payload"),
         None,
-    )
+        settings,
+    ).group
 
     def on_progress(event: ProgressEvent) -> None:
         if isinstance(event, UploadProgress) and f"/{victim_run}/" in event.uri:

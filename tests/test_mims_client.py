@@ -221,11 +221,11 @@ def test_registration_ignores_unknown_fields() -> None:
     assert Registration.model_validate({**registration(), "new_field": 1}).status == "PENDING"
 
 
-def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
+async def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
     """Waits are uniform in [0, bound] with the bound doubling to the cap; Retry-After wins."""
     from async_registrar._mims_client import RETRY_CAP, _Backoff, _Retryable
 
-    hook = _Backoff(initial=0.5, cap=RETRY_CAP)
+    hook = _Backoff(initial=0.5, cap=RETRY_CAP, deadline=anyio.current_time() + 100)
     waits = [hook(httpx.ConnectError("refused")) for _ in range(8)]
     bounds = [min(RETRY_CAP, 0.5 * 2**n) for n in range(8)]
     assert all(0 <= w <= b for w, b in zip(waits, bounds, strict=True))
@@ -233,3 +233,78 @@ def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
     busy = httpx.Response(503, headers={"Retry-After": "7"}, request=httpx.Request("GET", ENDPOINT))
     assert hook(_Retryable(busy, 7.0)) == 7.0
     assert hook(ValueError("not transient")) is False
+
+
+async def test_no_wait_reaches_past_the_deadline() -> None:
+    """A Retry-After longer than the time left is cut to it; with no time left, no retry."""
+    from async_registrar._mims_client import RETRY_CAP, _Backoff, _Retryable
+
+    busy = httpx.Response(503, headers={"Retry-After": "20"}, request=httpx.Request("GET", ENDPOINT))
+    hook = _Backoff(initial=0.5, cap=RETRY_CAP, deadline=anyio.current_time() + 2)
+    assert 1.5 < float(hook(_Retryable(busy, 20.0))) <= 2
+    spent = _Backoff(initial=0.5, cap=RETRY_CAP, deadline=anyio.current_time() - 0.1)
+    assert spent(_Retryable(busy, 20.0)) is False
+    assert spent(httpx.ReadError("reset")) is False
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [httpx.ReadError("connection reset"), httpx.WriteError("broken pipe"), httpx.PoolTimeout("pool")],
+    ids=["read-reset", "write-error", "pool-timeout"],
+)
+async def test_a_poll_that_fails_once_is_retried(fault: Exception, no_backoff: None) -> None:
+    """One connection reset (as load balancers do) or another transient failure does not end the wait."""
+    script = Script(fault, httpx.Response(200, json=registration("SUCCEEDED")))
+    client, http = script.client()
+    async with http:
+        final = await client.wait("reg-1", max_wait=5)
+    assert final.status == "SUCCEEDED"
+    assert len(script.requests) == 2
+
+
+async def test_polls_failing_until_the_deadline_are_a_wait_timeout() -> None:
+    """A registry unreachable for the whole wait: RegistrationTimeout (exit 6) that says so, on time."""
+    script = Script(httpx.ConnectError("refused"))
+    client, http = script.client()
+    started = anyio.current_time()
+    async with http:
+        with pytest.raises(RegistrationTimeout, match="the registry stayed unreachable until then") as caught:
+            await client.wait("reg-1", max_wait=0.5)
+    assert anyio.current_time() - started < 1.5
+    assert caught.value.registration_id == "reg-1"
+    assert len(script.requests) > 1
+
+
+async def test_a_reused_key_names_the_registration_that_holds_it(no_backoff: None) -> None:
+    """409 is an IdempotencyConflict that carries the holder's registration id; not retried."""
+    from async_registrar import IdempotencyConflict
+
+    script = Script(httpx.Response(409, json={"message": "key used", "errors": [], "registration_id": "reg-9"}))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(IdempotencyConflict, match="409: key used") as caught:
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert caught.value.holder == "reg-9"
+    assert len(script.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("answers", "arrived"),
+    [
+        ([httpx.ConnectError("refused")], False),
+        ([httpx.Response(503, json={"message": "busy"})], False),
+        ([httpx.ReadTimeout("no answer"), httpx.ConnectError("refused")], True),
+        ([httpx.Response(502, json={"message": "bad gateway"}), httpx.ConnectError("refused")], True),
+    ],
+    ids=["refused", "503", "read-timeout-then-refused", "502-then-refused"],
+)
+async def test_an_unavailable_registry_says_whether_the_post_may_have_arrived(
+    answers: list[Any], arrived: bool, no_backoff: None
+) -> None:
+    """Only a request that may have reached the registry unanswered can have registered something."""
+    script = Script(*answers)
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistryUnavailable) as caught:
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert caught.value.may_have_arrived is arrived

@@ -20,6 +20,7 @@ from async_registrar import (
     Registrar,
     RegistrationConfig,
     RegistrationFailed,
+    RegistrationKept,
     RegistrationStatusChanged,
     RegistrationSubmitted,
     Settings,
@@ -27,7 +28,7 @@ from async_registrar import (
 )
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config, request_for
+from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all, request_for
 
 
 def recording_client(bodies: list[dict[str, Any]]) -> httpx.AsyncClient:
@@ -72,6 +73,7 @@ async def test_register_end_to_end(tmp_path: Path, settings: Settings, s3: Any, 
 
     (body,) = bodies
     assert body["workflow_execution_id"] == "wf-7"
+    assert body["model_registration_region"] == "us-west-2"  # one region's registration: a name, not a list
     assert body["performance_metadata"] is None
     assert body["model_artifact"]["size_bytes"] == result.model_artifact.size
     kinds = [type(e).__name__ for e in events]
@@ -80,8 +82,10 @@ async def test_register_end_to_end(tmp_path: Path, settings: Settings, s3: Any, 
     assert statuses[-1] == "SUCCEEDED"
     assert any(isinstance(e, UploadProgress) and e.done and e.artifact == "payload" for e in events)
     assert isinstance(events[-1], CleanupFinished)
-    assert events[-1].deleted == 2
+    assert events[-1].deleted == 3  # the two archives and the run manifest
     assert events[-1].leftovers == ()
+    assert result.leftovers == ()
+    assert not any(r.resumed for r in result.registrations)
 
 
 async def test_metadata_is_sent(tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack) -> None:
@@ -127,23 +131,37 @@ async def test_cancelled_during_upload_leaves_nothing(tmp_path: Path, settings: 
     assert not [t.name for t in threading.enumerate() if t.name.startswith("registrar-")]
 
 
-async def test_cancelled_during_the_wait_leaves_nothing(
+async def test_cancelled_during_the_wait_keeps_what_the_registry_reads(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
-    """Cancelling while the registry is still PENDING: the uploaded artifacts are deleted."""
-    with mims_server(stack, pending_delay=30) as slow:
+    """Cancelled once the registry accepted: the artifacts and the manifest stay, named in an event;
+    the registry, reading them late, still ends SUCCEEDED."""
+    job = make_job(tmp_path)
+    kept: list[RegistrationKept] = []
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=1.0) as late:
         with anyio.CancelScope() as scope:
 
             def on_progress(event: ProgressEvent) -> None:
                 if isinstance(event, RegistrationSubmitted):
                     scope.cancel()
+                if isinstance(event, RegistrationKept):
+                    kept.append(event)
 
             async with Registrar(
-                settings.model_copy(update={"mims_endpoint": slow.endpoint}), on_progress=on_progress
+                settings.model_copy(update={"mims_endpoint": late.endpoint}), on_progress=on_progress
             ) as registrar:
-                await registrar.register(request_for(make_job(tmp_path)))
-    assert scope.cancelled_caught
-    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+                await registrar.register(request_for(job, workflow_execution_id="wf-cancel"))
+        assert scope.cancelled_caught
+        (event,) = kept
+        (registration,) = event.registrations
+        assert registration.status == "PENDING"
+        assert registration.kept_prefix is not None
+        assert registration.kept_prefix.startswith(f"s3://{settings.s3_bucket}/{settings.s3_prefix}run-")
+        assert "MODS_WORKFLOW_EXECUTION_ID=wf-cancel" in event.resume_hint
+        names = sorted(key.rsplit("/", 1)[1] for key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
+        assert names == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        assert await final_status(late, registration.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
 async def test_bad_input_fails_before_any_upload(tmp_path: Path, settings: Settings, s3: Any) -> None:

@@ -88,7 +88,8 @@ async def test_an_unreachable_registry_is_unavailable(tmp_path: Path, settings: 
 async def test_a_retried_job_gets_the_registration_it_already_has(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
-    """Same lineage id, same inputs: the second run submits the same key and body."""
+    """Same lineage id, same inputs, after a success: the registry names its registration for the key
+    (409 with the holder), and the run reports that one instead of making a second."""
     job = make_job(tmp_path)
     with mims_server(stack) as registry:
         async with Registrar(settings.model_copy(update={"mims_endpoint": registry.endpoint})) as registrar:
@@ -96,26 +97,40 @@ async def test_a_retried_job_gets_the_registration_it_already_has(
             again = await registrar.register(request_for(job, workflow_execution_id="wf-retry"))
         assert registry.registration_count == 1
     assert (again.registration_id, again.model_id) == (first.registration_id, first.model_id)
-    assert again.model_artifact.uri == first.model_artifact.uri
+    assert again.model_artifact.sha256 == first.model_artifact.sha256
+    assert (first.registrations[0].resumed, again.registrations[0].resumed) == (False, True)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-def test_run_identity(tmp_path: Path) -> None:
-    """Derived from lineage, config and inputs when there is a lineage id; fresh otherwise."""
+def test_run_identity(tmp_path: Path, settings: Settings) -> None:
+    """Derived from lineage, config, inputs and archive settings when there is a lineage id; fresh
+    otherwise.  The key also depends on the archives' contents."""
     job = make_job(tmp_path)
     model = inspect_artifact(job["model"], role="model")
     base = request_for(job, workflow_execution_id="wf-1")
-    same = run_identity(base, model, None, None)
-    assert same == run_identity(request_for(job, workflow_execution_id="wf-1"), model, None, None)
-    assert same[0].startswith("run-")
-    assert same != run_identity(request_for(job, workflow_execution_id="wf-2"), model, None, None)
+    same = run_identity(base, model, None, None, settings)
+    assert same == run_identity(request_for(job, workflow_execution_id="wf-1"), model, None, None, settings)
+    assert same.group.startswith("run-")
+    assert same.resumable
+    assert same != run_identity(request_for(job, workflow_execution_id="wf-2"), model, None, None, settings)
     other_config = RegistrationRequest(
         config=RegistrationConfig.from_mapping(registration_config(model_owner="other-team")),
         model_path=job["model"],
         workflow_execution_id="wf-1",
     )
-    assert same != run_identity(other_config, model, None, None)
-    assert same != run_identity(base, model, None, {"auc": 0.9})
-    fresh = [run_identity(request_for(job), model, None, None) for _ in range(2)]
-    assert fresh[0] != fresh[1]
-    assert run_identity(request_for(job, idempotency_key="mine"), model, None, None)[1] == "mine"
+    assert same != run_identity(other_config, model, None, None, settings)
+    assert same != run_identity(base, model, None, {"auc": 0.9}, settings)
+    level_2 = settings.model_copy(update={"compression_level": 2})
+    assert same.group != run_identity(base, model, None, None, level_2).group
+    fresh = [run_identity(request_for(job), model, None, None, settings) for _ in range(2)]
+    assert fresh[0].group != fresh[1].group
+    assert not fresh[0].resumable
+
+    key = same.idempotency_key({"model": "a" * 64})
+    assert key == same.idempotency_key({"model": "a" * 64})
+    assert key != same.idempotency_key({"model": "b" * 64})  # other contents, other key
+    assert same.idempotency_key({"model": "a" * 64}, region="eu-west-1") == key + "-eu-west-1"
+    assert same.idempotency_key({"model": "a" * 64}, generation=2) == key + "-g2"
+    mine = run_identity(request_for(job, idempotency_key="mine"), model, None, None, settings)
+    assert mine.idempotency_key({"model": "a" * 64}) == "mine"
+    assert mine.idempotency_key({"model": "a" * 64}, generation=3) == "mine-g3"

@@ -15,7 +15,7 @@ import pytest
 from async_registrar import Settings
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, leftovers, make_job, mims_server
+from .conftest import MiB, leftovers, make_job, mims_server, remove_all
 from .fault_proxy import FaultProxy, Stall
 from .test_cli import environment
 
@@ -85,7 +85,8 @@ async def test_signals_during_the_cleanup_do_not_stop_it(
 
 
 async def test_sigterm_as_pid_1(tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any) -> None:
-    """As PID 1 (a container's entrypoint), SIGTERM is handled, not ignored: exit 143, nothing left."""
+    """As PID 1 (a container's entrypoint), SIGTERM is handled, not ignored: exit 143, and the
+    registration the registry accepted keeps its artifacts, named."""
     if (
         shutil.which("unshare") is None
         or subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, check=False).returncode
@@ -118,4 +119,7 @@ async def test_sigterm_as_pid_1(tmp_path: Path, stack: LocalStack, settings: Set
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143, "".join(seen) + stderr
     assert "SIGTERM received: stopping and cleaning up" in stderr
-    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert "interrupted by SIGTERM:" in stderr
+    assert "is PENDING; its artifacts are kept under s3://" in stderr
+    assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)

@@ -103,18 +103,36 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
             return _error(400, f"the body is not valid JSON: {exc}")
         if not isinstance(data, dict):
             return _error(400, "the body must be a JSON object")
+        if isinstance(data.get("model_registration_region"), list):
+            return _error(
+                400,
+                "model_registration_region must be one region name (a string): a registration is in one "
+                "region; submit one registration per region",
+                ["model_registration_region: must be a string such as 'us-west-2', got a list"],
+            )
         try:
             submission = RegistrationSubmission.model_validate(data)
         except ValidationError as exc:
             problems = describe_validation_errors(exc, known=list(RegistrationSubmission.model_fields), data=data)
             return _error(422, "the registration is invalid", problems)
+        if submission.model_registration_region in settings.reject_regions:
+            region = submission.model_registration_region
+            return _error(
+                422,
+                f"registrations in {region} are not accepted (injected fault)",
+                [f"model_registration_region: {region} is not accepted here"],
+            )
         body_hash = hashlib.sha256(submission.model_dump_json().encode()).hexdigest()
         async with state.lock:
             existing = state.by_key.get(key)
             if existing is not None:
                 record = state.records[existing]
                 if record.body_hash != body_hash:
-                    return _error(409, f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different registration")
+                    return _error(
+                        409,
+                        f"{IDEMPOTENCY_HEADER} {key!r} was already used for a different registration ({existing})",
+                        registration_id=existing,
+                    )
                 return _json(200, record.registration)
             record = _new_record(submission, body_hash, settings)
             state.records[record.registration.registration_id] = record
@@ -165,7 +183,7 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
 
 def _new_record(submission: RegistrationSubmission, body_hash: str, settings: ReferenceMimsSettings) -> _Record:
     registration_id = "reg-" + secrets.token_hex(8)
-    region = submission.regions[0]
+    region = submission.model_registration_region
     registration = Registration(
         registration_id=registration_id,
         model_id="model-" + secrets.token_hex(4),
@@ -192,13 +210,17 @@ async def _process(state: _State, record: _Record) -> None:
     artifacts = {"model": record.submission.model_artifact}
     if record.submission.payload_artifact is not None:
         artifacts["payload"] = record.submission.payload_artifact
+    region = record.submission.model_registration_region
     try:
+        if settings.read_artifacts == "at_finish":  # as an asynchronous workflow does: late
+            await anyio.sleep(settings.processing_delay)
         verified = {name: await verify_artifact(s3, ref, name) for name, ref in artifacts.items()}
-        await anyio.sleep(settings.processing_delay)
+        if settings.read_artifacts == "on_accept":
+            await anyio.sleep(settings.processing_delay)
         if settings.fail_registrations:
             raise ArtifactProblem(settings.fail_registrations)
-        if record.submission.regions[0] in settings.fail_regions:
-            raise ArtifactProblem(f"registrations in {record.submission.regions[0]} are failing (injected fault)")
+        if region in settings.fail_regions:
+            raise ArtifactProblem(f"registrations in {region} are failing (injected fault)")
         for name, source in verified.items():
             target = S3Location(settings.registry_bucket, f"models/{record.registration.model_id}/{name}.tar.gz")
             with storage_errors("CopyObject", target.bucket, target.key):
@@ -239,9 +261,19 @@ def _json(status: int, registration: Registration, **extra: Any) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def _error(status: int, message: str, errors: list[str] | None = None, *, retry_after: float | None = None) -> Response:
+def _error(
+    status: int,
+    message: str,
+    errors: list[str] | None = None,
+    *,
+    retry_after: float | None = None,
+    registration_id: str | None = None,
+) -> Response:
     headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
-    return JSONResponse({"message": message, "errors": errors or []}, status_code=status, headers=headers)
+    body: dict[str, Any] = {"message": message, "errors": errors or []}
+    if registration_id is not None:
+        body["registration_id"] = registration_id
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _ensure_bucket(s3: S3Client, bucket: str, region: str) -> None:

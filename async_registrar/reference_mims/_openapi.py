@@ -75,8 +75,13 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "202": registration,
                         "200": {**registration, "description": "the same key and body were submitted before"},
-                        "400": _error("not JSON, or no Idempotency-Key"),
-                        "409": _error("the Idempotency-Key was used with a different body"),
+                        "400": _error(
+                            "not JSON, no Idempotency-Key, or `model_registration_region` is not one region name"
+                        ),
+                        "409": _error(
+                            "the Idempotency-Key was used with a different body; `registration_id` names the "
+                            "registration that holds it"
+                        ),
                         "422": _error("invalid fields; `errors` names each"),
                         "503": _retry_after("busy; retry after the given time"),
                         **auth,

@@ -10,6 +10,7 @@ from types import TracebackType
 import uvicorn
 from starlette.applications import Starlette
 
+from .._mims_contract import Registration
 from ._app import create_app
 from ._settings import ReferenceMimsSettings
 
@@ -62,6 +63,13 @@ class ThreadedMimsServer:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the reference MIMS service did not start: {self._error!r}")
             time.sleep(0.01)
+
+    def registration(self, registration_id: str) -> Registration | None:
+        """The registration as the service holds it now, or None if it has no such registration."""
+        if self.app is None:
+            return None
+        record = self.app.state.registry.records.get(registration_id)
+        return record.registration if record is not None else None
 
     @property
     def registration_count(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError
 
@@ -43,6 +43,10 @@ class ReferenceMimsSettings(BaseModel):
     # Pace: how long a registration stays PENDING, and how long verification takes at least.
     pending_delay: Delay = 0.2
     processing_delay: Delay = 0.0
+    #: When the artifacts are read: right after IN_PROGRESS, or only once `processing_delay`
+    #: is over (as an asynchronous workflow does): then a client that deleted them while
+    #: the registration was unfinished sees it end FAILED.
+    read_artifacts: Literal["on_accept", "at_finish"] = "on_accept"
 
     # Faults.
     fail_submissions: Annotated[int, Field(ge=0)] = 0  # the first N submissions get 503
@@ -53,6 +57,7 @@ class ReferenceMimsSettings(BaseModel):
     stall_seconds: Delay = 5.0  # ...by this long (the registration exists already: a client timeout)
     fail_registrations: str | None = None  # end every registration FAILED with this reason
     fail_regions: list[str] = []  # end registrations for these regions FAILED
+    reject_regions: list[str] = []  # refuse submissions for these regions (422)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ReferenceMimsSettings:
@@ -62,7 +67,7 @@ class ReferenceMimsSettings(BaseModel):
         for name in cls.model_fields:
             var = f"MIMS_{name.upper()}"
             if env.get(var):
-                values[name] = env[var].split(",") if name == "fail_regions" else env[var]
+                values[name] = env[var].split(",") if name in ("fail_regions", "reject_regions") else env[var]
         if env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"):
             values.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
         if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):

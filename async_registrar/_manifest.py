@@ -1,0 +1,165 @@
+"""The run manifest: what a run tells the next one (and `sweep`) about its registration.
+
+A run writes `registration.json` into its prefix just before it submits (state
+`submitting`: the Idempotency-Key and the artifacts) and again once the
+registry accepted (state `accepted`: the registration).  It goes with the rest
+of the prefix when the registration is final.  A run that stops earlier leaves
+it behind with the artifacts, and a re-run with the same lineage id reads it
+to resume: it follows the registration instead of making a second, and
+uploads nothing that is still there and whole.
+
+    s3://{bucket}/{prefix}{group}/{attempt}/[{region}/]registration.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Annotated, Literal
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._multipart import check_object
+from ._s3 import S3Client, S3Location, storage_errors
+from ._upload import UploadedArtifact
+
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestArtifact", "ManifestRegistration", "find_manifests", "write_manifest"]
+
+log = logging.getLogger("async_registrar.manifest")
+
+MANIFEST_NAME = "registration.json"
+#: A manifest is a few KiB; anything much larger under that name is not one of ours.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+class ManifestArtifact(BaseModel):
+    """An uploaded archive, and what S3 said of it once it was whole."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    s3_uri: str
+    size_bytes: Annotated[int, Field(ge=0)]
+    sha256: str
+    parts: int = 1
+    etag: str | None = None
+    checksum_algorithm: str | None = None
+    checksum: str | None = None
+
+    @classmethod
+    def of(cls, artifact: UploadedArtifact) -> ManifestArtifact:
+        return cls(
+            s3_uri=artifact.uri,
+            size_bytes=artifact.size,
+            sha256=artifact.sha256,
+            parts=artifact.parts,
+            etag=artifact.etag,
+            checksum_algorithm=artifact.checksum_algorithm,
+            checksum=artifact.checksum,
+        )
+
+    def uploaded(self) -> UploadedArtifact:
+        return UploadedArtifact(
+            S3Location.parse(self.s3_uri, what="artifact in the run manifest"),
+            self.size_bytes,
+            self.sha256,
+            self.parts,
+            etag=self.etag,
+            checksum=self.checksum,
+            checksum_algorithm=self.checksum_algorithm,
+        )
+
+    async def problem(self, s3: S3Client) -> str | None:
+        """Why the object is not the one uploaded (gone, another size, ETag or checksum), or None."""
+        artifact = self.uploaded()
+        problem, found = await check_object(
+            s3, artifact.location, self.size_bytes, None, algorithm=self.checksum_algorithm
+        )
+        if problem is not None or found is None:
+            return problem or "it cannot be read back"
+        if self.etag and found.etag and found.etag != self.etag:
+            return f"its ETag is {found.etag}, the upload's was {self.etag}"
+        if self.checksum and found.checksum and found.checksum != self.checksum:
+            return f"its {self.checksum_algorithm} is {found.checksum}, the upload's was {self.checksum}"
+        return None
+
+
+class ManifestRegistration(BaseModel):
+    """The registration the registry accepted."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    registration_id: str
+    model_id: str
+    workflow_execution_arn: str
+    status: str
+
+
+class Manifest(BaseModel):
+    """One region's registration by one run attempt."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format: Literal[1] = 1
+    #: `submitting`: written before the POST (the registry may or may not have it);
+    #: `accepted`: the registry answered with `registration`.
+    state: Literal["submitting", "accepted"]
+    group: str
+    attempt: str
+    region: str
+    #: Every region the run registers in.
+    regions: list[str]
+    endpoint: str
+    workflow_execution_id: str | None
+    idempotency_key: str
+    generation: Annotated[int, Field(ge=1)] = 1
+    artifacts: dict[str, ManifestArtifact]
+    registration: ManifestRegistration | None = None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    def sha256s(self) -> dict[str, str]:
+        """Each artifact's sha256: what tells whether a re-run registers the same inputs."""
+        return {name: artifact.sha256 for name, artifact in self.artifacts.items()}
+
+
+async def write_manifest(s3: S3Client, location: S3Location, manifest: Manifest) -> None:
+    """Put the manifest at `location` (raises `StorageError`)."""
+    with storage_errors("PutObject", location.bucket, location.key):
+        await s3.put_object(
+            Bucket=location.bucket,
+            Key=location.key,
+            Body=manifest.model_dump_json(indent=1).encode(),
+            ContentType="application/json",
+        )
+
+
+async def find_manifests(s3: S3Client, bucket: str, prefix: str) -> list[tuple[S3Location, Manifest]]:
+    """Every run manifest under `prefix`, newest first; unreadable ones are logged and skipped.
+
+    Raises `StorageError` if the prefix can't be listed.
+    """
+    keys: list[str] = []
+    with storage_errors("ListObjectsV2", bucket, prefix):
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith("/" + MANIFEST_NAME)]
+    found = []
+    for key in keys:
+        location = S3Location(bucket, key)
+        try:
+            answer = await s3.get_object(Bucket=bucket, Key=key)
+            async with answer["Body"] as body:
+                if answer["ContentLength"] > MAX_MANIFEST_BYTES:
+                    log.warning("%s is too large to be a run manifest; skipped", location)
+                    continue
+                data = await body.read()
+            found.append((location, Manifest.model_validate_json(data)))
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("the run manifest %s cannot be read (%s); skipped", location, type(exc).__name__)
+        except ValidationError as exc:
+            log.warning(
+                "%s is not a run manifest this version reads (%d problem(s)); skipped", location, exc.error_count()
+            )
+    found.sort(key=lambda item: item[1].updated_at, reverse=True)
+    return found

@@ -1,0 +1,700 @@
+"""One registration run: its phases, its state, and the line it must not cross back over.
+
+    prepare -> upload -> submit -> wait -> finalize
+
+`_Run` holds one state for every region it registers in and runs the phases
+over it.  Each region has a point of no return: the registry's 2xx answer to
+its POST.  From then on the registry reads the artifacts on its own time, so
+every exit asks which side of that line a region is on:
+
+- before it, an exit (error, cancellation, signal) aborts the region's
+  multipart uploads and deletes its objects;
+- after it, SUCCEEDED or FAILED removes them, and any other exit (the wait's
+  timeout, a cancellation, a failed poll) keeps them, names them, and leaves the
+  run manifest (`_manifest`) that a re-run with the same lineage id resumes from.
+
+A POST that may have reached the registry without an answer (a cancellation
+while it is in flight, a timeout after the request left) counts as accepted for
+this purpose: its artifacts are kept, and a re-run submits the same key again
+to learn the answer.  Every exit's cleanup runs under one deadline
+(`CleanupDeadline`), regions at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+
+from ._artifacts import ArtifactSource, inspect_artifact
+from ._concurrency import CleanupDeadline, outcomes, run_all
+from ._errors import (
+    AcceptedRegistration,
+    CleanupError,
+    IdempotencyConflict,
+    RegistrarError,
+    RegistrationFailed,
+    RegistrationInterrupted,
+    RegistrationRejected,
+    RegistryUnavailable,
+    StorageError,
+    redact,
+)
+from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegistration, find_manifests, write_manifest
+from ._metadata import load_performance_metadata
+from ._mims_client import MimsClient
+from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
+from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
+from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
+from ._results import RegionRegistration, RegistrationResult
+from ._s3 import S3Client, S3Location
+from ._settings import Settings
+from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
+from ._upload import UploadedArtifact, digest_artifact, upload_to_all
+
+__all__ = ["RegionClients", "Run"]
+
+log = logging.getLogger("async_registrar")
+
+#: How many registrations of the same inputs that ended FAILED a run steps over (each
+#: with a new key) before it gives up.
+MAX_GENERATIONS = 20
+#: How long recording an accepted registration in the run manifest may hold up a cancellation.
+MANIFEST_TIMEOUT = 10.0
+
+#: Opens (or reuses) the S3 client and the MIMS client of a region.
+RegionClients = Callable[[str], Awaitable[tuple[S3Client, MimsClient]]]
+
+
+@dataclass(eq=False)
+class _Region:
+    """One region's share of a run: its clients, its prefix, and how far it got."""
+
+    region: str
+    s3: S3Client
+    bucket: str
+    mims: MimsClient
+    #: The attempt prefix this region's artifacts live under (its own, or an earlier run's).
+    prefix: TemporaryPrefix | None = None
+    attempt: str = ""
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    artifacts: dict[str, UploadedArtifact] = field(default_factory=dict)
+    to_upload: set[str] = field(default_factory=set)
+    #: The key to submit with, when it comes from an earlier run's manifest.
+    key: str | None = None
+    generation: int = 1
+    #: The registration the registry accepted (or one found for the same inputs).
+    accepted: Registration | None = None
+    #: Whether `accepted` reads this region's prefix (not so for one the registry named
+    #: as the holder of the key: it reads another run's).
+    reads_prefix: bool = False
+    #: A POST of this prefix's artifacts may have reached the registry unanswered (this
+    #: run's own, or, `earlier_unanswered`, an earlier run's found in its manifest).
+    unanswered: bool = False
+    earlier_unanswered: bool = False
+    status: str | None = None
+    final: Registration | None = None
+    resumed: bool = False
+
+    @property
+    def past_point_of_no_return(self) -> bool:
+        """Whether the registry may still read this region's prefix: a registration that reads
+        it was accepted (or may have been) and is not final.  Such a prefix is never removed."""
+        if self.status in TERMINAL_STATUSES:
+            return False
+        if self.accepted is not None:
+            return self.reads_prefix
+        return self.unanswered or self.earlier_unanswered
+
+    def accepted_view(self, *, kept: bool) -> AcceptedRegistration | None:
+        if self.accepted is None:
+            return None
+        prefix = self.prefix.uri if kept and self.prefix is not None else None
+        return AcceptedRegistration(
+            region=self.region,
+            registration_id=self.accepted.registration_id,
+            model_id=self.accepted.model_id,
+            workflow_execution_arn=self.accepted.workflow_execution_arn,
+            status=self.status or self.accepted.status,
+            kept_prefix=prefix,
+            manifest_uri=f"{prefix}{MANIFEST_NAME}" if prefix else None,
+        )
+
+
+class Run:
+    """One registration, from local checks to its final status and the cleanup.
+
+    `start()` runs prepare, upload and submit, and returns once every region's
+    registration was accepted (or found); `finish()` waits for them and finalizes;
+    `close()` finalizes without waiting.  Every way out goes through `_finalize`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        request: RegistrationRequest,
+        *,
+        s3: S3Client,
+        region_clients: RegionClients,
+        uploads: anyio.CapacityLimiter,
+        emit: ProgressCallback,
+    ) -> None:
+        self.settings = settings
+        self.request = request
+        self._s3 = s3
+        self._region_clients = region_clients
+        self._uploads = uploads
+        self._emit = emit
+        self._cleanup = CleanupDeadline(settings.cleanup_timeout)
+        self._started = anyio.current_time()
+        self.timings: dict[str, float] = {}
+        self.regions: list[_Region] = []
+        self.identity: RunIdentity | None = None
+        self._sources: dict[str, ArtifactSource] = {}
+        self._metadata: dict[str, Any] | None = None
+        self._submitted_at: float | None = None
+        self._finalized = False
+        self._several = len(request.config.regions) > 1
+
+    # --- the phases ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare, upload and submit; return once every region's registration was accepted.
+
+        If a region's submission fails, the regions already accepted are waited for first
+        (the registry reads their artifacts), then the failure is raised, naming them.
+        """
+        try:
+            await self._prepare()
+            await self._upload()
+            errors = await self._submit()
+            if errors:
+                errors += await self._wait()
+                raise self._chosen(errors)
+        except BaseException as exc:
+            await self._finalize(exc)
+            raise
+
+    async def finish(self) -> RegistrationResult:
+        """Wait until every region's registration is final; finalize; return the result."""
+        try:
+            errors = await self._wait()
+            if errors:
+                raise self._chosen(errors)
+        except BaseException as exc:
+            await self._finalize(exc)
+            raise
+        leftovers = await self._finalize(None)
+        return self._result(leftovers)
+
+    async def close(self) -> tuple[str, ...]:
+        """Finalize without waiting: registrations found final are cleaned up, the others kept.
+
+        Returns what could not be removed."""
+        if self._finalized:
+            return ()
+        with self._cleanup.shield():  # one status check each, within the exit's deadline
+
+            async def refresh(region: _Region) -> None:
+                assert region.accepted is not None
+                current = await region.mims.get(region.accepted.registration_id, deadline=self.settings.cleanup_timeout)
+                if current is not None:
+                    region.status = current.status
+
+            await outcomes(functools.partial(refresh, r) for r in self.regions if r.accepted and not self._final(r))
+        return await self._finalize(None, reason="closed before it was waited for")
+
+    async def _prepare(self) -> None:
+        """Check the inputs and the metadata; find what earlier runs left for the same inputs."""
+        model, payload = await self._inspect()
+        self._sources = {"model": model} | ({"payload": payload} if payload is not None else {})
+        request = self.request
+        self._metadata = await load_performance_metadata(
+            self._s3, local=request.metadata_path, uri=request.performance_metadata_uri
+        )
+        self.identity = identity = run_identity(request, model, payload, self._metadata, self.settings)
+        attempt = new_run_id()
+        for name in request.config.regions:
+            s3, mims = await self._region_clients(name)
+            self.regions.append(_Region(name, s3, self.settings.bucket_for(name), mims))
+        self.timings["validate"] = anyio.current_time() - self._started
+
+        if identity.resumable:
+            group = f"{self.settings.s3_prefix}{identity.group}/"
+            found: list[list[tuple[S3Location, Manifest]]] = [[] for _ in self.regions]
+
+            async def look(index: int) -> None:
+                region = self.regions[index]
+                manifests = await find_manifests(region.s3, region.bucket, group)
+                found[index] = [(where, m) for where, m in manifests if m.region == region.region]
+
+            await run_all(functools.partial(look, index) for index in range(len(self.regions)))
+            if any(found):
+                mark = anyio.current_time()
+                archives = await self._digest()
+                self.timings["digest"] = anyio.current_time() - mark
+                await run_all(
+                    functools.partial(self._resume, region, manifests, archives)
+                    for region, manifests in zip(self.regions, found, strict=True)
+                    if manifests
+                )
+        for region in self.regions:
+            if region.prefix is None:  # nothing to resume: a fresh attempt
+                suffix = f"{region.region}/" if self._several else ""
+                self._use(region, f"{self.settings.s3_prefix}{identity.group}/{attempt}/{suffix}", attempt)
+                region.to_upload = set(self._sources)
+
+    async def _resume(
+        self, region: _Region, manifests: list[tuple[S3Location, Manifest]], archives: dict[str, str]
+    ) -> None:
+        """Take over what an earlier run left for these very inputs, if anything.
+
+        A registration it made that is not FAILED is followed (not made again); one whose POST
+        was never answered is submitted again with the same key; after FAILED ones, a new
+        registration is made (a new key generation), reusing their artifacts if whole.
+        """
+        same = [(where, m) for where, m in manifests if m.sha256s() == archives]
+        if not same:
+            log.info(
+                "%s: the earlier run(s) under s3://%s/%s registered other inputs; this is a new registration",
+                region.region,
+                region.bucket,
+                manifests[0][0].key.rsplit("/", 2)[0],
+            )
+            return
+        generations = [m.generation for _, m in same]
+        for where, manifest in same:
+            if manifest.registration is None:
+                continue
+            current = await region.mims.get(
+                manifest.registration.registration_id, deadline=self.settings.submit_timeout
+            )
+            if current is None or current.status == "FAILED":
+                log.info(
+                    "%s: registration %s of an earlier run %s; a re-run tries again",
+                    region.region,
+                    manifest.registration.registration_id,
+                    "ended FAILED" if current else "is unknown to the registry",
+                )
+                continue
+            await self._take_over(region, where, manifest)
+            region.accepted, region.status, region.reads_prefix, region.resumed = current, current.status, True, True
+            if self._final(region):
+                region.final = current
+                region.to_upload.clear()  # nothing reads them any more
+            log.info(
+                "%s: resuming registration %s (%s) of an earlier run, from %s",
+                region.region,
+                current.registration_id,
+                current.status,
+                where,
+            )
+            self._emit(
+                RegistrationSubmitted(
+                    current.registration_id, current.model_id, current.workflow_execution_arn, region.region, True
+                )
+            )
+            return
+        unanswered = next(((w, m) for w, m in same if m.registration is None), None)
+        if unanswered is not None:
+            where, manifest = unanswered
+            await self._take_over(region, where, manifest)
+            region.key, region.generation, region.earlier_unanswered = (
+                manifest.idempotency_key,
+                manifest.generation,
+                True,
+            )
+            log.info(
+                "%s: an earlier run submitted these inputs and never heard back (%s); submitting the same key again",
+                region.region,
+                where,
+            )
+            return
+        where, manifest = same[0]
+        await self._take_over(region, where, manifest)
+        region.generation = max(generations) + 1
+        log.info(
+            "%s: every earlier registration of these inputs ended FAILED; a new one (key generation %d)",
+            region.region,
+            region.generation,
+        )
+
+    async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
+        """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
+        self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
+        region.created_at = manifest.created_at
+        region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
+        problems: dict[str, str | None] = {}
+
+        async def check(name: str, artifact: ManifestArtifact) -> None:
+            problems[name] = await artifact.problem(region.s3)
+
+        await run_all(functools.partial(check, n, a) for n, a in manifest.artifacts.items())
+        for name, problem in problems.items():
+            if problem is not None:
+                log.warning(
+                    "%s: %s is not whole (%s): uploading it again", region.region, artifact_uri(region, name), problem
+                )
+                region.to_upload.add(name)
+        if not region.to_upload:
+            log.info(
+                "%s: the artifacts under %s are whole: nothing to upload",
+                region.region,
+                region.prefix and region.prefix.uri,
+            )
+
+    async def _upload(self) -> None:
+        """Upload each artifact once, to every region that needs it."""
+        mark = anyio.current_time()
+
+        async def upload(name: str) -> None:
+            regions = [r for r in self.regions if name in r.to_upload]
+            targets = [(r.s3, S3Location(r.bucket, _prefix(r).key(f"{name}.tar.gz"))) for r in regions]
+            async with self._uploads:
+                results = await upload_to_all(
+                    self._sources[name],
+                    targets,
+                    self.settings,
+                    artifact=name,
+                    on_progress=self._emit,
+                    cleanup=self._cleanup,
+                )
+            for region, result in zip(regions, results, strict=True):
+                region.artifacts[name] = result
+                region.to_upload.discard(name)
+
+        names = sorted({name for r in self.regions for name in r.to_upload})
+        await run_all(functools.partial(upload, name) for name in names)
+        self.timings["upload"] = anyio.current_time() - mark
+
+    async def _submit(self) -> list[Exception]:
+        """Submit every region not accepted yet, each on its own; return their errors."""
+        self._submitted_at = anyio.current_time()
+        pending = [r for r in self.regions if r.accepted is None]
+        errors = await outcomes(functools.partial(self._submit_region, r) for r in pending)
+        return [_in_region(e, r.region, self._several) for e, r in zip(errors, pending, strict=True) if e]
+
+    async def _submit_region(self, region: _Region) -> None:
+        assert self.identity is not None
+        archives = {name: artifact.sha256 for name, artifact in region.artifacts.items()}
+        for _ in range(MAX_GENERATIONS):
+            key = region.key or self.identity.idempotency_key(
+                archives, region=region.region if self._several else None, generation=region.generation
+            )
+            region.key = key
+            # Before the POST: a run killed while it is in flight leaves the key behind.
+            await self._write_manifest(region, "submitting")
+            region.unanswered = True  # from here the registry may have it, answered or not
+            try:
+                answer = await region.mims.submit(self._submission(region), idempotency_key=key)
+            except IdempotencyConflict as conflict:
+                region.unanswered = region.earlier_unanswered = False
+                if conflict.holder is None:
+                    raise
+                holder = await region.mims.get(conflict.holder, deadline=self.settings.submit_timeout)
+                if holder is None or holder.status == "FAILED":
+                    region.key, region.generation = None, region.generation + 1
+                    log.info(
+                        "%s: the key %s belongs to registration %s, which %s; submitting again (key generation %d)",
+                        region.region,
+                        key,
+                        conflict.holder,
+                        "ended FAILED" if holder else "the registry does not know",
+                        region.generation,
+                    )
+                    continue
+                # The same inputs were registered before, by a run that finished or one running
+                # now: follow that registration.  It reads that run's artifacts, not ours.
+                region.accepted, region.status, region.resumed = holder, holder.status, True
+                if self._final(region):
+                    region.final = holder
+                log.info(
+                    "%s: these inputs are registration %s (%s) already: following it",
+                    region.region,
+                    holder.registration_id,
+                    holder.status,
+                )
+                self._emit(
+                    RegistrationSubmitted(
+                        holder.registration_id, holder.model_id, holder.workflow_execution_arn, region.region, True
+                    )
+                )
+                return
+            except RegistryUnavailable as exc:
+                region.unanswered = exc.may_have_arrived
+                raise
+            except RegistrationRejected:  # a definite no: nothing of ours is registered
+                region.unanswered = region.earlier_unanswered = False
+                raise
+            # ---- the point of no return: the registry accepted, and reads the prefix from now on ----
+            region.accepted, region.status, region.reads_prefix = answer, answer.status, True
+            region.unanswered = region.earlier_unanswered = False
+            # Recorded before anything else can stop the run (shielded, briefly): a re-run then
+            # follows the registration by its id.  Without it, the key in the manifest written
+            # before the POST still finds it.
+            with anyio.move_on_after(MANIFEST_TIMEOUT, shield=True) as scope:
+                try:
+                    await self._write_manifest(region, "accepted")
+                except StorageError as exc:
+                    log.warning("%s; a re-run still finds the registration by its key", exc.message)
+            if scope.cancelled_caught:
+                log.warning("writing the run manifest timed out; a re-run still finds the registration by its key")
+            self._emit(
+                RegistrationSubmitted(
+                    answer.registration_id, answer.model_id, answer.workflow_execution_arn, region.region
+                )
+            )
+            return
+        raise RegistrationRejected(
+            f"{region.region}: {MAX_GENERATIONS} registrations of these inputs ended FAILED; not trying again"
+        )
+
+    async def _wait(self) -> list[Exception]:
+        """Wait for every accepted, unfinished registration, each on its own; return their errors."""
+        waiting = [r for r in self.regions if r.accepted is not None and not self._final(r)]
+        errors = await outcomes(functools.partial(self._wait_region, r) for r in waiting)
+        now = anyio.current_time()
+        self.timings["register"] = now - (self._submitted_at or now)
+        self.timings["total"] = now - self._started
+        return [_in_region(e, r.region, self._several) for e, r in zip(errors, waiting, strict=True) if e]
+
+    async def _wait_region(self, region: _Region) -> None:
+        assert region.accepted is not None
+        registration_id = region.accepted.registration_id
+
+        def changed(registration: Registration) -> None:
+            region.status = registration.status
+            self._emit(
+                RegistrationStatusChanged(
+                    registration.registration_id, registration.status, registration.failure_reason, region.region
+                )
+            )
+
+        try:
+            region.final = await region.mims.wait(
+                registration_id, max_wait=self.settings.wait_timeout, on_status=changed
+            )
+        except (RegistrationFailed, RegistrationInterrupted):
+            raise
+        except RegistrarError as exc:  # the registration goes on at the registry; we lost sight of it
+            raise RegistrationInterrupted(
+                f"registration {registration_id} was accepted, but following it failed: {exc.message}",
+                url=getattr(exc, "url", None),
+            ) from exc
+        region.status = region.final.status
+
+    # --- the exit ----------------------------------------------------------------------
+
+    async def _finalize(self, exc: BaseException | None, *, reason: str | None = None) -> tuple[str, ...]:
+        """Remove what no registration needs, keep (and name) what one still reads.
+
+        Runs once, on every way out, shielded and within one cleanup deadline for all regions.
+        Returns what could not be removed.
+        """
+        if self._finalized:
+            return ()
+        self._finalized = True
+        kept = [r for r in self.regions if r.prefix is not None and r.past_point_of_no_return]
+        removed = [r for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
+        found: list[tuple[str, ...]] = [() for _ in removed]
+        with self._cleanup.shield():
+
+            async def remove(index: int) -> None:
+                found[index] = await _prefix(removed[index]).remove()
+
+            async with anyio.create_task_group() as tg:
+                for index in range(len(removed)):
+                    tg.start_soon(remove, index)
+        leftovers = tuple(item for items in found for item in items)
+        self._report(exc, reason, kept, leftovers)
+        return leftovers
+
+    def _report(
+        self, exc: BaseException | None, reason: str | None, kept: list[_Region], leftovers: tuple[str, ...]
+    ) -> None:
+        """Say what was kept and what was left, on the error, in the log and as an event."""
+        registrations = tuple(view for r in self.regions if (view := r.accepted_view(kept=r in kept)) is not None)
+        notes: list[str] = []
+        hint = self._resume_hint() if kept else None
+        if kept:
+            lines = [v.describe() for v in registrations if v.kept_prefix]
+            lines += [
+                f"{r.region}: the registry may have accepted key {r.key} without answering; "
+                f"its artifacts are kept under {_prefix(r).uri}"
+                for r in kept
+                if r.accepted is None
+            ]
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            why = reason or ("cancelled" if cancelled or exc is None else f"{type(exc).__name__}")
+            log.warning("stopped (%s) before the registration was final: %s; %s", why, "; ".join(lines), hint)
+            notes += [*lines, str(hint)]
+            self._emit(
+                RegistrationKept(
+                    registrations=tuple(v for v in registrations if v.kept_prefix),
+                    prefixes=tuple(_prefix(r).uri for r in kept),
+                    reason=why,
+                    resume_hint=str(hint),
+                )
+            )
+        elif exc is not None and registrations:
+            notes += [v.describe() for v in registrations]
+        if leftovers:
+            message = f"could not remove everything under the run's prefix; {REMOVE_BY_HAND}"
+            if exc is None:
+                log.warning("%s %s", message, "; ".join(leftovers))
+            else:
+                log.error("%s %s", message, "; ".join(leftovers))
+                notes.append(CleanupError(message, leftovers).message)
+        if isinstance(exc, RegistrarError):
+            exc.registrations = registrations
+            exc.resume_hint = hint
+        if isinstance(exc, Exception):
+            for note in notes:
+                exc.add_note(note)
+
+    def _resume_hint(self) -> str:
+        request = self.request
+        if request.workflow_execution_id:
+            how = f"the same lineage id (MODS_WORKFLOW_EXECUTION_ID={request.workflow_execution_id})"
+        elif request.idempotency_key:
+            how = f"the same key (REGISTRAR_IDEMPOTENCY_KEY={request.idempotency_key})"
+        else:
+            return (
+                "this run had no lineage id (MODS_WORKFLOW_EXECUTION_ID), so a re-run registers anew; "
+                "once the registration is final, remove the kept prefix (aws s3 rm --recursive)"
+            )
+        return (
+            f"re-run with {how} and the same inputs to resume: it follows the registration without "
+            "uploading again and removes the kept objects once the registration is final"
+        )
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def _chosen(self, errors: list[Exception]) -> Exception:
+        """The error to raise when regions failed: the first, with the others as notes."""
+        first = errors[0]
+        for other in errors[1:]:
+            log.warning("%s", other)
+            first.add_note(f"also: {redact(str(other).splitlines()[0])}")
+        return first
+
+    @staticmethod
+    def _final(region: _Region) -> bool:
+        return region.status in TERMINAL_STATUSES
+
+    def _use(self, region: _Region, prefix: str, attempt: str) -> None:
+        region.prefix = TemporaryPrefix(region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit)
+        region.attempt = attempt
+        assert self.identity is not None
+        log.info("run %s: %s prefix %s", self.identity.group, region.region, region.prefix.uri)
+
+    def _submission(self, region: _Region) -> RegistrationSubmission:
+        artifacts = region.artifacts
+        return RegistrationSubmission.model_validate(
+            {
+                **self.request.config.to_wire(region.region),
+                "model_artifact": _ref(artifacts["model"]),
+                "payload_artifact": _ref(artifacts["payload"]) if "payload" in artifacts else None,
+                "performance_metadata": self._metadata,
+                "workflow_execution_id": self.request.workflow_execution_id,
+            }
+        )
+
+    async def _write_manifest(self, region: _Region, state: Literal["submitting", "accepted"]) -> None:
+        assert self.identity is not None
+        assert region.key is not None
+        accepted = region.accepted
+        manifest = Manifest(
+            state=state,
+            group=self.identity.group,
+            attempt=region.attempt,
+            region=region.region,
+            regions=list(self.request.config.regions),
+            endpoint=redact(region.mims.endpoint),
+            workflow_execution_id=self.request.workflow_execution_id,
+            idempotency_key=region.key,
+            generation=region.generation,
+            artifacts={name: ManifestArtifact.of(a) for name, a in region.artifacts.items()},
+            registration=ManifestRegistration(
+                registration_id=accepted.registration_id,
+                model_id=accepted.model_id,
+                workflow_execution_arn=accepted.workflow_execution_arn,
+                status=accepted.status,
+            )
+            if accepted is not None and state == "accepted"
+            else None,
+            created_at=region.created_at,
+            updated_at=dt.datetime.now(dt.UTC),
+        )
+        prefix = _prefix(region)
+        await write_manifest(region.s3, S3Location(prefix.bucket, prefix.key(MANIFEST_NAME)), manifest)
+
+    async def _inspect(self) -> tuple[ArtifactSource, ArtifactSource | None]:
+        """Scan the inputs (in a worker thread: trees can be large)."""
+        request = self.request
+        model = await anyio.to_thread.run_sync(lambda: inspect_artifact(request.model_path, role="model"))
+        payload = None
+        if request.payload_path is not None and await anyio.Path(request.payload_path).exists():
+            path = request.payload_path
+            payload = await anyio.to_thread.run_sync(lambda: inspect_artifact(path, role="payload"))
+        return model, payload
+
+    async def _digest(self) -> dict[str, str]:
+        """The sha256 of each archive, without uploading: to compare with an earlier run's."""
+        archives = {}
+        for name, source in self._sources.items():
+            log.info("hashing the %s to compare it with what an earlier run registered", name)
+            _, archives[name] = await digest_artifact(source, self.settings)
+        return archives
+
+    def _result(self, leftovers: tuple[str, ...]) -> RegistrationResult:
+        registrations = []
+        for region in self.regions:
+            accepted = region.accepted
+            final = region.final or accepted
+            assert accepted is not None
+            assert final is not None
+            registrations.append(
+                RegionRegistration(
+                    region=region.region,
+                    registration_id=final.registration_id,
+                    model_id=final.model_id or accepted.model_id,
+                    workflow_execution_arn=final.workflow_execution_arn or accepted.workflow_execution_arn,
+                    model_artifact=region.artifacts["model"],
+                    payload_artifact=region.artifacts.get("payload"),
+                    resumed=region.resumed,
+                )
+            )
+        self.timings.setdefault("upload", 0.0)
+        return RegistrationResult(tuple(registrations), dict(self.timings), leftovers)
+
+    @property
+    def accepted(self) -> tuple[Registration, ...]:
+        """Each region's accepted registration, in order."""
+        return tuple(r.accepted for r in self.regions if r.accepted is not None)
+
+
+def _prefix(region: _Region) -> TemporaryPrefix:
+    assert region.prefix is not None
+    return region.prefix
+
+
+def artifact_uri(region: _Region, name: str) -> str:
+    artifact = region.artifacts.get(name)
+    return artifact.uri if artifact else name
+
+
+def _ref(artifact: UploadedArtifact) -> ArtifactRef:
+    return ArtifactRef(s3_uri=artifact.uri, size_bytes=artifact.size, sha256=artifact.sha256)
+
+
+def _in_region(error: Exception, region: str, several: bool) -> Exception:
+    if several:
+        error.add_note(f"(in {region})")
+    return error
