@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ._checksums import composite_crc32, is_full_object
@@ -22,7 +24,15 @@ from ._concurrency import CleanupDeadline
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 
-__all__ = ["MultipartUpload", "PartBody", "StoredObject", "check_object", "object_problem", "put_object"]
+__all__ = [
+    "MultipartUpload",
+    "MultipartUploads",
+    "PartBody",
+    "StoredObject",
+    "check_object",
+    "object_problem",
+    "put_object",
+]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -205,6 +215,42 @@ class MultipartUpload:
                 log.warning("could not abort the multipart upload to %s: %s", self.location, abort_error)
         if scope.cancelled_caught:
             log.warning("aborting the multipart upload to %s timed out", self.location)
+
+
+class MultipartUploads:
+    """One object sent to several places: a `MultipartUpload` each, created on entry and, unless
+    completed, aborted together on exit (at once, so that each gets its share of the deadline)."""
+
+    def __init__(
+        self, targets: Sequence[tuple[S3Client, S3Location]], *, checksum: str | None, cleanup: CleanupDeadline
+    ) -> None:
+        self._uploads = [MultipartUpload(s3, location, checksum=checksum, cleanup=cleanup) for s3, location in targets]
+        self._cleanup = cleanup
+        self._entered: list[MultipartUpload] = []
+
+    async def __aenter__(self) -> list[MultipartUpload]:
+        try:
+            for upload in self._uploads:
+                await upload.__aenter__()
+                self._entered.append(upload)
+        except BaseException:
+            await self._abort_all()
+            raise
+        return self._uploads
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._abort_all()
+
+    async def _abort_all(self) -> None:
+        with self._cleanup.shield():
+            async with anyio.create_task_group() as tg:
+                for upload in self._entered:  # a completed upload's exit does nothing
+                    tg.start_soon(upload.__aexit__, None, None, None)
 
 
 async def put_object(

@@ -12,7 +12,6 @@ flight are cancelled and the multipart upload is aborted (see `MultipartUpload`)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -32,7 +31,7 @@ from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import StorageError
-from ._multipart import MultipartUpload, StoredObject, check_object, put_object
+from ._multipart import MultipartUpload, MultipartUploads, StoredObject, check_object, put_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
@@ -380,11 +379,8 @@ async def _consume(
         if isinstance(part.data, bytearray):
             pool.append(part.data)  # only after success: a failed request may still hold it
 
-    async with contextlib.AsyncExitStack() as stack:  # every upload is aborted if any step fails
-        uploads = [
-            await stack.enter_async_context(MultipartUpload(s3, location, checksum=algorithm, cleanup=cleanup))
-            for s3, location in targets
-        ]
+    # Every upload is aborted if any step fails, all at once, within the exit's deadline.
+    async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup) as uploads:
         await run_all(
             functools.partial(upload_parts, uploads, receive.clone(), first if i == 0 else None)
             for i in range(settings.upload_concurrency)

@@ -7,6 +7,7 @@ matters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -55,6 +56,25 @@ async def s3(stack: LocalStack) -> AsyncIterator[Any]:
     session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
     async with open_s3_client(session, region=REGION, endpoint_url=stack.s3_endpoint) as client:
         yield client
+
+
+@pytest.fixture
+async def regional_s3(stack: LocalStack) -> AsyncIterator[dict[str, Any]]:
+    """A client per region, and each region's temporary bucket (moto checks a bucket's region)."""
+    regions = ["us-west-2", "eu-west-1", "ap-south-1"]
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with contextlib.AsyncExitStack() as stack_:
+        clients = {}
+        for region in regions:
+            client = await stack_.enter_async_context(
+                open_s3_client(session, region=region, endpoint_url=stack.s3_endpoint)
+            )
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                await client.create_bucket(
+                    Bucket=f"registrar-mr-{region}", CreateBucketConfiguration={"LocationConstraint": region}
+                )
+            clients[region] = client
+        yield clients
 
 
 @pytest.fixture

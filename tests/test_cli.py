@@ -23,7 +23,8 @@ from async_registrar._artifacts import DirectorySource, inspect_artifact
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar.reference_mims import ThreadedMimsServer
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config
+from .conftest import MiB, leftovers, make_job, mims_server, registration_config, remove_all
+from .fault_proxy import FaultProxy, s3_error
 
 
 def environment(stack: LocalStack, settings: Settings, job: dict[str, Path], **extra: str) -> dict[str, str]:
@@ -302,6 +303,30 @@ async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
         assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
         resumes(env, late, registration_id)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_cleanup_denied_after_success_exits_0(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """A role without s3:DeleteObject: registered is registered. Exit 0, the two lines, and a warning
+    naming each key left behind."""
+    job = make_job(tmp_path)
+    denied = lambda method, target: (  # noqa: E731
+        s3_error(403, "AccessDenied") if method == "DELETE" and "uploadId" not in target else None
+    )
+    with FaultProxy(stack.s3_endpoint, denied) as proxy:
+        result = run(environment(stack, settings, job, AWS_ENDPOINT_URL_S3=proxy.endpoint), "register")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[1].startswith("Model id for model being registered: model-")
+    left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    assert sorted(key.rsplit("/", 1)[1] for key in left) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+    warning = next(line for line in result.stderr.splitlines() if "remove these by hand" in line)
+    assert "WARNING" in warning
+    for key in left:
+        assert f"s3://{settings.s3_bucket}/{key}" in warning
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
 def test_help_lists_every_option_with_its_variable() -> None:

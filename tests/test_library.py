@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from pydantic import SecretStr
 
 from async_registrar import (
     ProgressEvent,
@@ -22,9 +19,8 @@ from async_registrar import (
     UploadProgress,
 )
 from async_registrar._artifacts import inspect_artifact
-from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._local import REGION, LocalStack
 from async_registrar._request import run_identity
-from async_registrar._s3 import make_session, open_s3_client
 
 from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all
 
@@ -131,25 +127,6 @@ async def test_cancelling_one_of_ten_leaves_the_others_alone(tmp_path: Path, set
     assert sorted(results) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert len({r.model_id for r in results.values()}) == 9
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
-
-
-@pytest.fixture
-async def regional_s3(stack: LocalStack) -> AsyncIterator[dict[str, Any]]:
-    """A client per region, and each region's temporary bucket (moto checks a bucket's region)."""
-    regions = ["us-west-2", "eu-west-1", "ap-south-1"]
-    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
-    async with contextlib.AsyncExitStack() as stack_:
-        clients = {}
-        for region in regions:
-            client = await stack_.enter_async_context(
-                open_s3_client(session, region=region, endpoint_url=stack.s3_endpoint)
-            )
-            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-                await client.create_bucket(
-                    Bucket=f"registrar-mr-{region}", CreateBucketConfiguration={"LocationConstraint": region}
-                )
-            clients[region] = client
-        yield clients
 
 
 async def test_three_regions(

@@ -125,6 +125,17 @@ async def test_idempotency(mims: httpx.AsyncClient, s3: Any, stack: LocalStack, 
     )
     assert other.status_code == 409
     assert "already used for a different registration" in other.json()["message"]
+    assert other.json()["registration_id"] == first.json()["registration_id"]  # the key's holder
+
+
+async def test_a_list_of_regions_is_400(mims: httpx.AsyncClient, s3: Any, stack: LocalStack, prefix: str) -> None:
+    """One registration is in one region: model_registration_region must be a name, not a list."""
+    artifact = await put_artifact(s3, stack.temporary_bucket, prefix + "model.tar.gz", tar_gz({"a": b"1"}))
+    body = {**registration_config(model_registration_region=["us-west-2"]), "model_artifact": artifact}
+    response = await mims.post("/v1/registrations", json=body, headers={"Idempotency-Key": prefix})
+    assert response.status_code == 400
+    assert "one region name" in response.json()["message"]
+    assert response.json()["errors"] == ["model_registration_region: must be a string such as 'us-west-2', got a list"]
 
 
 async def test_invalid_bodies_name_each_field(mims: httpx.AsyncClient) -> None:

@@ -1,0 +1,540 @@
+"""The run lifecycle at the registry boundary: what is kept, what is removed, and resuming.
+
+Against the moto server and the reference MIMS over HTTP; the reference reads the artifacts
+only when a registration finishes (`read_artifacts="at_finish"`), as an asynchronous
+workflow does, so a run that deleted them under an accepted registration is caught by the
+registration ending FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+from async_registrar import (
+    CleanupError,
+    CleanupFinished,
+    ConfigurationError,
+    ProgressEvent,
+    Registrar,
+    RegistrationFailed,
+    RegistrationKept,
+    RegistrationRejected,
+    RegistrationRequest,
+    RegistrationStatusChanged,
+    RegistrationSubmitted,
+    RegistrationTimeout,
+    Settings,
+    UploadProgress,
+)
+from async_registrar._local import LocalStack
+from async_registrar.reference_mims import ThreadedMimsServer
+
+from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all, request_for
+from .fault_proxy import RESET, FaultProxy, Stall
+
+#: A registry that finishes each registration (and only then reads its artifacts) this late.
+LATE = {"read_artifacts": "at_finish", "processing_delay": 2.5}
+
+
+@contextlib.contextmanager
+def late_registry(stack: LocalStack, **overrides: Any) -> Iterator[ThreadedMimsServer]:
+    with mims_server(stack, **{**LATE, **overrides}) as registry:
+        yield registry
+
+
+def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:
+    return settings.model_copy(update={"mims_endpoint": registry.endpoint, **changes})
+
+
+class Recorder:
+    """Progress events, by kind."""
+
+    def __init__(self) -> None:
+        self.events: list[ProgressEvent] = []
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+async def names_under(s3: Any, settings: Settings) -> list[str]:
+    return sorted(k.rsplit("/", 1)[1] for k in await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
+
+
+async def resume(settings: Settings, request: RegistrationRequest, registration_id: str) -> Recorder:
+    """Re-run with the same request: the kept registration is followed to SUCCEEDED, nothing uploaded."""
+    seen = Recorder()
+    async with Registrar(settings, on_progress=seen) as registrar:
+        result = await registrar.register(request)
+    assert result.registration_id == registration_id
+    assert result.registrations[0].resumed
+    assert seen.of(UploadProgress) == []
+    assert [e.resumed for e in seen.of(RegistrationSubmitted)] == [True]
+    assert "digest" in result.timings
+    return seen
+
+
+# --- after the point of no return: kept, named, resumed --------------------------------------
+
+
+async def test_a_wait_timeout_keeps_names_and_a_rerun_resumes(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """RegistrationTimeout carries the kept registration (typed) and how to resume; the manifest says
+    what was submitted; the re-run makes no second registration and uploads nothing."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-timeout")
+    with late_registry(stack) as registry:
+        async with Registrar(on(settings, registry, wait_timeout=0.5)) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+        error = caught.value
+        (kept,) = error.kept
+        assert kept.status in ("PENDING", "IN_PROGRESS")
+        assert kept.region == "us-west-2"
+        assert kept.registration_id == error.registration_id
+        assert registry.registration(kept.registration_id).model_id == kept.model_id  # type: ignore[union-attr]
+        assert kept.kept_prefix is not None
+        assert kept.kept_prefix.startswith(f"s3://{settings.s3_bucket}/{settings.s3_prefix}run-")
+        assert kept.manifest_uri == kept.kept_prefix + "registration.json"
+        assert error.resume_hint is not None
+        assert "MODS_WORKFLOW_EXECUTION_ID=wf-timeout" in error.resume_hint
+        assert any(kept.registration_id in note and kept.kept_prefix in note for note in error.__notes__)
+        assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+
+        manifest_key = kept.manifest_uri.removeprefix(f"s3://{settings.s3_bucket}/")
+        answer = await s3.get_object(Bucket=settings.s3_bucket, Key=manifest_key)
+        async with answer["Body"] as body:
+            manifest = json.loads(await body.read())
+        assert manifest["state"] == "accepted"
+        assert manifest["registration"]["registration_id"] == kept.registration_id
+        assert manifest["workflow_execution_id"] == "wf-timeout"
+        assert manifest["idempotency_key"].startswith("registrar-")
+        assert set(manifest["artifacts"]) == {"model", "payload"}
+        assert manifest["artifacts"]["model"]["s3_uri"] == kept.kept_prefix + "model.tar.gz"
+
+        await resume(on(settings, registry), request, kept.registration_id)
+        assert registry.registration_count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_poll_failing_past_its_deadline_keeps_and_a_rerun_resumes(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Every poll reset (a broken load balancer) until the wait deadline: a wait timeout that says the
+    registry stayed unreachable; kept; resumed once the registry answers again."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-unreachable")
+    with late_registry(stack) as registry:
+        polls_reset: Callable[[str, str], object] = lambda m, t: RESET if m == "GET" else None  # noqa: E731
+        with FaultProxy(registry.endpoint, polls_reset) as proxy:
+            async with Registrar(on(settings, registry, mims_endpoint=proxy.endpoint, wait_timeout=1)) as registrar:
+                with pytest.raises(RegistrationTimeout, match="stayed unreachable until then") as caught:
+                    await registrar.register(request)
+            assert proxy.count("GET", "/v1/registrations/") > 1
+        (kept,) = caught.value.kept
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
+        await resume(on(settings, registry), request, kept.registration_id)
+        assert registry.registration_count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_library_cancellation_during_the_wait_keeps_and_a_rerun_resumes(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Cancelled while the registration runs: CancelledError propagates, a RegistrationKept event names
+    what was kept; the re-run resumes it."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-cancelled")
+    seen = Recorder()
+    with late_registry(stack) as registry:
+        with anyio.CancelScope() as scope:
+
+            def cancel_once_accepted(event: ProgressEvent) -> None:
+                seen(event)
+                if isinstance(event, RegistrationStatusChanged):
+                    scope.cancel()
+
+            async with Registrar(on(settings, registry), on_progress=cancel_once_accepted) as registrar:
+                await registrar.register(request)
+        assert scope.cancelled_caught
+        (event,) = seen.of(RegistrationKept)
+        (kept,) = event.registrations
+        assert event.reason == "cancelled"
+        assert event.prefixes == (kept.kept_prefix,)
+        assert seen.of(CleanupFinished) == []
+        await resume(on(settings, registry), request, kept.registration_id)
+        assert registry.registration_count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_post_cancelled_in_flight_is_kept_and_resubmitted(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Cancelled while the POST is in flight (the registry has it, the answer is late): the artifacts
+    stay; the re-run submits the same key again and gets that registration, not a second."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-in-flight")
+    seen = Recorder()
+    with late_registry(stack, stall_submissions=1, stall_seconds=5) as registry:
+        async with Registrar(on(settings, registry), on_progress=seen) as registrar:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(registrar.register, request)
+                    with anyio.fail_after(10):
+                        while registry.registration_count == 0:
+                            await anyio.sleep(0.02)
+                    scope.cancel()
+        (event,) = seen.of(RegistrationKept)
+        assert event.registrations == ()  # no answer: no registration id known
+        (prefix,) = event.prefixes
+        assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+
+        again = Recorder()
+        async with Registrar(on(settings, registry), on_progress=again) as registrar:
+            result = await registrar.register(request)
+        assert registry.registration_count == 1
+        assert again.of(UploadProgress) == []
+        assert result.model_artifact.uri.startswith(prefix)
+        assert await final_status(registry, result.registration_id) == "SUCCEEDED"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A kept registration whose artifacts someone removed ends FAILED; the re-run uploads them again
+    and makes a new registration (key generation 2), which succeeds."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-generation")
+    keys: list[str] = []
+
+    async def record(outgoing: httpx.Request) -> None:
+        if outgoing.method == "POST":
+            keys.append(outgoing.headers["Idempotency-Key"])
+
+    with late_registry(stack, processing_delay=1.0) as registry:
+        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+        (kept,) = caught.value.kept
+        model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # a lifecycle rule, a person
+        assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+
+        async with (
+            httpx.AsyncClient(event_hooks={"request": [record]}) as http,
+            Registrar(on(settings, registry), http_client=http) as registrar,
+        ):
+            seen = Recorder()
+            result = await registrar.register(request, on_progress=seen)
+        assert result.registration_id != kept.registration_id
+        assert registry.registration_count == 2
+        assert [e.artifact for e in seen.of(UploadProgress) if e.done] == ["model"]  # the payload was whole
+        assert len(keys) == 1
+        assert keys[0].endswith("-g2")
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- before the point of no return, and after a final status: nothing left -------------------
+
+
+async def test_a_rejected_submission_leaves_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A 4xx from the registry (a definite no): the artifacts and the manifest are removed."""
+    with mims_server(stack, reject_regions=["us-west-2"]) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            with pytest.raises(RegistrationRejected, match="422") as caught:
+                await registrar.register(request_for(make_job(tmp_path), workflow_execution_id="wf-rejected"))
+        assert registry.registration_count == 0
+    assert caught.value.kept == ()
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_cleanup_denied_after_success_is_still_a_success(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role without s3:DeleteObject: the result comes back, with the keys left listed on it and named
+    in a warning."""
+
+    def deny(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObject")
+
+    s3.meta.events.register("before-parameter-build.s3.DeleteObject", deny)
+    try:
+        async with Registrar(settings, s3_client=s3) as registrar:
+            result = await registrar.register(request_for(make_job(tmp_path)))
+    finally:
+        s3.meta.events.unregister("before-parameter-build.s3.DeleteObject", deny)
+    prefix = result.model_artifact.uri.rsplit("/", 1)[0] + "/"
+    assert sorted(result.leftovers) == [prefix + n for n in ("model.tar.gz", "payload.tar.gz", "registration.json")]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(prefix + "model.tar.gz" in w and "remove these by hand" in w for w in warnings), warnings
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [UploadProgress, RegistrationSubmitted, RegistrationStatusChanged, CleanupFinished],
+    ids=lambda k: k.__name__,
+)
+async def test_a_raising_callback_changes_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, kind: type[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A progress callback that raises at every event of one kind: the registration ends as it would
+    have, the other callbacks still get every event, and the failure is logged once."""
+    others = Recorder()
+
+    def broken(event: ProgressEvent) -> None:
+        if isinstance(event, kind):
+            raise RuntimeError("a broken progress bar")
+
+    async with Registrar(settings, on_progress=broken) as registrar:
+        result = await registrar.register(request_for(make_job(tmp_path, model_bytes=12 * MiB)), on_progress=others)
+    assert result.model_id.startswith("model-")
+    assert others.of(kind)
+    assert isinstance(others.events[-1], CleanupFinished)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    complaints = [r for r in caplog.records if "progress callback" in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(complaints) == 1
+
+
+async def test_a_callback_raising_when_artifacts_are_kept_changes_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Even on the RegistrationKept event: the error stays the wait timeout, the artifacts stay."""
+
+    def broken(event: ProgressEvent) -> None:
+        if isinstance(event, RegistrationKept):
+            raise RuntimeError("boom")
+
+    with late_registry(stack) as registry:
+        async with Registrar(on(settings, registry, wait_timeout=0.3), on_progress=broken) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request_for(make_job(tmp_path)))
+        assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+# --- identity: different contents never collide; the same inputs always resume --------------
+
+
+async def test_two_models_of_the_same_shapes_in_one_lineage_are_two_registrations(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Same names, sizes, config and lineage id, other weights: at once, then one after the other
+    while the first is kept; neither touches the other's artifacts, all succeed."""
+    first = request_for(make_job(tmp_path / "a", model_bytes=5 * MiB), workflow_execution_id="wf-twins")
+    second = request_for(make_job(tmp_path / "b", model_bytes=5 * MiB), workflow_execution_id="wf-twins")
+    with late_registry(stack, processing_delay=0.5) as registry:
+        results = {}
+        async with Registrar(on(settings, registry)) as registrar:
+
+            async def register(name: str, request: RegistrationRequest) -> None:
+                results[name] = await registrar.register(request)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(register, "a", first)
+                tg.start_soon(register, "b", second)
+        assert results["a"].registration_id != results["b"].registration_id
+        assert results["a"].model_artifact.sha256 != results["b"].model_artifact.sha256
+        assert registry.registration_count == 2
+
+        first, second = (
+            request_for(make_job(tmp_path / name, model_bytes=5 * MiB), workflow_execution_id="wf-twins-again")
+            for name in ("c", "d")
+        )
+        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(first)
+        async with Registrar(on(settings, registry)) as registrar:
+            third = await registrar.register(second)  # the kept one is another model: not resumed
+        assert not third.registrations[0].resumed
+        assert third.registration_id != caught.value.registration_id
+        assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_a_changed_compression_level_is_another_registration(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """The same lineage id with REGISTRAR_COMPRESSION_LEVEL changed: other archive bytes, another key,
+    no 409."""
+    request = request_for(make_job(tmp_path, model_bytes=5 * MiB), workflow_execution_id="wf-level")
+    with mims_server(stack) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            one = await registrar.register(request)
+        async with Registrar(on(settings, registry, compression_level=3)) as registrar:
+            three = await registrar.register(request)
+        assert registry.registration_count == 2
+    assert one.model_artifact.sha256 != three.model_artifact.sha256
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- several regions ------------------------------------------------------------------------------
+
+
+async def test_one_region_rejected_while_another_was_accepted(
+    tmp_path: Path, settings: Settings, stack: LocalStack, regional_s3: dict[str, Any]
+) -> None:
+    """eu-west-1 refuses the submission, us-west-2 accepts: us-west-2 is waited for (the registry reads
+    its artifacts) and named on the error; then both regions are clean."""
+    job = make_job(tmp_path, config=registration_config(model_registration_region=["us-west-2", "eu-west-1"]))
+    with late_registry(stack, processing_delay=1.0, reject_regions=["eu-west-1"]) as registry:
+        regional = on(settings, registry, s3_bucket="registrar-mr-{region}")
+        async with Registrar(regional) as registrar:
+            with pytest.raises(RegistrationRejected, match="registrations in eu-west-1 are not accepted") as caught:
+                await registrar.register(request_for(job, workflow_execution_id="wf-regions"))
+        (accepted,) = caught.value.registrations
+        assert (accepted.region, accepted.status, accepted.kept_prefix) == ("us-west-2", "SUCCEEDED", None)
+        assert any(accepted.registration_id in note for note in caught.value.__notes__)
+        assert await final_status(registry, accepted.registration_id) == "SUCCEEDED"
+    for region in ("us-west-2", "eu-west-1"):
+        assert await leftovers(regional_s3[region], f"registrar-mr-{region}", settings.s3_prefix) == []
+
+
+async def test_two_regions_interrupted_are_both_kept_and_resumed(
+    tmp_path: Path, settings: Settings, stack: LocalStack, regional_s3: dict[str, Any]
+) -> None:
+    """A wait timeout with two accepted regions keeps both, names both; the re-run resumes both."""
+    regions = ["us-west-2", "eu-west-1"]
+    job = make_job(tmp_path, config=registration_config(model_registration_region=regions))
+    request = request_for(job, workflow_execution_id="wf-two-regions")
+    with late_registry(stack) as registry:
+        regional = on(settings, registry, s3_bucket="registrar-mr-{region}")
+        async with Registrar(regional.model_copy(update={"wait_timeout": 0.5})) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+        assert sorted(k.region for k in caught.value.kept) == sorted(regions)
+        async with Registrar(regional) as registrar:
+            result = await registrar.register(request)
+        assert all(r.resumed for r in result.registrations)
+        assert {r.registration_id for r in result.registrations} == {k.registration_id for k in caught.value.kept}
+        assert registry.registration_count == 2
+    for region in regions:
+        assert await leftovers(regional_s3[region], f"registrar-mr-{region}", settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize("exit_by", ["cancellation during the upload", "a rejected submission"])
+async def test_one_cleanup_deadline_for_every_region_of_an_exit(
+    tmp_path: Path, settings: Settings, stack: LocalStack, regional_s3: dict[str, Any], exit_by: str
+) -> None:
+    """Two regions, an S3 that stalls every abort, delete and listing: the exit's whole cleanup (the
+    multipart aborts, then both prefixes) ends within REGISTRAR_CLEANUP_TIMEOUT plus 1 s, and says
+    what it left."""
+    regions = ["us-west-2", "eu-west-1"]
+    job = make_job(tmp_path, model_bytes=12 * MiB, config=registration_config(model_registration_region=regions))
+    cancelling = exit_by.startswith("cancellation")
+
+    def stalling(method: str, target: str) -> object:
+        if method == "DELETE" or (method == "GET" and "uploads" in target):
+            return Stall(30)
+        if cancelling and method == "PUT" and "partNumber=" in target:
+            return Stall(30)
+        return None
+
+    timeout = 2.0
+    uploaded_at: list[float] = []
+    cleanups: list[CleanupFinished] = []
+
+    def watch(event: ProgressEvent) -> None:
+        if isinstance(event, UploadProgress) and event.done:
+            uploaded_at.append(anyio.current_time())
+        if isinstance(event, CleanupFinished):
+            cleanups.append(event)
+
+    with (
+        FaultProxy(stack.s3_endpoint, stalling) as proxy,
+        mims_server(stack, reject_regions=regions) as registry,
+    ):
+        regional = on(
+            settings,
+            registry,
+            s3_bucket="registrar-mr-{region}",
+            s3_endpoint_url=proxy.endpoint,
+            cleanup_timeout=timeout,
+        )
+        async with Registrar(regional, on_progress=watch) as registrar:
+            if cancelling:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(registrar.register, request_for(job))
+                        with anyio.fail_after(10):
+                            while proxy.count("PUT", "partNumber=") < 4:  # parts on their way to both regions
+                                await anyio.sleep(0.02)
+                        started = anyio.current_time()
+                        scope.cancel()
+                assert proxy.count("DELETE", "uploadId=") == 2  # both aborts were tried, at once
+            else:
+                with pytest.raises(RegistrationRejected):
+                    await registrar.register(request_for(job))
+                started = max(uploaded_at)  # then only the manifest PUTs and the rejected POSTs
+            took = anyio.current_time() - started
+    assert took <= timeout + 1, f"the cleanup took {took:.1f} s"
+    assert len(cleanups) == 2
+    assert all(c.leftovers for c in cleanups)
+    for region in regions:
+        await remove_all(regional_s3[region], f"registrar-mr-{region}", settings.s3_prefix)
+
+
+# --- API points -----------------------------------------------------------------------------------
+
+
+def test_settings_built_directly_raise_configuration_error() -> None:
+    """Settings(...) with bad values is a ConfigurationError listing every problem, like from_env."""
+    with pytest.raises(ConfigurationError) as caught:
+        Settings(s3_bucket="Bad_Bucket", mims_endpoint="ftp://x", part_size="1MiB", cleanup_timeout=0)
+    problems = "\n".join(caught.value.problems)
+    for field in ("s3_bucket", "mims_endpoint", "part_size", "cleanup_timeout"):
+        assert field in problems
+
+
+async def test_the_registrar_closes_every_handle_and_raises_what_failed(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Two handles never waited for, both final, neither removable: both are tried, the registrar's own
+    clients are closed, and both failures come out together."""
+
+    def deny(**_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObject")
+
+    registrar = Registrar(settings, s3_client=s3)
+    s3.meta.events.register("before-parameter-build.s3.DeleteObject", deny)
+    try:
+        with pytest.raises(ExceptionGroup) as caught:
+            async with registrar:
+                handles = [
+                    await registrar.submit(request_for(make_job(tmp_path / name), workflow_execution_id=name))
+                    for name in ("one", "two")
+                ]
+                for handle in handles:
+                    assert await final_status(stack.mims_server, handle.accepted[0].registration_id) == "SUCCEEDED"
+    finally:
+        s3.meta.events.unregister("before-parameter-build.s3.DeleteObject", deny)
+    errors = caught.value.exceptions
+    assert len(errors) == 2
+    assert all(isinstance(e, CleanupError) and len(e.leftovers) == 3 for e in errors)
+    assert registrar._http is not None
+    assert registrar._http.is_closed  # its own HTTP client, closed despite the failures
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_registration_failed_still_leaves_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """FAILED is final: the artifacts go, kept is empty, the registration is listed on the error."""
+    with late_registry(stack, processing_delay=0.2, fail_registrations="rejected by policy") as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            with pytest.raises(RegistrationFailed) as caught:
+                await registrar.register(request_for(make_job(tmp_path), workflow_execution_id="wf-failed"))
+    assert caught.value.kept == ()
+    assert [r.status for r in caught.value.registrations] == ["FAILED"]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
