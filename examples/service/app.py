@@ -5,7 +5,9 @@
 answers with a stream of newline-delimited JSON events (upload progress, submitted,
 status changes, cleanup) and ends with {"event": "registered", ...} or {"event": "error",
 ...}. One Registrar (one S3 client, one HTTP client) serves every request; a client that
-disconnects cancels its registration, whose temporary objects are then removed.
+disconnects cancels its registration: its temporary objects are removed, unless the registry
+already accepted it (then they are kept for the registry, and re-posting the same request with
+the same workflow_execution_id resumes it).
 
 Run it:  REGISTRAR_S3_BUCKET=... REGISTRAR_MIMS_ENDPOINT=... uvicorn --factory examples.service.app:main
 """
