@@ -91,7 +91,8 @@ class CleanupDeadline:
 
     Every abort and delete of that exit runs under `shield()`, so together they finish
     within `timeout` seconds, however many steps, regions and retries there are: a
-    container's grace period is per exit, not per step.
+    container's grace period is per exit, not per step.  Only a cleanup may ask for it
+    (the first ask starts the clock): work that is not an exit must never touch it.
     """
 
     def __init__(self, timeout: float) -> None:

@@ -159,6 +159,11 @@ class CleanupError(StorageError):
 class RegistryError(RegistrarError):
     """The registry (MIMS) did not register the model."""
 
+    #: Whether a request of this exchange may have reached the registry without its answer
+    #: reaching us (a read timeout, a reset after the request was sent, a 500, 502 or 504): a
+    #: submission may then have been accepted after all, whatever came after it.
+    may_have_arrived: bool = False
+
     def __init__(self, message: str, *, url: str | None = None) -> None:
         self.url = url
         super().__init__(message)
@@ -213,16 +218,11 @@ class RegistrationFailed(RegistryError):
 
 
 class RegistryUnavailable(RegistryError):
-    """The registry could not be reached, or kept failing or throttling until the deadline.
-
-    `may_have_arrived` says whether an attempt may have reached the registry without its
-    answer reaching us (a read timeout, a reset after the request was sent, a 500, 502 or
-    504): a submission may then have been accepted after all.
-    """
+    """The registry could not be reached, or kept failing or throttling until the deadline."""
 
     def __init__(self, message: str, *, url: str | None = None, may_have_arrived: bool = False) -> None:
-        self.may_have_arrived = may_have_arrived
         super().__init__(message, url=url)
+        self.may_have_arrived = may_have_arrived
 
 
 class RegistrationInterrupted(RegistryError):

@@ -256,6 +256,9 @@ class MimsClient:
                 url=shown,
                 may_have_arrived=arrived,
             ) from None
+        except RegistryError as exc:  # a definite answer to this attempt, not to the earlier ones
+            exc.may_have_arrived = exc.may_have_arrived or arrived
+            raise
         raise AssertionError("unreachable: stamina retries until it returns or raises")
 
     def _check(self, response: httpx.Response, shown: str, *, allow_not_found: bool) -> httpx.Response:

@@ -80,6 +80,9 @@ class Registration(BaseModel):
     workflow_execution_arn: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
     status: RegistrationStatus
     failure_reason: str | None = None
+    #: What the registration registers, as submitted (a registry may leave these out).
+    model_artifact: ArtifactRef | None = None
+    payload_artifact: ArtifactRef | None = None
 
 
 class ErrorBody(BaseModel):

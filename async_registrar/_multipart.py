@@ -136,6 +136,11 @@ class MultipartUpload:
         self._sizes[number] = len(data)
 
     @property
+    def completed(self) -> bool:
+        """Whether the upload was completed (its exit then aborts nothing)."""
+        return self._completed
+
+    @property
     def size(self) -> int:
         """The bytes uploaded in all parts."""
         return sum(self._sizes.values())
@@ -247,9 +252,12 @@ class MultipartUploads:
         await self._abort_all()
 
     async def _abort_all(self) -> None:
+        unfinished = [upload for upload in self._entered if not upload.completed]
+        if not unfinished:  # a success is no exit: it must not start the exit's deadline
+            return
         with self._cleanup.shield():
             async with anyio.create_task_group() as tg:
-                for upload in self._entered:  # a completed upload's exit does nothing
+                for upload in unfinished:
                     tg.start_soon(upload.__aexit__, None, None, None)
 
 

@@ -34,6 +34,9 @@ __all__ = ["RegionRegistration", "Registrar", "RegistrationHandle", "Registratio
 
 log = logging.getLogger("async_registrar")
 
+#: How long closing the registrar's own clients may take.
+CLOSE_TIMEOUT = 10.0
+
 
 class RegistrationHandle:
     """A submitted registration: uploaded, accepted by MIMS, not yet finished.
@@ -139,10 +142,15 @@ class Registrar:
             # clients too, whatever fails on the way.
             errors += [e for e in await outcomes(h.aclose for h in list(self._handles)) if e is not None]
             if self._stack is not None:
-                try:
-                    await self._stack.aclose()
-                except Exception as failure:
-                    errors.append(failure)
+                with anyio.move_on_after(CLOSE_TIMEOUT) as scope:  # closing connections: quick, or never
+                    try:
+                        await self._stack.aclose()
+                    except Exception as failure:
+                        errors.append(failure)
+                if scope.cancelled_caught:
+                    log.warning(
+                        "closing the registrar's clients took longer than %g s; left to the runtime", CLOSE_TIMEOUT
+                    )
         if not errors:
             return
         if exc is not None:

@@ -42,13 +42,13 @@ from ._errors import (
     RegistrationFailed,
     RegistrationInterrupted,
     RegistrationRejected,
-    RegistryUnavailable,
+    RegistryError,
     StorageError,
     redact,
 )
 from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegistration, find_manifests, write_manifest
 from ._metadata import load_performance_metadata
-from ._mims_client import MimsClient
+from ._mims_client import NOT_FOUND_GRACE, MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
 from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
@@ -62,8 +62,8 @@ __all__ = ["RegionClients", "Run"]
 
 log = logging.getLogger("async_registrar")
 
-#: How many registrations of the same inputs that ended FAILED a run steps over (each
-#: with a new key) before it gives up.
+#: The highest key generation: after this many registrations of the same inputs ended
+#: FAILED, a run gives up.
 MAX_GENERATIONS = 20
 #: How long recording an accepted registration in the run manifest may hold up a cancellation.
 MANIFEST_TIMEOUT = 10.0
@@ -255,39 +255,38 @@ class Run:
     ) -> None:
         """Take over what an earlier run left for these very inputs, if anything.
 
-        A registration it made that is not FAILED is followed (not made again); one whose POST
-        was never answered is submitted again with the same key; after FAILED ones, a new
-        registration is made (a new key generation), reusing their artifacts if whole.
+        A registration it made that this registry reports and is not FAILED is followed (not
+        made again); one whose POST was never answered is submitted again with the same key;
+        after FAILED ones, a new registration is made (a new key generation), reusing their
+        artifacts if whole.  Runs of other inputs are not touched, nor the prefix of a run that
+        went to another registry endpoint (unless this registry knows its registration).
         """
         same = [(where, m) for where, m in manifests if m.sha256s() == archives]
         if not same:
-            log.info(
-                "%s: the earlier run(s) under s3://%s/%s registered other inputs; this is a new registration",
-                region.region,
-                region.bucket,
-                manifests[0][0].key.rsplit("/", 2)[0],
-            )
+            log.info("%s: the earlier run(s) of this lineage registered other inputs", region.region)
             return
-        generations = [m.generation for _, m in same]
+        here = redact(region.mims.endpoint)
         for where, manifest in same:
             if manifest.registration is None:
                 continue
-            current = await region.mims.get(
-                manifest.registration.registration_id, deadline=self.settings.submit_timeout
-            )
+            registration_id = manifest.registration.registration_id
+            # A registry may not know what it accepted a moment ago; another registry never will.
+            since = manifest.updated_at if manifest.endpoint == here else None
+            current = await self._look_up(region, registration_id, since=since)
             if current is None or current.status == "FAILED":
                 log.info(
-                    "%s: registration %s of an earlier run %s; a re-run tries again",
+                    "%s: registration %s of an earlier run %s",
                     region.region,
-                    manifest.registration.registration_id,
+                    registration_id,
                     "ended FAILED" if current else "is unknown to the registry",
                 )
                 continue
-            await self._take_over(region, where, manifest)
+            # Marked before anything else is awaited: from here this prefix is the registration's,
+            # whatever stops the run.
             region.accepted, region.status, region.reads_prefix, region.resumed = current, current.status, True, True
             if self._final(region):
                 region.final = current
-                region.to_upload.clear()  # nothing reads them any more
+            await self._take_over(region, where, manifest, check=not self._final(region))
             log.info(
                 "%s: resuming registration %s (%s) of an earlier run, from %s",
                 region.region,
@@ -301,41 +300,51 @@ class Run:
                 )
             )
             return
+        # What is left is not alive at this registry.  An earlier run's prefix is taken over only
+        # if it went to this same endpoint: one of another registry (or under another name) may
+        # still be read by a registration there.
+        elsewhere = [where for where, m in same if m.endpoint != here]
+        if elsewhere:
+            log.info(
+                "%s: %d earlier run(s) went to another registry endpoint; not touched", region.region, len(elsewhere)
+            )
+        same = [(where, m) for where, m in same if m.endpoint == here]
+        if not same:
+            return
         unanswered = next(((w, m) for w, m in same if m.registration is None), None)
         if unanswered is not None:
             where, manifest = unanswered
+            region.key, region.generation = manifest.idempotency_key, manifest.generation
+            region.earlier_unanswered = True  # before any await: the registry may have it
             await self._take_over(region, where, manifest)
-            region.key, region.generation, region.earlier_unanswered = (
-                manifest.idempotency_key,
-                manifest.generation,
-                True,
-            )
             log.info(
                 "%s: an earlier run submitted these inputs and never heard back (%s); submitting the same key again",
                 region.region,
                 where,
             )
-            return
-        where, manifest = same[0]
-        await self._take_over(region, where, manifest)
-        region.generation = max(generations) + 1
-        log.info(
-            "%s: every earlier registration of these inputs ended FAILED; a new one (key generation %d)",
-            region.region,
-            region.generation,
-        )
+        else:
+            where, manifest = same[0]
+            region.generation = max(m.generation for _, m in same) + 1
+            await self._take_over(region, where, manifest)
+            log.info(
+                "%s: no earlier registration of these inputs is alive; a new one (key generation %d)",
+                region.region,
+                region.generation,
+            )
 
-    async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
+    async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest, *, check: bool = True) -> None:
         """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
         self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
         region.created_at = manifest.created_at
         region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
+        if not check:
+            return
         problems: dict[str, str | None] = {}
 
-        async def check(name: str, artifact: ManifestArtifact) -> None:
+        async def inspect(name: str, artifact: ManifestArtifact) -> None:
             problems[name] = await artifact.problem(region.s3)
 
-        await run_all(functools.partial(check, n, a) for n, a in manifest.artifacts.items())
+        await run_all(functools.partial(inspect, n, a) for n, a in manifest.artifacts.items())
         for name, problem in problems.items():
             if problem is not None:
                 log.warning(
@@ -343,11 +352,24 @@ class Run:
                 )
                 region.to_upload.add(name)
         if not region.to_upload:
-            log.info(
-                "%s: the artifacts under %s are whole: nothing to upload",
-                region.region,
-                region.prefix and region.prefix.uri,
-            )
+            log.info("%s: the artifacts under %s are whole: nothing to upload", region.region, _prefix(region).uri)
+
+    async def _look_up(
+        self, region: _Region, registration_id: str, *, since: dt.datetime | None
+    ) -> Registration | None:
+        """The registration as the registry reports it, or None if it does not know it.
+
+        A registry may not know a registration for a short while after accepting it (`since`,
+        if it did): a 404 is taken for an answer only once `NOT_FOUND_GRACE` seconds have passed.
+        """
+        delay = self.settings.poll_initial
+        while True:
+            current = await region.mims.get(registration_id, deadline=self.settings.submit_timeout)
+            age = (dt.datetime.now(dt.UTC) - since).total_seconds() if since else NOT_FOUND_GRACE
+            if current is not None or age >= NOT_FOUND_GRACE:
+                return current
+            await anyio.sleep(min(delay, NOT_FOUND_GRACE - age))
+            delay = min(delay * 2, self.settings.poll_max)
 
     async def _upload(self) -> None:
         """Upload each artifact once, to every region that needs it."""
@@ -383,7 +405,11 @@ class Run:
     async def _submit_region(self, region: _Region) -> None:
         assert self.identity is not None
         archives = {name: artifact.sha256 for name, artifact in region.artifacts.items()}
-        for _ in range(MAX_GENERATIONS):
+        while True:
+            if region.generation > MAX_GENERATIONS:
+                raise RegistrationRejected(
+                    f"{region.region}: {MAX_GENERATIONS} registrations of these inputs ended FAILED; not trying again"
+                )
             key = region.key or self.identity.idempotency_key(
                 archives, region=region.region if self._several else None, generation=region.generation
             )
@@ -394,47 +420,51 @@ class Run:
             try:
                 answer = await region.mims.submit(self._submission(region), idempotency_key=key)
             except IdempotencyConflict as conflict:
-                region.unanswered = region.earlier_unanswered = False
+                # The key holds another body: ours was not taken.  (An earlier run's POST of this
+                # very body would have made the key its own: that is not settled here.)
+                region.unanswered = False
                 if conflict.holder is None:
                     raise
-                holder = await region.mims.get(conflict.holder, deadline=self.settings.submit_timeout)
-                if holder is None or holder.status == "FAILED":
-                    region.key, region.generation = None, region.generation + 1
-                    log.info(
-                        "%s: the key %s belongs to registration %s, which %s; submitting again (key generation %d)",
-                        region.region,
-                        key,
-                        conflict.holder,
-                        "ended FAILED" if holder else "the registry does not know",
-                        region.generation,
-                    )
-                    continue
-                # The same inputs were registered before, by a run that finished or one running
-                # now: follow that registration.  It reads that run's artifacts, not ours.
-                region.accepted, region.status, region.resumed = holder, holder.status, True
-                if self._final(region):
-                    region.final = holder
+                holder = await self._look_up(region, conflict.holder, since=dt.datetime.now(dt.UTC))
+                if holder is not None and holder.status != "FAILED":
+                    if not self._same_contents(holder, archives):
+                        raise IdempotencyConflict(
+                            f"{region.region}: the key {key} holds registration {holder.registration_id} of other "
+                            "contents; give this model a key of its own (REGISTRAR_IDEMPOTENCY_KEY)",
+                            url=conflict.url,
+                            holder=holder.registration_id,
+                        ) from conflict
+                    self._follow(region, holder)
+                    return
                 log.info(
-                    "%s: these inputs are registration %s (%s) already: following it",
+                    "%s: the key %s belongs to registration %s, which %s; submitting again (key generation %d)",
                     region.region,
-                    holder.registration_id,
-                    holder.status,
+                    key,
+                    conflict.holder,
+                    "ended FAILED" if holder else "the registry does not know",
+                    region.generation + 1,
                 )
-                self._emit(
-                    RegistrationSubmitted(
-                        holder.registration_id, holder.model_id, holder.workflow_execution_arn, region.region, True
-                    )
-                )
-                return
-            except RegistryUnavailable as exc:
+                region.key, region.generation = None, region.generation + 1
+                continue
+            except RegistryError as exc:  # a rejection, or no answer until the deadline
                 region.unanswered = exc.may_have_arrived
                 raise
-            except RegistrationRejected:  # a definite no: nothing of ours is registered
+            if answer.status == "FAILED":  # the registry replayed this key's registration: it failed
                 region.unanswered = region.earlier_unanswered = False
-                raise
+                log.info(
+                    "%s: the key %s is registration %s, which ended FAILED; submitting again (key generation %d)",
+                    region.region,
+                    key,
+                    answer.registration_id,
+                    region.generation + 1,
+                )
+                region.key, region.generation = None, region.generation + 1
+                continue
             # ---- the point of no return: the registry accepted, and reads the prefix from now on ----
             region.accepted, region.status, region.reads_prefix = answer, answer.status, True
             region.unanswered = region.earlier_unanswered = False
+            if self._final(region):  # a replay of a registration that SUCCEEDED already
+                region.final = answer
             # Recorded before anything else can stop the run (shielded, briefly): a re-run then
             # follows the registration by its id.  Without it, the key in the manifest written
             # before the POST still finds it.
@@ -451,9 +481,33 @@ class Run:
                 )
             )
             return
-        raise RegistrationRejected(
-            f"{region.region}: {MAX_GENERATIONS} registrations of these inputs ended FAILED; not trying again"
+
+    def _follow(self, region: _Region, holder: Registration) -> None:
+        """Follow the registration the registry named for our key: these inputs, registered before
+        (by a run that finished, or one running now).  It reads that run's artifacts, not ours."""
+        region.accepted, region.status, region.resumed = holder, holder.status, True
+        if self._final(region):
+            region.final = holder
+        log.info(
+            "%s: these inputs are registration %s (%s) already: following it",
+            region.region,
+            holder.registration_id,
+            holder.status,
         )
+        self._emit(
+            RegistrationSubmitted(
+                holder.registration_id, holder.model_id, holder.workflow_execution_arn, region.region, True
+            )
+        )
+
+    def _same_contents(self, holder: Registration, archives: dict[str, str]) -> bool:
+        """Whether the registration holding our key registered these archives."""
+        reported = {"model": holder.model_artifact, "payload": holder.payload_artifact}
+        if holder.model_artifact is not None:
+            return {name: ref.sha256 for name, ref in reported.items() if ref is not None} == archives
+        # The registry does not say: a key derived from these archives' sha256 holds these archives;
+        # a key the caller chose may hold anything.
+        return self.identity is not None and self.identity.explicit_key is None
 
     async def _wait(self) -> list[Exception]:
         """Wait for every accepted, unfinished registration, each on its own; return their errors."""
@@ -501,12 +555,12 @@ class Run:
             return ()
         self._finalized = True
         kept = [r for r in self.regions if r.prefix is not None and r.past_point_of_no_return]
-        removed = [r for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
+        removed = [_prefix(r) for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
         found: list[tuple[str, ...]] = [() for _ in removed]
         with self._cleanup.shield():
 
             async def remove(index: int) -> None:
-                found[index] = await _prefix(removed[index]).remove()
+                found[index] = await removed[index].remove()
 
             async with anyio.create_task_group() as tg:
                 for index in range(len(removed)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ import anyio
 import httpx
 import pytest
 from botocore.exceptions import ClientError
+from pydantic import SecretStr
 
 from async_registrar import (
     CleanupError,
     CleanupFinished,
     ConfigurationError,
+    IdempotencyConflict,
     ProgressEvent,
     Registrar,
     RegistrationFailed,
@@ -40,7 +43,7 @@ from async_registrar._local import LocalStack
 from async_registrar.reference_mims import ThreadedMimsServer
 
 from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all, request_for
-from .fault_proxy import RESET, FaultProxy, Stall
+from .fault_proxy import RESET, FaultProxy, Reply, Stall
 
 #: A registry that finishes each registration (and only then reads its artifacts) this late.
 LATE = {"read_artifacts": "at_finish", "processing_delay": 2.5}
@@ -538,3 +541,164 @@ async def test_registration_failed_still_leaves_nothing(
     assert caught.value.kept == ()
     assert [r.status for r in caught.value.registrations] == ["FAILED"]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- found by review: each of these once went wrong ------------------------------------------------
+
+
+async def test_a_slow_registration_after_a_multipart_upload_is_still_cleaned(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A successful multipart upload is no exit: it must not start the cleanup deadline, or a
+    registration slower than REGISTRAR_CLEANUP_TIMEOUT would leave everything behind."""
+    request = request_for(make_job(tmp_path, model_bytes=12 * MiB), workflow_execution_id="wf-slow")
+    with late_registry(stack, processing_delay=2.0) as registry:
+        async with Registrar(on(settings, registry, cleanup_timeout=1.0)) as registrar:
+            result = await registrar.register(request)
+    assert result.model_artifact.parts > 1
+    assert result.leftovers == ()
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_rerun_stopped_while_it_checks_kept_artifacts_keeps_them(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A re-run cancelled while it checks the kept artifacts (HeadObject) of an unfinished registration
+    must not remove them: the registration, reading them late, succeeds."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-takeover")
+    with late_registry(stack, processing_delay=4.0) as registry:
+        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+        slow_heads: Callable[[str, str], object] = lambda m, t: Stall(3) if m == "HEAD" else None  # noqa: E731
+        with FaultProxy(stack.s3_endpoint, slow_heads) as proxy:
+            async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(registrar.register, request)
+                        with anyio.fail_after(20):
+                            while proxy.count("HEAD", "") == 0:
+                                await anyio.sleep(0.01)
+                        scope.cancel()
+        assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_a_rejected_resubmission_keeps_what_an_unanswered_post_may_use(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """An earlier POST went unanswered (the registry has it); the re-run's POST is refused (a wrong
+    secret): that says nothing of the earlier one, so its artifacts stay, and a later re-run with the
+    right secret resumes it."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-403")
+    with late_registry(stack, stall_submissions=1, stall_seconds=1, processing_delay=3.0) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(registrar.register, request)
+                    with anyio.fail_after(10):
+                        while registry.registration_count == 0:
+                            await anyio.sleep(0.02)
+                    scope.cancel()
+        async with Registrar(on(settings, registry, aws_secret_access_key=SecretStr("wrong-secret"))) as registrar:
+            with pytest.raises(RegistrationRejected, match="403"):
+                await registrar.register(request)
+        assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        async with Registrar(on(settings, registry)) as registrar:
+            result = await registrar.register(request)
+        assert registry.registration_count == 1
+        assert await final_status(registry, result.registration_id) == "SUCCEEDED"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_replayed_failed_registration_is_not_a_success(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """The key of an unanswered POST turns out to hold a registration that ended FAILED: the re-run
+    tries a new one (generation 2) and reports its outcome; it never returns the FAILED one."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-replayed")
+    with late_registry(
+        stack, stall_submissions=1, stall_seconds=1, processing_delay=0.1, fail_registrations="bad model"
+    ) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(registrar.register, request)
+                    with anyio.fail_after(10):
+                        while registry.registration_count == 0:
+                            await anyio.sleep(0.02)
+                    scope.cancel()
+        (first,) = registry.app.state.registry.records  # type: ignore[union-attr]
+        assert (await final_status(registry, first)).startswith("FAILED")
+        async with Registrar(on(settings, registry)) as registrar:
+            with pytest.raises(RegistrationFailed, match="bad model") as caught:
+                await registrar.register(request)
+        assert registry.registration_count == 2
+        assert caught.value.registration_id != first
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_an_explicit_key_never_adopts_another_models_registration(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """REGISTRAR_IDEMPOTENCY_KEY reused for retrained weights: the registry's holder registered other
+    contents, so the run refuses (exit 5) instead of reporting the old model; the same contents again
+    are that registration."""
+    job = make_job(tmp_path, model_bytes=1000)
+    request = request_for(job, idempotency_key="my-job-key")
+    with mims_server(stack) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            first = await registrar.register(request)
+            again = await registrar.register(request)
+            assert (again.registration_id, again.registrations[0].resumed) == (first.registration_id, True)
+            (job["model"] / "extra.f32").write_bytes(os.urandom(1000))  # retrained: same shapes, new weights
+            with pytest.raises(IdempotencyConflict, match="of other contents") as caught:
+                await registrar.register(request)
+        assert caught.value.holder == first.registration_id
+        assert registry.registration_count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registry_that_does_not_know_a_registration_yet_is_given_time(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Right after a kept run, the registry answers 404 for a while (eventual consistency): the re-run
+    waits for it instead of making a second registration."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-404")
+    not_found = [2]
+    with late_registry(stack) as registry, FaultProxy(registry.endpoint, lambda m, t: None) as proxy:
+        through_proxy = on(settings, registry, mims_endpoint=proxy.endpoint)
+        async with Registrar(through_proxy.model_copy(update={"wait_timeout": 0.3})) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+
+        def forgetful(method: str, target: str) -> object:
+            if method == "GET" and caught.value.registration_id in target and not_found[0] > 0:
+                not_found[0] -= 1
+                return Reply(404, b'{"message": "no such registration"}', "Not Found")
+            return None
+
+        proxy.rule = forgetful
+        await resume(through_proxy, request, caught.value.registration_id)
+        assert registry.registration_count == 1
+    assert not_found == [0]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_kept_run_of_another_registry_is_not_touched(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """The same lineage pointed at another registry: it is a registration of its own there, and the
+    first registry's kept artifacts stay until that registration succeeds."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-two-registries")
+    with late_registry(stack) as first, mims_server(stack) as second:
+        async with Registrar(on(settings, first, wait_timeout=0.3)) as registrar:
+            with pytest.raises(RegistrationTimeout) as caught:
+                await registrar.register(request)
+        async with Registrar(on(settings, second)) as registrar:
+            result = await registrar.register(request)
+        assert not result.registrations[0].resumed
+        assert second.registration_count == 1
+        assert await final_status(first, caught.value.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)

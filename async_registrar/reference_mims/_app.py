@@ -191,6 +191,8 @@ def _new_record(submission: RegistrationSubmission, body_hash: str, settings: Re
             f"arn:aws:states:{region}:{settings.account_id}:execution:mims-registration-workflow:{registration_id}"
         ),
         status="PENDING",
+        model_artifact=submission.model_artifact,
+        payload_artifact=submission.payload_artifact,
     )
     return _Record(registration, submission, body_hash)
 
