@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._multipart import check_object
+from ._mims_contract import Registration, RegistrationStatus
 from ._s3 import S3Client, S3Location, storage_errors
 from ._upload import UploadedArtifact
 
@@ -70,17 +70,31 @@ class ManifestArtifact(BaseModel):
         )
 
     async def problem(self, s3: S3Client) -> str | None:
-        """Why the object is not the one uploaded (gone, another size, ETag or checksum), or None."""
-        artifact = self.uploaded()
-        problem, found = await check_object(
-            s3, artifact.location, self.size_bytes, None, algorithm=self.checksum_algorithm
-        )
-        if problem is not None or found is None:
-            return problem or "it cannot be read back"
-        if self.etag and found.etag and found.etag != self.etag:
-            return f"its ETag is {found.etag}, the upload's was {self.etag}"
-        if self.checksum and found.checksum and found.checksum != self.checksum:
-            return f"its {self.checksum_algorithm} is {found.checksum}, the upload's was {self.checksum}"
+        """Why the object is not the one uploaded (gone, another size, ETag or checksum), or None.
+
+        An object that cannot be checked (a HeadObject error other than 404) is taken as whole:
+        uploading it again would write under a registration that may be reading it.
+        """
+        location = self.uploaded().location
+        try:
+            head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return "it is gone"
+            log.warning("%s could not be checked (%s); taken as whole", location, code)
+            return None
+        except BotoCoreError as exc:
+            log.warning("%s could not be checked (%s); taken as whole", location, type(exc).__name__)
+            return None
+        stored = head.get(f"Checksum{self.checksum_algorithm}") if self.checksum_algorithm else None
+        if head["ContentLength"] != self.size_bytes:
+            return f"it holds {head['ContentLength']} bytes, the upload {self.size_bytes}"
+        if self.etag and head.get("ETag") and head["ETag"] != self.etag:
+            return f"its ETag is {head['ETag']}, the upload's was {self.etag}"
+        if self.checksum and stored and stored != self.checksum:
+            return f"its {self.checksum_algorithm} is {stored}, the upload's was {self.checksum}"
         return None
 
 
@@ -92,7 +106,16 @@ class ManifestRegistration(BaseModel):
     registration_id: str
     model_id: str
     workflow_execution_arn: str
-    status: str
+    status: RegistrationStatus
+
+    def as_registration(self) -> Registration:
+        """As the registry last reported it (to this run's knowledge)."""
+        return Registration(
+            registration_id=self.registration_id,
+            model_id=self.model_id,
+            workflow_execution_arn=self.workflow_execution_arn,
+            status=self.status,
+        )
 
 
 class Manifest(BaseModel):

@@ -149,10 +149,14 @@ class MimsClient:
         *,
         max_wait: float,
         on_status: Callable[[Registration], None] | None = None,
+        known: Registration | None = None,
     ) -> Registration:
-        """Poll until SUCCEEDED (returned), FAILED (raised) or `max_wait` seconds (raised)."""
+        """Poll until SUCCEEDED (returned), FAILED (raised) or `max_wait` seconds (raised).
+
+        `known` is the registration as last seen (the submission's answer, say): its status
+        counts as the last one, if no poll answers."""
         delay = self._settings.poll_initial
-        last: Registration | None = None
+        last: Registration | None = known
         deadline = anyio.current_time() + max_wait
         missing_since: float | None = None
         failures: list[str] = []  # of the polls since the last answer

@@ -269,10 +269,22 @@ class Run:
         for where, manifest in same:
             if manifest.registration is None:
                 continue
+            # Followed from the start, before anything is awaited: whatever stops the run while it
+            # asks the registry, this prefix is the registration's and is kept (and named).
+            self._adopt(region, where, manifest, manifest.registration.as_registration())
             registration_id = manifest.registration.registration_id
             # A registry may not know what it accepted a moment ago; another registry never will.
             since = manifest.updated_at if manifest.endpoint == here else None
-            current = await self._look_up(region, registration_id, since=since)
+            try:
+                current = await self._look_up(region, registration_id, since=since)
+            except RegistryError as exc:  # the wait asks again, until its own deadline
+                log.warning(
+                    "%s: the registry cannot say how registration %s is (%s); following it",
+                    region.region,
+                    registration_id,
+                    exc.message.splitlines()[0],
+                )
+                current = region.accepted
             if current is None or current.status == "FAILED":
                 log.info(
                     "%s: registration %s of an earlier run %s",
@@ -280,13 +292,13 @@ class Run:
                     registration_id,
                     "ended FAILED" if current else "is unknown to the registry",
                 )
+                self._release(region)
                 continue
-            # Marked before anything else is awaited: from here this prefix is the registration's,
-            # whatever stops the run.
-            region.accepted, region.status, region.reads_prefix, region.resumed = current, current.status, True, True
+            region.accepted, region.status = current, current.status
             if self._final(region):
                 region.final = current
-            await self._take_over(region, where, manifest, check=not self._final(region))
+            else:
+                await self._check_artifacts(region, manifest)
             log.info(
                 "%s: resuming registration %s (%s) of an earlier run, from %s",
                 region.region,
@@ -332,13 +344,33 @@ class Run:
                 region.generation,
             )
 
-    async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest, *, check: bool = True) -> None:
+    async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
         """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
         self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
         region.created_at = manifest.created_at
         region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
-        if not check:
-            return
+        await self._check_artifacts(region, manifest)
+
+    def _adopt(self, region: _Region, where: S3Location, manifest: Manifest, registration: Registration) -> None:
+        """Follow the registration of an earlier run's manifest, in that run's prefix (no await)."""
+        self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
+        region.created_at = manifest.created_at
+        region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
+        region.accepted, region.status, region.reads_prefix, region.resumed = (
+            registration,
+            registration.status,
+            True,
+            True,
+        )
+
+    def _release(self, region: _Region) -> None:
+        """Let go of an adopted registration that turned out not to be alive (nothing removed)."""
+        region.prefix, region.attempt, region.artifacts = None, "", {}
+        region.accepted, region.status, region.final = None, None, None
+        region.reads_prefix = region.resumed = False
+
+    async def _check_artifacts(self, region: _Region, manifest: Manifest) -> None:
+        """Mark for upload the artifacts of the manifest that are gone or changed."""
         problems: dict[str, str | None] = {}
 
         async def inspect(name: str, artifact: ManifestArtifact) -> None:
@@ -363,8 +395,10 @@ class Run:
         if it did): a 404 is taken for an answer only once `NOT_FOUND_GRACE` seconds have passed.
         """
         delay = self.settings.poll_initial
+        # A registry that does not answer is not waited on here for longer than a wait would be.
+        deadline = min(self.settings.submit_timeout, self.settings.wait_timeout)
         while True:
-            current = await region.mims.get(registration_id, deadline=self.settings.submit_timeout)
+            current = await region.mims.get(registration_id, deadline=deadline)
             age = (dt.datetime.now(dt.UTC) - since).total_seconds() if since else NOT_FOUND_GRACE
             if current is not None or age >= NOT_FOUND_GRACE:
                 return current
@@ -532,7 +566,7 @@ class Run:
 
         try:
             region.final = await region.mims.wait(
-                registration_id, max_wait=self.settings.wait_timeout, on_status=changed
+                registration_id, max_wait=self.settings.wait_timeout, on_status=changed, known=region.accepted
             )
         except (RegistrationFailed, RegistrationInterrupted):
             raise

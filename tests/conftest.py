@@ -21,7 +21,7 @@ import pytest
 import stamina
 from pydantic import SecretStr
 
-from async_registrar import RegistrationConfig, RegistrationRequest, Settings
+from async_registrar import ProgressEvent, RegistrationConfig, RegistrationRequest, Settings
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
 from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
@@ -115,6 +115,41 @@ async def final_status(registry: ThreadedMimsServer, registration_id: str, timeo
             if registration.status in ("SUCCEEDED", "FAILED"):
                 return registration.status + (f": {registration.failure_reason}" if registration.failure_reason else "")
             await anyio.sleep(0.05)
+
+
+#: A registry that reads the artifacts only when it finishes, this long after accepting.
+LATE: dict[str, Any] = {"read_artifacts": "at_finish", "processing_delay": 2.5}
+
+
+@contextlib.contextmanager
+def late_registry(stack: LocalStack, **overrides: Any) -> Iterator[ThreadedMimsServer]:
+    """A reference MIMS of its own that reads the artifacts only when a registration finishes (as an
+    asynchronous workflow does): a run that deleted them too early sees its registration FAILED."""
+    with mims_server(stack, **{**LATE, **overrides}) as registry:
+        yield registry
+
+
+def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:
+    """`settings` pointed at `registry`, with `changes`."""
+    return settings.model_copy(update={"mims_endpoint": registry.endpoint, **changes})
+
+
+class Recorder:
+    """Every progress event, by kind."""
+
+    def __init__(self) -> None:
+        self.events: list[ProgressEvent] = []
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+async def names_under(s3: Any, settings: Settings) -> list[str]:
+    """The names of the objects (and open uploads) under the test's prefix, sorted."""
+    return sorted(k.rsplit("/", 1)[1] for k in await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
 
 
 async def remove_all(s3: Any, bucket: str, prefix: str) -> None:

@@ -8,11 +8,10 @@ registration ending FAILED.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,40 +39,22 @@ from async_registrar import (
     UploadProgress,
 )
 from async_registrar._local import LocalStack
-from async_registrar.reference_mims import ThreadedMimsServer
 
-from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all, request_for
+from .conftest import (
+    MiB,
+    Recorder,
+    final_status,
+    late_registry,
+    leftovers,
+    make_job,
+    mims_server,
+    names_under,
+    on,
+    registration_config,
+    remove_all,
+    request_for,
+)
 from .fault_proxy import RESET, FaultProxy, Reply, Stall
-
-#: A registry that finishes each registration (and only then reads its artifacts) this late.
-LATE = {"read_artifacts": "at_finish", "processing_delay": 2.5}
-
-
-@contextlib.contextmanager
-def late_registry(stack: LocalStack, **overrides: Any) -> Iterator[ThreadedMimsServer]:
-    with mims_server(stack, **{**LATE, **overrides}) as registry:
-        yield registry
-
-
-def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:
-    return settings.model_copy(update={"mims_endpoint": registry.endpoint, **changes})
-
-
-class Recorder:
-    """Progress events, by kind."""
-
-    def __init__(self) -> None:
-        self.events: list[ProgressEvent] = []
-
-    def __call__(self, event: ProgressEvent) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type[Any]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-
-async def names_under(s3: Any, settings: Settings) -> list[str]:
-    return sorted(k.rsplit("/", 1)[1] for k in await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
 
 
 async def resume(settings: Settings, request: RegistrationRequest, registration_id: str) -> Recorder:
