@@ -30,7 +30,6 @@ __all__ = [
     "PartBody",
     "StoredObject",
     "check_object",
-    "object_problem",
     "put_object",
 ]
 
@@ -188,7 +187,7 @@ class MultipartUpload:
                     **extra,
                 )
         except StorageError as error:
-            problem = await object_problem(
+            problem, _ = await check_object(
                 self._s3,
                 self.location,
                 self.size,
@@ -326,17 +325,3 @@ async def check_object(
     if value != checksum:
         return f"its {algorithm} is {stored}, the parts sent make {checksum}", found
     return None, found
-
-
-async def object_problem(
-    s3: S3Client,
-    location: S3Location,
-    size: int,
-    checksum: str | None,
-    *,
-    algorithm: str | None = "CRC32",
-    composite: bool = False,
-) -> str | None:
-    """What is wrong with the object at `location`, or None (see `check_object`)."""
-    problem, _ = await check_object(s3, location, size, checksum, algorithm=algorithm, composite=composite)
-    return problem

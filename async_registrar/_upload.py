@@ -26,7 +26,7 @@ import anyio.from_thread
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._archive import stream_archive, tar_size
+from ._archive import Sink, stream_archive, tar_size
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
@@ -222,17 +222,7 @@ async def upload_to_all(
     sha256 = hashlib.sha256()
 
     def produce_blocking() -> None:
-        if isinstance(source, DirectorySource):
-            stream_archive(
-                source,
-                cutter,
-                level=settings.compression_level,
-                mtime=settings.archive_mtime,
-                threads=settings.compression_threads,
-                on_read=tracker.add_read,
-            )
-        else:
-            stream_prebuilt(source, cutter, check=settings.check_prebuilt, on_read=tracker.add_read)
+        _write_archive(source, cutter, settings, check=settings.check_prebuilt, on_read=tracker.add_read)
         cutter.finish()
 
     async def produce() -> None:
@@ -319,19 +309,33 @@ async def digest_artifact(source: ArtifactSource, settings: Settings) -> tuple[i
 
     def digest_blocking() -> tuple[int, str]:
         sink = Digest()
-        if isinstance(source, DirectorySource):
-            stream_archive(
-                source,
-                sink,
-                level=settings.compression_level,
-                mtime=settings.archive_mtime,
-                threads=settings.compression_threads,
-            )
-        else:
-            stream_prebuilt(source, sink, check=False)
+        _write_archive(source, sink, settings, check=False)
         return sink.size, sink.sha256.hexdigest()
 
     return await anyio.to_thread.run_sync(digest_blocking)
+
+
+def _write_archive(
+    source: ArtifactSource,
+    sink: Sink,
+    settings: Settings,
+    *,
+    check: bool,
+    on_read: Callable[[int], object] | None = None,
+) -> None:
+    """The archive of `source` into `sink` (blocking): built from a directory, or a prebuilt one
+    as it is (read as a tar.gz on the way if `check`)."""
+    if isinstance(source, DirectorySource):
+        stream_archive(
+            source,
+            sink,
+            level=settings.compression_level,
+            mtime=settings.archive_mtime,
+            threads=settings.compression_threads,
+            on_read=on_read,
+        )
+    else:
+        stream_prebuilt(source, sink, check=check, on_read=on_read)
 
 
 async def _consume(
