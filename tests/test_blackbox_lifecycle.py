@@ -198,8 +198,14 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
         assert [e.resumed for e in again.of(RegistrationSubmitted)] == [True]
 
         third = Recorder()
-        async with Registrar(on(settings, registry), on_progress=third) as registrar:
-            with anyio.move_on_after(0.4) as deadline:
+        with anyio.CancelScope() as deadline:
+
+            def cancel_once_following(event: ProgressEvent) -> None:
+                third(event)
+                if isinstance(event, RegistrationSubmitted):  # it follows the kept one: stop it now
+                    deadline.cancel()
+
+            async with Registrar(on(settings, registry), on_progress=cancel_once_following) as registrar:
                 await registrar.register(request)
         assert deadline.cancelled_caught
         (event,) = third.of(RegistrationKept)
@@ -220,8 +226,14 @@ async def test_a_rerun_after_the_kept_registration_already_succeeded(
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-late-rerun")
     seen = Recorder()
     with late_registry(stack, processing_delay=0.8) as registry:
-        async with Registrar(on(settings, registry), on_progress=seen) as registrar:
-            with anyio.move_on_after(0.3) as deadline:
+        with anyio.CancelScope() as deadline:
+
+            def cancel_in_the_wait(event: ProgressEvent) -> None:
+                seen(event)
+                if isinstance(event, RegistrationStatusChanged):
+                    deadline.cancel()
+
+            async with Registrar(on(settings, registry), on_progress=cancel_in_the_wait) as registrar:
                 await registrar.register(request)
         assert deadline.cancelled_caught
         (submitted,) = seen.of(RegistrationSubmitted)
