@@ -21,7 +21,14 @@ import pytest
 import stamina
 from pydantic import SecretStr
 
-from async_registrar import ProgressEvent, RegistrationConfig, RegistrationRequest, Settings
+from async_registrar import (
+    ProgressEvent,
+    Registrar,
+    RegistrationConfig,
+    RegistrationRequest,
+    RegistrationTimeout,
+    Settings,
+)
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
 from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
@@ -145,6 +152,14 @@ class Recorder:
 
     def of(self, kind: type[Any]) -> list[Any]:
         return [e for e in self.events if isinstance(e, kind)]
+
+
+async def kept_by_a_timeout(settings: Settings, request: RegistrationRequest) -> RegistrationTimeout:
+    """Register with a short wait: the registry accepts, the wait times out, the artifacts are kept."""
+    async with Registrar(settings.model_copy(update={"wait_timeout": 0.3})) as registrar:
+        with pytest.raises(RegistrationTimeout) as caught:
+            await registrar.register(request)
+    return caught.value
 
 
 async def names_under(s3: Any, settings: Settings) -> list[str]:

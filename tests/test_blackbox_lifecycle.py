@@ -13,7 +13,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,7 @@ from async_registrar.reference_mims import ThreadedMimsServer
 from .conftest import (
     Recorder,
     final_status,
+    kept_by_a_timeout,
     late_registry,
     leftovers,
     make_job,
@@ -59,6 +59,7 @@ from .conftest import (
 )
 from .fault_proxy import RESET, FaultProxy, Stall
 from .test_cli import environment, run
+from .test_signals import start, wait_for
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -93,26 +94,6 @@ def cli_environment(stack: LocalStack, settings: Settings, job: dict[str, Path],
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return run(env, "register", *args, timeout=timeout)
-
-
-def start_cli(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "async_registrar", "register"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_until(process: subprocess.Popen[str], needle: str) -> str:
-    assert process.stderr is not None
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)}")
 
 
 async def named_as_kept(stderr: str, registry: ThreadedMimsServer, lineage: str, s3: Any, settings: Settings) -> str:
@@ -180,11 +161,9 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
     """Timeout, timeout again on the re-run, then a deadline-scope cancellation: one id, one prefix, no upload."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-thrice")
     with late_registry(stack, processing_delay=3.0) as registry:
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as first:
-                await registrar.register(request)
-        (kept,) = first.value.kept
-        assert isinstance(first.value, RegistrationInterrupted)
+        first = await kept_by_a_timeout(on(settings, registry), request)
+        (kept,) = first.kept
+        assert isinstance(first, RegistrationInterrupted)
 
         again = Recorder()
         async with Registrar(on(settings, registry, wait_timeout=0.3), on_progress=again) as registrar:
@@ -269,10 +248,8 @@ async def test_two_concurrent_reruns_of_one_kept_registration(
     """Two re-runs at once with the same lineage and inputs: both follow the kept one, neither registers again."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-twin-reruns")
     with late_registry(stack, processing_delay=1.5) as registry:
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(request)
-        (kept,) = caught.value.kept
+        timed_out = await kept_by_a_timeout(on(settings, registry), request)
+        (kept,) = timed_out.kept
         results: list[RegistrationResult] = []
         uploads = Recorder()
 
@@ -328,10 +305,8 @@ async def test_a_changed_config_in_the_same_lineage_leaves_the_kept_run_resumabl
     other = make_job(tmp_path / "other", config=registration_config(model_owner="another-team"))
     second = request_for({**job, "config": other["config"]}, workflow_execution_id="bb-config-change")
     with late_registry(stack, processing_delay=1.2) as registry:
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(first)
-        (kept,) = caught.value.kept
+        timed_out = await kept_by_a_timeout(on(settings, registry), first)
+        (kept,) = timed_out.kept
         async with Registrar(on(settings, registry)) as registrar:
             changed = await registrar.register(second)
         assert not changed.registrations[0].resumed
@@ -581,8 +556,10 @@ async def test_cli_sigterm_then_a_rerun_after_the_registration_succeeded(
         env = cli_environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=registry.endpoint, MODS_WORKFLOW_EXECUTION_ID="bb-cli-term"
         )
-        process = start_cli(env)
-        before = read_until(process, "submitted:")
+        process = start(env)
+        seen: list[str] = []
+        wait_for(process, "submitted:", seen)
+        before = "".join(seen)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
         assert process.returncode == 143, before + stderr
@@ -617,8 +594,10 @@ async def test_cli_sigint_during_the_wait_with_s3_stalled_exits_promptly_and_kee
             REGISTRAR_CLEANUP_TIMEOUT=str(timeout),
             MODS_WORKFLOW_EXECUTION_ID="bb-cli-int",
         )
-        process = start_cli(env)
-        before = read_until(process, "submitted:")
+        process = start(env)
+        seen: list[str] = []
+        wait_for(process, "submitted:", seen)
+        before = "".join(seen)
         stalled["on"] = True
         sent = time.monotonic()
         process.send_signal(signal.SIGINT)

@@ -44,6 +44,7 @@ from .conftest import (
     MiB,
     Recorder,
     final_status,
+    kept_by_a_timeout,
     late_registry,
     leftovers,
     make_job,
@@ -205,10 +206,8 @@ async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
             keys.append(outgoing.headers["Idempotency-Key"])
 
     with late_registry(stack, processing_delay=1.0) as registry:
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(request)
-        (kept,) = caught.value.kept
+        timed_out = await kept_by_a_timeout(on(settings, registry), request)
+        (kept,) = timed_out.kept
         model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
         await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # a lifecycle rule, a person
         assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
@@ -336,14 +335,12 @@ async def test_two_models_of_the_same_shapes_in_one_lineage_are_two_registration
             request_for(make_job(tmp_path / name, model_bytes=5 * MiB), workflow_execution_id="wf-twins-again")
             for name in ("c", "d")
         )
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(first)
+        timed_out = await kept_by_a_timeout(on(settings, registry), first)
         async with Registrar(on(settings, registry)) as registrar:
             third = await registrar.register(second)  # the kept one is another model: not resumed
         assert not third.registrations[0].resumed
-        assert third.registration_id != caught.value.registration_id
-        assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
+        assert third.registration_id != timed_out.registration_id
+        assert await final_status(registry, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
@@ -548,9 +545,7 @@ async def test_a_rerun_stopped_while_it_checks_kept_artifacts_keeps_them(
     must not remove them: the registration, reading them late, succeeds."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-takeover")
     with late_registry(stack, processing_delay=4.0) as registry:
-        async with Registrar(on(settings, registry, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(request)
+        timed_out = await kept_by_a_timeout(on(settings, registry), request)
         slow_heads: Callable[[str, str], object] = lambda m, t: Stall(3) if m == "HEAD" else None  # noqa: E731
         with FaultProxy(stack.s3_endpoint, slow_heads) as proxy:
             async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
@@ -562,7 +557,7 @@ async def test_a_rerun_stopped_while_it_checks_kept_artifacts_keeps_them(
                                 await anyio.sleep(0.01)
                         scope.cancel()
         assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
-        assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
+        assert await final_status(registry, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
@@ -674,12 +669,10 @@ async def test_a_kept_run_of_another_registry_is_not_touched(
     first registry's kept artifacts stay until that registration succeeds."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-two-registries")
     with late_registry(stack) as first, mims_server(stack) as second:
-        async with Registrar(on(settings, first, wait_timeout=0.3)) as registrar:
-            with pytest.raises(RegistrationTimeout) as caught:
-                await registrar.register(request)
+        timed_out = await kept_by_a_timeout(on(settings, first), request)
         async with Registrar(on(settings, second)) as registrar:
             result = await registrar.register(request)
         assert not result.registrations[0].resumed
         assert second.registration_count == 1
-        assert await final_status(first, caught.value.registration_id) == "SUCCEEDED"
+        assert await final_status(first, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
