@@ -346,16 +346,18 @@ class Run:
 
     async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
         """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
+        self._enter(region, where, manifest)
+        await self._check_artifacts(region, manifest)
+
+    def _enter(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
+        """Make an earlier run's prefix (and the artifacts its manifest lists) this region's."""
         self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
         region.created_at = manifest.created_at
         region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
-        await self._check_artifacts(region, manifest)
 
     def _adopt(self, region: _Region, where: S3Location, manifest: Manifest, registration: Registration) -> None:
         """Follow the registration of an earlier run's manifest, in that run's prefix (no await)."""
-        self._use(region, where.key.removesuffix(MANIFEST_NAME), manifest.attempt)
-        region.created_at = manifest.created_at
-        region.artifacts = {name: artifact.uploaded() for name, artifact in manifest.artifacts.items()}
+        self._enter(region, where, manifest)
         region.accepted, region.status, region.reads_prefix, region.resumed = (
             registration,
             registration.status,
