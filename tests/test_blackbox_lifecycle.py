@@ -324,7 +324,9 @@ async def test_a_rerun_cancelled_at_any_moment_before_its_wait_never_removes_the
 ) -> None:
     """A re-run cancelled while each of its S3 requests is held, then at growing delays: the kept stay."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-scan")
-    with late_registry(stack, processing_delay=9.0) as registry:
+    # Unfinished for the whole scan (about 10 s here, more on a busy machine): a re-run that sees it
+    # final would rightly remove the artifacts.
+    with late_registry(stack, processing_delay=25.0) as registry:
         async with Registrar(on(settings, registry, wait_timeout=0.2)) as registrar:
             with pytest.raises(RegistrationTimeout) as caught:
                 await registrar.register(request)
