@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._mims_contract import Registration, RegistrationStatus
-from ._s3 import S3Client, S3Location, storage_errors
+from ._s3 import S3Client, S3Location, error_code, storage_errors
 from ._upload import UploadedArtifact
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ManifestArtifact", "ManifestRegistration", "find_manifests", "write_manifest"]
@@ -79,8 +79,7 @@ class ManifestArtifact(BaseModel):
         try:
             head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+            code = error_code(exc)
             if code in ("404", "NoSuchKey", "NotFound"):
                 return "it is gone"
             log.warning("%s could not be checked (%s); taken as whole", location, code)

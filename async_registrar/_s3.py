@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from ._errors import InputError, StorageError, redact
 
-__all__ = ["S3Client", "S3Location", "make_session", "open_s3_client", "storage_errors"]
+__all__ = ["S3Client", "S3Location", "error_code", "make_session", "open_s3_client", "storage_errors"]
 
 #: aiobotocore's clients are untyped; this alias marks where one is expected.
 S3Client = Any
@@ -110,6 +110,12 @@ _HINTS = {
 }
 
 
+def error_code(exc: ClientError) -> str:
+    """S3's error code of a botocore `ClientError` (its HTTP status when there is none, as for HEAD)."""
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+
+
 @contextlib.contextmanager
 def storage_errors(operation: str, bucket: str, key: str | None = None) -> Iterator[None]:
     """Turn botocore's exceptions raised inside the block into a `StorageError`."""
@@ -117,9 +123,8 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
     try:
         yield
     except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
-        detail = redact(str(error.get("Message") or ""))
+        code = error_code(exc)
+        detail = redact(str(exc.response.get("Error", {}).get("Message") or ""))
         hint = _HINTS.get(code, "see the S3 error code")
         raise StorageError(
             f"S3 {operation} failed for {where}: {code}{f' ({detail})' if detail else ''}; {hint}",
