@@ -107,6 +107,15 @@ class ManifestRegistration(BaseModel):
     workflow_execution_arn: str
     status: RegistrationStatus
 
+    @classmethod
+    def of(cls, registration: Registration) -> ManifestRegistration:
+        return cls(
+            registration_id=registration.registration_id,
+            model_id=registration.model_id,
+            workflow_execution_arn=registration.workflow_execution_arn,
+            status=registration.status,
+        )
+
     def as_registration(self) -> Registration:
         """As the registry last reported it (to this run's knowledge)."""
         return Registration(

@@ -143,6 +143,24 @@ class MimsClient:
             return None
         return self._parse(response, url)
 
+    async def look_up(
+        self, registration_id: str, *, accepted_at: dt.datetime | None, deadline: float
+    ) -> Registration | None:
+        """The registration's state, or None if the registry does not know it.
+
+        A registry may not know a registration for a short while after accepting it (at
+        `accepted_at`, if it did): a 404 is an answer only `NOT_FOUND_GRACE` seconds after that,
+        as in `wait`.  `deadline` bounds each request's retries.
+        """
+        delay = self._settings.poll_initial
+        while True:
+            current = await self.get(registration_id, deadline=deadline)
+            age = (dt.datetime.now(dt.UTC) - accepted_at).total_seconds() if accepted_at else NOT_FOUND_GRACE
+            if current is not None or age >= NOT_FOUND_GRACE:
+                return current
+            await anyio.sleep(min(delay, NOT_FOUND_GRACE - age))
+            delay = min(delay * 2, self._settings.poll_max)
+
     async def wait(
         self,
         registration_id: str,

@@ -48,7 +48,7 @@ from ._errors import (
 )
 from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegistration, find_manifests, write_manifest
 from ._metadata import load_performance_metadata
-from ._mims_client import NOT_FOUND_GRACE, MimsClient
+from ._mims_client import MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
 from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
@@ -391,21 +391,10 @@ class Run:
     async def _look_up(
         self, region: _Region, registration_id: str, *, since: dt.datetime | None
     ) -> Registration | None:
-        """The registration as the registry reports it, or None if it does not know it.
-
-        A registry may not know a registration for a short while after accepting it (`since`,
-        if it did): a 404 is taken for an answer only once `NOT_FOUND_GRACE` seconds have passed.
-        """
-        delay = self.settings.poll_initial
-        # A registry that does not answer is not waited on here for longer than a wait would be.
+        """The registration as the registry reports it, or None (see `MimsClient.look_up`); a
+        registry that does not answer is not waited on here for longer than a wait would be."""
         deadline = min(self.settings.submit_timeout, self.settings.wait_timeout)
-        while True:
-            current = await region.mims.get(registration_id, deadline=deadline)
-            age = (dt.datetime.now(dt.UTC) - since).total_seconds() if since else NOT_FOUND_GRACE
-            if current is not None or age >= NOT_FOUND_GRACE:
-                return current
-            await anyio.sleep(min(delay, NOT_FOUND_GRACE - age))
-            delay = min(delay * 2, self.settings.poll_max)
+        return await region.mims.look_up(registration_id, accepted_at=since, deadline=deadline)
 
     async def _upload(self) -> None:
         """Upload each artifact once, to every region that needs it."""
@@ -711,14 +700,7 @@ class Run:
             idempotency_key=region.key,
             generation=region.generation,
             artifacts={name: ManifestArtifact.of(a) for name, a in region.artifacts.items()},
-            registration=ManifestRegistration(
-                registration_id=accepted.registration_id,
-                model_id=accepted.model_id,
-                workflow_execution_arn=accepted.workflow_execution_arn,
-                status=accepted.status,
-            )
-            if accepted is not None and state == "accepted"
-            else None,
+            registration=ManifestRegistration.of(accepted) if accepted is not None and state == "accepted" else None,
             created_at=region.created_at,
             updated_at=dt.datetime.now(dt.UTC),
         )
