@@ -1,14 +1,19 @@
-"""The MIMS client: submit a registration and wait for it, patiently.
+"""The MIMS client: check the endpoint, submit a registration and wait for it, patiently.
 
 One `httpx.AsyncClient` is shared (created or injected by the registrar); it
 never follows redirects, so a signed request is never replayed to another host.
-Transient failures (429, 500, 502, 503, 504, timeouts, connection resets and
-broken connections) are retried by stamina with exponential backoff under an
-overall deadline, honouring `Retry-After` (never past the deadline); every
-attempt is signed afresh by the auth, and a submission carries the same
-`Idempotency-Key` on every attempt, so a timeout after the request left never
-creates a second registration.  While waiting for a registration, a registry
-that stays unreachable is a wait timeout: the registration may well go on.
+One retry policy covers every request: every transport failure (a refused or
+reset connection, a DNS failure, any timeout, a peer that broke the protocol)
+and the answers 429, 500, 502, 503 and 504 are retried by stamina with
+exponential backoff and full jitter under the request's deadline, honouring
+`Retry-After`.  No wait reaches past the deadline: when the server asks for
+longer than the time left, the client gives up at once with the last answer.
+Every attempt is signed afresh by the auth, and a submission carries the same
+`Idempotency-Key` on every attempt, so a POST retried after it reached the
+registry never creates a second registration.  While waiting for a
+registration, a poll that fails is retried until the wait's own deadline: a
+registry that stays unreachable is a wait timeout (the registration may well
+go on), never a failure of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import datetime as dt
 import email.utils
 import logging
 import random
+import secrets
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -71,10 +77,11 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-#: Every timeout (connect, read, write, pool), every network error (refused, reset,
-#: broken pipe) and a peer that broke the protocol (closed without answering): all
-#: may pass.  A request sent twice is harmless: submissions carry an Idempotency-Key.
-_TRANSIENT_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+#: Every transport failure: timeouts (connect, read, write, pool), network errors (refused,
+#: reset, broken pipe, DNS), a peer that broke the protocol (closed without answering), a
+#: proxy that failed.  All may pass; a request sent twice is harmless (a submission carries
+#: an Idempotency-Key).  The endpoint's scheme is checked by the settings.
+_TRANSIENT_TRANSPORT = (httpx.TransportError,)
 
 
 class _Backoff:
@@ -83,7 +90,8 @@ class _Backoff:
     Exponential backoff with full jitter (a uniform wait between 0 and the exponential
     bound, which spreads out clients that failed together), unless the server said how
     long in `Retry-After`.  stamina keeps the attempts; no wait reaches past `deadline`
-    (on anyio's clock): a failure with no time left to retry is given up at once.
+    (on anyio's clock): a failure with no time left to retry, or whose `Retry-After` asks
+    for longer than the time left, is given up at once.
     """
 
     def __init__(self, initial: float, cap: float, deadline: float) -> None:
@@ -100,7 +108,8 @@ class _Backoff:
             return False
         self._failures += 1
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(exc.retry_after, remaining)
+            # Waiting less than the server asked for would only earn the same answer.
+            return exc.retry_after if exc.retry_after < remaining else False
         bound = min(self._cap, self._initial * 2 ** (self._failures - 1))
         return min(random.uniform(0, bound), remaining)  # noqa: S311  (jitter, not cryptography)
 
@@ -136,7 +145,8 @@ class MimsClient:
     ) -> Registration | None:
         """The registration's current state, or None if the registry does not know it (yet).
 
-        Each failed attempt is described in `failures`, if given."""
+        Each failed attempt is described in `failures`, if given.  `deadline` (seconds) bounds
+        the retries."""
         url = f"{self._endpoint}{REGISTRATIONS_PATH}/{urllib.parse.quote(registration_id, safe='')}"
         response = await self._request("GET", url, deadline=deadline, allow_not_found=True, failures=failures)
         if response.status_code == 404:
@@ -161,6 +171,51 @@ class MimsClient:
             await anyio.sleep(min(delay, NOT_FOUND_GRACE - age))
             delay = min(delay * 2, self._settings.poll_max)
 
+    async def probe(self, *, region: str, within: float) -> None:
+        """Prove, before anything is uploaded, that the endpoint is a registry that accepts our
+        signature: a signed GET of a registration that cannot exist must answer 404.
+
+        Transport failures and transient answers are retried for at most `within` seconds
+        (then `RegistryUnavailable`); a 401 or 403 is `RegistrationRejected` at once, naming
+        what to check; any other answer is `RegistrationRejected` too (not a MIMS endpoint).
+        """
+        registration_id = f"preflight-{secrets.token_hex(12)}"
+        url = f"{self._endpoint}{REGISTRATIONS_PATH}/{registration_id}"
+        shown = redact(self._endpoint)
+        failures: list[str] = []
+        fix = "check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT and the network"
+        with anyio.move_on_after(within) as scope:  # also cuts an attempt still in flight
+            try:
+                response = await self._request("GET", url, deadline=within, allow_not_found=True, failures=failures)
+            except RegistryUnavailable as exc:
+                raise RegistryUnavailable(
+                    f"the registry at {shown} did not answer within the preflight's {within:g} s "
+                    f"({_last(failures)}); {fix} (REGISTRAR_PREFLIGHT_TIMEOUT sets how long to try)",
+                    url=shown,
+                ) from exc
+            except RegistrationRejected as exc:
+                if exc.status_code in (401, 403):
+                    raise RegistrationRejected(
+                        f"the registry at {shown} refused our signed request ({exc.status_code}: "
+                        f"{exc.message.partition(': ')[2] or exc.message}); check the AWS credentials the job runs "
+                        f"with, that the registry signs for the region '{region}' (model_registration_region), "
+                        f"and its signing name (REGISTRAR_MIMS_SERVICE_NAME, now '{self._settings.mims_service_name}')",
+                        url=shown,
+                        status_code=exc.status_code,
+                        errors=exc.errors,
+                    ) from None
+                raise _not_a_registry(shown, exc.status_code) from None
+        if scope.cancelled_caught:
+            raise RegistryUnavailable(
+                f"the registry at {shown} did not answer within the preflight's {within:g} s "
+                f"({_last(failures) if failures else 'an attempt was still waiting for its answer'}); {fix} "
+                "(REGISTRAR_PREFLIGHT_TIMEOUT sets how long to try)",
+                url=shown,
+            )
+        if response.status_code != 404:
+            raise _not_a_registry(shown, response.status_code)
+        log.debug("%s answers and accepts our signature", shown)
+
     async def wait(
         self,
         registration_id: str,
@@ -180,13 +235,17 @@ class MimsClient:
         failures: list[str] = []  # of the polls since the last answer
         with anyio.move_on_after(max_wait):
             while True:
+                # The first poll comes soon (registries that finish fast should not cost a
+                # second), then the wait doubles, with jitter so that clients spread out.
+                await anyio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311  (jitter)
+                delay = min(delay * 2, self._settings.poll_max)
                 remaining = max(deadline - anyio.current_time(), 0.001)
                 try:
                     current = await self.get(registration_id, deadline=remaining, failures=failures)
                 except RegistryUnavailable:
-                    if anyio.current_time() < deadline:  # not a transient failure: no use waiting
-                        raise
-                    break  # transient failures were retried until the wait's deadline
+                    # Transient failures only (the rest raise otherwise), retried until the time
+                    # left ran out or the registry asked for a longer pause than that.
+                    break
                 failures.clear()
                 now = anyio.current_time()
                 if current is None:
@@ -207,11 +266,9 @@ class MimsClient:
                     last = current
                     if current.status in TERMINAL_STATUSES:
                         return self._finish(current)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, self._settings.poll_max)
         why = (
-            f"the registry stayed unreachable until then ({len(failures)} failed attempt(s), the last: "
-            f"{failures[-1]}); the registration may well go on"
+            f"the registry stayed unreachable until then ({len(failures)} failed attempt(s), "
+            f"{_last(failures)}); the registration may well go on"
             if failures
             else "raise --wait-timeout / REGISTRAR_WAIT_TIMEOUT, or check the registry"
         )
@@ -262,7 +319,7 @@ class MimsClient:
                     except Exception as exc:
                         arrived = arrived or isinstance(exc, _MAYBE_ARRIVED)
                         if failures is not None:
-                            failures.append(str(exc) if isinstance(exc, _Retryable) else type(exc).__name__)
+                            failures.append(_describe_failure(exc))
                         raise
         except _Retryable as exc:
             raise RegistryUnavailable(
@@ -313,6 +370,28 @@ class MimsClient:
                 f"({exc.error_count()} problem(s)); is --mims-endpoint a MIMS endpoint?",
                 url=redact(url),
             ) from None
+
+
+def _describe_failure(exc: Exception) -> str:
+    """One failed attempt, for a message: the answer's status, or the exception and its text."""
+    if isinstance(exc, _Retryable):
+        return str(exc)
+    text = redact(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _last(failures: list[str]) -> str:
+    return f"the last: {failures[-1]}" if failures else "no attempt finished"
+
+
+def _not_a_registry(shown: str, status: int | None) -> RegistrationRejected:
+    return RegistrationRejected(
+        f"GET {shown}{REGISTRATIONS_PATH}/<an id that cannot exist> answered {status}, where a MIMS "
+        "registry answers 404; is --mims-endpoint / REGISTRAR_MIMS_ENDPOINT a MIMS endpoint? "
+        "(REGISTRAR_PREFLIGHT=false skips this check)",
+        url=shown,
+        status_code=status,
+    )
 
 
 def _retry_after(value: str | None) -> float | None:

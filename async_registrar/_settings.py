@@ -140,8 +140,15 @@ class Settings(BaseModel):
     mims_service_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] = "mims"
     mims_request_timeout: Seconds = 30.0
     submit_timeout: Seconds = 300.0
-    poll_initial: Seconds = 1.0
+    #: The first poll comes this long after the registry accepted; then the wait doubles
+    #: (with jitter) up to `poll_max`.
+    poll_initial: Seconds = 0.25
     poll_max: Seconds = 30.0
+    #: Before anything is uploaded: check the credentials, every bucket and every registry
+    #: endpoint (a signed GET of a registration that cannot exist must be a 404).
+    preflight: bool = True
+    #: How long the preflight retries an endpoint that does not answer.
+    preflight_timeout: Seconds = 30.0
 
     # Cleanup, which must finish inside a container's grace period.
     cleanup_timeout: Seconds = 25.0
@@ -193,6 +200,8 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "submit_timeout": ("REGISTRAR_SUBMIT_TIMEOUT",),
     "poll_initial": ("REGISTRAR_POLL_INITIAL",),
     "poll_max": ("REGISTRAR_POLL_MAX",),
+    "preflight": ("REGISTRAR_PREFLIGHT",),
+    "preflight_timeout": ("REGISTRAR_PREFLIGHT_TIMEOUT",),
     "cleanup_timeout": ("REGISTRAR_CLEANUP_TIMEOUT",),
 }
 

@@ -236,15 +236,164 @@ async def test_backoff_has_full_jitter_and_honours_retry_after() -> None:
 
 
 async def test_no_wait_reaches_past_the_deadline() -> None:
-    """A Retry-After longer than the time left is cut to it; with no time left, no retry."""
+    """A Retry-After longer than the time left is not waited on at all: the client gives up at
+    once; a shorter one is honoured; with no time left, no retry."""
     from async_registrar._mims_client import RETRY_CAP, _Backoff, _Retryable
 
     busy = httpx.Response(503, headers={"Retry-After": "20"}, request=httpx.Request("GET", ENDPOINT))
     hook = _Backoff(initial=0.5, cap=RETRY_CAP, deadline=anyio.current_time() + 2)
-    assert 1.5 < float(hook(_Retryable(busy, 20.0))) <= 2
+    assert hook(_Retryable(busy, 20.0)) is False
+    assert hook(_Retryable(busy, 1.5)) == 1.5
+    assert 0 <= float(hook(httpx.ConnectError("refused"))) <= 2
     spent = _Backoff(initial=0.5, cap=RETRY_CAP, deadline=anyio.current_time() - 0.1)
     assert spent(_Retryable(busy, 20.0)) is False
     assert spent(httpx.ReadError("reset")) is False
+
+
+async def test_a_retry_after_past_the_deadline_gives_up_at_once_with_the_last_answer() -> None:
+    """Deadline 2 s, `Retry-After: 20`: RegistryUnavailable naming the 503 well within 2.5 s (it
+    used to sleep the 20 s)."""
+    script = Script(httpx.Response(503, headers={"Retry-After": "20"}, json={"message": "busy"}))
+    client, http = script.client(SETTINGS.model_copy(update={"submit_timeout": 2.0}))
+    started = time.monotonic()
+    async with http:
+        with pytest.raises(RegistryUnavailable, match="kept answering 503"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+    assert time.monotonic() - started < 2.5
+    assert len(script.requests) == 1
+
+
+async def test_a_poll_asking_for_more_than_the_wait_has_left_is_a_wait_timeout() -> None:
+    """While waiting, a 503 with a Retry-After past the wait's deadline ends the wait as a timeout
+    (exit 6, the registration may go on), at once, not as an error of its own."""
+    script = Script(httpx.Response(503, headers={"Retry-After": "30"}, json={"message": "busy"}))
+    client, http = script.client()
+    started = time.monotonic()
+    async with http:
+        with pytest.raises(RegistrationTimeout, match="503"):
+            await client.wait("reg-1", max_wait=2)
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        httpx.ReadError("reset"),
+        httpx.WriteError("broken pipe"),
+        httpx.WriteTimeout("slow"),
+        httpx.PoolTimeout("pool"),
+        httpx.ConnectError("[Errno -2] Name or service not known"),
+        httpx.RemoteProtocolError("closed"),
+        httpx.ProxyError("proxy"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_every_transport_error_is_retried_for_a_post(fault: Exception, no_backoff: None) -> None:
+    """The POST carries an Idempotency-Key, so any transport failure is retried with the same key."""
+    script = Script(fault, httpx.Response(202, json=registration()))
+    client, http = script.client()
+    async with http:
+        answer = await client.submit(SUBMISSION, idempotency_key="k")
+    assert answer.registration_id == "reg-1"
+    assert [r.headers["Idempotency-Key"] for r in script.requests] == ["k", "k"]
+
+
+async def test_polls_start_soon_and_double_with_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first poll comes about `poll_initial` after the call; then the pauses double to the cap,
+    each within 20 % of its nominal value."""
+    pauses: list[float] = []
+    real_sleep = anyio.sleep
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)
+    script = Script(
+        *[httpx.Response(200, json=registration("IN_PROGRESS"))] * 6,
+        httpx.Response(200, json=registration("SUCCEEDED")),
+    )
+    client, http = script.client(SETTINGS.model_copy(update={"poll_initial": 0.25, "poll_max": 2.0}))
+    async with http:
+        await client.wait("reg-1", max_wait=60)
+    nominal = [0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert len(pauses) == len(nominal)
+    assert all(0.8 * n <= p <= 1.2 * n for p, n in zip(pauses, nominal, strict=True))
+    assert len(set(pauses)) > 3  # jittered, not the nominal values
+
+
+async def test_the_probe_takes_a_404_as_proof() -> None:
+    """A signed GET of an id that cannot exist: 404 is the answer that proves endpoint and signature."""
+    script = Script(httpx.Response(404, json={"message": "no registration"}))
+    client, http = script.client()
+    async with http:
+        await client.probe(region="us-west-2", within=5)
+    (request,) = script.requests
+    assert request.method == "GET"
+    assert request.url.path.startswith("/v1/registrations/preflight-")
+    assert "Signature=" in request.headers["authorization"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_the_probe_names_what_to_check_when_the_signature_is_refused(status: int, no_backoff: None) -> None:
+    script = Script(httpx.Response(status, json={"message": "unknown access key"}))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationRejected) as caught:
+            await client.probe(region="us-west-2", within=5)
+    message = caught.value.message
+    assert f"refused our signed request ({status}: unknown access key)" in message
+    assert "AWS credentials" in message
+    assert "'us-west-2' (model_registration_region)" in message
+    assert "REGISTRAR_MIMS_SERVICE_NAME, now 'mims'" in message
+    assert len(script.requests) == 1
+
+
+@pytest.mark.parametrize("status", [200, 400, 405])
+async def test_the_probe_refuses_an_endpoint_that_is_not_a_registry(status: int, no_backoff: None) -> None:
+    script = Script(httpx.Response(status, text="<html>hello</html>"))
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationRejected, match=f"answered {status}, where a MIMS registry answers 404"):
+            await client.probe(region="us-west-2", within=5)
+
+
+async def test_the_probe_retries_transient_failures_within_its_bound() -> None:
+    """Refused, then 503, then 404: passes.  Refused throughout: RegistryUnavailable naming the
+    endpoint and the last failure, after `within` seconds, not later."""
+    script = Script(httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(404))
+    client, http = script.client()
+    async with http:
+        await client.probe(region="us-west-2", within=5)
+    assert len(script.requests) == 3
+
+    refused = Script(httpx.ConnectError("[Errno 111] Connection refused"))
+    client, http = refused.client()
+    started = time.monotonic()
+    async with http:
+        with pytest.raises(
+            RegistryUnavailable, match=r"https://mims.test did not answer within the preflight's 1 s"
+        ) as caught:
+            await client.probe(region="us-west-2", within=1)
+    assert time.monotonic() - started < 1.5
+    assert "ConnectError: [Errno 111] Connection refused" in caught.value.message
+    assert len(refused.requests) > 1
+
+
+async def test_the_probe_does_not_wait_past_its_bound_for_an_answer() -> None:
+    """An endpoint that accepts the connection and never answers: cut at `within`."""
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(30)
+        raise AssertionError("unreachable")
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(never))
+    client = MimsClient(http, ENDPOINT, SETTINGS, auth=None)
+    started = time.monotonic()
+    async with http:
+        with pytest.raises(RegistryUnavailable, match="an attempt was still waiting for its answer"):
+            await client.probe(region="us-west-2", within=0.5)
+    assert time.monotonic() - started < 1
 
 
 @pytest.mark.parametrize(
