@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         StorageError,
     )
     from ._mims_contract import Registration
+    from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
     from ._progress import (
         CleanupFinished,
         ProgressCallback,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 _MODULES = {
     "AcceptedRegistration": "._errors",
+    "ArtifactPlan": "._plan",
     "CleanupError": "._errors",
     "CleanupFinished": "._progress",
     "ConfigurationError": "._errors",
@@ -69,7 +71,9 @@ _MODULES = {
     "RegistrationRejected": "._errors",
     "RegistrationRequest": "._request",
     "RegistrationHandle": "._registrar",
+    "RegionPlan": "._plan",
     "RegionRegistration": "._results",
+    "RegistrationPlan": "._plan",
     "RegistrationResult": "._results",
     "RegistrationStatusChanged": "._progress",
     "RegistrationSubmitted": "._progress",
@@ -100,6 +104,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AcceptedRegistration",
+    "ArtifactPlan",
     "CleanupError",
     "CleanupFinished",
     "ConfigurationError",
@@ -108,6 +113,7 @@ __all__ = [
     "JobInputs",
     "ProgressCallback",
     "ProgressEvent",
+    "RegionPlan",
     "RegionRegistration",
     "Registrar",
     "RegistrarError",
@@ -117,6 +123,7 @@ __all__ = [
     "RegistrationHandle",
     "RegistrationInterrupted",
     "RegistrationKept",
+    "RegistrationPlan",
     "RegistrationRejected",
     "RegistrationRequest",
     "RegistrationResult",

@@ -1,4 +1,4 @@
-"""The command line: `async-registrar register | demo | upload | mims-server`.
+"""The command line: `async-registrar register | check | demo | upload | mims-server`.
 
 This is the only module that prints, exits, installs signal handlers and
 configures logging.  stdout carries exactly the two result lines of the
@@ -97,6 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _register(args: argparse.Namespace) -> int:
+    settings, request = await _job(args)
+    return await _registration(settings, request, args.progress)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    """Validation and preflight, no upload: print the plan (stdout), exit as `register` would."""
+    from ._registrar import Registrar
+
+    settings, request = await _job(args)
+    async with Registrar(settings) as registrar:
+        plan = await registrar.check(request)
+    print(*plan.lines(), sep="\n", flush=True)
+    return EXIT_OK
+
+
+async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]:
+    """The settings and the request of `register` and `check`, from the options and the environment."""
     settings = Settings.from_env(
         s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint, wait_timeout=args.wait_timeout
     )
@@ -105,8 +122,7 @@ async def _register(args: argparse.Namespace) -> int:
     )
     from ._request import RegistrationRequest
 
-    request = await RegistrationRequest.from_job(inputs)
-    return await _registration(settings, request, args.progress)
+    return settings, await RegistrationRequest.from_job(inputs)
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -299,34 +315,15 @@ def _parser() -> argparse.ArgumentParser:
 
     register = commands.add_parser("register", help="register a model (the container's job)")
     register.set_defaults(command=_register)
-    _option(
-        register,
-        "model_path",
-        "PATH",
-        "the model directory, or a directory holding one model.tar.gz",
-        "/opt/ml/processing/input/model",
+    _job_options(register)
+    check = commands.add_parser(
+        "check",
+        help="validate, run the preflight (credentials, bucket, registry) and print the plan; upload nothing",
+        description="Everything `register` checks before its first upload, and the plan of what it would do. "
+        "Same options, variables and exit codes as `register`; 0 when a registration would start.",
     )
-    _option(
-        register,
-        "payload_path",
-        "PATH",
-        "payload samples (optional: absent means no payload)",
-        "/opt/ml/processing/mims_payload",
-    )
-    _option(
-        register, "config_path", "PATH", "the registration configuration (JSON)", "/opt/ml/processing/config/config"
-    )
-    _option(
-        register,
-        "metadata_path",
-        "PATH",
-        "performance metadata, a JSON file or a directory holding one (optional)",
-        "/opt/ml/processing/input/metadata",
-    )
-    _option(register, "s3_bucket", "NAME", "bucket for the temporary artifacts", "required")
-    _option(register, "s3_prefix", "PREFIX", "prefix for the temporary artifacts", "registrar-tmp/")
-    _option(register, "mims_endpoint", "URL", "the MIMS endpoint", "required")
-    _option(register, "wait_timeout", "SECONDS", "how long to wait for the registration to finish", "3600", kind=float)
+    check.set_defaults(command=_check)
+    _job_options(check)
 
     demo = commands.add_parser(
         "demo", help="register the example model on an S3 server and the reference MIMS started in-process"
@@ -355,6 +352,36 @@ def _parser() -> argparse.ArgumentParser:
         help="where registered artifacts are copied (env MIMS_REGISTRY_BUCKET; default mims-registry)",
     )
     return parser
+
+
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `register` and `check`."""
+    _option(
+        parser,
+        "model_path",
+        "PATH",
+        "the model directory, or a directory holding one model.tar.gz",
+        "/opt/ml/processing/input/model",
+    )
+    _option(
+        parser,
+        "payload_path",
+        "PATH",
+        "payload samples (optional: absent means no payload)",
+        "/opt/ml/processing/mims_payload",
+    )
+    _option(parser, "config_path", "PATH", "the registration configuration (JSON)", "/opt/ml/processing/config/config")
+    _option(
+        parser,
+        "metadata_path",
+        "PATH",
+        "performance metadata, a JSON file or a directory holding one (optional)",
+        "/opt/ml/processing/input/metadata",
+    )
+    _option(parser, "s3_bucket", "NAME", "bucket for the temporary artifacts", "required")
+    _option(parser, "s3_prefix", "PREFIX", "prefix for the temporary artifacts", "registrar-tmp/")
+    _option(parser, "mims_endpoint", "URL", "the MIMS endpoint", "required")
+    _option(parser, "wait_timeout", "SECONDS", "how long to wait for the registration to finish", "3600", kind=float)
 
 
 def _option(

@@ -21,6 +21,7 @@ from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
+from ._plan import RegistrationPlan
 from ._progress import ProgressCallback, notify_all
 from ._request import RegistrationRequest
 from ._results import RegionRegistration, RegistrationResult
@@ -30,7 +31,7 @@ from ._settings import Settings
 from ._sigv4 import SigV4
 from ._temporary import REMOVE_BY_HAND
 
-__all__ = ["RegionRegistration", "Registrar", "RegistrationHandle", "RegistrationResult"]
+__all__ = ["RegionRegistration", "Registrar", "RegistrationHandle", "RegistrationPlan", "RegistrationResult"]
 
 log = logging.getLogger("async_registrar")
 
@@ -186,20 +187,31 @@ class Registrar:
         once, and one registration is submitted per region.  If anything fails (or the call
         is cancelled) before the registry accepted, the temporary objects are removed.
         """
-        s3, _ = self._clients()
-        callbacks = [c for c in (self._on_progress, on_progress) if c is not None]
-        run = Run(
-            self.settings,
-            request,
-            s3=s3,
-            region_clients=lambda region: self._region_clients(region, several=len(request.config.regions) > 1),
-            uploads=self._uploads,
-            emit=notify_all(callbacks),
-        )
+        run = self._run(request, on_progress)
         await run.start()
         handle = RegistrationHandle(self, run)
         self._handles.add(handle)
         return handle
+
+    async def check(self, request: RegistrationRequest) -> RegistrationPlan:
+        """Check the inputs and run the preflight (credentials, every bucket, every registry
+        endpoint), upload nothing, and return what a registration would do.
+
+        Raises what `register` would raise for the same problem, before any upload."""
+        return await self._run(request, None).plan()
+
+    def _run(self, request: RegistrationRequest, on_progress: ProgressCallback | None) -> Run:
+        s3, _ = self._clients()
+        callbacks = [c for c in (self._on_progress, on_progress) if c is not None]
+        return Run(
+            self.settings,
+            request,
+            s3=s3,
+            region_clients=lambda region: self._region_clients(region, several=len(request.config.regions) > 1),
+            credentials=self._credentials,
+            uploads=self._uploads,
+            emit=notify_all(callbacks),
+        )
 
     def _forget(self, handle: RegistrationHandle) -> None:
         self._handles.discard(handle)

@@ -32,8 +32,8 @@ class RegistrationResult:
     """
 
     registrations: tuple[RegionRegistration, ...]
-    #: Seconds spent in each phase: "validate", "upload", "register", "total" (and
-    #: "digest" when a re-run hashed its inputs to compare them with an earlier run's).
+    #: Seconds spent in each phase: "validate", "preflight", "upload", "register", "total"
+    #: (and "digest" when a re-run hashed its inputs to compare them with an earlier run's).
     timings: dict[str, float] = field(default_factory=dict)
     #: What the cleanup could not remove after the registration succeeded (each `s3://`
     #: key or open upload): the registration stands; these are for a person to remove.

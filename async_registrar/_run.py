@@ -22,17 +22,18 @@ to learn the answer.  Every exit's cleanup runs under one deadline
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 
-from ._artifacts import ArtifactSource, inspect_artifact
+from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
     AcceptedRegistration,
@@ -50,13 +51,15 @@ from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegist
 from ._metadata import load_performance_metadata
 from ._mims_client import MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
+from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
+from ._preflight import CredentialsCheck, PreflightTarget, check_registries, check_storage
 from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
 from ._settings import Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
-from ._upload import UploadedArtifact, digest_artifact, upload_to_all
+from ._upload import UploadedArtifact, buffer_bound, digest_artifact, upload_to_all
 
 __all__ = ["RegionClients", "Run"]
 
@@ -142,6 +145,7 @@ class Run:
         *,
         s3: S3Client,
         region_clients: RegionClients,
+        credentials: CredentialsCheck,
         uploads: anyio.CapacityLimiter,
         emit: ProgressCallback,
     ) -> None:
@@ -149,6 +153,7 @@ class Run:
         self.request = request
         self._s3 = s3
         self._region_clients = region_clients
+        self._credentials = credentials
         self._uploads = uploads
         self._emit = emit
         self._cleanup = CleanupDeadline(settings.cleanup_timeout)
@@ -210,40 +215,134 @@ class Run:
             await outcomes(functools.partial(refresh, r) for r in self.regions if r.accepted and not self._final(r))
         return await self._finalize(None, reason="closed before it was waited for")
 
-    async def _prepare(self) -> None:
-        """Check the inputs and the metadata; find what earlier runs left for the same inputs."""
+    async def plan(self) -> RegistrationPlan:
+        """Check the inputs, run the preflight and describe what a registration would do.
+
+        Nothing is written: no prefix is created, so there is nothing to clean up."""
+        await self._check()
+        assert self.identity is not None
+        found = await self._earlier_runs() if self.identity.resumable else []
+        await self._probe(self.regions)  # every registry: a person asked whether it answers
+        settings = self.settings
+        artifacts = []
+        for name, source in self._sources.items():
+            part_size = choose_part_size(source.size_bound, settings.part_size)
+            parts = max(1, -(-source.size_bound // part_size))
+            directory = isinstance(source, DirectorySource)
+            artifacts.append(
+                ArtifactPlan(
+                    name="model" if name == "model" else "payload",
+                    path=source.root if isinstance(source, DirectorySource) else source.path,
+                    kind="directory" if directory else "prebuilt",
+                    files=sum(1 for e in source.entries if not e.is_dir) if isinstance(source, DirectorySource) else 1,
+                    content_bytes=source.content_bytes if isinstance(source, DirectorySource) else source.size,
+                    size_bound=source.size_bound,
+                    part_size=part_size,
+                    parts=parts,
+                    memory_bytes=buffer_bound(parts, part_size, settings),
+                )
+            )
+        regions = tuple(
+            RegionPlan(
+                region=r.region,
+                bucket=r.bucket,
+                prefix=f"s3://{r.bucket}/{settings.s3_prefix}{self.identity.group}/",
+                endpoint=redact(r.mims.endpoint),
+            )
+            for r in self.regions
+        )
+        return RegistrationPlan(
+            artifacts=tuple(artifacts),
+            regions=regions,
+            lineage_id=self.request.workflow_execution_id,
+            resumable=self.identity.resumable,
+            earlier_runs=len({m.attempt for manifests in found for _, m in manifests}),
+            parallel_uploads=settings.max_parallel_uploads,
+            timings=dict(self.timings),
+        )
+
+    async def _check(self) -> None:
+        """Check the inputs and the metadata, and run the preflight; nothing is written."""
         model, payload = await self._inspect()
         self._sources = {"model": model} | ({"payload": payload} if payload is not None else {})
         request = self.request
-        self._metadata = await load_performance_metadata(
-            self._s3, local=request.metadata_path, uri=request.performance_metadata_uri
-        )
-        self.identity = identity = run_identity(request, model, payload, self._metadata, self.settings)
-        attempt = new_run_id()
         for name in request.config.regions:
             s3, mims = await self._region_clients(name)
             self.regions.append(_Region(name, s3, self.settings.bucket_for(name), mims))
+        if request.performance_metadata_uri is None:  # a local file: checked before the network is
+            self._metadata = await load_performance_metadata(self._s3, local=request.metadata_path, uri=None)
         self.timings["validate"] = anyio.current_time() - self._started
-
-        if identity.resumable:
-            group = f"{self.settings.s3_prefix}{identity.group}/"
-            found: list[list[tuple[S3Location, Manifest]]] = [[] for _ in self.regions]
-
-            async def look(index: int) -> None:
-                region = self.regions[index]
-                manifests = await find_manifests(region.s3, region.bucket, group)
-                found[index] = [(where, m) for where, m in manifests if m.region == region.region]
-
-            await run_all(functools.partial(look, index) for index in range(len(self.regions)))
-            if any(found):
-                mark = anyio.current_time()
-                archives = await self._digest()
-                self.timings["digest"] = anyio.current_time() - mark
-                await run_all(
-                    functools.partial(self._resume, region, manifests, archives)
-                    for region, manifests in zip(self.regions, found, strict=True)
-                    if manifests
+        if self.settings.preflight:
+            with self._preflight_timing():
+                await check_storage(
+                    self._targets(self.regions), credentials=self._credentials, within=self.settings.preflight_timeout
                 )
+        if request.performance_metadata_uri is not None:
+            self._metadata = await load_performance_metadata(
+                self._s3, local=request.metadata_path, uri=request.performance_metadata_uri
+            )
+        self.identity = run_identity(request, model, payload, self._metadata, self.settings)
+
+    async def _probe(self, regions: list[_Region]) -> None:
+        """The preflight's registry half: every region's registry answers and accepts our signature."""
+        if self.settings.preflight and regions:
+            with self._preflight_timing():
+                await check_registries(self._targets(regions), within=self.settings.preflight_timeout)
+            log.info(
+                "preflight passed in %.2f s: %s",
+                self.timings["preflight"],
+                "; ".join(
+                    f"{f'{r.region}: ' if self._several else ''}bucket {r.bucket} reachable, registry "
+                    f"{redact(r.mims.endpoint)} accepts our signature"
+                    for r in regions
+                ),
+            )
+
+    @contextlib.contextmanager
+    def _preflight_timing(self) -> Iterator[None]:
+        mark = anyio.current_time()
+        try:
+            yield
+        finally:
+            self.timings["preflight"] = self.timings.get("preflight", 0.0) + anyio.current_time() - mark
+
+    def _targets(self, regions: list[_Region]) -> list[PreflightTarget]:
+        return [PreflightTarget(r.region, r.s3, r.bucket, self.settings.s3_prefix, r.mims) for r in regions]
+
+    async def _earlier_runs(self) -> list[list[tuple[S3Location, Manifest]]]:
+        """Each region's manifests of earlier runs of this lineage (for that region)."""
+        assert self.identity is not None
+        group = f"{self.settings.s3_prefix}{self.identity.group}/"
+        found: list[list[tuple[S3Location, Manifest]]] = [[] for _ in self.regions]
+
+        async def look(index: int) -> None:
+            region = self.regions[index]
+            manifests = await find_manifests(region.s3, region.bucket, group)
+            found[index] = [(where, m) for where, m in manifests if m.region == region.region]
+
+        await run_all(functools.partial(look, index) for index in range(len(self.regions)))
+        return found
+
+    async def _prepare(self) -> None:
+        """Check the inputs, the metadata and the preflight; find what earlier runs left for the
+        same inputs."""
+        await self._check()
+        identity = self.identity
+        assert identity is not None
+        attempt = new_run_id()
+        found = await self._earlier_runs() if identity.resumable else [[] for _ in self.regions]
+        # A region with an earlier run of this lineage asks its registry about that run's
+        # registration instead (and follows it even while the registry is away).
+        await self._probe([r for r, manifests in zip(self.regions, found, strict=True) if not manifests])
+        if any(found):
+            mark = anyio.current_time()
+            archives = await self._digest()
+            self.timings["digest"] = anyio.current_time() - mark
+            await run_all(
+                functools.partial(self._resume, region, manifests, archives)
+                for region, manifests in zip(self.regions, found, strict=True)
+                if manifests
+            )
         for region in self.regions:
             if region.prefix is None:  # nothing to resume: a fresh attempt
                 suffix = f"{region.region}/" if self._several else ""

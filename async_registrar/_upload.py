@@ -37,7 +37,7 @@ from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
 
-__all__ = ["UploadedArtifact", "digest_artifact", "upload_artifact", "upload_to_all"]
+__all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -182,6 +182,12 @@ async def upload_artifact(
     """
     (uploaded,) = await upload_to_all(source, [(s3, location)], settings, artifact=artifact, on_progress=on_progress)
     return uploaded
+
+
+def buffer_bound(parts: int, part_size: int, settings: Settings) -> int:
+    """The part buffers an upload of `parts` parts holds at most: those in flight, those
+    queued (cut, hashed), the one being filled, and the spare ones handed back for reuse."""
+    return min(parts + 1, settings.upload_concurrency + settings.upload_queue_parts + 4) * part_size
 
 
 async def upload_to_all(

@@ -493,7 +493,8 @@ async def test_cli_registry_unreachable_until_the_deadline_exits_6_and_a_rerun_r
 ) -> None:
     """Every poll reset: exit 6, everything named; the re-run (registry back) uploads nothing and prints the lines."""
     job = make_job(tmp_path)
-    resets = lambda method, target: RESET if method == "GET" else None  # noqa: E731
+    # Every poll of the registration (the preflight's probe, before the upload, gets through).
+    resets = lambda method, target: RESET if method == "GET" and "/preflight-" not in target else None  # noqa: E731
     with late_registry(stack, processing_delay=2.5) as registry:
         with FaultProxy(registry.endpoint, resets) as broken:
             env = cli_environment(

@@ -63,7 +63,7 @@ async def test_register_end_to_end(tmp_path: Path, settings: Settings, s3: Any, 
     assert result.workflow_execution_arn.endswith(result.registration_id)
     assert result.model_artifact.parts == 3
     assert result.payload_artifact is not None
-    assert set(result.timings) == {"validate", "upload", "register", "total"}
+    assert set(result.timings) == {"validate", "preflight", "upload", "register", "total"}
     prefix = f"models/{result.model_id}/"
     assert await registry_sha256(s3, stack.registry_bucket, prefix + "model.tar.gz") == result.model_artifact.sha256
     assert await registry_sha256(s3, stack.registry_bucket, prefix + "payload.tar.gz") == (

@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -22,6 +23,7 @@ from async_registrar._local import ACCESS_KEY, LocalStack
 from async_registrar._request import run_identity
 
 from .conftest import leftovers, make_job, mims_server, registration_config, request_for
+from .fault_proxy import RESET, FaultProxy
 
 
 async def test_a_timeout_after_the_request_left_makes_one_registration(
@@ -73,15 +75,82 @@ async def test_a_rejected_signature_is_not_retried(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-async def test_an_unreachable_registry_is_unavailable(tmp_path: Path, settings: Settings, s3: Any) -> None:
-    """Nothing listens at the endpoint: RegistryUnavailable at the deadline; S3 is cleaned."""
+async def test_an_unreachable_registry_fails_the_preflight(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """Nothing listens at the endpoint: RegistryUnavailable after the preflight's bound, naming the
+    endpoint, before anything is uploaded (nothing to clean)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    closed = settings.model_copy(update={"mims_endpoint": f"http://127.0.0.1:{port}", "submit_timeout": 1.0})
+    closed = settings.model_copy(update={"mims_endpoint": f"http://127.0.0.1:{port}", "preflight_timeout": 1.0})
     async with Registrar(closed) as registrar:
-        with pytest.raises(RegistryUnavailable, match="ConnectError"):
+        with pytest.raises(RegistryUnavailable, match=f"127.0.0.1:{port} did not answer within the preflight's 1 s"):
             await registrar.register(request_for(make_job(tmp_path)))
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_connection_resets_on_the_first_polls_are_ridden_out(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A load balancer in front of the registry resets the connection on the first three polls of
+    the registration (and on the preflight's first GET): one registration, SUCCEEDED."""
+    resets = {"polls": 0, "preflight": 0}
+
+    def rule(method: str, target: str) -> object | None:
+        kind = "preflight" if "/preflight-" in target else "polls" if "/v1/registrations/" in target else None
+        if method == "GET" and kind is not None and resets[kind] < (1 if kind == "preflight" else 3):
+            resets[kind] += 1
+            return RESET
+        return None
+
+    with mims_server(stack) as registry, FaultProxy(registry.endpoint, rule) as proxy:
+        async with Registrar(settings.model_copy(update={"mims_endpoint": proxy.endpoint})) as registrar:
+            result = await registrar.register(request_for(make_job(tmp_path)))
+        assert registry.registration_count == 1
+        assert registry.registration(result.registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
+    assert resets == {"polls": 3, "preflight": 1}
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+class _FailingPosts(httpx.AsyncBaseTransport):
+    """Real HTTP to the registry, but the first POSTs fail as a network can make them fail:
+    the answer lost after the request arrived (ReadError), the request broken on its way
+    (WriteError), no connection free in time (PoolTimeout).  No server produces these on cue."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+        self.faults: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and len(self.faults) < 3:
+            fault = ["ReadError", "WriteError", "PoolTimeout"][len(self.faults)]
+            self.faults.append(fault)
+            if fault == "ReadError":  # it arrived: the registry registered it; the answer is lost
+                response = await self._real.handle_async_request(request)
+                await response.aclose()
+                raise httpx.ReadError("connection reset by peer", request=request)
+            if fault == "WriteError":
+                raise httpx.WriteError("broken pipe", request=request)
+            raise httpx.PoolTimeout("no connection available", request=request)
+        return await self._real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+async def test_a_post_failing_with_read_write_and_pool_errors_makes_one_registration(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """ReadError (after the registry took it), WriteError and PoolTimeout, once each: retried with
+    the same Idempotency-Key, one registration only, SUCCEEDED."""
+    transport = _FailingPosts()
+    with mims_server(stack) as registry:
+        async with httpx.AsyncClient(transport=transport) as http:
+            on_it = settings.model_copy(update={"mims_endpoint": registry.endpoint})
+            async with Registrar(on_it, http_client=http) as registrar:
+                result = await registrar.register(request_for(make_job(tmp_path)))
+        assert registry.registration_count == 1
+        assert registry.registration(result.registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
+    assert transport.faults == ["ReadError", "WriteError", "PoolTimeout"]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 

@@ -121,7 +121,9 @@ async def test_a_poll_failing_past_its_deadline_keeps_and_a_rerun_resumes(
     registry stayed unreachable; kept; resumed once the registry answers again."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-unreachable")
     with late_registry(stack) as registry:
-        polls_reset: Callable[[str, str], object] = lambda m, t: RESET if m == "GET" else None  # noqa: E731
+        polls_reset: Callable[[str, str], object] = (  # the preflight's probe gets through
+            lambda m, t: RESET if m == "GET" and "/preflight-" not in t else None
+        )
         with FaultProxy(registry.endpoint, polls_reset) as proxy:
             async with Registrar(on(settings, registry, mims_endpoint=proxy.endpoint, wait_timeout=1)) as registrar:
                 with pytest.raises(RegistrationTimeout, match="stayed unreachable until then") as caught:

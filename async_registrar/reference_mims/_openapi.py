@@ -91,12 +91,18 @@ def openapi_document() -> dict[str, Any]:
             REGISTRATIONS_PATH + "/{registration_id}": {
                 "get": {
                     "operationId": "getRegistration",
+                    "description": (
+                        "The registration's current state. The signature is verified first: a bad signature is "
+                        "403 whatever the id, and an id the registry does not know is 404 only after the "
+                        "signature was verified. Clients rely on it to check an endpoint and their signature "
+                        "before they upload anything (a GET of an id that cannot exist must be 404)."
+                    ),
                     "parameters": [
                         {"name": "registration_id", "in": "path", "required": True, "schema": {"type": "string"}}
                     ],
                     "responses": {
                         "200": registration,
-                        "404": _error("no such registration"),
+                        "404": _error("no such registration (answered after the signature was verified)"),
                         "429": _retry_after("throttled; retry after the given time"),
                         **auth,
                     },
