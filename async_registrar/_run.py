@@ -332,7 +332,7 @@ class Run:
         attempt = new_run_id()
         found = await self._earlier_runs() if identity.resumable else [[] for _ in self.regions]
         # A region with an earlier run of this lineage asks its registry about that run's
-        # registration instead (and follows it even while the registry is away).
+        # registration first (and follows it even while the registry is away) ...
         await self._probe([r for r, manifests in zip(self.regions, found, strict=True) if not manifests])
         if any(found):
             mark = anyio.current_time()
@@ -342,6 +342,10 @@ class Run:
                 functools.partial(self._resume, region, manifests, archives)
                 for region, manifests in zip(self.regions, found, strict=True)
                 if manifests
+            )
+            # ... and is probed only if it has nothing to follow, before it uploads and submits.
+            await self._probe(
+                [r for r, manifests in zip(self.regions, found, strict=True) if manifests and not r.accepted]
             )
         for region in self.regions:
             if region.prefix is None:  # nothing to resume: a fresh attempt

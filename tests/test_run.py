@@ -35,6 +35,7 @@ from async_registrar import (
     RegistrationStatusChanged,
     RegistrationSubmitted,
     RegistrationTimeout,
+    RegistryUnavailable,
     Settings,
     UploadProgress,
 )
@@ -121,9 +122,10 @@ async def test_a_poll_failing_past_its_deadline_keeps_and_a_rerun_resumes(
     registry stayed unreachable; kept; resumed once the registry answers again."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-unreachable")
     with late_registry(stack) as registry:
-        polls_reset: Callable[[str, str], object] = (  # the preflight's probe gets through
-            lambda m, t: RESET if m == "GET" and "/preflight-" not in t else None
-        )
+
+        def polls_reset(method: str, target: str) -> object:  # the preflight's probe gets through
+            return RESET if method == "GET" and "/preflight-" not in target else None
+
         with FaultProxy(registry.endpoint, polls_reset) as proxy:
             async with Registrar(on(settings, registry, mims_endpoint=proxy.endpoint, wait_timeout=1)) as registrar:
                 with pytest.raises(RegistrationTimeout, match="stayed unreachable until then") as caught:
@@ -677,4 +679,35 @@ async def test_a_kept_run_of_another_registry_is_not_touched(
         assert not result.registrations[0].resumed
         assert second.registration_count == 1
         assert await final_status(first, timed_out.registration_id) == "SUCCEEDED"
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_a_rerun_with_nothing_to_follow_probes_the_registry_before_it_uploads(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """The lineage has an earlier run (kept) of other inputs; the re-run, with a registry endpoint
+    where nothing listens, finds nothing to follow there and fails the preflight before uploading
+    anything; the earlier run's prefix is not touched."""
+    job = make_job(tmp_path)
+    with late_registry(stack) as registry:
+        timeout = await kept_by_a_timeout(on(settings, registry), request_for(job, workflow_execution_id="wf-probe"))
+        kept = await names_under(s3, settings)
+        weights = next(p for p in sorted(job["model"].iterdir()) if p.is_file())
+        weights.write_bytes(os.urandom(weights.stat().st_size))  # other contents: same names and sizes
+        with FaultProxy(stack.s3_endpoint, lambda method, target: None) as watched:
+            closed = settings.model_copy(
+                update={
+                    "mims_endpoint": "http://127.0.0.1:9",
+                    "s3_endpoint_url": watched.endpoint,
+                    "preflight_timeout": 1.0,
+                }
+            )
+            async with Registrar(closed) as registrar:
+                with pytest.raises(RegistryUnavailable, match="did not answer within the preflight's 1 s"):
+                    await registrar.register(request_for(job, workflow_execution_id="wf-probe"))
+            assert watched.count("PUT", "") == 0
+            assert watched.count("POST", "?uploads") == 0
+            assert watched.count("GET", "registration.json") >= 1  # it did look for earlier runs
+        assert await names_under(s3, settings) == kept
+        assert await final_status(registry, timeout.kept[0].registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
