@@ -20,7 +20,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,7 +126,8 @@ async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from ._local import LocalStack, example_request  # needs the `local` extra
+    with _needs_extra("local", "`async-registrar demo`"):
+        from ._local import LocalStack, example_request
 
     request = await example_request(args.example)
     with LocalStack() as stack:
@@ -172,15 +173,37 @@ async def _upload(args: argparse.Namespace) -> int:
 
 
 def _mims_server(args: argparse.Namespace) -> int:
-    from .reference_mims import ReferenceMimsSettings, serve  # needs the `mims` extra
-
     try:
+        with _needs_extra("mims", "`async-registrar mims-server`"):
+            from .reference_mims import ReferenceMimsSettings, serve
+
         settings = ReferenceMimsSettings.from_env(registry_bucket=args.registry_bucket)
     except ConfigurationError as exc:
         _report(exc.message, exc)
         return EXIT_USAGE
     serve(settings, host=args.host, port=args.port)
     return EXIT_OK
+
+
+#: The modules each extra brings (their absence means the extra is not installed).
+_EXTRA_MODULES = {
+    "mims": {"starlette", "uvicorn"},
+    "local": {"moto", "werkzeug", "flask", "starlette", "uvicorn", "boto3"},
+}
+
+
+@contextlib.contextmanager
+def _needs_extra(extra: str, what: str) -> Iterator[None]:
+    """Turn the import error of a missing extra into a usage error (exit 2) saying what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _EXTRA_MODULES[extra]:
+            raise
+        raise ConfigurationError(
+            f"{what} needs the '{extra}' extra, which is not installed (no module {(exc.name or '').split('.')[0]!r}); "
+            f"install it: pip install 'async-registrar[{extra}]' (from a checkout: pip install '.[{extra}]')"
+        ) from None
 
 
 async def _registration(settings: Settings, request: RegistrationRequest, progress: ProgressDisplay) -> int:
@@ -307,17 +330,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=environment_value("REGISTRAR_LOG_LEVEL") or "INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
-        help="logging on stderr (env REGISTRAR_LOG_LEVEL; default INFO)",
+        type=_log_level,
+        metavar="LEVEL",
+        help=f"logging on stderr: {', '.join(LOG_LEVELS)} (env REGISTRAR_LOG_LEVEL; default INFO)",
     )
     parser.set_defaults(foreground=False)
+    # The global options, accepted after the command too (where they win).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL", help=argparse.SUPPRESS
+    )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    register = commands.add_parser("register", help="register a model (the container's job)")
+    register = commands.add_parser("register", parents=[common], help="register a model (the container's job)")
     register.set_defaults(command=_register)
     _job_options(register)
     check = commands.add_parser(
         "check",
+        parents=[common],
         help="validate, run the preflight (credentials, bucket, registry) and print the plan; upload nothing",
         description="Everything `register` checks before its first upload, and the plan of what it would do. "
         "Same options, variables and exit codes as `register`; 0 when a registration would start.",
@@ -326,7 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     _job_options(check)
 
     demo = commands.add_parser(
-        "demo", help="register the example model on an S3 server and the reference MIMS started in-process"
+        "demo",
+        parents=[common],
+        help="register the example model on an S3 server and the reference MIMS started in-process",
     )
     demo.set_defaults(command=_demo)
     demo.add_argument(
@@ -337,12 +369,16 @@ def _parser() -> argparse.ArgumentParser:
         help="the example directory (default: examples/demo of this checkout)",
     )
 
-    upload = commands.add_parser("upload", help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else")
+    upload = commands.add_parser(
+        "upload", parents=[common], help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else"
+    )
     upload.set_defaults(command=_upload)
     upload.add_argument("path", help="a directory, or a directory holding one .tar.gz")
     upload.add_argument("target", help="s3://bucket/key")
 
-    server = commands.add_parser("mims-server", help="run the reference MIMS service (S3 via the AWS variables)")
+    server = commands.add_parser(
+        "mims-server", parents=[common], help="run the reference MIMS service (S3 via the AWS variables)"
+    )
     server.set_defaults(command=None, foreground=True)
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
@@ -382,6 +418,21 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "s3_prefix", "PREFIX", "prefix for the temporary artifacts", "registrar-tmp/")
     _option(parser, "mims_endpoint", "URL", "the MIMS endpoint", "required")
     _option(parser, "wait_timeout", "SECONDS", "how long to wait for the registration to finish", "3600", kind=float)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(value: str) -> str:
+    """A log level name, any case, surrounding blanks ignored (argparse applies it to the
+    environment's default too, so a bad REGISTRAR_LOG_LEVEL is a usage error, exit 2)."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log level (from --log-level or REGISTRAR_LOG_LEVEL); "
+            f"use one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
 
 
 def _option(

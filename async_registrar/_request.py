@@ -19,7 +19,8 @@ from typing import Any
 
 from ._artifacts import ArtifactSource, DirectorySource
 from ._config import RegistrationConfig, load_config
-from ._settings import JobInputs, Settings
+from ._errors import InputError
+from ._settings import JobInputs, Settings, describe_field
 
 __all__ = ["RegistrationRequest", "RunIdentity", "new_run_id", "run_identity"]
 
@@ -53,7 +54,23 @@ class RegistrationRequest:
 
     @classmethod
     async def from_job(cls, inputs: JobInputs) -> RegistrationRequest:
-        """Build the request of a registration job: read and validate its configuration file."""
+        """Build the request of a registration job: read and validate its configuration file.
+
+        The payload and metadata paths are optional where they default to the container's
+        paths (absent means none); a path the job named (by option or variable) must exist.
+        """
+        named = [
+            (name, getattr(inputs, name))
+            for name in ("payload_path", "metadata_path")
+            if name in inputs.model_fields_set and not getattr(inputs, name).exists()
+        ]
+        if named:
+            lines = "\n".join(f"  - {describe_field(name)}: {path}: no such file or directory" for name, path in named)
+            raise InputError(
+                "a path given for the job does not exist; fix it, or leave the option and its variable unset "
+                f"to register without it:\n{lines}",
+                [str(path) for _, path in named],
+            )
         return cls(
             config=await load_config(inputs.config_path),
             model_path=inputs.model_path,

@@ -32,7 +32,7 @@ from ._checksums import ChecksumAlgorithm, crc64nvme_available
 from ._config import describe_validation_errors
 from ._errors import ConfigurationError
 
-__all__ = ["JobInputs", "Settings", "describe_source", "environment_value"]
+__all__ = ["JobInputs", "Settings", "describe_field", "describe_source", "environment_value"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -174,7 +174,7 @@ class Settings(BaseModel):
 
         Raises `ConfigurationError` naming each bad variable.
         """
-        return _validate(cls, _gather(_ENVIRONMENT, environ, overrides), _describe_field)
+        return _validate(cls, _gather(_ENVIRONMENT, environ, overrides), describe_field)
 
 
 #: Each setting's environment variables, first match wins.
@@ -229,7 +229,8 @@ def describe_source(field: str) -> str:
     return " or ".join(_ENVIRONMENT.get(field, ()) or _JOB_ENVIRONMENT.get(field, ()))
 
 
-def _describe_field(field: str) -> str:
+def describe_field(field: str) -> str:
+    """How a message names a setting or job input: its option (if any) and its variables."""
     names = [OPTIONS[field]] if field in OPTIONS else []
     names += _ENVIRONMENT.get(field, ()) or _JOB_ENVIRONMENT.get(field, ())
     return " / ".join(names) if names else field
@@ -256,7 +257,7 @@ class JobInputs(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JobInputs:
         """Build the job inputs from environment variables, with keyword overrides taking precedence."""
-        return _validate(cls, _gather(_JOB_ENVIRONMENT, environ, overrides), _describe_field)
+        return _validate(cls, _gather(_JOB_ENVIRONMENT, environ, overrides), describe_field)
 
 
 _JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {

@@ -42,11 +42,12 @@ def environment(stack: LocalStack, settings: Settings, job: dict[str, Path], **e
         "REGISTRAR_MODEL_PATH": str(job["model"]),
         "REGISTRAR_PAYLOAD_PATH": str(job["payload"]),
         "REGISTRAR_CONFIG_PATH": str(job["config"]),
-        "REGISTRAR_METADATA_PATH": str(job["metadata"]),
         "REGISTRAR_PART_SIZE": "5MiB",
         "REGISTRAR_POLL_INITIAL": "0.05",
         "REGISTRAR_POLL_MAX": "0.2",
         "PYTHONDONTWRITEBYTECODE": "1",
+        # A path the job names must exist; `make_job`'s metadata path may not (no metadata).
+        **({"REGISTRAR_METADATA_PATH": str(job["metadata"])} if job["metadata"].exists() else {}),
         **extra,
     }
 

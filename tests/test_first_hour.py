@@ -1,0 +1,109 @@
+"""A newcomer's first hour: a missing extra, a mistyped log level, a path that is not there.
+
+Each test runs the command line as a user would (a subprocess, a clean environment) and
+checks the exit code and that the message says what to do.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_registrar import Settings
+from async_registrar._local import LocalStack
+
+from .conftest import leftovers, make_job
+from .test_cli import environment, run
+
+
+def without(modules: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with `modules` not importable, as on an install without their extra."""
+    blocked = "; ".join(f"sys.modules[{m!r}] = None" for m in modules)
+    code = f"import sys; {blocked}; from async_registrar._cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(
+    ("modules", "command", "extra"),
+    [(["moto"], "demo", "local"), (["starlette", "uvicorn"], "mims-server", "mims")],
+)
+def test_a_missing_extra_exits_2_naming_what_to_install(modules: list[str], command: str, extra: str) -> None:
+    """Not a bug report (exit 1, a traceback): exit 2 and the pip command that fixes it."""
+    result = without(modules, command)
+    assert result.returncode == 2, result.stderr
+    assert f"pip install 'async-registrar[{extra}]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "unexpected error" not in result.stderr
+
+
+@pytest.mark.parametrize("level", ["TRACE", "10", "verbose"])
+@pytest.mark.parametrize("where", ["variable", "option-before", "option-after"])
+def test_a_bad_log_level_exits_2_with_the_accepted_values(level: str, where: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    if where == "variable":
+        env["REGISTRAR_LOG_LEVEL"] = level
+        args = ["check"]
+    elif where == "option-before":
+        args = ["--log-level", level, "check"]
+    else:
+        args = ["check", "--log-level", level]
+    result = run(env, *args)
+    assert result.returncode == 2, result.stderr
+    assert f"{level!r} is not a log level" in result.stderr
+    assert "DEBUG, INFO, WARNING, ERROR" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_the_log_level_works_after_the_command_and_ignores_case_and_blanks(
+    tmp_path: Path, stack: LocalStack, settings: Settings
+) -> None:
+    """`check --log-level warning` quiets the INFO lines; `REGISTRAR_LOG_LEVEL="info "` is INFO."""
+    env = environment(stack, settings, make_job(tmp_path))
+    quiet = run(env, "check", "--log-level", "warning")
+    assert quiet.returncode == 0, quiet.stderr
+    assert " INFO " not in quiet.stderr
+    assert "preflight passed" in quiet.stdout
+    chatty = run({**env, "REGISTRAR_LOG_LEVEL": "info "}, "--log-level", "ERROR", "check", "--log-level", "info")
+    assert chatty.returncode == 0, chatty.stderr
+    assert " INFO " in chatty.stderr  # the option after the command wins
+
+
+@pytest.mark.parametrize(
+    ("option", "variable", "name"),
+    [("--payload", "REGISTRAR_PAYLOAD_PATH", "nopayload"), ("--metadata", "REGISTRAR_METADATA_PATH", "nope.json")],
+)
+@pytest.mark.parametrize("given_by", ["option", "variable"])
+async def test_a_named_path_that_does_not_exist_exits_3_naming_it(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, option: str, variable: str, name: str, given_by: str
+) -> None:
+    """A payload or metadata path the user named is not dropped silently; the defaults stay optional."""
+    job = make_job(tmp_path)
+    env = environment(stack, settings, job)
+    env.pop(variable, None)
+    missing = tmp_path / name
+    if given_by == "option":
+        result = run(env, "register", option, str(missing))
+    else:
+        result = run({**env, variable: str(missing)}, "register")
+    assert result.returncode == 3, result.stderr
+    assert f"{option} / {variable}: {missing}: no such file or directory" in result.stderr
+    assert "leave the option and its variable unset" in result.stderr
+    assert result.stdout == ""
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_the_default_container_paths_stay_optional(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """No payload or metadata named, none at the SageMaker paths: registered without them."""
+    env = environment(stack, settings, make_job(tmp_path))
+    env.pop("REGISTRAR_PAYLOAD_PATH")
+    env.pop("REGISTRAR_METADATA_PATH", None)
+    result = run(env, "register")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
