@@ -89,10 +89,12 @@ def inspect_artifact(path: Path, *, role: str) -> ArtifactSource:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise InputError(
-            f"{role} path {path} does not exist; mount the {role} there or pass its directory with --{role}",
-            [str(path)],
-        ) from None
+        fix = (
+            "give the path of an existing directory (or of a directory holding one .tar.gz)"
+            if role == "upload"
+            else f"mount the {role} there or pass its directory with --{role}"
+        )
+        raise InputError(f"{role} path {path} does not exist; {fix}", [str(path)]) from None
     except OSError as exc:
         raise InputError(f"{role} path {path} cannot be read ({exc.strerror})", [str(path)]) from None
     if stat.S_ISREG(info.st_mode):

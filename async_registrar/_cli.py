@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._s3 import S3Location, make_session, open_s3_client
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
+from ._temporary import REMOVE_BY_HAND
 from ._upload import upload_artifact
 from ._version import __version__
 
@@ -114,12 +115,24 @@ async def _check(args: argparse.Namespace) -> int:
 
 async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]:
     """The settings and the request of `register` and `check`, from the options and the environment."""
-    settings = Settings.from_env(
-        s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint, wait_timeout=args.wait_timeout
-    )
-    inputs = JobInputs.from_env(
-        model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
-    )
+    problems: list[str] = []  # of the settings and the job's inputs: every one at once
+    try:
+        settings = Settings.from_env(
+            s3_bucket=args.bucket,
+            s3_prefix=args.prefix,
+            mims_endpoint=args.mims_endpoint,
+            wait_timeout=args.wait_timeout,
+        )
+    except ConfigurationError as exc:
+        problems += exc.problems
+    try:
+        inputs = JobInputs.from_env(
+            model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
+        )
+    except ConfigurationError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigurationError("invalid settings; fix each and run again:", problems)
     from ._request import RegistrationRequest
 
     return settings, await RegistrationRequest.from_job(inputs)
@@ -141,6 +154,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 async def _upload(args: argparse.Namespace) -> int:
     from ._artifacts import ArtifactSource, inspect_artifact
+    from ._preflight import check_bucket, check_credentials
 
     target = S3Location.parse(args.target, what="upload target")
     # The engine alone: no registry is contacted, so its endpoint is a placeholder.
@@ -165,6 +179,11 @@ async def _upload(args: argparse.Namespace) -> int:
                         pool_size=max(10, 4 * settings.upload_concurrency),
                     )
                 )
+        # The preflight's storage half: credentials and the bucket, before a byte is read.
+        await check_credentials(session.get_credentials, within=settings.preflight_timeout)
+        await check_bucket(
+            s3, target.bucket, target.key, within=settings.preflight_timeout, fix="fix the s3://bucket/key target"
+        )
         uploaded = await upload_artifact(
             s3, sources[0], target, settings, artifact=Path(args.path).name or "upload", on_progress=args.progress
         )
@@ -281,15 +300,20 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
     if received:
         signum = received[0]
         name = signal.Signals(signum).name
+        stopped = f"{'interrupted' if signum == signal.SIGINT else 'terminated'} by {name}"
         if progress.kept:
             kept = progress.kept[-1]
             lines = [r.describe() for r in kept.registrations] or [f"kept {', '.join(kept.prefixes)}"]
-            print(f"interrupted by {name}:", *lines, kept.resume_hint, sep="\n", file=sys.stderr)
-            _write_exit_message(f"interrupted by {name}; {_kept_summary(kept.registrations, kept.resume_hint)}")
+            print(f"error: {stopped}:", *lines, kept.resume_hint, sep="\n", file=sys.stderr)
+            _write_exit_message(f"{stopped}; {_kept_summary(kept.registrations, kept.resume_hint)}")
         elif progress.leftovers:
-            _write_exit_message(f"interrupted by {name}; left behind: {', '.join(progress.leftovers)}")
+            left = f"{stopped}; could not remove everything, {REMOVE_BY_HAND} {', '.join(progress.leftovers)}"
+            print(f"error: {left}", file=sys.stderr)
+            _write_exit_message(left)
         else:
-            _write_exit_message(f"interrupted by {name}; no temporary object was left behind")
+            done = f"{stopped}; no temporary object was left behind, run again to register"
+            print(f"error: {done}", file=sys.stderr)
+            _write_exit_message(done)
         return 128 + signum
     return code
 

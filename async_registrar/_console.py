@@ -79,6 +79,9 @@ def configure_logging(level: str, stream: TextIO) -> Console:
     # Third-party loggers are loud and can echo request details; keep them to warnings.
     for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # stamina logs each retry as a bare `stamina.retry_scheduled` warning; the registrar logs its
+    # own line per retry (URL, reason, next delay) instead.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
     return console
 
 

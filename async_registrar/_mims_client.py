@@ -94,11 +94,12 @@ class _Backoff:
     for longer than the time left, is given up at once.
     """
 
-    def __init__(self, initial: float, cap: float, deadline: float) -> None:
+    def __init__(self, initial: float, cap: float, deadline: float, *, request: str = "") -> None:
         self._initial = initial
         self._cap = cap
         self._deadline = deadline
         self._failures = 0
+        self._request = request
 
     def __call__(self, exc: Exception) -> bool | float:
         if not isinstance(exc, (_Retryable, *_TRANSIENT_TRANSPORT)):
@@ -109,9 +110,21 @@ class _Backoff:
         self._failures += 1
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             # Waiting less than the server asked for would only earn the same answer.
-            return exc.retry_after if exc.retry_after < remaining else False
-        bound = min(self._cap, self._initial * 2 ** (self._failures - 1))
-        return min(random.uniform(0, bound), remaining)  # noqa: S311  (jitter, not cryptography)
+            if exc.retry_after >= remaining:
+                return False
+            delay = exc.retry_after
+        else:
+            bound = min(self._cap, self._initial * 2 ** (self._failures - 1))
+            delay = min(random.uniform(0, bound), remaining)  # noqa: S311  (jitter, not cryptography)
+        if self._request:  # one line per retry, with what failed and when the next attempt goes
+            log.info(
+                "%s: %s; retrying in %.2f s (attempt %d)",
+                self._request,
+                _describe_failure(exc),
+                delay,
+                self._failures + 1,
+            )
+        return delay
 
 
 class MimsClient:
@@ -303,15 +316,16 @@ class MimsClient:
     ) -> httpx.Response:
         shown = redact(url)
         backoff = _Backoff(
-            initial=min(0.5, self._settings.poll_initial), cap=RETRY_CAP, deadline=anyio.current_time() + deadline
+            initial=min(0.5, self._settings.poll_initial),
+            cap=RETRY_CAP,
+            deadline=anyio.current_time() + deadline,
+            request=f"{method} {shown}",
         )
         arrived = False  # whether some attempt may have reached the registry unanswered
         try:
             # The backoff keeps the deadline (stamina's own timeout would not cap a Retry-After).
             async for attempt in stamina.retry_context(on=backoff, attempts=None, timeout=None):
                 with attempt:
-                    if attempt.num > 1:
-                        log.info("%s %s: attempt %d", method, shown, attempt.num)
                     try:
                         response = await self._http.request(method, url, auth=self._auth, **kwargs)
                         arrived = arrived or response.status_code in MAYBE_PROCESSED_STATUS

@@ -91,8 +91,11 @@ async def check_credentials(credentials: CredentialsCheck, *, within: float) -> 
         ) from None
 
 
-async def check_bucket(s3: S3Client, bucket: str, prefix: str, *, within: float) -> None:
-    """`HeadBucket`: the bucket exists and these credentials may use it."""
+async def check_bucket(
+    s3: S3Client, bucket: str, prefix: str, *, within: float, fix: str = "fix --bucket / REGISTRAR_S3_BUCKET"
+) -> None:
+    """`HeadBucket`: the bucket exists and these credentials may use it.  `fix` says where the
+    bucket's name comes from, for the message when it does not exist."""
     where = f"s3://{bucket}"
     with anyio.move_on_after(within) as scope:
         try:
@@ -103,8 +106,7 @@ async def check_bucket(s3: S3Client, bucket: str, prefix: str, *, within: float)
             code = error_code(exc)
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(
-                    f"the bucket {bucket} does not exist (HeadBucket: 404 NoSuchBucket); create it, or fix "
-                    "--bucket / REGISTRAR_S3_BUCKET",
+                    f"the bucket {bucket} does not exist (HeadBucket: 404 NoSuchBucket); create it, or {fix}",
                     operation="HeadBucket",
                     bucket=bucket,
                     code="NoSuchBucket",

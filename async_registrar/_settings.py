@@ -72,6 +72,15 @@ def _bucket_template(value: str) -> str:
     return value
 
 
+def _s3_object_uri(value: str) -> str:
+    if not re.fullmatch(r"s3://[^/\s]+/\S.*", value):
+        raise ValueError(
+            "must be the s3:// URI of a JSON object (s3://bucket/key); a local file goes in "
+            "--metadata / REGISTRAR_METADATA_PATH"
+        )
+    return value
+
+
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
@@ -249,7 +258,7 @@ class JobInputs(BaseModel):
     config_path: Path = Path("/opt/ml/processing/config/config")
     metadata_path: Path = Path("/opt/ml/processing/input/metadata")
     #: An `s3://` URI of a JSON performance-metadata object (PERFORMANCE_METADATA_PATH).
-    performance_metadata_uri: Annotated[str, StringConstraints(pattern=r"^s3://[^/]+/.+")] | None = None
+    performance_metadata_uri: Annotated[str, AfterValidator(_s3_object_uri)] | None = None
     workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
     #: One logical registration's key, when the caller manages retries itself.
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None

@@ -298,7 +298,8 @@ async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
         stdout, stderr = process.communicate(timeout=30)
         assert process.returncode == code, "".join(seen) + stderr
         assert f"{signal.Signals(signum).name} received: stopping and cleaning up" in stderr
-        assert f"interrupted by {signal.Signals(signum).name}:" in stderr
+        verb = "interrupted" if signum == signal.SIGINT else "terminated"
+        assert f"error: {verb} by {signal.Signals(signum).name}:" in stderr
         assert stdout == ""
         registration_id, _ = kept_and_named(stderr, late)
         assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3

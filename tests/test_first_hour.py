@@ -107,3 +107,61 @@ async def test_the_default_container_paths_stay_optional(
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+def test_upload_of_a_missing_path_says_what_to_give(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    env = environment(stack, settings, make_job(tmp_path))
+    result = run(env, "upload", str(tmp_path / "nothing-here"), f"s3://{settings.s3_bucket}/x.tar.gz")
+    assert result.returncode == 3, result.stderr
+    assert "give the path of an existing directory" in result.stderr
+    assert "--upload" not in result.stderr
+
+
+async def test_upload_to_a_missing_bucket_names_the_target_not_an_option(
+    tmp_path: Path, stack: LocalStack, settings: Settings
+) -> None:
+    env = environment(stack, settings, make_job(tmp_path))
+    result = run(env, "upload", str(tmp_path / "model"), "s3://no-such-bucket-for-upload/x.tar.gz")
+    assert result.returncode == 4, result.stderr
+    assert "the bucket no-such-bucket-for-upload does not exist" in result.stderr
+    assert "fix the s3://bucket/key target" in result.stderr
+    assert "--bucket" not in result.stderr
+
+
+def test_upload_without_credentials_exits_2_saying_how_to_provide_them(
+    tmp_path: Path, stack: LocalStack, settings: Settings
+) -> None:
+    env = environment(stack, settings, make_job(tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name)
+    env |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    result = run(env, "upload", str(tmp_path / "model"), f"s3://{settings.s3_bucket}/x.tar.gz")
+    assert result.returncode == 2, result.stderr
+    assert "no usable AWS credentials" in result.stderr
+    assert "AWS_ACCESS_KEY_ID" in result.stderr
+
+
+def test_register_to_a_missing_bucket_is_one_error_line(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """No cleanup warnings and no 'remove these by hand' list for a bucket that does not exist."""
+    env = environment(stack, settings, make_job(tmp_path), REGISTRAR_S3_BUCKET="no-such-bucket-at-all")
+    result = run(env, "register")
+    assert result.returncode == 4, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the bucket no-such-bucket-at-all does not exist (HeadBucket: 404 NoSuchBucket); create it, or fix "
+        "--bucket / REGISTRAR_S3_BUCKET"
+    ]
+    assert " WARNING " not in result.stderr
+    assert " ERROR " not in result.stderr
+    assert "by hand" not in result.stderr
+
+
+def test_a_metadata_uri_that_is_not_s3_says_so() -> None:
+    result = run({"PATH": "/usr/bin:/bin", "PERFORMANCE_METADATA_PATH": "/tmp/metadata.json"}, "check")
+    assert result.returncode == 2, result.stderr
+    assert "PERFORMANCE_METADATA_PATH: must be the s3:// URI of a JSON object" in result.stderr
+    assert "control characters" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -457,3 +458,26 @@ async def test_an_unavailable_registry_says_whether_the_post_may_have_arrived(
         with pytest.raises(RegistryUnavailable) as caught:
             await client.submit(SUBMISSION, idempotency_key="k")
     assert caught.value.may_have_arrived is arrived
+
+
+async def test_each_retry_is_one_log_line_with_the_url_the_reason_and_the_next_delay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    script = Script(
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        httpx.Response(503, headers={"Retry-After": "0.01"}),
+        httpx.Response(202, json=registration()),
+    )
+    client, http = script.client()
+    with caplog.at_level(logging.INFO, logger="async_registrar.mims"):
+        async with http:
+            await client.submit(SUBMISSION, idempotency_key="k")
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 2
+    assert retries[0].startswith(
+        "POST https://mims.test/v1/registrations: ConnectError: [Errno 111] Connection refused;"
+    )
+    assert retries[0].endswith("(attempt 2)")
+    assert (
+        retries[1] == "POST https://mims.test/v1/registrations: 503 Service Unavailable; retrying in 0.01 s (attempt 3)"
+    )

@@ -55,6 +55,7 @@ async def test_sigterm_during_the_upload(tmp_path: Path, stack: LocalStack, sett
     assert process.returncode == 143, "".join(seen) + stderr
     assert took < 10
     assert "SIGTERM received: stopping and cleaning up" in stderr
+    assert "error: terminated by SIGTERM; no temporary object was left behind, run again to register" in stderr
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
@@ -119,7 +120,7 @@ async def test_sigterm_as_pid_1(tmp_path: Path, stack: LocalStack, settings: Set
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 143, "".join(seen) + stderr
     assert "SIGTERM received: stopping and cleaning up" in stderr
-    assert "interrupted by SIGTERM:" in stderr
+    assert "error: terminated by SIGTERM:" in stderr
     assert "is PENDING; its artifacts are kept under s3://" in stderr
     assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
