@@ -138,3 +138,22 @@ def test_arbitrary_json_never_raises_anything_but_a_configuration_error(value: o
     except ConfigurationError as exc:
         problem = str(exc)
     assert problem is None or problem.startswith("configuration: ")
+
+
+@pytest.mark.parametrize(
+    ("region", "suggestion"), [("us-wst-2", "us-west-2"), ("eu-westt-1", "eu-west-1"), ("xx-east-1", "us-east-1")]
+)
+def test_a_misspelt_region_is_refused_with_the_closest_known_name(region: str, suggestion: str) -> None:
+    """`us-wst-2` fits the pattern but is no region: refused (exit 2), naming the likely one."""
+    with pytest.raises(ConfigurationError) as caught:
+        RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region=region)))
+    assert f"'{region}' is not an AWS region name; did you mean {suggestion}?" in caught.value.message
+
+
+def test_a_well_formed_region_botocore_does_not_know_passes_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A region newer than the installed botocore is not refused: it is named in a warning."""
+    config = RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region="eu-west-9")))
+    assert config.regions == ("eu-west-9",)
+    assert "region eu-west-9 is not one this botocore knows" in caplog.text
+    for region in ("us-gov-west-1", "ap-southeast-7", "cn-north-1"):
+        assert RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region=region)))

@@ -1,0 +1,57 @@
+"""AWS region names: a misspelt one is caught before anything is uploaded.
+
+A region name that fits the pattern (`us-wst-2`) used to go through end to end.
+The names botocore knows (its partition data, offline) are the reference:
+
+- a known name passes;
+- a name whose words are not a region's (a geography any partition has, compass
+  words such as `west` or `southeast`, a number) is refused with the closest known
+  name: it is a typo;
+- a well-formed name botocore does not know yet (a region newer than this botocore)
+  passes with a warning naming the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import re
+
+import botocore.session
+
+__all__ = ["check_region", "known_regions"]
+
+log = logging.getLogger("async_registrar")
+
+#: The words between a region's geography and its number (`us-gov-west-1`, `eu-isoe-west-1`).
+_WORDS = frozenset(
+    {"east", "west", "north", "south", "central"}
+    | {"northeast", "northwest", "southeast", "southwest"}
+    | {"gov", "iso", "isob", "isoe", "isof", "de"}
+)
+
+
+@functools.cache
+def known_regions() -> tuple[frozenset[str], tuple[re.Pattern[str], ...]]:
+    """The region names of every partition botocore knows, and the partitions' name patterns."""
+    data = botocore.session.get_session().get_data("endpoints")
+    names = frozenset(region for partition in data["partitions"] for region in partition["regions"])
+    patterns = tuple(re.compile(partition["regionRegex"]) for partition in data["partitions"])
+    return names, patterns
+
+
+def check_region(name: str) -> str:
+    """`name`, if it is (or may be) a region; else `ValueError` naming the closest known one."""
+    names, patterns = known_regions()
+    if name in names:
+        return name
+    closest = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    hint = f"; did you mean {closest[0]}?" if closest else ""
+    parts = name.split("-")
+    words_ok = len(parts) >= 3 and parts[-1].isdigit() and all(word in _WORDS for word in parts[1:-1])
+    if not words_ok or not any(pattern.fullmatch(name) for pattern in patterns):
+        raise ValueError(f"{name!r} is not an AWS region name{hint}")
+    nearest = f"; the closest known is {closest[0]}" if closest else ""
+    log.warning("region %s is not one this botocore knows (a region newer than it?%s); going on", name, nearest)
+    return name
