@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,14 +143,27 @@ async def _demo(args: argparse.Namespace) -> int:
     with _needs_extra("local", "`async-registrar demo`"):
         from ._local import LocalStack, example_request
 
-    request = await example_request(args.example)
-    with LocalStack() as stack:
-        log.info("demo: S3 at %s, reference MIMS at %s", stack.s3_endpoint, stack.mims_endpoint)
-        code = await _registration(stack.registrar_settings(), request, args.progress)
-        if code == EXIT_OK:
-            for line in await stack.describe_registry():
-                log.info("demo: %s", line)
-        return code
+    from ._example import checkout_example, materialize, packaged_example
+
+    with tempfile.TemporaryDirectory(prefix="async-registrar-demo-") as scratch:
+        example = args.example or checkout_example()
+        if example is None:  # an installed copy: its example's files, and weights made here
+            files = packaged_example()
+            if files is None:
+                raise ConfigurationError(
+                    "this installation carries no example; pass --example DIR (a directory with model/, "
+                    "payload/ and registration.json)"
+                )
+            example = await anyio.to_thread.run_sync(materialize, files, Path(scratch) / "demo")
+            log.info("demo: the example model, with generated weights, in %s", example)
+        request = await example_request(example)
+        with LocalStack() as stack:
+            log.info("demo: S3 at %s, reference MIMS at %s", stack.s3_endpoint, stack.mims_endpoint)
+            code = await _registration(stack.registrar_settings(), request, args.progress)
+            if code == EXIT_OK:
+                for line in await stack.describe_registry():
+                    log.info("demo: %s", line)
+            return code
 
 
 async def _upload(args: argparse.Namespace) -> int:
@@ -390,7 +404,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="the example directory (default: examples/demo of this checkout)",
+        help="the example directory (default: examples/demo of this checkout, or the example shipped with "
+        "the package, its weights generated)",
     )
 
     upload = commands.add_parser(

@@ -134,14 +134,8 @@ def _create_bucket(endpoint: str, bucket: str) -> None:
     s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
 
 
-def default_example() -> Path:
-    """examples/demo of the checkout this package runs from."""
-    return Path(__file__).resolve().parent.parent / "examples" / "demo"
-
-
-async def example_request(example: Path | None) -> RegistrationRequest:
+async def example_request(root: Path) -> RegistrationRequest:
     """The registration request of an example directory (model/, payload/, registration.json)."""
-    root = example or default_example()
     config = root / "registration.json"
     if not config.exists():
         raise ConfigurationError(
