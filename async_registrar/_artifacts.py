@@ -9,6 +9,7 @@ so the user fixes them in one go, before a single byte is uploaded.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -80,11 +81,14 @@ class PrebuiltArchive:
 ArtifactSource = DirectorySource | PrebuiltArchive
 
 
-def inspect_artifact(path: Path, *, role: str) -> ArtifactSource:
+def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> ArtifactSource:
     """Scan `path` and describe what will be uploaded; raise `InputError` if it can't be.
 
-    `role` ("model", "payload") names the input in messages.  Blocking: run it in a
-    worker thread for large trees.
+    `role` ("model", "payload") names the input in messages.  With `dereference`, symbolic
+    links are followed (a link to a file is archived as a regular file of the target's bytes
+    under the link's name, a link to a directory as that directory) and hard-linked files
+    are archived as regular files; loops, dangling links and links to anything else are
+    refused.  Blocking: run it in a worker thread for large trees.
     """
     try:
         info = path.stat()
@@ -108,7 +112,7 @@ def inspect_artifact(path: Path, *, role: str) -> ArtifactSource:
     if not stat.S_ISDIR(info.st_mode):
         raise InputError(f"{role} path {path} is neither a directory nor a file", [str(path)])
 
-    entries, problems = _scan(path)
+    entries, problems = _scan(path, dereference=dereference)
     if problems:
         raise InputError(
             f"{role} directory {path} holds entries that can't go into an archive (only regular files "
@@ -145,13 +149,22 @@ def choose_part_size(size_bound: int, configured: int) -> int:
     return min(max(configured, needed), MAX_PART_SIZE)
 
 
-def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
+#: What the messages about links say when `dereference` is off.
+_DEREFERENCE = "or pass --dereference (REGISTRAR_DEREFERENCE=true) to archive its target's bytes"
+
+
+def _scan(root: Path, *, dereference: bool = False) -> tuple[list[FileEntry], list[str]]:
     """Walk `root` in archive order (by UTF-8 name, depth first); collect entries and problems."""
     entries: list[FileEntry] = []
     problems: list[str] = []
-    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
+    top = os.stat(root)
+    # Each directory to list, its name in the archive, and the directories above it (device,
+    # inode): a followed link back to one of them would be a loop.
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+        (os.fspath(root), "", frozenset({(top.st_dev, top.st_ino)}))
+    ]
     while stack:
-        directory, prefix = stack.pop()
+        directory, prefix, above = stack.pop()
         try:
             with os.scandir(directory) as it:
                 children = sorted(it, key=lambda e: os.fsencode(e.name))
@@ -171,19 +184,41 @@ def _scan(root: Path) -> tuple[list[FileEntry], list[str]]:
             except OSError as exc:
                 problems.append(f"{full}: cannot stat ({exc.strerror})")
                 continue
-            mode = st.st_mode
-            if stat.S_ISLNK(mode):
+            path = full
+            if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(full)
-                problems.append(f"{full}: symbolic link (to {target}); replace it with a copy of its target")
-            elif stat.S_ISDIR(mode):
+                if not dereference:
+                    problems.append(
+                        f"{full}: symbolic link (to {target}); replace it with a copy of its target, {_DEREFERENCE}"
+                    )
+                    continue
+                try:
+                    st = os.stat(full)  # followed, through every link of a chain
+                except FileNotFoundError:
+                    problems.append(f"{full}: dangling symbolic link (to {target}); remove it or restore its target")
+                    continue
+                except OSError as exc:
+                    why = "a loop of symbolic links" if exc.errno == errno.ELOOP else exc.strerror
+                    problems.append(f"{full}: symbolic link (to {target}) cannot be followed ({why})")
+                    continue
+                if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in above:
+                    problems.append(f"{full}: symbolic link (to {target}) loops back to a directory above it")
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    path = os.path.realpath(full)  # opened without following links, as every file is
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
                 entries.append(FileEntry(name, full, True, 0, True))
-                subdirs.append((full, name + "/"))
+                subdirs.append((full, name + "/", above | {(st.st_dev, st.st_ino)}))
             elif stat.S_ISREG(mode):
-                if st.st_nlink > 1:
-                    problems.append(f"{full}: hard link ({st.st_nlink} names for one file); replace it with a copy")
+                if st.st_nlink > 1 and not dereference:
+                    problems.append(
+                        f"{full}: hard link ({st.st_nlink} names for one file); replace it with a copy, "
+                        "or pass --dereference (REGISTRAR_DEREFERENCE=true) to archive it as a regular file"
+                    )
                 else:
                     executable = bool(mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-                    entries.append(FileEntry(name, full, False, st.st_size, executable))
+                    entries.append(FileEntry(name, path, False, st.st_size, executable))
             else:
                 problems.append(f"{full}: {_special_kind(mode)}; archives hold only regular files and directories")
         # Depth first in sorted order: push subdirectories in reverse so the first pops first.

@@ -123,6 +123,7 @@ async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]
             s3_prefix=args.prefix,
             mims_endpoint=args.mims_endpoint,
             wait_timeout=args.wait_timeout,
+            dereference=args.dereference or None,
         )
     except ConfigurationError as exc:
         problems += exc.problems
@@ -172,12 +173,18 @@ async def _upload(args: argparse.Namespace) -> int:
 
     target = S3Location.parse(args.target, what="upload target")
     # The engine alone: no registry is contacted, so its endpoint is a placeholder.
-    settings = Settings.from_env(s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid")
+    settings = Settings.from_env(
+        s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid", dereference=args.dereference or None
+    )
     session = make_session(settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
     sources: list[ArtifactSource] = []
 
     async def scan() -> None:
-        sources.append(await anyio.to_thread.run_sync(lambda: inspect_artifact(Path(args.path), role="upload")))
+        sources.append(
+            await anyio.to_thread.run_sync(
+                lambda: inspect_artifact(Path(args.path), role="upload", dereference=settings.dereference)
+            )
+        )
 
     async with contextlib.AsyncExitStack() as stack:
         # The scan (in a thread) and the client's setup overlap: each takes ~0.1 s.
@@ -414,6 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.set_defaults(command=_upload)
     upload.add_argument("path", help="a directory, or a directory holding one .tar.gz")
     upload.add_argument("target", help="s3://bucket/key")
+    _dereference_option(upload)
 
     server = commands.add_parser(
         "mims-server", parents=[common], help="run the reference MIMS service (S3 via the AWS variables)"
@@ -457,6 +465,17 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
     _option(parser, "s3_prefix", "PREFIX", "prefix for the temporary artifacts", "registrar-tmp/")
     _option(parser, "mims_endpoint", "URL", "the MIMS endpoint", "required")
     _option(parser, "wait_timeout", "SECONDS", "how long to wait for the registration to finish", "3600", kind=float)
+    _dereference_option(parser)
+
+
+def _dereference_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dereference",
+        action="store_true",
+        default=False,
+        help="follow symbolic links (archive each target's bytes under the link's name) and archive "
+        "hard-linked files as regular files, as Hugging Face and DVC caches need (env REGISTRAR_DEREFERENCE)",
+    )
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -813,11 +813,14 @@ class Run:
     async def _inspect(self) -> tuple[ArtifactSource, ArtifactSource | None]:
         """Scan the inputs (in a worker thread: trees can be large)."""
         request = self.request
-        model = await anyio.to_thread.run_sync(lambda: inspect_artifact(request.model_path, role="model"))
+        follow = self.settings.dereference
+        model = await anyio.to_thread.run_sync(
+            lambda: inspect_artifact(request.model_path, role="model", dereference=follow)
+        )
         payload = None
         if request.payload_path is not None and await anyio.Path(request.payload_path).exists():
             path = request.payload_path
-            payload = await anyio.to_thread.run_sync(lambda: inspect_artifact(path, role="payload"))
+            payload = await anyio.to_thread.run_sync(lambda: inspect_artifact(path, role="payload", dereference=follow))
         return model, payload
 
     async def _digest(self) -> dict[str, str]:

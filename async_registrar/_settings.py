@@ -144,6 +144,9 @@ class Settings(BaseModel):
     #: Read a prebuilt archive as tar.gz while it uploads (corrupt, truncated or unsafe: exit 3).
     #: Inflating costs about 4 CPU-seconds per GiB of weights; the registry checks it again.
     check_prebuilt: bool = True
+    #: Follow symbolic links (archive the target's bytes under the link's name) and archive
+    #: hard-linked files as regular files: Hugging Face caches, DVC caches, `cp -al` trees.
+    dereference: bool = False
 
     # The registry client.
     mims_service_name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,64}$")] = "mims"
@@ -204,6 +207,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "compression_threads": ("REGISTRAR_COMPRESSION_THREADS",),
     "archive_mtime": ("SOURCE_DATE_EPOCH",),
     "check_prebuilt": ("REGISTRAR_CHECK_PREBUILT",),
+    "dereference": ("REGISTRAR_DEREFERENCE",),
     "mims_service_name": ("REGISTRAR_MIMS_SERVICE_NAME",),
     "mims_request_timeout": ("REGISTRAR_MIMS_REQUEST_TIMEOUT",),
     "submit_timeout": ("REGISTRAR_SUBMIT_TIMEOUT",),
@@ -220,6 +224,7 @@ OPTIONS: dict[str, str] = {
     "s3_prefix": "--prefix",
     "mims_endpoint": "--mims-endpoint",
     "wait_timeout": "--wait-timeout",
+    "dereference": "--dereference",
     "model_path": "--model",
     "payload_path": "--payload",
     "config_path": "--config",
