@@ -138,27 +138,40 @@ class ProgressDisplay:
         self._console.set_status("")
 
     def status_line(self) -> str:
-        """The live line: each upload in progress with its bar, the share and MiB read, and its rate."""
+        """The live line: each upload in progress with its bar, the share and MiB acknowledged, its rate."""
         return "  ".join(_status(event) for event in self._uploads.values())
 
     @staticmethod
     def _log(event: UploadProgress) -> None:
+        if event.done:
+            log.info(
+                "%s: %s uploaded in %.1f s, %d part(s), %.1f MiB/s (done)",
+                event.artifact,
+                _mib(event.bytes_uploaded),
+                event.elapsed,
+                event.parts_done,
+                event.rate / 2**20,
+            )
+            return
         log.info(
-            "%s: %s read, %s uploaded, %d part(s), %.1f MB/s%s",
+            "%s: %d%%, %s of about %s uploaded (%s read), %d part(s), %.1f MiB/s",
             event.artifact,
-            _mib(event.bytes_read),
+            int(event.fraction * 100),
             _mib(event.bytes_uploaded),
+            _mib(event.archive_estimate),
+            _mib(event.bytes_read),
             event.parts_done,
-            event.rate / 1e6,
-            " (done)" if event.done else "",
+            event.rate / 2**20,
         )
 
 
 def _status(event: UploadProgress) -> str:
+    """The bar follows what S3 acknowledged, against the archive's expected size; MiB throughout."""
     filled = int(event.fraction * _BAR)
     return (
-        f"{event.artifact} [{'#' * filled}{'-' * (_BAR - filled)}] {event.fraction:4.0%} "
-        f"{event.bytes_read / 2**20:.0f}/{event.bytes_total / 2**20:.0f} MiB, {event.rate / 1e6:.0f} MB/s"
+        f"{event.artifact} [{'#' * filled}{'-' * (_BAR - filled)}] {int(event.fraction * 100):3d}% "
+        f"{event.bytes_uploaded / 2**20:.0f}/{event.archive_estimate / 2**20:.0f} MiB, "
+        f"{event.rate / 2**20:.0f} MiB/s"
     )
 
 

@@ -40,18 +40,31 @@ class UploadProgress:
     elapsed: float  # seconds since the upload started
     done: bool
     bytes_total: int = 0  # the input bytes_read will reach: the tar stream's length, or the archive's size
+    bytes_archived: int = 0  # archive bytes made so far (acknowledged, in flight or queued)
 
     @property
     def rate(self) -> float:
-        """Archive bytes per second uploaded so far."""
+        """Archive bytes per second acknowledged by S3, over the whole upload so far."""
         return self.bytes_uploaded / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
+    def archive_estimate(self) -> int:
+        """The archive's expected size: what was made so far, scaled to the whole input at the
+        compression seen so far (exact for a prebuilt archive, and once done)."""
+        if self.done:
+            return self.bytes_uploaded
+        if self.bytes_read <= 0 or self.bytes_total <= 0:
+            return 0
+        return max(self.bytes_archived, round(self.bytes_archived * self.bytes_total / self.bytes_read))
+
+    @property
     def fraction(self) -> float:
-        """How much of the input has been read, from 0 to 1 (1 once done)."""
+        """How much of the archive S3 has acknowledged, from 0 to 1 (1 only once done): parts
+        still in flight when the input has all been read do not count yet."""
         if self.done:
             return 1.0
-        return min(1.0, self.bytes_read / self.bytes_total) if self.bytes_total > 0 else 0.0
+        estimate = self.archive_estimate
+        return min(0.999, self.bytes_uploaded / estimate) if estimate > 0 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,11 +138,15 @@ class _Tracker:
         self.on_progress = on_progress
         self.started = time.monotonic()
         self.bytes_read = 0  # updated from the producer thread
+        self.bytes_archived = 0  # likewise
         self.bytes_uploaded = 0
         self.parts_done = 0
 
     def add_read(self, size: int) -> None:
         self.bytes_read += size
+
+    def add_archived(self, size: int) -> None:
+        self.bytes_archived += size
 
     def part_done(self, size: int, *, done: bool = False) -> None:
         self.bytes_uploaded += size
@@ -161,6 +165,7 @@ class _Tracker:
                     elapsed=time.monotonic() - self.started,
                     done=done,
                     bytes_total=self.total,
+                    bytes_archived=self.bytes_archived,
                 )
             )
 
@@ -216,6 +221,7 @@ async def upload_to_all(
     send_hashed, receive_hashed = anyio.create_memory_object_stream[_Part](1)
 
     def emit(part: _Part) -> None:  # in the producer thread: blocks while the stream is full
+        tracker.add_archived(len(part.data))
         anyio.from_thread.run(send_cut.send, part)
 
     pool: deque[bytearray] = deque()

@@ -142,9 +142,9 @@ def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: 
         os.close(controller)
     out = shown.decode()
     assert process.returncode == 0, out
-    assert re.search(r"model \[[#-]{20}\] +\d+% \d+/\d+ MiB, \d+ MB/s", out), out
+    assert re.search(r"model \[[#-]{20}\] +\d+% \d+/\d+ MiB, \d+ MiB/s", out), out
     # The bar is erased before the next log record: the upload's "(done)" line.
-    assert re.search(r"\r\x1b\[K[\d:]+ INFO async_registrar.cli: model: [\d.]+ MiB read, .*\(done\)", out), out
+    assert re.search(r"\r\x1b\[K[\d:]+ INFO async_registrar.cli: model: [\d.]+ MiB uploaded in .*\(done\)", out), out
 
 
 def test_options_override_the_environment(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from async_registrar import UploadProgress
-from async_registrar._console import Console, ProgressDisplay, configure_logging
+from async_registrar._console import Console, ProgressDisplay, _status, configure_logging
 
 MiB = 1024 * 1024
 
@@ -19,16 +19,21 @@ class Terminal(io.StringIO):
         return True
 
 
-def progress(artifact: str, read: int, *, done: bool = False, total: int = 100 * MiB) -> UploadProgress:
+def progress(
+    artifact: str, read: int, *, done: bool = False, total: int = 100 * MiB, uploaded: int | None = None
+) -> UploadProgress:
+    """`read` of `total` input bytes archived one for one (as a prebuilt archive), half of it (or
+    `uploaded`) acknowledged by S3."""
     return UploadProgress(
         artifact=artifact,
         uri=f"s3://b/{artifact}.tar.gz",
         bytes_read=read,
-        bytes_uploaded=read // 2,
+        bytes_uploaded=read // 2 if uploaded is None else uploaded,
         parts_done=read // (8 * MiB),
         elapsed=2.0,
         done=done,
         bytes_total=total,
+        bytes_archived=read,
     )
 
 
@@ -55,13 +60,13 @@ def test_a_terminal_gets_a_live_line_that_log_records_step_around(monkeypatch: p
     display(progress("model", 100 * MiB, done=True))
     display(progress("payload", 50 * MiB, done=True, total=50 * MiB))
     pieces = stream.getvalue().split("\r\x1b[K")  # each piece follows an erase of the line
-    model = "model [#####---------------]  25% 25/100 MiB, 7 MB/s"
-    payload = "payload [####################] 100% 50/50 MiB, 13 MB/s"
+    model = "model [##------------------]  12% 12/100 MiB, 6 MiB/s"
+    payload = "payload [##########----------]  50% 25/50 MiB, 12 MiB/s"
     assert pieces[:2] == [model, f"{model}  {payload}"]
     assert pieces[2].endswith(f"INFO async_registrar.test: a record\n{model}  {payload}")
-    done = "INFO async_registrar.cli: payload: 50.0 MiB read, 25.0 MiB uploaded, 6 part(s), 13.1 MB/s (done)\n"
+    done = "INFO async_registrar.cli: payload: 25.0 MiB uploaded in 2.0 s, 6 part(s), 12.5 MiB/s (done)\n"
     assert pieces[-1].endswith(done)  # the last record, with nothing drawn after it
-    assert "model: 100.0 MiB read, 50.0 MiB uploaded, 12 part(s), 26.2 MB/s (done)\n" in pieces[-2]
+    assert "model: 50.0 MiB uploaded in 2.0 s, 12 part(s), 25.0 MiB/s (done)\n" in pieces[-2]
 
 
 def test_closing_takes_away_the_line_of_an_upload_that_never_finished(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,7 +79,7 @@ def test_closing_takes_away_the_line_of_an_upload_that_never_finished(monkeypatc
     display.close()
     logging.getLogger("async_registrar.test").warning("cleaning up")
     out = stream.getvalue()
-    assert out.startswith("model [#####")
+    assert out.startswith("model [##---")
     assert out.split("\r\x1b[K")[1].endswith("WARNING async_registrar.test: cleaning up\n")
 
 
@@ -82,7 +87,7 @@ def test_a_narrow_terminal_gets_the_line_cut_to_its_width(monkeypatch: pytest.Mo
     monkeypatch.setenv("COLUMNS", "30")
     stream = Terminal()
     ProgressDisplay(configure_logging("INFO", stream), refresh=0)(progress("model", 25 * MiB))
-    assert stream.getvalue() == "model [#####---------------]  25% 25/100 MiB, 7 MB/s"[:29]
+    assert stream.getvalue() == "model [##------------------]  12% 12/100 MiB, 6 MiB/s"[:29]
 
 
 def test_elsewhere_upload_progress_is_a_log_line_every_few_seconds() -> None:
@@ -114,3 +119,28 @@ def test_a_console_that_is_not_live_ignores_status() -> None:
     stream = io.StringIO()
     Console(stream, live=False).set_status("model [###]")
     assert stream.getvalue() == ""
+
+
+def test_the_bar_follows_what_s3_acknowledged_not_what_was_read() -> None:
+    """All the input read, three 8 MiB parts still in flight: the bar is not at 100% yet; it is
+    100% only once the upload says done.  A directory compressed to half: the share is of the
+    expected archive, not of the input."""
+    in_flight = progress("model", 100 * MiB, uploaded=76 * MiB)
+    assert in_flight.fraction == pytest.approx(0.76)
+    assert "  76% 76/100 MiB" in _status(in_flight)
+    nearly = progress("model", 100 * MiB, uploaded=100 * MiB - 1)
+    assert nearly.fraction < 1
+    compressed = UploadProgress(
+        artifact="model",
+        uri="s3://b/model.tar.gz",
+        bytes_read=40 * MiB,
+        bytes_uploaded=10 * MiB,
+        parts_done=1,
+        elapsed=1.0,
+        done=False,
+        bytes_total=100 * MiB,
+        bytes_archived=20 * MiB,
+    )
+    assert compressed.archive_estimate == 50 * MiB
+    assert compressed.fraction == pytest.approx(0.2)
+    assert progress("model", 100 * MiB, done=True).fraction == 1.0
