@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -367,7 +368,7 @@ def _write_exit_message(message: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-registrar",
-        description="Register a trained model with MIMS: stream its artifacts to S3, submit, wait, clean up.",
+        description=_text("Register a trained model with MIMS: stream its artifacts to S3, submit, wait, clean up."),
         epilog="Exit codes: 0 registered; 2 usage or configuration; 3 input artifacts or metadata; "
         "4 storage (S3); 5 registration rejected or failed; 6 timed out; 130 SIGINT; 143 SIGTERM.",
     )
@@ -387,15 +388,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    register = commands.add_parser("register", parents=[common], help="register a model (the container's job)")
+    register = commands.add_parser(
+        "register",
+        parents=[common],
+        help="register a model (the container's job)",
+        description=_text(
+            "Register a model with MIMS: check (preflight), stream the model and payload to S3 as "
+            "tar.gz, submit, wait until the registration is final, remove the temporary objects. Prints the "
+            "workflow execution ARN and the model id on stdout."
+        ),
+        epilog=_epilog(
+            "async-registrar register --model ./model --payload ./payload --config ./registration.json \\\n"
+            "      --bucket my-tmp-bucket --mims-endpoint https://mims.example.com",
+            _JOB_VARIABLES,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     register.set_defaults(command=_register)
     _job_options(register)
     check = commands.add_parser(
         "check",
         parents=[common],
         help="validate, run the preflight (credentials, bucket, registry) and print the plan; upload nothing",
-        description="Everything `register` checks before its first upload, and the plan of what it would do. "
-        "Same options, variables and exit codes as `register`; 0 when a registration would start.",
+        description=_text(
+            "Everything `register` checks before its first upload, and the plan of what it would do. "
+            "Same options, variables and exit codes as `register`; 0 when a registration would start."
+        ),
+        epilog=_epilog(
+            "async-registrar check --model ./model --config ./registration.json --bucket my-tmp-bucket \\\n"
+            "      --mims-endpoint https://mims.example.com",
+            _JOB_VARIABLES,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.set_defaults(command=_check)
     _job_options(check)
@@ -404,6 +428,13 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         parents=[common],
         help="register the example model on an S3 server and the reference MIMS started in-process",
+        description=_text(
+            "Register the example model end to end on moto's S3 server and the reference MIMS, "
+            "both started in this process on loopback (needs the 'local' extra). Nothing outside the process "
+            "is touched."
+        ),
+        epilog=_epilog("async-registrar demo", "no variables needed: the servers and their credentials are made up"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.set_defaults(command=_demo)
     demo.add_argument(
@@ -416,7 +447,20 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     upload = commands.add_parser(
-        "upload", parents=[common], help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else"
+        "upload",
+        parents=[common],
+        help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else",
+        description=_text(
+            "The upload engine alone: stream PATH to s3://bucket/key as a deterministic tar.gz "
+            "(or a prebuilt .tar.gz as it is), no registry. Prints the URI, the size and the sha256."
+        ),
+        epilog=_epilog(
+            "async-registrar upload ./model s3://my-bucket/models/model.tar.gz",
+            "AWS credentials and region from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+            "AWS_REGION, ...), AWS_ENDPOINT_URL_S3; the tuning variables of the README (REGISTRAR_PART_SIZE, "
+            "REGISTRAR_COMPRESSION_LEVEL, REGISTRAR_S3_CHECKSUMS, ...); REGISTRAR_DEREFERENCE",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     upload.set_defaults(command=_upload)
     upload.add_argument("path", help="a directory, or a directory holding one .tar.gz")
@@ -424,7 +468,20 @@ def _parser() -> argparse.ArgumentParser:
     _dereference_option(upload)
 
     server = commands.add_parser(
-        "mims-server", parents=[common], help="run the reference MIMS service (S3 via the AWS variables)"
+        "mims-server",
+        parents=[common],
+        help="run the reference MIMS service (S3 via the AWS variables)",
+        description=_text(
+            "Run the reference MIMS service (needs the 'mims' extra): it verifies SigV4 signatures, "
+            "reads every artifact back from S3, checks and copies it, and moves registrations through their "
+            "statuses. Its contract is served at /openapi.json."
+        ),
+        epilog=_epilog(
+            "MIMS_SIGNING_KEY=AKID... MIMS_SIGNING_SECRET=... async-registrar mims-server --port 8080",
+            "AWS credentials, region and AWS_ENDPOINT_URL_S3 for its S3; MIMS_REGISTRY_BUCKET; "
+            "MIMS_SIGNING_KEY / MIMS_SIGNING_SECRET (signatures verified when set); see the README",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     server.set_defaults(command=None, foreground=True)
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -435,6 +492,30 @@ def _parser() -> argparse.ArgumentParser:
         help="where registered artifacts are copied (env MIMS_REGISTRY_BUCKET; default mims-registry)",
     )
     return parser
+
+
+#: The variables of `register` and `check` besides their options' own.
+_JOB_VARIABLES = (
+    "MODS_WORKFLOW_EXECUTION_ID (lineage: a re-run resumes), PERFORMANCE_METADATA_PATH (s3://), "
+    "REGISTRAR_IDEMPOTENCY_KEY, REGISTRAR_PREFLIGHT_TIMEOUT, REGISTRAR_LOG_LEVEL, the tuning variables "
+    "of the README, and the standard AWS ones (credentials, AWS_REGION, AWS_ENDPOINT_URL_S3)"
+)
+
+
+def _text(paragraph: str) -> str:
+    """A help paragraph, wrapped (the raw formatter that keeps the examples' lines does not)."""
+    return textwrap.fill(paragraph, width=92)
+
+
+def _epilog(example: str, variables: str) -> str:
+    wrapped = textwrap.fill(variables, width=92, initial_indent="  ", subsequent_indent="  ")
+    return f"example:\n  {example}\n\nenvironment:\n{wrapped}\n\n{_EXIT_CODES}"
+
+
+_EXIT_CODES = (
+    "exit codes: 0 done; 2 usage or configuration; 3 input artifacts or metadata; 4 storage (S3);\n"
+    "  5 registration rejected or failed; 6 timed out; 130 SIGINT; 143 SIGTERM; 1 a bug"
+)
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ checks the exit code and that the message says what to do.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,25 @@ def test_a_metadata_uri_that_is_not_s3_says_so() -> None:
     assert result.returncode == 2, result.stderr
     assert "PERFORMANCE_METADATA_PATH: must be the s3:// URI of a JSON object" in result.stderr
     assert "control characters" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["register", "check", "demo", "upload", "mims-server"])
+def test_every_command_has_a_description_an_example_and_its_variables(command: str) -> None:
+    result = run({"PATH": "/usr/bin:/bin"}, command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    description = text.partition("\n\n")[2].split("\n\n", 1)[0]
+    assert description.strip(), "no description"
+    assert f"async-registrar {command}" in text.split("example:\n", 1)[1].split("\n\n", 1)[0]
+    assert "environment:\n" in text
+    assert "exit codes:" in text
+    if command == "upload":
+        assert "AWS_ENDPOINT_URL_S3" in text
+        assert "REGISTRAR_DEREFERENCE" in text
+
+
+def test_the_top_level_help_lists_each_command_with_one_line() -> None:
+    result = run({"PATH": "/usr/bin:/bin"}, "--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("register", "check", "demo", "upload", "mims-server"):
+        assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.MULTILINE), command
