@@ -297,7 +297,8 @@ class MimsClient:
         if registration.status == "FAILED":
             reason = registration.failure_reason or "no reason given"
             raise RegistrationFailed(
-                f"registration {registration.registration_id} FAILED: {reason}",
+                f"registration {registration.registration_id} FAILED: {reason}; fix what the registry names "
+                "and run again (with the same lineage id, a new registration is made)",
                 registration_id=registration.registration_id,
                 failure_reason=registration.failure_reason,
                 url=redact(self._endpoint),

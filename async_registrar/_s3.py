@@ -39,7 +39,10 @@ class S3Location:
         """Parse `s3://bucket/key`; raise `InputError` naming `what` otherwise."""
         match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)", uri)
         if not match:
-            raise InputError(f"{what} {uri!r} is not of the form s3://bucket/key", [uri])
+            raise InputError(
+                f"{what} {uri!r} is not of the form s3://bucket/key; give one such as s3://my-bucket/models/model.tar.gz",
+                [uri],
+            )
         return cls(match.group(1), match.group(2))
 
     def __str__(self) -> str:

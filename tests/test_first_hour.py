@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from async_registrar import Settings
-from async_registrar._local import LocalStack
+from async_registrar._local import ACCESS_KEY, LocalStack
 
-from .conftest import leftovers, make_job
+from .conftest import leftovers, make_job, mims_server
 from .test_cli import environment, run
 
 
@@ -188,3 +189,54 @@ def test_the_top_level_help_lists_each_command_with_one_line() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("register", "check", "demo", "upload", "mims-server"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.MULTILINE), command
+
+
+#: Words that start a next step in a message: what to fix, set, check, install, run ...
+NEXT_STEP = re.compile(
+    r"\b(check|fix|set|pass|create|install|run|re-run|remove|give|use|raise|mount|rename|replace|put|"
+    r"leave|rebuild|make sure|add|wait|needs)\b"
+)
+
+
+async def test_every_error_line_says_what_to_do(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    """A catalogue of what a user runs into, through the CLI: each `error:` line names a next step."""
+    job = make_job(tmp_path)
+    env = environment(stack, settings, job, REGISTRAR_PREFLIGHT_TIMEOUT="1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a").symlink_to("/etc/hostname")
+    bad_config = tmp_path / "bad.json"
+    bad_config.write_text('{"model_domain": 3}')
+    no_credentials = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS") and "SECRET" not in k}
+    no_credentials |= {
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    cases: list[tuple[str, dict[str, str], list[str]]] = [
+        ("settings missing", {"PATH": env["PATH"]}, ["register"]),
+        ("invalid config", env, ["register", "--config", str(bad_config)]),
+        ("empty model", env, ["register", "--model", str(empty)]),
+        ("links", env, ["register", "--model", str(links)]),
+        ("named payload missing", env, ["register", "--payload", str(tmp_path / "nope")]),
+        ("missing bucket", env, ["register", "--bucket", "no-such-bucket-next-step"]),
+        ("no credentials", no_credentials, ["register"]),
+        ("registry refused", env, ["register", "--mims-endpoint", "http://127.0.0.1:9"]),
+        ("bad metadata uri", {**env, "PERFORMANCE_METADATA_PATH": "metadata.json"}, ["register"]),
+        ("upload missing path", env, ["upload", str(tmp_path / "nope"), f"s3://{settings.s3_bucket}/x"]),
+        ("upload bad target", env, ["upload", str(job["model"]), "not-a-uri"]),
+    ]
+    with mims_server(stack, signing_secrets={ACCESS_KEY: SecretStr("another-secret")}) as strict:
+        cases.append(("signature refused", env, ["register", "--mims-endpoint", strict.endpoint]))
+        with mims_server(stack, fail_registrations="owner not allowed") as failing:
+            cases.append(("registration failed", env, ["register", "--mims-endpoint", failing.endpoint]))
+            silent: list[str] = []
+            for name, case_env, args in cases:
+                result = run(case_env, *args)
+                assert result.returncode not in (0, 1), f"{name}: {result.returncode}\n{result.stderr}"
+                errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+                assert errors, f"{name}: no error line\n{result.stderr}"
+                silent += [f"{name}: {line}" for line in errors if not NEXT_STEP.search(line)]
+    assert silent == [], "\n".join(silent)
