@@ -51,8 +51,12 @@ async def _local_file(path: Path) -> Path | None:
         return None
     if not await aiofiles.os.path.isdir(path):
         return path
+    # Links to files count (a Kubernetes ConfigMap mounts each key as a link into `..data/`);
+    # hidden entries (`..data`, `..2026_...`) do not.
     files = sorted(
-        Path(entry.path) for entry in await aiofiles.os.scandir(path) if entry.is_file(follow_symlinks=False)
+        Path(entry.path)
+        for entry in await aiofiles.os.scandir(path)
+        if not entry.name.startswith(".") and entry.is_file()
     )
     if not files:
         return None

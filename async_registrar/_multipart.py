@@ -22,7 +22,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ._checksums import composite_crc32, is_full_object
 from ._concurrency import CleanupDeadline
 from ._errors import StorageError
-from ._s3 import S3Client, S3Location, storage_errors
+from ._s3 import S3Client, S3Location, error_code, storage_errors
 
 __all__ = [
     "MultipartUpload",
@@ -308,7 +308,18 @@ async def check_object(
     """
     try:
         head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
-    except (ClientError, BotoCoreError) as exc:
+    except ClientError as exc:
+        code = error_code(exc)  # a HEAD's error has no body: botocore gives its HTTP status
+        if code in ("403", "AccessDenied"):
+            return (
+                f"it cannot be read back: HeadObject answered 403 AccessDenied (the job's role needs "
+                f"s3:GetObject on {location})",
+                None,
+            )
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return "it cannot be read back: HeadObject answered 404 NotFound (the object is not there)", None
+        return f"it cannot be read back: HeadObject answered {code}", None
+    except BotoCoreError as exc:
         return f"it cannot be read back ({type(exc).__name__})", None
     stored = head.get(f"Checksum{algorithm}") if algorithm else None
     found = StoredObject(head["ContentLength"], head.get("ETag"), stored, head.get("ChecksumType"))

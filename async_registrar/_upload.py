@@ -426,8 +426,13 @@ async def _confirm(
         return found
     with cleanup.shield(), storage_errors("DeleteObject", location.bucket, location.key):
         await s3.delete_object(Bucket=location.bucket, Key=location.key)
+    if found is None:  # HeadObject itself failed: nothing was compared
+        fix = "add that permission and run again" if "needs s3:" in problem else "run again"
+        message = f"{location} was uploaded but could not be checked: {problem}; the object was deleted, {fix}"
+    else:
+        message = f"{location} is not what was uploaded: {problem}; the object was deleted, run again"
     raise StorageError(
-        f"{location} is not what was uploaded: {problem}; the object was deleted, run again",
+        message,
         operation="HeadObject",
         bucket=location.bucket,
         key=location.key,

@@ -67,3 +67,15 @@ async def test_s3_metadata_wins_and_a_missing_object_is_named(tmp_path: Path, s3
     await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
     with pytest.raises(InputError, match=f"performance metadata {uri} does not exist"):
         await load_performance_metadata(s3, local=None, uri=uri)
+
+
+async def test_a_kubernetes_configmap_mount_is_read(tmp_path: Path, s3: Any) -> None:
+    """A ConfigMap volume: each key is a link into `..data/`, itself a link to a timestamped directory.
+    The metadata used to be ignored there without a word (links were not counted as files)."""
+    mount = tmp_path / "metadata"
+    stamped = mount / "..2026_11_29_12_00_00.000000001"
+    stamped.mkdir(parents=True)
+    (stamped / "performance.json").write_text(json.dumps({"auc": 0.91}))
+    (mount / "..data").symlink_to(stamped.name)
+    (mount / "performance.json").symlink_to("..data/performance.json")
+    assert await load_performance_metadata(s3, local=mount, uri=None) == {"auc": 0.91}
