@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._results import RegionRegistration, RegistrationResult
     from ._s3 import S3Location
     from ._settings import JobInputs, Settings
+    from ._sweep import RunSwept, SweepReport
     from ._upload import UploadedArtifact
 
 
@@ -80,9 +81,11 @@ _MODULES = {
     "RegistrationTimeout": "._errors",
     "RegistryError": "._errors",
     "RegistryUnavailable": "._errors",
+    "RunSwept": "._sweep",
     "S3Location": "._s3",
     "Settings": "._settings",
     "StorageError": "._errors",
+    "SweepReport": "._sweep",
     "UploadProgress": "._progress",
     "UploadedArtifact": "._upload",
     "load_config": "._config",
@@ -132,9 +135,11 @@ __all__ = [
     "RegistrationTimeout",
     "RegistryError",
     "RegistryUnavailable",
+    "RunSwept",
     "S3Location",
     "Settings",
     "StorageError",
+    "SweepReport",
     "UploadProgress",
     "UploadedArtifact",
     "__version__",

@@ -1,4 +1,4 @@
-"""The command line: `async-registrar register | check | demo | upload | mims-server`.
+"""The command line: `async-registrar register | check | sweep | demo | upload | mims-server`.
 
 This is the only module that prints, exits, installs signal handlers and
 configures logging.  stdout carries exactly the two result lines of the
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -113,6 +115,40 @@ async def _check(args: argparse.Namespace) -> int:
         plan = await registrar.check(request)
     print(*plan.lines(), sep="\n", flush=True)
     return EXIT_OK
+
+
+async def _sweep(args: argparse.Namespace) -> int:
+    """Remove stale runs under the prefix (or, with --install-lifecycle, add the bucket rule)."""
+    from ._registrar import Registrar
+
+    settings = Settings.from_env(s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint)
+    if not settings.s3_prefix.strip("/"):
+        raise ConfigurationError("sweep refuses an empty prefix; set --prefix / REGISTRAR_S3_PREFIX")
+    async with Registrar(settings) as registrar:
+        if args.install_lifecycle:
+            rule = await registrar.install_lifecycle(
+                abort_after_days=args.abort_after_days,
+                expire_after_days=args.expire_after_days,
+                region=(args.region or [None])[0],
+            )
+            print(json.dumps(rule, indent=2))
+            return EXIT_OK
+        report = await registrar.sweep(
+            older_than=args.older_than, max_age=args.max_age, dry_run=args.dry_run, regions=args.region or ()
+        )
+    print(*report.lines(), sep="\n", flush=True)
+    if report.leftovers:
+        log.error("could not remove everything; %s", REMOVE_BY_HAND)
+        return EXIT_STORAGE
+    return EXIT_OK
+
+
+def _duration(value: str) -> float:
+    """`0s`, `90m`, `24h`, `7d` or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration; use a number with s, m, h or d (e.g. 24h)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]:
@@ -423,6 +459,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(command=_check)
     _job_options(check)
+
+    sweep = commands.add_parser(
+        "sweep",
+        parents=[common],
+        help="remove what killed runs left under the prefix (or install the bucket's lifecycle rule)",
+        description=_text(
+            "Remove the runs under {bucket}/{prefix} older than --older-than (by their newest object or "
+            "open multipart upload): their open uploads are aborted and their objects deleted, unless the "
+            "registry reports their registration PENDING or IN_PROGRESS; a run whose registry cannot be asked "
+            "is spared until --max-age. Prints what it saw, removed and spared. Nothing outside the prefix is "
+            "touched. With --install-lifecycle: add (or replace) the bucket lifecycle rule for the prefix "
+            "instead, keeping the bucket's other rules, and print it."
+        ),
+        epilog=_epilog(
+            "async-registrar sweep --bucket my-tmp-bucket --mims-endpoint https://mims.example.com --older-than 24h",
+            "REGISTRAR_S3_BUCKET, REGISTRAR_S3_PREFIX, REGISTRAR_MIMS_ENDPOINT, the standard AWS variables",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.set_defaults(command=_sweep)
+    _option(sweep, "s3_bucket", "NAME", "bucket of the temporary artifacts", "required")
+    _option(sweep, "s3_prefix", "PREFIX", "prefix of the temporary artifacts", "registrar-tmp/")
+    _option(sweep, "mims_endpoint", "URL", "the MIMS endpoint asked about kept registrations", "required")
+    sweep.add_argument(
+        "--older-than", type=_duration, default=24 * 3600.0, metavar="DURATION", help="e.g. 0s, 90m, 24h (default 24h)"
+    )
+    sweep.add_argument(
+        "--max-age",
+        type=_duration,
+        default=7 * 86400.0,
+        metavar="DURATION",
+        help="a run whose registry cannot be asked is spared until this old (default 7d)",
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+    sweep.add_argument(
+        "--region", action="append", metavar="REGION", help="with a {region} bucket name: a region to sweep"
+    )
+    sweep.add_argument(
+        "--install-lifecycle", action="store_true", help="add the bucket lifecycle rule for the prefix instead"
+    )
+    sweep.add_argument("--abort-after-days", type=int, default=1, metavar="DAYS", help="(lifecycle) default 1")
+    sweep.add_argument("--expire-after-days", type=int, default=7, metavar="DAYS", help="(lifecycle) default 7")
 
     demo = commands.add_parser(
         "demo",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import aioboto3
 import anyio
@@ -18,7 +20,8 @@ import httpx
 from botocore.credentials import ReadOnlyCredentials
 
 from ._concurrency import outcomes
-from ._errors import CleanupError, ConfigurationError
+from ._errors import CleanupError, ConfigurationError, RegistrarError
+from ._lifecycle import install_lifecycle
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
@@ -29,9 +32,22 @@ from ._run import Run
 from ._s3 import S3Client, make_session, open_s3_client
 from ._settings import Settings
 from ._sigv4 import SigV4
+from ._sweep import SweepReport, sweep
 from ._temporary import REMOVE_BY_HAND
 
-__all__ = ["RegionRegistration", "Registrar", "RegistrationHandle", "RegistrationPlan", "RegistrationResult"]
+__all__ = [
+    "RegionRegistration",
+    "Registrar",
+    "RegistrationHandle",
+    "RegistrationPlan",
+    "RegistrationResult",
+    "SweepReport",
+]
+
+#: Runs older than this are swept before the first registration (`sweep_on_start`).
+SWEEP_ON_START_AGE = 24 * 3600.0
+#: A run whose registry cannot be asked is spared until it is this old.
+SWEEP_MAX_AGE = 7 * 24 * 3600.0
 
 log = logging.getLogger("async_registrar")
 
@@ -111,6 +127,7 @@ class Registrar:
         self._stack: contextlib.AsyncExitStack | None = None
         self._handles: set[RegistrationHandle] = set()
         self._entered = False
+        self._swept_on_start = False
 
     async def __aenter__(self) -> Registrar:
         if self._entered:
@@ -187,6 +204,9 @@ class Registrar:
         once, and one registration is submitted per region.  If anything fails (or the call
         is cancelled) before the registry accepted, the temporary objects are removed.
         """
+        if self.settings.sweep_on_start and not self._swept_on_start:
+            self._swept_on_start = True
+            await self._sweep_on_start(request.config.regions)
         run = self._run(request, on_progress)
         await run.start()
         handle = RegistrationHandle(self, run)
@@ -199,6 +219,92 @@ class Registrar:
 
         Raises what `register` would raise for the same problem, before any upload."""
         return await self._run(request, None).plan()
+
+    async def sweep(
+        self,
+        *,
+        older_than: float = SWEEP_ON_START_AGE,
+        max_age: float = SWEEP_MAX_AGE,
+        dry_run: bool = False,
+        regions: Sequence[str] = (),
+    ) -> SweepReport:
+        """Remove what runs that could not clean up (SIGKILL, OOM) left under the prefix.
+
+        A run older than `older_than` seconds (by its newest object or open upload) is removed,
+        unless the configured registry reports its registration PENDING or IN_PROGRESS (or cannot
+        be asked, or a POST may have gone unanswered: then it is spared until `max_age`).
+        With a bucket name holding `{region}`, `regions` names the buckets to sweep.  Raises
+        `StorageError` if a bucket cannot be listed; what could not be removed is in the report's
+        `leftovers`.
+        """
+        template = "{region}" in self.settings.s3_bucket
+        if template and not regions:
+            raise ConfigurationError(
+                "the bucket name holds {region}: name the regions whose buckets to sweep (--region)"
+            )
+        names = list(regions) if template else [self.settings.aws_region or "us-east-1"]
+        reports = []
+        for region in names:
+            s3, _ = await self._region_clients(region, several=template)
+            reports.append(
+                await sweep(
+                    s3,
+                    self.settings.bucket_for(region),
+                    self.settings.s3_prefix,
+                    registry_for=self._registry_for,
+                    endpoint_for=self.settings.endpoint_for,
+                    older_than=older_than,
+                    max_age=max_age,
+                    dry_run=dry_run,
+                    lookup_deadline=min(30.0, self.settings.submit_timeout),
+                )
+            )
+        if len(reports) == 1:
+            return reports[0]
+        first = reports[0]
+        return SweepReport(
+            bucket=", ".join(r.bucket for r in reports),
+            prefix=first.prefix,
+            dry_run=dry_run,
+            runs=tuple(run for r in reports for run in r.runs),
+            not_runs=tuple(k for r in reports for k in r.not_runs),
+            leftovers=tuple(k for r in reports for k in r.leftovers),
+            seconds=sum(r.seconds for r in reports),
+        )
+
+    async def install_lifecycle(
+        self, *, abort_after_days: int = 1, expire_after_days: int = 7, region: str | None = None
+    ) -> dict[str, Any]:
+        """Add (or replace) the bucket lifecycle rule for the prefix, keeping the bucket's other
+        rules: incomplete multipart uploads aborted, objects expired, after so many days.
+        Returns the rule."""
+        name = region or self.settings.aws_region or "us-east-1"
+        s3, _ = await self._region_clients(name, several="{region}" in self.settings.s3_bucket)
+        return await install_lifecycle(
+            s3,
+            self.settings.bucket_for(name),
+            self.settings.s3_prefix,
+            abort_after_days=abort_after_days,
+            expire_after_days=expire_after_days,
+        )
+
+    async def _registry_for(self, region: str) -> MimsClient:
+        _, mims = await self._region_clients(region, several=False)
+        return mims
+
+    async def _sweep_on_start(self, regions: Sequence[str]) -> None:
+        """The sweep before the first registration: its failures are warnings, never the registration's."""
+        try:
+            report = await self.sweep(older_than=SWEEP_ON_START_AGE, regions=regions)
+        except RegistrarError as exc:
+            log.warning("the sweep before the first registration failed: %s", exc.message.splitlines()[0])
+            return
+        log.info(
+            "swept stale runs: %d removed, %d spared, %d left behind",
+            len(report.removed),
+            len(report.spared),
+            len(report.leftovers),
+        )
 
     def _run(self, request: RegistrationRequest, on_progress: ProgressCallback | None) -> Run:
         s3, _ = self._clients()

@@ -164,6 +164,9 @@ class Settings(BaseModel):
 
     # Cleanup, which must finish inside a container's grace period.
     cleanup_timeout: Seconds = 25.0
+    #: Before a registrar's first registration, sweep runs older than a day under the prefix
+    #: (see `Registrar.sweep`): a fleet of jobs keeps its bucket clean without a schedule.
+    sweep_on_start: bool = False
 
     def __init__(self, **values: Any) -> None:
         """Validate `values`; raise `ConfigurationError` listing every problem (as `from_env` does)."""
@@ -216,6 +219,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "preflight": ("REGISTRAR_PREFLIGHT",),
     "preflight_timeout": ("REGISTRAR_PREFLIGHT_TIMEOUT",),
     "cleanup_timeout": ("REGISTRAR_CLEANUP_TIMEOUT",),
+    "sweep_on_start": ("REGISTRAR_SWEEP_ON_START",),
 }
 
 #: The command-line option of a setting or input, where it has one.

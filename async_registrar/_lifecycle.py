@@ -1,0 +1,50 @@
+"""A bucket lifecycle rule for the registrar's prefix: the last backstop.
+
+S3 itself aborts incomplete multipart uploads and expires objects under the
+prefix after a number of days, even if no sweep ever runs.  The rule is merged
+into the bucket's configuration: other rules are kept as they are, and a rule
+of ours for the same prefix is replaced (so installing twice leaves one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import ConfigurationError, StorageError
+from ._s3 import S3Client, storage_errors
+
+__all__ = ["install_lifecycle", "rule_id"]
+
+
+def rule_id(prefix: str) -> str:
+    """The ID of our rule for `prefix` (S3 allows 255 characters)."""
+    return f"async-registrar:{prefix}"[:255]
+
+
+async def install_lifecycle(
+    s3: S3Client, bucket: str, prefix: str, *, abort_after_days: int = 1, expire_after_days: int = 7
+) -> dict[str, Any]:
+    """Add (or replace) our rule for `prefix` in the bucket's lifecycle configuration; return it."""
+    if not prefix.strip("/"):
+        raise ConfigurationError("a lifecycle rule for an empty prefix would expire the whole bucket; set --prefix")
+    if abort_after_days < 1 or expire_after_days < 1:
+        raise ConfigurationError("lifecycle days must be 1 or more")
+    rule: dict[str, Any] = {
+        "ID": rule_id(prefix),
+        "Filter": {"Prefix": prefix},
+        "Status": "Enabled",
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": abort_after_days},
+        "Expiration": {"Days": expire_after_days},
+    }
+    try:
+        with storage_errors("GetBucketLifecycleConfiguration", bucket):
+            current = await s3.get_bucket_lifecycle_configuration(Bucket=bucket)
+        rules: list[dict[str, Any]] = list(current.get("Rules", []))
+    except StorageError as exc:
+        if exc.code != "NoSuchLifecycleConfiguration":  # none yet: an error code, not a failure
+            raise
+        rules = []
+    rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    with storage_errors("PutBucketLifecycleConfiguration", bucket):
+        await s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+    return rule

@@ -1,0 +1,341 @@
+"""The sweep: remove what runs that never cleaned up left under the prefix.
+
+SIGKILL, an OOM kill, a node failure or a SageMaker stop after its grace period
+end a run with no chance to clean up: its objects and open multipart uploads stay
+under `{prefix}{group}/{attempt}/`.  `sweep` lists the prefix (objects and open
+multipart uploads, paginated), groups them into runs, and removes each run older
+than a threshold (by its newest object or upload) - unless the registry still
+needs it:
+
+- a run whose manifest names a registration the registry reports PENDING or
+  IN_PROGRESS is spared (the registry reads its artifacts);
+- a run whose manifest says a POST may have reached the registry unanswered, or
+  whose registry cannot be asked (unreachable, another endpoint than the one
+  configured, a refusal), is spared until it is older than `max_age`.
+
+Only the configured registry endpoint is ever asked (a manifest is data in a
+bucket; its endpoint is compared, never followed).  Nothing outside the prefix is
+touched, and an empty prefix is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+
+from ._concurrency import run_all
+from ._errors import ConfigurationError, RegistrarError, StorageError, redact
+from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from ._mims_client import MimsClient
+from ._mims_contract import TERMINAL_STATUSES
+from ._s3 import S3Client, storage_errors
+
+__all__ = ["RunSwept", "SweepReport", "sweep"]
+
+log = logging.getLogger("async_registrar.sweep")
+
+#: Keys per DeleteObjects request (S3's limit).
+DELETE_BATCH = 1000
+#: Runs examined and removed at once.
+CONCURRENT_RUNS = 16
+
+#: The MIMS client for a region (the configured endpoint, signed for that region).
+RegistryFor = Callable[[str], Awaitable[MimsClient]]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSwept:
+    """One run prefix the sweep looked at, and what it did with it."""
+
+    prefix: str  # s3://bucket/{prefix}{group}/{attempt}/
+    age_seconds: float
+    objects: int
+    uploads: int
+    bytes: int
+    #: "removed", "spared" or "young" (below the threshold: not looked into).
+    outcome: str
+    reason: str = ""
+    registration_id: str | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What a sweep found and did (or, with `dry_run`, would do)."""
+
+    bucket: str
+    prefix: str
+    dry_run: bool
+    runs: tuple[RunSwept, ...] = ()
+    #: Keys under the prefix that are not in a run's layout: left alone.
+    not_runs: tuple[str, ...] = ()
+    #: What could not be removed (each `s3://` key or upload id).
+    leftovers: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def removed(self) -> tuple[RunSwept, ...]:
+        return tuple(r for r in self.runs if r.outcome == "removed")
+
+    @property
+    def spared(self) -> tuple[RunSwept, ...]:
+        return tuple(r for r in self.runs if r.outcome == "spared")
+
+    @property
+    def objects_removed(self) -> int:
+        return sum(r.objects for r in self.removed)
+
+    @property
+    def uploads_aborted(self) -> int:
+        return sum(r.uploads for r in self.removed)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(r.bytes for r in self.removed)
+
+    def lines(self) -> list[str]:
+        """The summary, for a person."""
+        would = "would be " if self.dry_run else ""
+        lines = [
+            f"sweep of s3://{self.bucket}/{self.prefix}{' (dry run: nothing removed)' if self.dry_run else ''}: "
+            f"{len(self.runs)} run(s) seen, {len(self.removed)} {would}removed, {len(self.spared)} spared, "
+            f"{sum(r.outcome == 'young' for r in self.runs)} younger than the threshold",
+            f"{self.objects_removed} object(s) and {self.uploads_aborted} open multipart upload(s) {would}removed, "
+            f"{self.bytes_freed} bytes {'would be ' if self.dry_run else ''}freed",
+        ]
+        for run in self.spared:
+            what = f"registration {run.registration_id} ({run.status})" if run.registration_id else "spared"
+            lines.append(f"spared {run.prefix}: {what}: {run.reason}")
+        if self.not_runs:
+            lines.append(f"{len(self.not_runs)} key(s) under the prefix are not a run's: left alone")
+        lines += [f"left behind: {item}" for item in self.leftovers]
+        return lines
+
+
+@dataclass
+class _Run:
+    prefix: str  # the key prefix {prefix}{group}/{attempt}/
+    objects: list[tuple[str, int]] = field(default_factory=list)  # key, size
+    uploads: list[tuple[str, str]] = field(default_factory=list)  # key, upload id
+    newest: dt.datetime | None = None
+
+    def saw(self, when: dt.datetime) -> None:
+        self.newest = when if self.newest is None or when > self.newest else self.newest
+
+
+async def sweep(
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    *,
+    registry_for: RegistryFor,
+    endpoint_for: Callable[[str], str],
+    older_than: float,
+    max_age: float,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+    lookup_deadline: float = 30.0,
+) -> SweepReport:
+    """Sweep `s3://bucket/prefix`: see the module.  Raises `StorageError` if it cannot be listed."""
+    if not prefix.strip("/"):
+        raise ConfigurationError(
+            "sweep refuses an empty prefix (it would judge a whole bucket); set --prefix / REGISTRAR_S3_PREFIX "
+            "to the registrar's temporary prefix"
+        )
+    started = anyio.current_time()
+    now = now or dt.datetime.now(dt.UTC)
+    runs, not_runs = await _list_runs(s3, bucket, prefix)
+    results: dict[str, RunSwept] = {}
+    leftovers: list[str] = []
+    limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+    removable: list[_Run] = []
+
+    async def judge(run: _Run) -> None:
+        async with limiter:
+            age = (now - run.newest).total_seconds() if run.newest else 0.0
+            size = sum(s for _, s in run.objects)
+            swept = functools.partial(
+                RunSwept, f"s3://{bucket}/{run.prefix}", age, len(run.objects), len(run.uploads), size
+            )
+            if age < older_than:
+                results[run.prefix] = swept(outcome="young")
+                return
+            spare = await _why_spare(s3, bucket, run, age, max_age, registry_for, endpoint_for, lookup_deadline)
+            if spare is not None:
+                reason, registration_id, status = spare
+                log.info("sweep: spared s3://%s/%s: %s", bucket, run.prefix, reason)
+                results[run.prefix] = swept(
+                    outcome="spared", reason=reason, registration_id=registration_id, status=status
+                )
+                return
+            removable.append(run)
+            results[run.prefix] = swept(outcome="removed")
+
+    await run_all(functools.partial(judge, run) for run in runs.values())
+    if removable and not dry_run:
+        leftovers += await _remove(s3, bucket, removable)
+        for run in removable:
+            log.info("sweep: removed s3://%s/%s (%d object(s), %d upload(s))", bucket, run.prefix, *_counts(run))
+    report = SweepReport(
+        bucket=bucket,
+        prefix=prefix,
+        dry_run=dry_run,
+        runs=tuple(results[p] for p in sorted(results)),
+        not_runs=tuple(sorted(not_runs)),
+        leftovers=tuple(leftovers),
+        seconds=anyio.current_time() - started,
+    )
+    return report
+
+
+def _run_prefix(prefix: str, key: str) -> str | None:
+    """`{prefix}{group}/{attempt}/` of a key in a run's layout, or None."""
+    parts = key[len(prefix) :].split("/")
+    if len(parts) < 3 or not parts[0].startswith("run-") or not parts[1]:
+        return None
+    return f"{prefix}{parts[0]}/{parts[1]}/"
+
+
+async def _list_runs(s3: S3Client, bucket: str, prefix: str) -> tuple[dict[str, _Run], list[str]]:
+    runs: dict[str, _Run] = {}
+    not_runs: list[str] = []
+
+    def run_of(key: str) -> _Run | None:
+        where = _run_prefix(prefix, key)
+        if where is None:
+            not_runs.append(key)
+            return None
+        return runs.setdefault(where, _Run(where))
+
+    with storage_errors("ListObjectsV2", bucket, prefix):
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                run = run_of(item["Key"])
+                if run is not None:
+                    run.objects.append((item["Key"], int(item.get("Size", 0))))
+                    run.saw(item["LastModified"])
+    with storage_errors("ListMultipartUploads", bucket, prefix):
+        paginator = s3.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                run = run_of(upload["Key"])
+                if run is not None:
+                    run.uploads.append((upload["Key"], upload["UploadId"]))
+                    run.saw(upload["Initiated"])
+    return runs, not_runs
+
+
+async def _why_spare(
+    s3: S3Client,
+    bucket: str,
+    run: _Run,
+    age: float,
+    max_age: float,
+    registry_for: RegistryFor,
+    endpoint_for: Callable[[str], str],
+    deadline: float,
+) -> tuple[str, str | None, str | None] | None:
+    """Why the registry may still need this run (reason, registration id, status), or None."""
+    old = age >= max_age
+    for key, _ in run.objects:
+        if not key.endswith("/" + MANIFEST_NAME):
+            continue
+        manifest = await _read_manifest(s3, bucket, key)
+        if manifest is None:
+            continue
+        configured = redact(endpoint_for(manifest.region))
+        if manifest.registration is None:
+            if old:
+                continue
+            return (
+                f"a POST (key {manifest.idempotency_key}) may have reached the registry unanswered; spared "
+                "until --max-age",
+                None,
+                None,
+            )
+        registration_id = manifest.registration.registration_id
+        if manifest.endpoint != configured:
+            if old:
+                continue
+            return (
+                f"its registration went to another registry ({manifest.endpoint}), which is not asked; spared "
+                "until --max-age",
+                registration_id,
+                manifest.registration.status,
+            )
+        try:
+            mims = await registry_for(manifest.region)
+            with anyio.fail_after(deadline):
+                current = await mims.get(registration_id, deadline=deadline)
+        except (RegistrarError, TimeoutError) as exc:
+            if old:
+                continue
+            why = exc.message.splitlines()[0] if isinstance(exc, RegistrarError) else "no answer in time"
+            return (f"the registry cannot be asked ({why}); spared until --max-age", registration_id, None)
+        if current is not None and current.status not in TERMINAL_STATUSES:
+            return (f"the registry reports it {current.status}", registration_id, current.status)
+    return None
+
+
+async def _read_manifest(s3: S3Client, bucket: str, key: str) -> Manifest | None:
+    try:
+        answer = await s3.get_object(Bucket=bucket, Key=key)
+        async with answer["Body"] as body:
+            if answer["ContentLength"] > MAX_MANIFEST_BYTES:
+                return None
+            data = await body.read()
+        return Manifest.model_validate_json(data)
+    except (ClientError, BotoCoreError, ValidationError) as exc:
+        log.warning("sweep: the run manifest s3://%s/%s cannot be read (%s)", bucket, key, type(exc).__name__)
+        return None
+
+
+def _counts(run: _Run) -> tuple[int, int]:
+    return len(run.objects), len(run.uploads)
+
+
+async def _remove(s3: S3Client, bucket: str, runs: Sequence[_Run]) -> list[str]:
+    """Abort the runs' open uploads, then delete their objects in DeleteObjects batches of up to
+    1,000 keys (several at once); return what is left."""
+    leftovers: list[str] = []
+    limiter = anyio.CapacityLimiter(CONCURRENT_RUNS)
+
+    async def abort(key: str, upload_id: str) -> None:
+        async with limiter:
+            try:
+                with storage_errors("AbortMultipartUpload", bucket, key):
+                    await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            except StorageError as exc:
+                if exc.code not in ("NoSuchUpload", "404"):
+                    log.warning("%s", exc)
+                    leftovers.append(f"s3://{bucket}/{key} (open multipart upload, upload id {upload_id})")
+
+    async def delete(batch: Sequence[str]) -> None:
+        async with limiter:
+            try:
+                with storage_errors("DeleteObjects", bucket, batch[0]):
+                    answer = await s3.delete_objects(
+                        Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                    )
+            except StorageError as exc:
+                log.warning("%s", exc)
+                leftovers.extend(f"s3://{bucket}/{k}" for k in batch)
+                return
+            leftovers.extend(f"s3://{bucket}/{e.get('Key')} ({e.get('Code')})" for e in answer.get("Errors", []))
+
+    await run_all(functools.partial(abort, key, upload_id) for run in runs for key, upload_id in run.uploads)
+    keys = [key for run in runs for key, _ in run.objects]
+    await run_all(functools.partial(delete, batch) for batch in _batches(keys, DELETE_BATCH))
+    return leftovers
+
+
+def _batches(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
