@@ -34,6 +34,7 @@ from ._settings import Settings
 from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
 from ._temporary import REMOVE_BY_HAND
+from ._threads import Workers
 
 __all__ = [
     "RegionRegistration",
@@ -122,6 +123,8 @@ class Registrar:
         self._regional_s3: dict[str, S3Client] = {}
         self._client_lock = anyio.Lock()
         self._uploads = anyio.CapacityLimiter(settings.max_parallel_uploads)
+        #: The registrar's own thread tokens (never anyio's process-wide 40: see `_threads`).
+        self._workers = Workers.for_settings(settings)
         self._http = http_client
         self._on_progress = on_progress
         self._stack: contextlib.AsyncExitStack | None = None
@@ -317,6 +320,7 @@ class Registrar:
             credentials=self._credentials,
             uploads=self._uploads,
             emit=notify_all(callbacks),
+            workers=self._workers,
         )
 
     def _forget(self, handle: RegistrationHandle) -> None:

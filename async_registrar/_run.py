@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-import anyio.to_thread
 
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
 from ._concurrency import CleanupDeadline, outcomes, run_all
@@ -59,6 +58,7 @@ from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
 from ._settings import Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
+from ._threads import Workers
 from ._upload import UploadedArtifact, buffer_bound, digest_artifact, upload_to_all
 
 __all__ = ["RegionClients", "Run"]
@@ -148,6 +148,7 @@ class Run:
         credentials: CredentialsCheck,
         uploads: anyio.CapacityLimiter,
         emit: ProgressCallback,
+        workers: Workers | None = None,
     ) -> None:
         self.settings = settings
         self.request = request
@@ -155,6 +156,7 @@ class Run:
         self._region_clients = region_clients
         self._credentials = credentials
         self._uploads = uploads
+        self._workers = workers or Workers.for_settings(settings)
         self._emit = emit
         self._cleanup = CleanupDeadline(settings.cleanup_timeout)
         self._started = anyio.current_time()
@@ -514,6 +516,7 @@ class Run:
                     artifact=name,
                     on_progress=self._emit,
                     cleanup=self._cleanup,
+                    workers=self._workers,
                 )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result
@@ -814,13 +817,14 @@ class Run:
         """Scan the inputs (in a worker thread: trees can be large)."""
         request = self.request
         follow = self.settings.dereference
-        model = await anyio.to_thread.run_sync(
+        model = await self._workers.stream(
             lambda: inspect_artifact(request.model_path, role="model", dereference=follow)
         )
         payload = None
-        if request.payload_path is not None and await anyio.Path(request.payload_path).exists():
+        # Even a stat goes to the registrar's own threads (anyio.Path would draw on the shared ones).
+        if request.payload_path is not None and await self._workers.stream(request.payload_path.exists):
             path = request.payload_path
-            payload = await anyio.to_thread.run_sync(lambda: inspect_artifact(path, role="payload", dereference=follow))
+            payload = await self._workers.stream(lambda: inspect_artifact(path, role="payload", dereference=follow))
         return model, payload
 
     async def _digest(self) -> dict[str, str]:
@@ -828,7 +832,7 @@ class Run:
         archives = {}
         for name, source in self._sources.items():
             log.info("hashing the %s to compare it with what an earlier run registered", name)
-            _, archives[name] = await digest_artifact(source, self.settings)
+            _, archives[name] = await digest_artifact(source, self.settings, workers=self._workers)
         return archives
 
     def _result(self, leftovers: tuple[str, ...]) -> RegistrationResult:

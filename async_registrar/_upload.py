@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import anyio
 import anyio.from_thread
-import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import Sink, stream_archive, tar_size
@@ -36,6 +35,7 @@ from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings
+from ._threads import Workers
 
 __all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
 
@@ -178,14 +178,18 @@ async def upload_artifact(
     *,
     artifact: str = "artifact",
     on_progress: ProgressCallback | None = None,
+    workers: Workers | None = None,
 ) -> UploadedArtifact:
     """Stream `source` (archived on the fly, or as it is if prebuilt) to `location`.
 
     Returns once S3 holds the whole archive and its size has been confirmed.  Raises
     `InputError` if the input changes while it is read and `StorageError` if S3 fails;
-    in every case, and on cancellation, no multipart upload is left open.
+    in every case, and on cancellation, no multipart upload is left open.  Its threads come
+    from `workers` (its own, sized from the settings, if not given).
     """
-    (uploaded,) = await upload_to_all(source, [(s3, location)], settings, artifact=artifact, on_progress=on_progress)
+    (uploaded,) = await upload_to_all(
+        source, [(s3, location)], settings, artifact=artifact, on_progress=on_progress, workers=workers
+    )
     return uploaded
 
 
@@ -203,6 +207,7 @@ async def upload_to_all(
     artifact: str = "artifact",
     on_progress: ProgressCallback | None = None,
     cleanup: CleanupDeadline | None = None,
+    workers: Workers | None = None,
 ) -> list[UploadedArtifact]:
     """Like `upload_artifact`, to several places at once: archived and hashed once, each part
     sent to every target (one multipart upload per target, all aborted if any fails).
@@ -212,6 +217,7 @@ async def upload_to_all(
     """
     location = targets[0][1]
     cleanup = cleanup or CleanupDeadline(settings.cleanup_timeout)
+    workers = workers or Workers.for_settings(settings)
     part_size = choose_part_size(source.size_bound, settings.part_size)
     # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
     # server is one that rejects checksum headers.
@@ -227,7 +233,8 @@ async def upload_to_all(
     pool: deque[bytearray] = deque()
     cutter = _PartCutter(part_size, emit, pool)
     if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
-        total = await anyio.to_thread.run_sync(tar_size, source, settings.archive_mtime)
+        directory = source
+        total = await workers.compute(lambda: tar_size(directory, settings.archive_mtime))
     else:
         total = source.size
     tracker = _Tracker(artifact, location, total, on_progress)
@@ -239,7 +246,7 @@ async def upload_to_all(
 
     async def produce() -> None:
         try:
-            await anyio.to_thread.run_sync(produce_blocking)
+            await workers.stream(produce_blocking)
         except anyio.BrokenResourceError:
             return  # the consumers went away; their error is the one to report
         # Closed only on success: consumers that see the end without a last part never
@@ -258,7 +265,7 @@ async def upload_to_all(
         async with receive_cut:
             try:
                 async for part in receive_cut:
-                    checksum = await anyio.to_thread.run_sync(hash_part, part.data)
+                    checksum = await workers.compute(functools.partial(hash_part, part.data))
                     await send_hashed.send(dataclasses.replace(part, checksum=checksum))
             except anyio.BrokenResourceError:
                 return
@@ -301,7 +308,9 @@ async def upload_to_all(
     ]
 
 
-async def digest_artifact(source: ArtifactSource, settings: Settings) -> tuple[int, str]:
+async def digest_artifact(
+    source: ArtifactSource, settings: Settings, *, workers: Workers | None = None
+) -> tuple[int, str]:
     """The size and sha256 of the archive `upload_artifact` would upload, without uploading it.
 
     A resumed run uses it to tell whether the inputs are the ones an earlier run registered.
@@ -324,7 +333,7 @@ async def digest_artifact(source: ArtifactSource, settings: Settings) -> tuple[i
         _write_archive(source, sink, settings, check=False)
         return sink.size, sink.sha256.hexdigest()
 
-    return await anyio.to_thread.run_sync(digest_blocking)
+    return await (workers or Workers.for_settings(settings)).stream(digest_blocking)
 
 
 def _write_archive(
