@@ -17,6 +17,12 @@ COPY requirements/runtime.lock requirements/
 RUN /opt/registrar/bin/pip install --quiet -r requirements/runtime.lock
 COPY pyproject.toml README.md CHANGELOG.md ./
 COPY async_registrar ./async_registrar
+# The wheel carries the example's small files (the weights are made on the fly by `demo`).
+COPY examples/demo/registration.json examples/demo/registration.json
+COPY examples/demo/model/config.json examples/demo/model/config.json
+COPY examples/demo/model/code examples/demo/model/code
+COPY examples/demo/payload examples/demo/payload
+COPY examples/demo/metadata examples/demo/metadata
 RUN /opt/registrar/bin/pip install --quiet --no-deps . \
     && /opt/registrar/bin/python -m compileall -q /opt/registrar
 
