@@ -43,10 +43,9 @@ from ._errors import (
     StorageError,
     redact,
 )
-from ._s3 import S3Location, make_session, open_s3_client
+from ._s3 import S3Location
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
 from ._temporary import REMOVE_BY_HAND
-from ._upload import upload_artifact
 from ._version import __version__
 
 if TYPE_CHECKING:  # the registrar (HTTP client, retries) is imported by the commands that use it
@@ -205,46 +204,15 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _upload(args: argparse.Namespace) -> int:
-    from ._artifacts import ArtifactSource, inspect_artifact
-    from ._preflight import check_bucket, check_credentials
+    from ._registrar import Registrar
 
     target = S3Location.parse(args.target, what="upload target")
     # The engine alone: no registry is contacted, so its endpoint is a placeholder.
     settings = Settings.from_env(
         s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid", dereference=args.dereference or None
     )
-    session = make_session(settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
-    sources: list[ArtifactSource] = []
-
-    async def scan() -> None:
-        sources.append(
-            await anyio.to_thread.run_sync(
-                lambda: inspect_artifact(Path(args.path), role="upload", dereference=settings.dereference)
-            )
-        )
-
-    async with contextlib.AsyncExitStack() as stack:
-        # The scan (in a thread) and the client's setup overlap: each takes ~0.1 s.
-        with first_error():
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(scan)
-                s3 = await stack.enter_async_context(
-                    open_s3_client(
-                        session,
-                        region=settings.aws_region,
-                        endpoint_url=settings.s3_endpoint_url,
-                        checksums=settings.s3_checksums,
-                        pool_size=max(10, 4 * settings.upload_concurrency),
-                    )
-                )
-        # The preflight's storage half: credentials and the bucket, before a byte is read.
-        await check_credentials(session.get_credentials, within=settings.preflight_timeout)
-        await check_bucket(
-            s3, target.bucket, target.key, within=settings.preflight_timeout, fix="fix the s3://bucket/key target"
-        )
-        uploaded = await upload_artifact(
-            s3, sources[0], target, settings, artifact=Path(args.path).name or "upload", on_progress=args.progress
-        )
+    async with Registrar(settings, on_progress=args.progress) as registrar:
+        uploaded = await registrar.upload(args.path, args.target)
     print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
     return EXIT_OK
 

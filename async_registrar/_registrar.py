@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -19,22 +21,25 @@ import anyio
 import httpx
 from botocore.credentials import ReadOnlyCredentials
 
+from ._artifacts import inspect_artifact
 from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
+from ._preflight import check_bucket, check_credentials
 from ._progress import ProgressCallback, notify_all
 from ._request import RegistrationRequest
 from ._results import RegionRegistration, RegistrationResult
 from ._run import Run
-from ._s3 import S3Client, make_session, open_s3_client
+from ._s3 import S3Client, S3Location, make_session, open_s3_client
 from ._settings import Settings
 from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
 from ._temporary import REMOVE_BY_HAND
 from ._threads import Workers
+from ._upload import UploadedArtifact, upload_artifact
 
 __all__ = [
     "RegionRegistration",
@@ -274,6 +279,38 @@ class Registrar:
             leftovers=tuple(k for r in reports for k in r.leftovers),
             seconds=sum(r.seconds for r in reports),
         )
+
+    async def upload(
+        self, path: str | os.PathLike[str], uri: str, *, on_progress: ProgressCallback | None = None
+    ) -> UploadedArtifact:
+        """Stream a directory (or the one `.tar.gz` in it) to `uri` (`s3://bucket/key`) as a
+        deterministic tar.gz: the upload engine alone, as the `upload` command; no registry.
+
+        The same guarantees as a registration's uploads: the input is checked before anything
+        is sent (exit-3 problems are an `InputError`), credentials and the bucket are checked
+        first (the preflight's storage half), the multipart upload is aborted on any failure or
+        cancellation, and the object is read back (size and checksum) before it is returned.
+        It counts against `max_parallel_uploads` and runs on the registrar's own threads.
+        """
+        target = S3Location.parse(uri, what="upload target")
+        source = Path(path)
+        follow = self.settings.dereference
+        scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
+        s3, _ = self._clients()
+        within = self.settings.preflight_timeout
+        await check_credentials(self._session.get_credentials, within=within)
+        await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
+        callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
+        async with self._uploads:
+            return await upload_artifact(
+                s3,
+                scanned,
+                target,
+                self.settings,
+                artifact=source.name or "upload",
+                on_progress=callbacks,
+                workers=self._workers,
+            )
 
     async def install_lifecycle(
         self, *, abort_after_days: int = 1, expire_after_days: int = 7, region: str | None = None

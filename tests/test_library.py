@@ -178,3 +178,37 @@ def test_the_example_config_has_one_region() -> None:
         ]
         == REGION
     )
+
+
+async def test_upload_is_public_with_the_commands_guarantees(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """`Registrar.upload`: a typed result whose sha256 is the object's; a missing bucket fails
+    before a byte is sent; a cancellation mid-upload leaves no open multipart upload."""
+    import hashlib
+
+    from async_registrar import StorageError, UploadedArtifact
+
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    key = f"{settings.s3_prefix}direct/model.tar.gz"
+    seen: list[Any] = []
+    async with Registrar(settings) as registrar:
+        uploaded = await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{key}", on_progress=seen.append)
+        assert isinstance(uploaded, UploadedArtifact)
+        body = await (await s3.get_object(Bucket=settings.s3_bucket, Key=key))["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == uploaded.sha256
+        assert uploaded.size == len(body)
+        assert uploaded.parts >= 3
+        assert seen
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+
+        with pytest.raises(StorageError, match="does not exist"):
+            await registrar.upload(job["model"], "s3://no-such-bucket-for-upload/x.tar.gz")
+
+        with anyio.CancelScope() as scope:  # cancelled once the first part is in
+
+            def cancel_after_a_part(event: Any) -> None:
+                if getattr(event, "parts_done", 0) >= 1:
+                    scope.cancel()
+
+            await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{key}", on_progress=cancel_after_a_part)
+        assert scope.cancelled_caught
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
