@@ -20,7 +20,7 @@ from isal import igzip, isal_zlib
 from ._archive import Sink, changed, open_regular
 from ._artifacts import PrebuiltArchive
 from ._errors import InputError
-from ._members import member_problem
+from ._members import MemberCheck, members
 
 __all__ = ["stream_prebuilt"]
 
@@ -112,8 +112,9 @@ class _TarGzCheck:
                 igzip.IGzipFile(fileobj=reader, mode="rb") as gz,  # type: ignore[no-untyped-call]
                 tarfile.open(fileobj=gz, mode="r|", bufsize=1024 * 1024) as tar,
             ):
-                for member in tar:
-                    self._problem = member_problem(member)
+                check = MemberCheck()
+                for member in members(tar):
+                    self._problem = check.problem(member)
                     if self._problem is not None:
                         break
                 while self._problem is None and gz.read(1024 * 1024):  # on to the gzip trailer

@@ -21,7 +21,8 @@ import anyio.from_thread
 import anyio.to_thread
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .._members import member_problem
+from .._members import MemberCheck
+from .._members import members as tar_members
 from .._mims_contract import ArtifactRef
 from .._s3 import S3Client, S3Location
 
@@ -74,9 +75,10 @@ async def verify_artifact(s3: S3Client, ref: ArtifactRef, name: str) -> S3Locati
     def check() -> int:
         members = 0
         with gzip.GzipFile(fileobj=reader, mode="rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
+            inspector = MemberCheck()
+            for member in tar_members(tar):
                 members += 1
-                problem = member_problem(member)
+                problem = inspector.problem(member)
                 if problem is not None:
                     raise ArtifactProblem(f"{name} artifact {location} holds an unsafe member: {problem}")
         while reader.read(1024 * 1024):
