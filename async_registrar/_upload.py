@@ -34,7 +34,7 @@ from ._multipart import MultipartUpload, MultipartUploads, StoredObject, check_o
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
-from ._settings import Settings
+from ._settings import MAX_PARTS, Settings
 from ._threads import Workers
 
 __all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
@@ -124,6 +124,13 @@ class _PartCutter:
             return bytearray(self._part_size)
 
     def _send(self, data: bytes | bytearray, *, last: bool) -> None:
+        if self._number >= MAX_PARTS:  # before S3 refuses part 10,001, after the whole upload
+            raise StorageError(
+                f"the archive grew past S3's limit of {MAX_PARTS:,} parts of {self._part_size >> 20} MiB "
+                f"(more than {self._part_size * MAX_PARTS / 2**30:.1f} GiB); raise REGISTRAR_PART_SIZE",
+                operation="UploadPart",
+                code="TooManyParts",
+            )
         self._number += 1
         self._emit(_Part(self._number, data, last))
 

@@ -1,0 +1,78 @@
+"""S3's hard limits, checked before S3 does: at most 10,000 parts, at every compression level.
+
+The part size is grown from a bound of the archive's size; the bound must hold at each
+level's worst case.  isal's level 0 expands weights by about 23 %, so level 0 writes stored
+blocks instead (5 bytes per 64 KiB).  And if a stream outgrows the bound anyway, the part
+cutter stops before part 10,001 with a message, not after the whole upload.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from async_registrar import StorageError
+from async_registrar._archive import _deflate
+from async_registrar._artifacts import DirectorySource, FileEntry, PrebuiltArchive, choose_part_size
+from async_registrar._settings import MAX_PARTS, MiB
+from async_registrar._upload import _PartCutter
+
+TiB = 1024**4
+
+
+def worst_ratio(level: int) -> float:
+    """The output/input ratio of the archive's deflate blocks on incompressible data (8 MiB)."""
+    data = bytearray(os.urandom(8 * MiB))
+    out = 0
+    dictionary = b""
+    for start in range(0, len(data), MiB):
+        block = bytearray(data[start : start + MiB])
+        head, tail, _, _ = _deflate(block, len(block), dictionary, level)
+        out += len(head) + len(tail)
+        dictionary = bytes(block[-32 * 1024 :])
+    return out / len(data)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_a_5_tib_input_stays_within_10000_parts_at_every_level(level: int) -> None:
+    """A synthetic 5 TiB directory (one file, no disk): the size bound covers the level's worst
+    case, and the part size chosen from it keeps the upload within 10,000 parts."""
+    content = 5 * TiB - 64 * MiB
+    source = DirectorySource(
+        root=__import__("pathlib").Path("/synthetic"), entries=(FileEntry("w.bin", "/x", False, content, False),)
+    )
+    ratio = worst_ratio(level)
+    assert ratio < 1.001, ratio  # level 0 is stored blocks now, not isal's expanding level 0
+    archive = int(content * ratio) + 1024
+    assert archive <= source.size_bound
+    part = choose_part_size(source.size_bound, 8 * MiB)
+    assert -(-archive // part) <= MAX_PARTS
+
+
+def test_a_prebuilt_archive_of_5_tib_stays_within_10000_parts() -> None:
+    source = PrebuiltArchive(Path("/synthetic.tar.gz"), 5 * TiB)
+    part = choose_part_size(source.size_bound, 8 * MiB)
+    assert -(-source.size // part) <= MAX_PARTS
+
+
+def test_level_0_is_stored_blocks() -> None:
+    """What level 0 makes is ordinary deflate (stored blocks) that inflates back."""
+    block = bytearray(os.urandom(MiB))
+    head, tail, crc, length = _deflate(block, len(block), b"", 0)
+    assert len(head) + len(tail) < len(block) * 1.001
+    assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(head + tail) == bytes(block)
+    assert (crc, length) == (zlib.crc32(block), MiB)
+
+
+def test_the_cutter_stops_before_part_10001() -> None:
+    """A stream that outgrows its bound fails at part 10,001 with a message that says what to do,
+    before anything past S3's limit is handed on."""
+    sent: list[int] = []
+    cutter = _PartCutter(16, lambda part: sent.append(part.number), deque())
+    with pytest.raises(StorageError, match=r"past S3's limit of 10,000 parts .*raise REGISTRAR_PART_SIZE"):
+        cutter.write(b"x" * (16 * MAX_PARTS + 17))
+    assert sent[-1] == MAX_PARTS
