@@ -22,6 +22,7 @@ import httpx
 from botocore.credentials import ReadOnlyCredentials
 
 from ._artifacts import inspect_artifact
+from ._budget import MemoryBudget
 from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
@@ -130,6 +131,8 @@ class Registrar:
         self._uploads = anyio.CapacityLimiter(settings.max_parallel_uploads)
         #: The registrar's own thread tokens (never anyio's process-wide 40: see `_threads`).
         self._workers = Workers.for_settings(settings)
+        #: One pool of part-buffer memory for all of this registrar's uploads.
+        self._budget = MemoryBudget(settings.memory_limit)
         self._http = http_client
         self._on_progress = on_progress
         self._stack: contextlib.AsyncExitStack | None = None
@@ -310,6 +313,7 @@ class Registrar:
                 artifact=source.name or "upload",
                 on_progress=callbacks,
                 workers=self._workers,
+                budget=self._budget,
             )
 
     async def install_lifecycle(
@@ -358,6 +362,7 @@ class Registrar:
             uploads=self._uploads,
             emit=notify_all(callbacks),
             workers=self._workers,
+            budget=self._budget,
         )
 
     def _forget(self, handle: RegistrationHandle) -> None:

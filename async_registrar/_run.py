@@ -33,6 +33,7 @@ from typing import Any, Literal
 import anyio
 
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
+from ._budget import MemoryBudget
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
     AcceptedRegistration,
@@ -149,6 +150,7 @@ class Run:
         uploads: anyio.CapacityLimiter,
         emit: ProgressCallback,
         workers: Workers | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.settings = settings
         self.request = request
@@ -157,6 +159,7 @@ class Run:
         self._credentials = credentials
         self._uploads = uploads
         self._workers = workers or Workers.for_settings(settings)
+        self._budget = budget or MemoryBudget(settings.memory_limit)
         self._emit = emit
         self._cleanup = CleanupDeadline(settings.cleanup_timeout)
         self._started = anyio.current_time()
@@ -517,6 +520,7 @@ class Run:
                     on_progress=self._emit,
                     cleanup=self._cleanup,
                     workers=self._workers,
+                    budget=self._budget,
                 )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result

@@ -130,6 +130,9 @@ class Settings(BaseModel):
     #: Artifacts a registrar uploads at once, across all its registrations (memory is
     #: about this many times one upload's); the other registrations wait their turn.
     max_parallel_uploads: Annotated[int, Field(ge=1, le=256)] = 4
+    #: The part buffers of all a registrar's uploads together (an upload with parts larger
+    #: than this still runs, alone): see `_budget`.
+    memory_limit: Annotated[ByteSize, Field(ge=16 * MiB)] = ByteSize(512 * MiB)
     compression_level: Annotated[int, Field(ge=0, le=3)] = 1
     #: Gzip threads: one core is left for reading, hashing and the event loop (on two
     #: cores, one gzip thread is measurably faster than two), at most 4.
@@ -206,6 +209,7 @@ _ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "upload_concurrency": ("REGISTRAR_UPLOAD_CONCURRENCY",),
     "upload_queue_parts": ("REGISTRAR_UPLOAD_QUEUE_PARTS",),
     "max_parallel_uploads": ("REGISTRAR_MAX_PARALLEL_UPLOADS",),
+    "memory_limit": ("REGISTRAR_MEMORY_LIMIT",),
     "compression_level": ("REGISTRAR_COMPRESSION_LEVEL",),
     "compression_threads": ("REGISTRAR_COMPRESSION_THREADS",),
     "archive_mtime": ("SOURCE_DATE_EPOCH",),

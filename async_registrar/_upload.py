@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import Sink, stream_archive, tar_size
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
+from ._budget import Lease, MemoryBudget
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import StorageError
@@ -70,6 +72,26 @@ class _Part:
     checksum: str | None = None  # base64, as S3 wants it; set by the hasher
 
 
+class _BufferPool:
+    """Part buffers handed back by the uploaders (event loop), for the producer (its thread)."""
+
+    def __init__(self) -> None:
+        self._buffers: deque[bytearray] = deque()
+        self._ready = threading.Condition()
+
+    def put(self, buffer: bytearray) -> None:
+        with self._ready:
+            self._buffers.append(buffer)
+            self._ready.notify()
+
+    def take(self, timeout: float = 0.0) -> bytearray | None:
+        """A buffer, waiting up to `timeout` seconds for one; None if none came."""
+        with self._ready:
+            if not self._buffers and timeout > 0:
+                self._ready.wait(timeout)
+            return self._buffers.pop() if self._buffers else None
+
+
 class _PartCutter:
     """The producer's sink: cuts the archive into numbered parts.
 
@@ -77,16 +99,21 @@ class _PartCutter:
     allocated while the pool warms up) and given back by the uploader, so steady state
     allocates nothing: memory stays flat and the allocator doesn't fragment.  At most
     queue + concurrency + 2 buffers ever exist, because the bounded stream blocks the
-    producer before it can take another.
+    producer before it can take another; fewer when the memory budget (`lease`) has no
+    room for another: the producer then waits for a buffer to come back.
 
     Every part but the last is exactly `part_size` bytes; a full part is handed on only
     once a byte after it exists, so the last part is always flagged as such.
     """
 
-    def __init__(self, part_size: int, emit: Callable[[_Part], object], pool: deque[bytearray]) -> None:
+    def __init__(
+        self, part_size: int, emit: Callable[[_Part], object], pool: _BufferPool, lease: Lease | None = None
+    ) -> None:
         self._part_size = part_size
         self._emit = emit
         self._pool = pool
+        self._lease = lease
+        self._allocated = 0
         self._buffer: bytearray | None = None
         self._fill = 0
         self._number = 0
@@ -113,15 +140,21 @@ class _PartCutter:
         else:
             self._send(bytes(memoryview(buffer)[:fill]) if buffer is not None else b"", last=True)
             if buffer is not None:
-                self._pool.append(buffer)
+                self._pool.put(buffer)
         self._buffer = None
 
     def _take(self) -> bytearray:
         self._fill = 0
-        try:
-            return self._pool.pop()
-        except IndexError:
+        buffer = self._pool.take()
+        if buffer is not None:
+            return buffer
+        # The lease's first part is this upload's own; any more must fit the budget.
+        if self._lease is None or self._allocated == 0 or self._lease.take_more(self._part_size):
+            self._allocated += 1
             return bytearray(self._part_size)
+        while (buffer := self._pool.take(timeout=0.1)) is None:  # over budget: wait for one back
+            anyio.from_thread.check_cancelled()
+        return buffer
 
     def _send(self, data: bytes | bytearray, *, last: bool) -> None:
         if self._number >= MAX_PARTS:  # before S3 refuses part 10,001, after the whole upload
@@ -186,6 +219,7 @@ async def upload_artifact(
     artifact: str = "artifact",
     on_progress: ProgressCallback | None = None,
     workers: Workers | None = None,
+    budget: MemoryBudget | None = None,
 ) -> UploadedArtifact:
     """Stream `source` (archived on the fly, or as it is if prebuilt) to `location`.
 
@@ -195,7 +229,13 @@ async def upload_artifact(
     from `workers` (its own, sized from the settings, if not given).
     """
     (uploaded,) = await upload_to_all(
-        source, [(s3, location)], settings, artifact=artifact, on_progress=on_progress, workers=workers
+        source,
+        [(s3, location)],
+        settings,
+        artifact=artifact,
+        on_progress=on_progress,
+        workers=workers,
+        budget=budget,
     )
     return uploaded
 
@@ -215,17 +255,41 @@ async def upload_to_all(
     on_progress: ProgressCallback | None = None,
     cleanup: CleanupDeadline | None = None,
     workers: Workers | None = None,
+    budget: MemoryBudget | None = None,
 ) -> list[UploadedArtifact]:
     """Like `upload_artifact`, to several places at once: archived and hashed once, each part
     sent to every target (one multipart upload per target, all aborted if any fails).
 
     Aborts (and the delete of an object found damaged) run under `cleanup`, the deadline of
     the caller's exit, so that they count against the same bound as the rest of its cleanup.
+    Part buffers come out of `budget` (the caller's, shared by its uploads; else one of
+    `settings.memory_limit` for this upload alone).
     """
+    budget = budget or MemoryBudget(settings.memory_limit)
+    part_size = choose_part_size(source.size_bound, settings.part_size)
+    lease = await budget.lease(part_size)
+    try:
+        return await _upload_to_all(
+            source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers
+        )
+    finally:
+        lease.release()
+
+
+async def _upload_to_all(
+    source: ArtifactSource,
+    targets: Sequence[tuple[S3Client, S3Location]],
+    settings: Settings,
+    part_size: int,
+    lease: Lease,
+    artifact: str,
+    on_progress: ProgressCallback | None,
+    cleanup: CleanupDeadline | None,
+    workers: Workers | None,
+) -> list[UploadedArtifact]:
     location = targets[0][1]
     cleanup = cleanup or CleanupDeadline(settings.cleanup_timeout)
     workers = workers or Workers.for_settings(settings)
-    part_size = choose_part_size(source.size_bound, settings.part_size)
     # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
     # server is one that rejects checksum headers.
     checksummer = Checksummer(settings.s3_checksum_algorithm) if settings.s3_checksums == "when_supported" else None
@@ -237,8 +301,8 @@ async def upload_to_all(
         tracker.add_archived(len(part.data))
         anyio.from_thread.run(send_cut.send, part)
 
-    pool: deque[bytearray] = deque()
-    cutter = _PartCutter(part_size, emit, pool)
+    pool = _BufferPool()
+    cutter = _PartCutter(part_size, emit, pool, lease)
     if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
         directory = source
         total = await workers.compute(lambda: tar_size(directory, settings.archive_mtime))
@@ -372,7 +436,7 @@ async def _consume(
     settings: Settings,
     checksummer: Checksummer | None,
     tracker: _Tracker,
-    pool: deque[bytearray],
+    pool: _BufferPool,
     cleanup: CleanupDeadline,
 ) -> tuple[int, str | None]:
     """Upload the parts as they come to every target, handing full buffers back to `pool`.
@@ -409,7 +473,7 @@ async def _consume(
         )
         tracker.part_done(len(part.data))
         if isinstance(part.data, bytearray):
-            pool.append(part.data)  # only after success: a failed request may still hold it
+            pool.put(part.data)  # only after success: a failed request may still hold it
 
     # Every upload is aborted if any step fails, all at once, within the exit's deadline.
     async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup) as uploads:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from async_registrar import StorageError
 from async_registrar._archive import _deflate
 from async_registrar._artifacts import DirectorySource, FileEntry, PrebuiltArchive, choose_part_size
 from async_registrar._settings import MAX_PARTS, MiB
-from async_registrar._upload import _PartCutter
+from async_registrar._upload import _BufferPool, _PartCutter
 
 TiB = 1024**4
 
@@ -72,7 +71,7 @@ def test_the_cutter_stops_before_part_10001() -> None:
     """A stream that outgrows its bound fails at part 10,001 with a message that says what to do,
     before anything past S3's limit is handed on."""
     sent: list[int] = []
-    cutter = _PartCutter(16, lambda part: sent.append(part.number), deque())
+    cutter = _PartCutter(16, lambda part: sent.append(part.number), _BufferPool())
     with pytest.raises(StorageError, match=r"past S3's limit of 10,000 parts .*raise REGISTRAR_PART_SIZE"):
         cutter.write(b"x" * (16 * MAX_PARTS + 17))
     assert sent[-1] == MAX_PARTS
