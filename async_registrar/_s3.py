@@ -113,6 +113,25 @@ _HINTS = {
 }
 
 
+#: The IAM permission each S3 operation needs, for the message when it is denied.
+_PERMISSIONS = {
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "GetObject": "s3:GetObject",
+    "HeadObject": "s3:GetObject",
+    "DeleteObject": "s3:DeleteObject",
+    "DeleteObjects": "s3:DeleteObject",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "ListObjectsV2": "s3:ListBucket",
+    "HeadBucket": "s3:ListBucket",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "GetBucketLifecycleConfiguration": "s3:GetLifecycleConfiguration",
+    "PutBucketLifecycleConfiguration": "s3:PutLifecycleConfiguration",
+}
+
+
 def error_code(exc: ClientError) -> str:
     """S3's error code of a botocore `ClientError` (its HTTP status when there is none, as for HEAD)."""
     error = exc.response.get("Error", {})
@@ -129,6 +148,8 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
         code = error_code(exc)
         detail = redact(str(exc.response.get("Error", {}).get("Message") or ""))
         hint = _HINTS.get(code, "see the S3 error code")
+        if code in ("AccessDenied", "403") and operation in _PERMISSIONS:
+            hint = f"the job's role needs {_PERMISSIONS[operation]} on {where} (see docs/containers.md)"
         raise StorageError(
             f"S3 {operation} failed for {where}: {code}{f' ({detail})' if detail else ''}; {hint}",
             operation=operation,

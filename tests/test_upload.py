@@ -319,6 +319,6 @@ async def test_access_denied_on_create_is_named(tmp_path: Path, s3: Any, setting
     def deny(**_: Any) -> None:
         raise client_error("AccessDenied", "CreateMultipartUpload")
 
-    with pytest.raises(StorageError, match=r"AccessDenied.*check that the job's role may read and write there"):
+    with pytest.raises(StorageError, match=r"AccessDenied.*the job's role needs s3:PutObject on s3://"):
         await upload_with_hook(tmp_path, s3, settings, "before-call.s3.CreateMultipartUpload", deny)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
