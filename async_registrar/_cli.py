@@ -121,8 +121,6 @@ async def _sweep(args: argparse.Namespace) -> int:
     from ._registrar import Registrar
 
     settings = Settings.from_env(s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint)
-    if not settings.s3_prefix.strip("/"):
-        raise ConfigurationError("sweep refuses an empty prefix; set --prefix / REGISTRAR_S3_PREFIX")
     async with Registrar(settings) as registrar:
         if args.install_lifecycle:
             rule = await registrar.install_lifecycle(

@@ -24,7 +24,15 @@ from ._mims_contract import Registration, RegistrationStatus
 from ._s3 import S3Client, S3Location, error_code, storage_errors
 from ._upload import UploadedArtifact
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestArtifact", "ManifestRegistration", "find_manifests", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "ManifestArtifact",
+    "ManifestRegistration",
+    "find_manifests",
+    "read_manifest",
+    "write_manifest",
+]
 
 log = logging.getLogger("async_registrar.manifest")
 
@@ -178,19 +186,25 @@ async def find_manifests(s3: S3Client, bucket: str, prefix: str) -> list[tuple[S
     found = []
     for key in keys:
         location = S3Location(bucket, key)
-        try:
-            answer = await s3.get_object(Bucket=bucket, Key=key)
-            async with answer["Body"] as body:
-                if answer["ContentLength"] > MAX_MANIFEST_BYTES:
-                    log.warning("%s is too large to be a run manifest; skipped", location)
-                    continue
-                data = await body.read()
-            found.append((location, Manifest.model_validate_json(data)))
-        except (ClientError, BotoCoreError) as exc:
-            log.warning("the run manifest %s cannot be read (%s); skipped", location, type(exc).__name__)
-        except ValidationError as exc:
-            log.warning(
-                "%s is not a run manifest this version reads (%d problem(s)); skipped", location, exc.error_count()
-            )
+        manifest = await read_manifest(s3, location)
+        if manifest is not None:
+            found.append((location, manifest))
     found.sort(key=lambda item: item[1].updated_at, reverse=True)
     return found
+
+
+async def read_manifest(s3: S3Client, location: S3Location) -> Manifest | None:
+    """The run manifest at `location`, or None (logged) if it cannot be read or is not one."""
+    try:
+        answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
+        async with answer["Body"] as body:
+            if answer["ContentLength"] > MAX_MANIFEST_BYTES:
+                log.warning("%s is too large to be a run manifest; skipped", location)
+                return None
+            data = await body.read()
+        return Manifest.model_validate_json(data)
+    except (ClientError, BotoCoreError) as exc:
+        log.warning("the run manifest %s cannot be read (%s); skipped", location, type(exc).__name__)
+    except ValidationError as exc:
+        log.warning("%s is not a run manifest this version reads (%d problem(s)); skipped", location, exc.error_count())
+    return None

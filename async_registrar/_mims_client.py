@@ -100,6 +100,8 @@ class _Backoff:
         self._deadline = deadline
         self._failures = 0
         self._request = request
+        #: The Retry-After (seconds) that reached past the deadline, if that ended the retries.
+        self.asked_past_deadline: float | None = None
 
     def __call__(self, exc: Exception) -> bool | float:
         if not isinstance(exc, (_Retryable, *_TRANSIENT_TRANSPORT)):
@@ -111,6 +113,7 @@ class _Backoff:
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             # Waiting less than the server asked for would only earn the same answer.
             if exc.retry_after >= remaining:
+                self.asked_past_deadline = exc.retry_after
                 return False
             delay = exc.retry_after
         else:
@@ -337,9 +340,15 @@ class MimsClient:
                             failures.append(_describe_failure(exc))
                         raise
         except _Retryable as exc:
+            until = (
+                f"and asked to be retried in {backoff.asked_past_deadline:g} s, past the deadline ({deadline:g} s)"
+                if backoff.asked_past_deadline is not None
+                else f"until the deadline ({deadline:g} s)"
+            )
+            if failures is not None and backoff.asked_past_deadline is not None:
+                failures.append(f"{exc}, retry asked for in {backoff.asked_past_deadline:g} s, past the deadline")
             raise RegistryUnavailable(
-                f"{method} {shown} kept answering {exc} until the deadline ({deadline:g} s); "
-                "the registry is throttling or failing, retry later",
+                f"{method} {shown} kept answering {exc} {until}; the registry is throttling or failing, retry later",
                 url=shown,
                 may_have_arrived=arrived,
             ) from None

@@ -34,14 +34,21 @@ from ._errors import ConfigurationError, StorageError, redact
 from ._mims_client import MimsClient
 from ._s3 import S3Client, error_code, storage_errors
 
-__all__ = ["PreflightTarget", "check_bucket", "check_credentials", "check_registries", "check_storage"]
+__all__ = [
+    "NO_CREDENTIALS",
+    "PreflightTarget",
+    "check_bucket",
+    "check_credentials",
+    "check_registries",
+    "check_storage",
+]
 
 log = logging.getLogger("async_registrar")
 
 #: Resolves the AWS credentials (raises `ConfigurationError` when there are none).
 CredentialsCheck = Callable[[], Awaitable[object]]
 
-_NO_CREDENTIALS = (
+NO_CREDENTIALS = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run with an IAM role "
     "(a SageMaker job's execution role, an instance profile, a task role)"
 )
@@ -80,10 +87,10 @@ async def check_credentials(credentials: CredentialsCheck, *, within: float) -> 
     except TimeoutError:
         raise ConfigurationError(
             f"the AWS credentials did not resolve within {within:g} s (an instance metadata service "
-            f"that does not answer?); {_NO_CREDENTIALS}"
+            f"that does not answer?); {NO_CREDENTIALS}"
         ) from None
     except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise ConfigurationError(f"no usable AWS credentials ({exc}); {_NO_CREDENTIALS}") from None
+        raise ConfigurationError(f"no usable AWS credentials ({exc}); {NO_CREDENTIALS}") from None
     except BotoCoreError as exc:  # a broken config file, a credential process that failed, ...
         raise ConfigurationError(
             f"the AWS credentials could not be resolved: {type(exc).__name__}: {redact(str(exc))}; "
@@ -101,7 +108,7 @@ async def check_bucket(
         try:
             await s3.head_bucket(Bucket=bucket)
         except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise ConfigurationError(f"no usable AWS credentials for S3 ({exc}); {_NO_CREDENTIALS}") from None
+            raise ConfigurationError(f"no usable AWS credentials for S3 ({exc}); {NO_CREDENTIALS}") from None
         except ClientError as exc:
             code = error_code(exc)
             if code in ("404", "NoSuchBucket"):

@@ -29,7 +29,7 @@ from ._lifecycle import install_lifecycle
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
-from ._preflight import check_bucket, check_credentials
+from ._preflight import NO_CREDENTIALS, check_bucket, check_credentials
 from ._progress import ProgressCallback, notify_all
 from ._request import RegistrationRequest
 from ._results import RegionRegistration, RegistrationResult
@@ -274,7 +274,7 @@ class Registrar:
             return reports[0]
         first = reports[0]
         return SweepReport(
-            bucket=", ".join(r.bucket for r in reports),
+            buckets=tuple(b for r in reports for b in r.buckets),
             prefix=first.prefix,
             dry_run=dry_run,
             runs=tuple(run for r in reports for run in r.runs),
@@ -301,7 +301,7 @@ class Registrar:
         scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
         s3, _ = self._clients()
         within = self.settings.preflight_timeout
-        await check_credentials(self._session.get_credentials, within=within)
+        await check_credentials(self._credentials, within=within)
         await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
         callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
         async with self._uploads:
@@ -392,10 +392,7 @@ class Registrar:
     async def _credentials(self) -> ReadOnlyCredentials:
         credentials = await self._session.get_credentials()
         if credentials is None:
-            raise ConfigurationError(
-                "no AWS credentials found to sign the MIMS requests; run with an IAM role or set "
-                "the standard AWS credential variables"
-            )
+            raise ConfigurationError(f"no usable AWS credentials (for S3 and the registry); {NO_CREDENTIALS}")
         frozen: ReadOnlyCredentials = await credentials.get_frozen_credentials()
         return frozen
 

@@ -233,14 +233,19 @@ class Run:
         for name, source in self._sources.items():
             part_size = choose_part_size(source.size_bound, settings.part_size)
             parts = max(1, -(-source.size_bound // part_size))
-            directory = isinstance(source, DirectorySource)
+            kind: Literal["directory", "prebuilt"]
+            if isinstance(source, DirectorySource):
+                path, kind = source.root, "directory"
+                files, content = sum(1 for e in source.entries if not e.is_dir), source.content_bytes
+            else:
+                path, kind, files, content = source.path, "prebuilt", 1, source.size
             artifacts.append(
                 ArtifactPlan(
                     name="model" if name == "model" else "payload",
-                    path=source.root if isinstance(source, DirectorySource) else source.path,
-                    kind="directory" if directory else "prebuilt",
-                    files=sum(1 for e in source.entries if not e.is_dir) if isinstance(source, DirectorySource) else 1,
-                    content_bytes=source.content_bytes if isinstance(source, DirectorySource) else source.size,
+                    path=path,
+                    kind=kind,
+                    files=files,
+                    content_bytes=content,
                     size_bound=source.size_bound,
                     part_size=part_size,
                     parts=parts,

@@ -27,15 +27,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
-from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import ValidationError
 
 from ._concurrency import run_all
 from ._errors import ConfigurationError, RegistrarError, StorageError, redact
-from ._manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from ._manifest import MANIFEST_NAME, read_manifest
 from ._mims_client import MimsClient
 from ._mims_contract import TERMINAL_STATUSES
-from ._s3 import S3Client, storage_errors
+from ._s3 import S3Client, S3Location, storage_errors
 
 __all__ = ["RunSwept", "SweepReport", "sweep"]
 
@@ -70,7 +68,8 @@ class RunSwept:
 class SweepReport:
     """What a sweep found and did (or, with `dry_run`, would do)."""
 
-    bucket: str
+    #: The bucket(s) swept (one per region with a `{region}` bucket name).
+    buckets: tuple[str, ...]
     prefix: str
     dry_run: bool
     runs: tuple[RunSwept, ...] = ()
@@ -104,7 +103,8 @@ class SweepReport:
         """The summary, for a person."""
         would = "would be " if self.dry_run else ""
         lines = [
-            f"sweep of s3://{self.bucket}/{self.prefix}{' (dry run: nothing removed)' if self.dry_run else ''}: "
+            f"sweep of {', '.join(f's3://{b}/{self.prefix}' for b in self.buckets)}"
+            f"{' (dry run: nothing removed)' if self.dry_run else ''}: "
             f"{len(self.runs)} run(s) seen, {len(self.removed)} {would}removed, {len(self.spared)} spared, "
             f"{sum(r.outcome == 'young' for r in self.runs)} younger than the threshold",
             f"{self.objects_removed} object(s) and {self.uploads_aborted} open multipart upload(s) {would}removed, "
@@ -184,7 +184,7 @@ async def sweep(
         for run in removable:
             log.info("sweep: removed s3://%s/%s (%d object(s), %d upload(s))", bucket, run.prefix, *_counts(run))
     report = SweepReport(
-        bucket=bucket,
+        buckets=(bucket,),
         prefix=prefix,
         dry_run=dry_run,
         runs=tuple(results[p] for p in sorted(results)),
@@ -248,7 +248,7 @@ async def _why_spare(
     for key, _ in run.objects:
         if not key.endswith("/" + MANIFEST_NAME):
             continue
-        manifest = await _read_manifest(s3, bucket, key)
+        manifest = await read_manifest(s3, S3Location(bucket, key))
         if manifest is None:
             continue
         configured = redact(endpoint_for(manifest.region))
@@ -283,19 +283,6 @@ async def _why_spare(
         if current is not None and current.status not in TERMINAL_STATUSES:
             return (f"the registry reports it {current.status}", registration_id, current.status)
     return None
-
-
-async def _read_manifest(s3: S3Client, bucket: str, key: str) -> Manifest | None:
-    try:
-        answer = await s3.get_object(Bucket=bucket, Key=key)
-        async with answer["Body"] as body:
-            if answer["ContentLength"] > MAX_MANIFEST_BYTES:
-                return None
-            data = await body.read()
-        return Manifest.model_validate_json(data)
-    except (ClientError, BotoCoreError, ValidationError) as exc:
-        log.warning("sweep: the run manifest s3://%s/%s cannot be read (%s)", bucket, key, type(exc).__name__)
-        return None
 
 
 def _counts(run: _Run) -> tuple[int, int]:

@@ -481,3 +481,18 @@ async def test_each_retry_is_one_log_line_with_the_url_the_reason_and_the_next_d
     assert (
         retries[1] == "POST https://mims.test/v1/registrations: 503 Service Unavailable; retrying in 0.01 s (attempt 3)"
     )
+
+
+async def test_giving_up_on_a_long_retry_after_says_so() -> None:
+    """The early give-up names the Retry-After that reached past the deadline, not a deadline it never
+    reached."""
+    script = Script(httpx.Response(503, headers={"Retry-After": "20"}, json={"message": "busy"}))
+    client, http = script.client(SETTINGS.model_copy(update={"submit_timeout": 2.0}))
+    async with http:
+        with pytest.raises(RegistryUnavailable, match=r"asked to be retried in 20 s, past the deadline \(2 s\)"):
+            await client.submit(SUBMISSION, idempotency_key="k")
+    polls = Script(httpx.Response(503, headers={"Retry-After": "30"}, json={"message": "busy"}))
+    client, http = polls.client()
+    async with http:
+        with pytest.raises(RegistrationTimeout, match=r"retry asked for in 30 s, past the deadline"):
+            await client.wait("reg-1", max_wait=2)
