@@ -390,47 +390,48 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
-    register = commands.add_parser(
+    register = _command(
+        commands,
+        common,
         "register",
-        parents=[common],
         help="register a model (the container's job)",
-        description=_text(
+        description=(
             "Register a model with MIMS: check (preflight), stream the model and payload to S3 as "
             "tar.gz, submit, wait until the registration is final, remove the temporary objects. Prints the "
             "workflow execution ARN and the model id on stdout."
         ),
-        epilog=_epilog(
+        epilog=(
             "async-registrar register --model ./model --payload ./payload --config ./registration.json \\\n"
             "      --bucket my-tmp-bucket --mims-endpoint https://mims.example.com",
             _JOB_VARIABLES,
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=_register,
     )
-    register.set_defaults(command=_register)
     _job_options(register)
-    check = commands.add_parser(
+    check = _command(
+        commands,
+        common,
         "check",
-        parents=[common],
         help="validate, run the preflight (credentials, bucket, registry) and print the plan; upload nothing",
-        description=_text(
+        description=(
             "Everything `register` checks before its first upload, and the plan of what it would do. "
             "Same options, variables and exit codes as `register`; 0 when a registration would start."
         ),
-        epilog=_epilog(
+        epilog=(
             "async-registrar check --model ./model --config ./registration.json --bucket my-tmp-bucket \\\n"
             "      --mims-endpoint https://mims.example.com",
             _JOB_VARIABLES,
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=_check,
     )
-    check.set_defaults(command=_check)
     _job_options(check)
 
-    sweep = commands.add_parser(
+    sweep = _command(
+        commands,
+        common,
         "sweep",
-        parents=[common],
         help="remove what killed runs left under the prefix (or install the bucket's lifecycle rule)",
-        description=_text(
+        description=(
             "Remove the runs under {bucket}/{prefix} older than --older-than (by their newest object or "
             "open multipart upload): their open uploads are aborted and their objects deleted, unless the "
             "registry reports their registration PENDING or IN_PROGRESS; a run whose registry cannot be asked "
@@ -438,13 +439,12 @@ def _parser() -> argparse.ArgumentParser:
             "touched. With --install-lifecycle: add (or replace) the bucket lifecycle rule for the prefix "
             "instead, keeping the bucket's other rules, and print it."
         ),
-        epilog=_epilog(
+        epilog=(
             "async-registrar sweep --bucket my-tmp-bucket --mims-endpoint https://mims.example.com --older-than 24h",
             "REGISTRAR_S3_BUCKET, REGISTRAR_S3_PREFIX, REGISTRAR_MIMS_ENDPOINT, the standard AWS variables",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=_sweep,
     )
-    sweep.set_defaults(command=_sweep)
     _option(sweep, "s3_bucket", "NAME", "bucket of the temporary artifacts", "required")
     _option(sweep, "s3_prefix", "PREFIX", "prefix of the temporary artifacts", "registrar-tmp/")
     _option(sweep, "mims_endpoint", "URL", "the MIMS endpoint asked about kept registrations", "required")
@@ -468,19 +468,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--abort-after-days", type=int, default=1, metavar="DAYS", help="(lifecycle) default 1")
     sweep.add_argument("--expire-after-days", type=int, default=7, metavar="DAYS", help="(lifecycle) default 7")
 
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
+        common,
         "demo",
-        parents=[common],
         help="register the example model on an S3 server and the reference MIMS started in-process",
-        description=_text(
+        description=(
             "Register the example model end to end on moto's S3 server and the reference MIMS, "
             "both started in this process on loopback (needs the 'local' extra). Nothing outside the process "
             "is touched."
         ),
-        epilog=_epilog("async-registrar demo", "no variables needed: the servers and their credentials are made up"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=("async-registrar demo", "no variables needed: the servers and their credentials are made up"),
+        command=_demo,
     )
-    demo.set_defaults(command=_demo)
     demo.add_argument(
         "--example",
         type=Path,
@@ -490,44 +490,45 @@ def _parser() -> argparse.ArgumentParser:
         "the package, its weights generated)",
     )
 
-    upload = commands.add_parser(
+    upload = _command(
+        commands,
+        common,
         "upload",
-        parents=[common],
         help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else",
-        description=_text(
+        description=(
             "The upload engine alone: stream PATH to s3://bucket/key as a deterministic tar.gz "
             "(or a prebuilt .tar.gz as it is), no registry. Prints the URI, the size and the sha256."
         ),
-        epilog=_epilog(
+        epilog=(
             "async-registrar upload ./model s3://my-bucket/models/model.tar.gz",
             "AWS credentials and region from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
             "AWS_REGION, ...), AWS_ENDPOINT_URL_S3; the tuning variables of the README (REGISTRAR_PART_SIZE, "
             "REGISTRAR_COMPRESSION_LEVEL, REGISTRAR_S3_CHECKSUMS, ...); REGISTRAR_DEREFERENCE",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=_upload,
     )
-    upload.set_defaults(command=_upload)
     upload.add_argument("path", help="a directory, or a directory holding one .tar.gz")
     upload.add_argument("target", help="s3://bucket/key")
     _dereference_option(upload)
 
-    server = commands.add_parser(
+    server = _command(
+        commands,
+        common,
         "mims-server",
-        parents=[common],
         help="run the reference MIMS service (S3 via the AWS variables)",
-        description=_text(
+        description=(
             "Run the reference MIMS service (needs the 'mims' extra): it verifies SigV4 signatures, "
             "reads every artifact back from S3, checks and copies it, and moves registrations through their "
             "statuses. Its contract is served at /openapi.json."
         ),
-        epilog=_epilog(
+        epilog=(
             "MIMS_SIGNING_KEY=AKID... MIMS_SIGNING_SECRET=... async-registrar mims-server --port 8080",
             "AWS credentials, region and AWS_ENDPOINT_URL_S3 for its S3; MIMS_REGISTRY_BUCKET; "
             "MIMS_SIGNING_KEY / MIMS_SIGNING_SECRET (signatures verified when set); see the README",
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        command=None,
+        foreground=True,
     )
-    server.set_defaults(command=None, foreground=True)
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     server.add_argument(
@@ -544,6 +545,30 @@ _JOB_VARIABLES = (
     "REGISTRAR_IDEMPOTENCY_KEY, REGISTRAR_PREFLIGHT_TIMEOUT, REGISTRAR_LOG_LEVEL, the tuning variables "
     "of the README, and the standard AWS ones (credentials, AWS_REGION, AWS_ENDPOINT_URL_S3)"
 )
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epilog: tuple[str, str],
+    **defaults: object,
+) -> argparse.ArgumentParser:
+    """A command: its one-line help, a wrapped description, the epilog's example and variables (and
+    the exit codes), the global options after it, and its defaults (what runs it)."""
+    parser = commands.add_parser(
+        name,
+        parents=[common],
+        help=help,
+        description=_text(description),
+        epilog=_epilog(*epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(**defaults)
+    return parser
 
 
 def _text(paragraph: str) -> str:
