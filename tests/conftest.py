@@ -93,6 +93,11 @@ def no_backoff() -> Iterator[None]:
 
 def mims_server(stack: LocalStack, **overrides: Any) -> ThreadedMimsServer:
     """A reference MIMS of its own (faults and all), on the session's S3."""
+    return ThreadedMimsServer(mims_settings(stack, **overrides))
+
+
+def mims_settings(stack: LocalStack, **overrides: Any) -> ReferenceMimsSettings:
+    """The settings of `mims_server`: the session's S3, verifying our signatures."""
     values: dict[str, Any] = {
         "registry_bucket": stack.registry_bucket,
         "s3_endpoint_url": stack.s3_endpoint,
@@ -103,7 +108,7 @@ def mims_server(stack: LocalStack, **overrides: Any) -> ThreadedMimsServer:
         "pending_delay": 0.05,
         **overrides,
     }
-    return ThreadedMimsServer(ReferenceMimsSettings(**values))
+    return ReferenceMimsSettings(**values)
 
 
 async def leftovers(s3: Any, bucket: str, prefix: str) -> list[str]:

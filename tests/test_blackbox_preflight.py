@@ -41,10 +41,10 @@ from async_registrar import (
     Settings,
     StorageError,
 )
-from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
-from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
+from async_registrar._local import ACCESS_KEY, REGION, LocalStack
+from async_registrar.reference_mims import ThreadedMimsServer
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config, request_for
+from .conftest import MiB, leftovers, make_job, mims_server, mims_settings, registration_config, request_for
 from .fault_proxy import FaultProxy, Reply, Rule, Stall
 from .test_cli import environment, run
 
@@ -140,21 +140,6 @@ class Traffic:
             if lab == label and m == method and re.search(pattern, t):
                 return i
         return -1
-
-
-def registry_settings(stack: LocalStack, **overrides: Any) -> ReferenceMimsSettings:
-    """The reference MIMS of `mims_server`, verifying our signatures, for a server built by hand."""
-    values: dict[str, Any] = {
-        "registry_bucket": stack.registry_bucket,
-        "s3_endpoint_url": stack.s3_endpoint,
-        "aws_region": REGION,
-        "aws_access_key_id": SecretStr(ACCESS_KEY),
-        "aws_secret_access_key": SecretStr(SECRET_KEY),
-        "signing_secrets": {ACCESS_KEY: SecretStr(SECRET_KEY)},
-        "pending_delay": 0.05,
-        **overrides,
-    }
-    return ReferenceMimsSettings(**values)
 
 
 # --- the faults a preflight must catch ------------------------------------------------------------
@@ -340,7 +325,7 @@ async def test_a_registry_that_comes_up_within_the_preflight_timeout_is_waited_f
     """Refused connections are retried with backoff: a registry that starts listening well into the
     preflight (it was down when the run began) is reached, and the registration goes through."""
     port = free_port()
-    late = ThreadedMimsServer(registry_settings(stack), port=port)
+    late = ThreadedMimsServer(mims_settings(stack), port=port)
     up_at: list[float] = []
 
     def come_up() -> None:

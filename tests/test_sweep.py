@@ -11,8 +11,8 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,16 @@ from async_registrar._local import LocalStack
 from .conftest import MiB, final_status, late_registry, leftovers, make_job, remove_all
 from .fault_proxy import FaultProxy, Stall
 from .test_cli import environment, run
+from .test_signals import start
 
 
-def start(env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "async_registrar", "register"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def slow_parts(seconds: float) -> Callable[[str, str], object]:
+    """A proxy rule that holds every UploadPart for `seconds` (a slow link)."""
+
+    def rule(method: str, target: str) -> object:
+        return Stall(seconds) if method == "PUT" and "partNumber=" in target else None
+
+    return rule
 
 
 def kill_when(process: subprocess.Popen[str], needle: str, timeout: float = 30) -> str:
@@ -73,10 +73,7 @@ async def test_sigkill_leftovers_are_swept_and_a_running_registration_is_spared(
         base["REGISTRAR_MIMS_ENDPOINT"] = registry.endpoint
 
         # 1. During the upload, parts held in flight by a slow link.
-        def slow_parts(method: str, target: str) -> object:
-            return Stall(30) if method == "PUT" and "partNumber=" in target else None
-
-        with FaultProxy(stack.s3_endpoint, slow_parts) as slow:
+        with FaultProxy(stack.s3_endpoint, slow_parts(30)) as slow:
             process = start({**base, "AWS_ENDPOINT_URL_S3": slow.endpoint})
             deadline = time.monotonic() + 30
             while slow.count("PUT", "partNumber=") < 2 and time.monotonic() < deadline:
@@ -123,11 +120,7 @@ async def test_a_sweep_leaves_a_young_run_that_is_uploading_alone(
     """A registration uploading (parts held 3 s) while a sweep with a 10-minute threshold runs:
     it is seen, judged young, untouched, and the registration succeeds."""
     env = environment(stack, settings, make_job(tmp_path, model_bytes=12 * MiB))
-
-    def slow_parts(method: str, target: str) -> object:
-        return Stall(3) if method == "PUT" and "partNumber=" in target else None
-
-    with FaultProxy(stack.s3_endpoint, slow_parts) as slow:
+    with FaultProxy(stack.s3_endpoint, slow_parts(3)) as slow:
         process = start({**env, "AWS_ENDPOINT_URL_S3": slow.endpoint})
         deadline = time.monotonic() + 30
         while slow.count("PUT", "partNumber=") < 1 and time.monotonic() < deadline:
