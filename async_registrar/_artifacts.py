@@ -103,7 +103,7 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
         raise InputError(f"{role} path {path} cannot be read ({exc.strerror})", [str(path)]) from None
     if stat.S_ISREG(info.st_mode):
         if _is_tar_gz(path):
-            return PrebuiltArchive(path, info.st_size)
+            return _prebuilt(path, info.st_size, role)
         raise InputError(
             f"{role} path {path} is a file but not a gzip-compressed tar archive; pass the directory "
             f"that holds the {role} files, or a .tar.gz",
@@ -129,22 +129,35 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
     if len(entries) == 1 and files[0].name.count("/") == 0:
         single = files[0]
         if _is_tar_gz(Path(single.path)):
-            return PrebuiltArchive(Path(single.path), single.size)
+            return _prebuilt(Path(single.path), single.size, role)
         if single.name.endswith((".tar.gz", ".tgz")):
             raise InputError(
                 f"{single.path} is named like a tar.gz archive but is not one (corrupt, truncated or "
                 "not gzip); rebuild it, or put the unpacked files in the directory instead",
                 [str(single.path)],
             )
-    source = DirectorySource(path, tuple(entries))
-    if source.size_bound > MAX_OBJECT_SIZE:
-        raise InputError(f"{role} directory {path} is larger than S3's 5 TiB object limit", [str(path)])
-    return source
+    # No refusal here when the bound passes S3's 5 TiB object limit: weights compress by
+    # about 7 %, so only the compressed stream can tell; the part cutter stops it at the limit.
+    return DirectorySource(path, tuple(entries))
+
+
+def _prebuilt(path: Path, size: int, role: str) -> PrebuiltArchive:
+    if size > MAX_OBJECT_SIZE:  # uploaded as it is: nothing can make it smaller
+        raise InputError(
+            f"{role} archive {path} is larger than S3's 5 TiB object limit; split the {role} into smaller "
+            "artifacts",
+            [str(path)],
+        )
+    return PrebuiltArchive(path, size)
 
 
 def choose_part_size(size_bound: int, configured: int) -> int:
-    """The configured part size, grown (in whole MiB) so the upload needs at most 10,000 parts."""
-    needed = -(-size_bound // MAX_PARTS)
+    """The configured part size, grown (in whole MiB) so the upload needs at most 10,000 parts.
+
+    A bound past S3's 5 TiB object limit sizes parts for the limit itself: an archive that
+    compresses below it fits, and one that doesn't is stopped at the limit.
+    """
+    needed = -(-min(size_bound, MAX_OBJECT_SIZE) // MAX_PARTS)
     needed = -(-needed // MiB) * MiB
     return min(max(configured, needed), MAX_PART_SIZE)
 

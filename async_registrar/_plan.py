@@ -40,9 +40,10 @@ class ArtifactPlan:
 
     def describe(self) -> str:
         what = f"{self.files} file(s)" if self.kind == "directory" else "a prebuilt .tar.gz"
+        limit = " (past S3's 5 TiB object limit: it must compress below it)" if self.size_bound > 5 * 1024**4 else ""
         return (
             f"{self.name}: {self.path} ({what}, {_size(self.content_bytes)}); archive at most "
-            f"{_size(self.size_bound)}, parts of {_size(self.part_size)}, at most {self.parts} part(s), "
+            f"{_size(self.size_bound)}{limit}, parts of {_size(self.part_size)}, at most {self.parts} part(s), "
             f"buffers up to {_size(self.memory_bytes)}"
         )
 

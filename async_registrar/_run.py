@@ -57,7 +57,7 @@ from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusCha
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
-from ._settings import Settings
+from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
 from ._upload import UploadedArtifact, buffer_bound, digest_artifact, upload_to_all
@@ -232,7 +232,7 @@ class Run:
         artifacts = []
         for name, source in self._sources.items():
             part_size = choose_part_size(source.size_bound, settings.part_size)
-            parts = max(1, -(-source.size_bound // part_size))
+            parts = min(MAX_PARTS, max(1, -(-source.size_bound // part_size)))
             kind: Literal["directory", "prebuilt"]
             if isinstance(source, DirectorySource):
                 path, kind = source.root, "directory"

@@ -27,11 +27,11 @@ import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import Sink, stream_archive, tar_size
-from ._artifacts import ArtifactSource, DirectorySource, choose_part_size
+from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
 from ._budget import Lease, MemoryBudget
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
-from ._errors import StorageError
+from ._errors import InputError, StorageError
 from ._multipart import MultipartUpload, MultipartUploads, StoredObject, check_object, put_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
@@ -107,9 +107,18 @@ class _PartCutter:
     """
 
     def __init__(
-        self, part_size: int, emit: Callable[[_Part], object], pool: _BufferPool, lease: Lease | None = None
+        self,
+        part_size: int,
+        emit: Callable[[_Part], object],
+        pool: _BufferPool,
+        lease: Lease | None = None,
+        *,
+        source: str = "the archive",
+        max_size: int = MAX_OBJECT_SIZE,
     ) -> None:
         self._part_size = part_size
+        self._source = source
+        self._max_size = max_size
         self._emit = emit
         self._pool = pool
         self._lease = lease
@@ -121,6 +130,12 @@ class _PartCutter:
 
     def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
+        if self.size > self._max_size:  # S3 would refuse it at CompleteMultipartUpload
+            raise InputError(
+                f"{self._source} compresses to more than S3's {self._max_size / 2**40:g} TiB object limit; "
+                "try a higher REGISTRAR_COMPRESSION_LEVEL, or split it into smaller artifacts",
+                [self._source],
+            )
         view = memoryview(data)
         while view:
             if self._buffer is None:
@@ -242,8 +257,10 @@ async def upload_artifact(
 
 def buffer_bound(parts: int, part_size: int, settings: Settings) -> int:
     """The part buffers an upload of `parts` parts holds at most: those in flight, those
-    queued (cut, hashed), the one being filled, and the spare ones handed back for reuse."""
-    return min(parts + 1, settings.upload_concurrency + settings.upload_queue_parts + 4) * part_size
+    queued (cut, hashed), the one being filled, and the spare ones handed back for reuse;
+    never more than the memory budget holds (but always one)."""
+    count = min(parts + 1, settings.upload_concurrency + settings.upload_queue_parts + 4)
+    return min(count, max(1, settings.memory_limit // part_size)) * part_size
 
 
 async def upload_to_all(
@@ -302,7 +319,8 @@ async def _upload_to_all(
         anyio.from_thread.run(send_cut.send, part)
 
     pool = _BufferPool()
-    cutter = _PartCutter(part_size, emit, pool, lease)
+    name = str(source.root if isinstance(source, DirectorySource) else source.path)
+    cutter = _PartCutter(part_size, emit, pool, lease, source=name)
     if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
         directory = source
         total = await workers.compute(lambda: tar_size(directory, settings.archive_mtime))

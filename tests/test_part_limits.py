@@ -75,3 +75,51 @@ def test_the_cutter_stops_before_part_10001() -> None:
     with pytest.raises(StorageError, match=r"past S3's limit of 10,000 parts .*raise REGISTRAR_PART_SIZE"):
         cutter.write(b"x" * (16 * MAX_PARTS + 17))
     assert sent[-1] == MAX_PARTS
+
+
+def test_an_input_past_5_tib_is_not_refused_before_it_is_compressed(tmp_path: Path) -> None:
+    """A sparse 5.5 TiB file (no disk): weights compress by about 7 %, so the scan accepts it and
+    sizes the parts for S3's 5 TiB object limit itself; only the compressed stream can tell."""
+    from async_registrar._artifacts import MAX_OBJECT_SIZE, inspect_artifact
+
+    model = tmp_path / "model"
+    model.mkdir()
+    with (model / "weights.bin").open("wb") as f:
+        f.truncate(5 * TiB + TiB // 2)
+    source = inspect_artifact(model, role="model")
+    assert isinstance(source, DirectorySource)
+    assert source.size_bound > MAX_OBJECT_SIZE
+    part = choose_part_size(source.size_bound, 8 * MiB)
+    assert part == 525 * MiB
+    assert -(-MAX_OBJECT_SIZE // part) <= MAX_PARTS
+
+
+def test_the_cutter_stops_at_the_5_tib_object_limit_naming_the_input() -> None:
+    """A stream that compresses to more than S3's object limit (scaled down here) stops with an
+    input error that names the input and says what to do, before the part past it is sent."""
+    from async_registrar import InputError
+
+    sent: list[int] = []
+    cutter = _PartCutter(16, lambda part: sent.append(part.number), _BufferPool(), source="/m/model", max_size=100)
+    with pytest.raises(InputError, match=r"/m/model compresses to more than S3's .* object limit; try a higher"):
+        for _ in range(20):
+            cutter.write(b"x" * 10)
+    assert sent == [1, 2, 3, 4, 5, 6]  # 96 bytes cut; the write that passed 100 went nowhere
+
+
+def test_a_prebuilt_archive_past_5_tib_is_refused_naming_it(tmp_path: Path) -> None:
+    from async_registrar import InputError
+    from async_registrar._artifacts import inspect_artifact
+
+    import io
+    import tarfile
+
+    head = io.BytesIO()
+    with tarfile.open(fileobj=head, mode="w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("weights.bin"), io.BytesIO(b""))
+    archive = tmp_path / "model.tar.gz"
+    with archive.open("wb") as f:  # a real archive's start, then a sparse tail to 5 TiB + 1
+        f.write(head.getvalue())
+        f.truncate(5 * TiB + 1)
+    with pytest.raises(InputError, match=r"model archive .*model.tar.gz is larger than S3's 5 TiB object limit"):
+        inspect_artifact(archive, role="model")
