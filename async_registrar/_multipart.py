@@ -46,7 +46,7 @@ class PartBody(io.BytesIO):
     would copy the part up front.
     """
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         super().__init__()
         self._view = memoryview(data)
         self._position = 0
@@ -114,7 +114,7 @@ class MultipartUpload:
         log.debug("started multipart upload to %s", self.location)
         return self
 
-    async def upload_part(self, number: int, data: bytes | bytearray, *, checksum: str | None = None) -> None:
+    async def upload_part(self, number: int, data: bytes | bytearray | memoryview, *, checksum: str | None = None) -> None:
         """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
         extra = _checksum_args(self._checksum, checksum)
         with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):

@@ -26,7 +26,7 @@ import anyio
 import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._archive import Sink, stream_archive, tar_size
+from ._archive import BLOCK, Sink, stream_archive, tar_size
 from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
 from ._budget import Lease, MemoryBudget
 from ._checksums import Checksummer, is_full_object
@@ -67,7 +67,7 @@ class UploadedArtifact:
 @dataclass(frozen=True, slots=True)
 class _Part:
     number: int
-    data: bytes | bytearray  # a full part is a pooled bytearray, handed back once uploaded
+    data: bytes | bytearray | memoryview  # a full part is a pooled bytearray, handed back once uploaded
     last: bool
     checksum: str | None = None  # base64, as S3 wants it; set by the hasher
 
@@ -153,9 +153,9 @@ class _PartCutter:
         if buffer is not None and fill == self._part_size:
             self._send(buffer, last=True)
         else:
-            self._send(bytes(memoryview(buffer)[:fill]) if buffer is not None else b"", last=True)
-            if buffer is not None:
-                self._pool.put(buffer)
+            # The last part is a view of its buffer, not a copy: the copy would be memory
+            # outside the budget, up to a part per upload.
+            self._send(memoryview(buffer)[:fill] if buffer is not None else b"", last=True)
         self._buffer = None
 
     def _take(self) -> bytearray:
@@ -171,7 +171,7 @@ class _PartCutter:
             anyio.from_thread.check_cancelled()
         return buffer
 
-    def _send(self, data: bytes | bytearray, *, last: bool) -> None:
+    def _send(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
         if self._number >= MAX_PARTS:  # before S3 refuses part 10,001, after the whole upload
             raise StorageError(
                 f"the archive grew past S3's limit of {MAX_PARTS:,} parts of {self._part_size >> 20} MiB "
@@ -258,9 +258,17 @@ async def upload_artifact(
 def buffer_bound(parts: int, part_size: int, settings: Settings) -> int:
     """The part buffers an upload of `parts` parts holds at most: those in flight, those
     queued (cut, hashed), the one being filled, and the spare ones handed back for reuse;
-    never more than the memory budget holds (but always one)."""
+    never more than the memory budget holds (but always one); plus the gzip blocks."""
     count = min(parts + 1, settings.upload_concurrency + settings.upload_queue_parts + 4)
-    return min(count, max(1, settings.memory_limit // part_size)) * part_size
+    overhead = stream_overhead(settings)
+    return min(count, max(1, (settings.memory_limit - overhead) // part_size)) * part_size + overhead
+
+
+def stream_overhead(settings: Settings) -> int:
+    """What an upload holds besides its part buffers: the 1 MiB blocks the gzip threads work
+    on (two per thread, input and output) and the one being filled.  It comes out of the
+    budget with the upload's first part, so that many uploads at once stay within it too."""
+    return (4 * settings.compression_threads + 2) * BLOCK
 
 
 async def upload_to_all(
@@ -284,7 +292,7 @@ async def upload_to_all(
     """
     budget = budget or MemoryBudget(settings.memory_limit)
     part_size = choose_part_size(source.size_bound, settings.part_size)
-    lease = await budget.lease(part_size)
+    lease = await budget.lease(part_size + stream_overhead(settings))
     try:
         return await _upload_to_all(
             source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers
@@ -342,7 +350,7 @@ async def _upload_to_all(
         # complete the upload; on failure they are cancelled by the task group instead.
         await send_cut.aclose()
 
-    def hash_part(data: bytes | bytearray) -> str | None:
+    def hash_part(data: bytes | bytearray | memoryview) -> str | None:
         sha256.update(data)
         return None if checksummer is None else checksummer.part(data)
 

