@@ -205,10 +205,8 @@ async def _upload(args: argparse.Namespace) -> int:
     from ._registrar import Registrar
 
     target = S3Location.parse(args.target, what="upload target")
-    # The engine alone: no registry is contacted, so its endpoint is a placeholder.
-    settings = Settings.from_env(
-        s3_bucket=target.bucket, mims_endpoint="http://mims.not-used.invalid", dereference=args.dereference or None
-    )
+    # The engine alone: no registry, so no endpoint is needed.
+    settings = Settings.from_env(s3_bucket=target.bucket, registry=False, dereference=args.dereference or None)
     async with Registrar(settings, on_progress=args.progress) as registrar:
         uploaded = await registrar.upload(args.path, args.target)
     print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")

@@ -215,6 +215,7 @@ class Registrar:
         once, and one registration is submitted per region.  If anything fails (or the call
         is cancelled) before the registry accepted, the temporary objects are removed.
         """
+        self.settings.require_registry()
         if self.settings.sweep_on_start and not self._swept_on_start:
             self._swept_on_start = True
             await self._sweep_on_start(request.config.regions)
@@ -229,6 +230,7 @@ class Registrar:
         endpoint), upload nothing, and return what a registration would do.
 
         Raises what `register` would raise for the same problem, before any upload."""
+        self.settings.require_registry()
         return await self._run(request, None).plan()
 
     async def sweep(
@@ -248,6 +250,7 @@ class Registrar:
         `StorageError` if a bucket cannot be listed; what could not be removed is in the report's
         `leftovers`.
         """
+        self.settings.require_registry()  # it asks the registry about kept registrations
         template = "{region}" in self.settings.s3_bucket
         if template and not regions:
             raise ConfigurationError(

@@ -100,16 +100,17 @@ Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 class Settings(BaseModel):
     """Where temporary artifacts go, which registry to use, and the tuning knobs.
 
-    Only `s3_bucket` and `mims_endpoint` are required.  Explicit AWS credentials
-    are optional: without them the standard AWS credential chain is used.
+    Only `s3_bucket` is required, and `mims_endpoint` to register or sweep (an upload alone,
+    `Registrar.upload`, needs no registry).  Explicit AWS credentials are optional: without
+    them the standard AWS credential chain is used.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: May hold `{region}`: one bucket per region for multi-region registrations.
     s3_bucket: BucketName
-    #: May hold `{region}`: one endpoint per region.
-    mims_endpoint: HttpUrl
+    #: May hold `{region}`: one endpoint per region.  Needed to register or sweep.
+    mims_endpoint: HttpUrl | None = None
     s3_prefix: Annotated[str, AfterValidator(_prefix), StringConstraints(max_length=512)] = "registrar-tmp/"
     wait_timeout: Seconds = 3600.0
 
@@ -184,15 +185,37 @@ class Settings(BaseModel):
 
     def endpoint_for(self, region: str) -> str:
         """The MIMS endpoint for `region`."""
-        return self.mims_endpoint.replace("{region}", region)
+        return self.require_registry().replace("{region}", region)
+
+    def require_registry(self) -> str:
+        """`mims_endpoint`; raise `ConfigurationError` if it is not set."""
+        if self.mims_endpoint is None:
+            raise ConfigurationError(
+                "invalid settings; fix each and run again:",
+                [f"{_describe.get()('mims_endpoint')}: required to register or sweep (an upload alone needs none)"],
+            )
+        return self.mims_endpoint
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, registry: bool = True, **overrides: Any
+    ) -> Settings:
         """Build settings from environment variables, with keyword overrides taking precedence.
 
-        Raises `ConfigurationError` naming each bad variable.
+        `registry=False` for an upload alone: then no MIMS endpoint is needed.  Raises
+        `ConfigurationError` naming each bad variable (every one at once).
         """
-        return _validate(cls, _gather(_ENVIRONMENT, environ, overrides), describe_field)
+        values = _gather(_ENVIRONMENT, environ, overrides)
+        missing = [f"{describe_field('mims_endpoint')}: required field is missing"]
+        if not registry or "mims_endpoint" in values:
+            return _validate(cls, values, describe_field)
+        try:
+            _validate(cls, values, describe_field)
+        except ConfigurationError as exc:
+            bucket = 1 if exc.problems and exc.problems[0].startswith(describe_field("s3_bucket")) else 0
+            problems = [*exc.problems[:bucket], *missing, *exc.problems[bucket:]]
+            raise ConfigurationError("invalid settings; fix each and run again:", problems) from None
+        raise ConfigurationError("invalid settings; fix each and run again:", missing)
 
 
 #: Each setting's environment variables, first match wins.

@@ -212,3 +212,24 @@ async def test_upload_is_public_with_the_commands_guarantees(tmp_path: Path, set
             await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{key}", on_progress=cancel_after_a_part)
         assert scope.cancelled_caught
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_an_upload_needs_no_registry_and_registering_without_one_names_it(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """Settings without a MIMS endpoint serve `upload`; `register`, `check` and `sweep` raise a
+    ConfigurationError that names the setting, before anything is uploaded."""
+    from async_registrar import ConfigurationError
+
+    job = make_job(tmp_path, model_bytes=MiB)
+    alone = settings.model_copy(update={"mims_endpoint": None})
+    key = f"{settings.s3_prefix}no-registry/model.tar.gz"
+    async with Registrar(alone) as registrar:
+        uploaded = await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{key}")
+        assert uploaded.size > 0
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+        request = await RegistrationRequest.from_files(job["config"], job["model"])
+        for call in (registrar.register(request), registrar.check(request), registrar.sweep()):
+            with pytest.raises(ConfigurationError, match="mims_endpoint: required to register or sweep"):
+                await call
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
