@@ -144,8 +144,7 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
 def _prebuilt(path: Path, size: int, role: str) -> PrebuiltArchive:
     if size > MAX_OBJECT_SIZE:  # uploaded as it is: nothing can make it smaller
         raise InputError(
-            f"{role} archive {path} is larger than S3's 5 TiB object limit; split the {role} into smaller "
-            "artifacts",
+            f"{role} archive {path} is larger than S3's 5 TiB object limit; split the {role} into smaller artifacts",
             [str(path)],
         )
     return PrebuiltArchive(path, size)

@@ -114,7 +114,9 @@ class MultipartUpload:
         log.debug("started multipart upload to %s", self.location)
         return self
 
-    async def upload_part(self, number: int, data: bytes | bytearray | memoryview, *, checksum: str | None = None) -> None:
+    async def upload_part(
+        self, number: int, data: bytes | bytearray | memoryview, *, checksum: str | None = None
+    ) -> None:
         """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
         extra = _checksum_args(self._checksum, checksum)
         with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):

@@ -197,9 +197,7 @@ class Settings(BaseModel):
         return self.mims_endpoint
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, *, registry: bool = True, **overrides: Any
-    ) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, registry: bool = True, **overrides: Any) -> Settings:
         """Build settings from environment variables, with keyword overrides taking precedence.
 
         `registry=False` for an upload alone: then no MIMS endpoint is needed.  Raises

@@ -108,11 +108,11 @@ def test_the_cutter_stops_at_the_5_tib_object_limit_naming_the_input() -> None:
 
 
 def test_a_prebuilt_archive_past_5_tib_is_refused_naming_it(tmp_path: Path) -> None:
-    from async_registrar import InputError
-    from async_registrar._artifacts import inspect_artifact
-
     import io
     import tarfile
+
+    from async_registrar import InputError
+    from async_registrar._artifacts import inspect_artifact
 
     head = io.BytesIO()
     with tarfile.open(fileobj=head, mode="w:gz") as tar:
