@@ -43,26 +43,39 @@ def _b64(value: int, size: int) -> str:
 
 
 class Checksummer:
-    """Computes the checksums of one upload's parts, which must be fed in order."""
+    """Computes the checksums of one upload's parts, fed in order, piece by piece."""
 
     def __init__(self, algorithm: ChecksumAlgorithm) -> None:
         self.algorithm = algorithm
         #: Whether S3 checks the whole object's checksum at completion.
         self.full_object = is_full_object(algorithm)
-        self._crc64 = 0
+        self._crc64 = 0  # the whole object's CRC64NVME so far
+        self._part = 0  # the current part's checksum so far
         self._fed = False
         if self.full_object:
             from awscrt import checksums  # optional: only CRC64NVME needs it
 
             self._crc64nvme = checksums.crc64nvme
 
-    def part(self, data: bytes | bytearray | memoryview) -> str:
-        """The part's checksum (base64, as S3 wants it)."""
+    def update(self, piece: bytes | bytearray | memoryview) -> None:
+        """Feed the next piece of the current part."""
         self._fed = True
         if not self.full_object:
-            return _b64(isal_zlib.crc32(data), 4)
-        self._crc64 = self._crc64nvme(data, self._crc64)
-        return _b64(self._crc64nvme(data), 8)
+            self._part = isal_zlib.crc32(piece, self._part)
+            return
+        self._crc64 = self._crc64nvme(piece, self._crc64)
+        self._part = self._crc64nvme(piece, self._part)
+
+    def part_done(self) -> str:
+        """The current part's checksum (base64, as S3 wants it); the next piece starts a part."""
+        value, self._part = self._part, 0
+        self._fed = True
+        return _b64(value, 4 if not self.full_object else 8)
+
+    def part(self, data: bytes | bytearray | memoryview) -> str:
+        """A whole part's checksum (base64, as S3 wants it)."""
+        self.update(data)
+        return self.part_done()
 
     @property
     def whole(self) -> str | None:

@@ -39,17 +39,18 @@ def stream_prebuilt(
 ) -> None:
     """Copy a prebuilt archive to `sink` as it is, checking its size and (if `check`) its contents.
 
-    The sink gets views of one reused buffer: it must copy what it keeps.
+    Each chunk is read into bytes of its own, which the sink may keep (the part cutter
+    does, instead of copying it) and the check shares.
     """
     total = 0
-    buffer = memoryview(bytearray(chunk))
     with _TarGzCheck(source) if check else _NoCheck() as checker, open_regular(source.path) as f:
-        while n := f.readinto(buffer):
+        while data := f.read(chunk):
+            n = len(data)
             total += n
             if total > source.size:
                 raise changed(source.path, "it grew while it was read")
-            checker.feed(buffer[:n])
-            sink.write(buffer[:n])
+            checker.feed(data)
+            sink.write(data)
             if on_read is not None:
                 on_read(n)
         if total != source.size:
@@ -79,10 +80,11 @@ class _TarGzCheck:
     def __exit__(self, *exc: object) -> None:
         self._end()  # after an early exit too: the reader sees the end and stops
 
-    def feed(self, data: memoryview) -> None:
-        """Hand on a copy of `data`; raise at once if the archive is already known to be bad."""
+    def feed(self, data: bytes) -> None:
+        """Hand on `data` (immutable: shared, not copied); raise at once if the archive is
+        already known to be bad."""
         self._raise_if_bad()
-        self._chunks.put(bytes(data))
+        self._chunks.put(data)
 
     def finish(self) -> None:
         """Wait for the reader to reach the end; raise if the archive is bad."""
@@ -136,7 +138,7 @@ class _NoCheck:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def feed(self, data: memoryview) -> None:
+    def feed(self, data: bytes) -> None:
         pass
 
     def finish(self) -> None:

@@ -1,24 +1,24 @@
 """The upload pipeline: an artifact streamed as parts into S3, with bounded memory.
 
-    worker thread (+ gzip threads)       thread, in order       N upload tasks
-    read -> tar -> gzip -> cut -> [part] -> sha256 -> [part] -> upload_part x N -> complete
+    worker thread (+ gzip threads)                              N upload tasks
+    read -> tar -> gzip -> cut + sha256 + part checksum -> [part] -> upload_part x N -> complete
 
 The producer runs in a worker thread and blocks when the stream is full
-(backpressure), so memory stays near (concurrency + queue + 3) x part size
-whatever the artifact's size; full parts live in reused buffers.  An artifact that fits in one part goes up in a
-single PutObject.  On any error or cancellation the producer stops, the parts in
-flight are cancelled and the multipart upload is aborted (see `MultipartUpload`).
+(backpressure), so memory stays near (concurrency + queue + 2) x part size
+whatever the artifact's size, within the registrar's memory budget.  A part is the gzip
+blocks' output, kept as it was made (never copied together), and it is hashed while it
+is fresh in the cache.  An artifact that fits in one part goes up in a single PutObject.
+On any error or cancellation the producer stops, the parts in flight are cancelled and
+the multipart upload is aborted (see `MultipartUpload`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -67,40 +67,49 @@ class UploadedArtifact:
 @dataclass(frozen=True, slots=True)
 class _Part:
     number: int
-    data: bytes | bytearray | memoryview  # a full part is a pooled bytearray, handed back once uploaded
+    #: The part's bytes: views of the gzip blocks' output, in order (not copied together).
+    data: tuple[memoryview, ...]
+    size: int
     last: bool
-    checksum: str | None = None  # base64, as S3 wants it; set by the hasher
+    checksum: str | None = None  # base64, as S3 wants it
 
 
-class _BufferPool:
-    """Part buffers handed back by the uploaders (event loop), for the producer (its thread)."""
+class _Slots:
+    """Parts an upload may hold at once beyond its first: handed back by the uploaders (event
+    loop) once a part is sent, taken by the producer (its thread) for the next."""
 
     def __init__(self) -> None:
-        self._buffers: deque[bytearray] = deque()
+        self._free = 0
         self._ready = threading.Condition()
 
-    def put(self, buffer: bytearray) -> None:
+    def put(self) -> None:
         with self._ready:
-            self._buffers.append(buffer)
+            self._free += 1
             self._ready.notify()
 
-    def take(self, timeout: float = 0.0) -> bytearray | None:
-        """A buffer, waiting up to `timeout` seconds for one; None if none came."""
+    def take(self, timeout: float = 0.0) -> bool:
+        """A slot, waiting up to `timeout` seconds for one; False if none came."""
         with self._ready:
-            if not self._buffers and timeout > 0:
+            if not self._free and timeout > 0:
                 self._ready.wait(timeout)
-            return self._buffers.pop() if self._buffers else None
+            if not self._free:
+                return False
+            self._free -= 1
+            return True
 
 
 class _PartCutter:
-    """The producer's sink: cuts the archive into numbered parts.
+    """The producer's sink: cuts the archive into numbered parts, hashing it on the way.
 
-    Full parts are written straight into part-sized bytearrays taken from `pool` (or
-    allocated while the pool warms up) and given back by the uploader, so steady state
-    allocates nothing: memory stays flat and the allocator doesn't fragment.  At most
-    queue + concurrency + 2 buffers ever exist, because the bounded stream blocks the
-    producer before it can take another; fewer when the memory budget (`lease`) has no
-    room for another: the producer then waits for a buffer to come back.
+    A part is a list of views of the gzip blocks' output (bytes the compressor made, kept
+    rather than copied: on this class of machine a copy of each GiB costs most of a CPU
+    second), and the archive's sha256 and each part's checksum are computed here, in
+    order, while the bytes are fresh in the cache.  Data it is given as `bytes` is kept;
+    anything else (a view of a reused buffer) is copied first.
+
+    The parts in flight are bounded: by the bounded stream the producer blocks on, and by
+    the memory budget (`lease`): a part beyond the first is started only if the lease has
+    room for it, else once an uploaded part's slot comes back, so fewer parts are in flight.
 
     Every part but the last is exactly `part_size` bytes; a full part is handed on only
     once a byte after it exists, so the last part is always flagged as such.
@@ -110,20 +119,23 @@ class _PartCutter:
         self,
         part_size: int,
         emit: Callable[[_Part], object],
-        pool: _BufferPool,
+        slots: _Slots,
         lease: Lease | None = None,
         *,
         source: str = "the archive",
         max_size: int = MAX_OBJECT_SIZE,
+        checksummer: Checksummer | None = None,
     ) -> None:
         self._part_size = part_size
+        self._emit = emit
+        self._slots = slots
+        self._lease = lease
         self._source = source
         self._max_size = max_size
-        self._emit = emit
-        self._pool = pool
-        self._lease = lease
+        self._checksummer = checksummer
+        self.sha256 = hashlib.sha256()
         self._allocated = 0
-        self._buffer: bytearray | None = None
+        self._chunks: list[memoryview] | None = None
         self._fill = 0
         self._number = 0
         self.size = 0
@@ -136,42 +148,40 @@ class _PartCutter:
                 "try a higher REGISTRAR_COMPRESSION_LEVEL, or split it into smaller artifacts",
                 [self._source],
             )
-        view = memoryview(data)
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        self.sha256.update(view)
         while view:
-            if self._buffer is None:
-                self._buffer = self._take()
+            if self._chunks is None:
+                self._start()
             elif self._fill == self._part_size:
-                self._send(self._buffer, last=False)
-                self._buffer = self._take()
+                self._send(last=False)
+                self._start()
+            assert self._chunks is not None
             n = min(len(view), self._part_size - self._fill)
-            self._buffer[self._fill : self._fill + n] = view[:n]
+            piece = view[:n]
+            self._chunks.append(piece)
+            if self._checksummer is not None:
+                self._checksummer.update(piece)
             self._fill += n
             view = view[n:]
 
     def finish(self) -> None:
-        buffer, fill = self._buffer, self._fill
-        if buffer is not None and fill == self._part_size:
-            self._send(buffer, last=True)
-        else:
-            # The last part is a view of its buffer, not a copy: the copy would be memory
-            # outside the budget, up to a part per upload.
-            self._send(memoryview(buffer)[:fill] if buffer is not None else b"", last=True)
-        self._buffer = None
+        if self._chunks is None:
+            self._start()
+        self._send(last=True)
 
-    def _take(self) -> bytearray:
-        self._fill = 0
-        buffer = self._pool.take()
-        if buffer is not None:
-            return buffer
+    def _start(self) -> None:
+        self._chunks, self._fill = [], 0
+        if self._slots.take():
+            return
         # The lease's first part is this upload's own; any more must fit the budget.
         if self._lease is None or self._allocated == 0 or self._lease.take_more(self._part_size):
             self._allocated += 1
-            return bytearray(self._part_size)
-        while (buffer := self._pool.take(timeout=0.1)) is None:  # over budget: wait for one back
+            return
+        while not self._slots.take(timeout=0.1):  # over budget: wait for a part to be sent
             anyio.from_thread.check_cancelled()
-        return buffer
 
-    def _send(self, data: bytes | bytearray | memoryview, *, last: bool) -> None:
+    def _send(self, *, last: bool) -> None:
         if self._number >= MAX_PARTS:  # before S3 refuses part 10,001, after the whole upload
             raise StorageError(
                 f"the archive grew past S3's limit of {MAX_PARTS:,} parts of {self._part_size >> 20} MiB "
@@ -179,8 +189,11 @@ class _PartCutter:
                 operation="UploadPart",
                 code="TooManyParts",
             )
+        assert self._chunks is not None
         self._number += 1
-        self._emit(_Part(self._number, data, last))
+        checksum = self._checksummer.part_done() if self._checksummer is not None else None
+        self._emit(_Part(self._number, tuple(self._chunks), self._fill, last, checksum))
+        self._chunks = None
 
 
 class _Tracker:
@@ -318,24 +331,22 @@ async def _upload_to_all(
     # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
     # server is one that rejects checksum headers.
     checksummer = Checksummer(settings.s3_checksum_algorithm) if settings.s3_checksums == "when_supported" else None
-    # producer thread -> [cut] -> hasher (in order, own thread) -> [hashed] -> uploaders
+    # producer thread (reads, gzips, cuts and hashes in order) -> [parts] -> uploaders
     send_cut, receive_cut = anyio.create_memory_object_stream[_Part](settings.upload_queue_parts)
-    send_hashed, receive_hashed = anyio.create_memory_object_stream[_Part](1)
 
     def emit(part: _Part) -> None:  # in the producer thread: blocks while the stream is full
-        tracker.add_archived(len(part.data))
+        tracker.add_archived(part.size)
         anyio.from_thread.run(send_cut.send, part)
 
-    pool = _BufferPool()
+    slots = _Slots()
     name = str(source.root if isinstance(source, DirectorySource) else source.path)
-    cutter = _PartCutter(part_size, emit, pool, lease, source=name)
+    cutter = _PartCutter(part_size, emit, slots, lease, source=name, checksummer=checksummer)
     if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
         directory = source
         total = await workers.compute(lambda: tar_size(directory, settings.archive_mtime))
     else:
         total = source.size
     tracker = _Tracker(artifact, location, total, on_progress)
-    sha256 = hashlib.sha256()
 
     def produce_blocking() -> None:
         _write_archive(source, cutter, settings, check=settings.check_prebuilt, on_read=tracker.add_read)
@@ -350,35 +361,16 @@ async def _upload_to_all(
         # complete the upload; on failure they are cancelled by the task group instead.
         await send_cut.aclose()
 
-    def hash_part(data: bytes | bytearray | memoryview) -> str | None:
-        sha256.update(data)
-        return None if checksummer is None else checksummer.part(data)
-
-    async def hash_in_order() -> None:
-        # The sha256 of the whole archive (what MIMS checks) and each part's checksum (what
-        # S3 checks; isal's CRC32 is several times faster than the one botocore would
-        # compute), in order, off the producer's thread.  A part is hashed before it is
-        # uploaded, so before its buffer can be reused.
-        async with receive_cut:
-            try:
-                async for part in receive_cut:
-                    checksum = await workers.compute(functools.partial(hash_part, part.data))
-                    await send_hashed.send(dataclasses.replace(part, checksum=checksum))
-            except anyio.BrokenResourceError:
-                return
-        await send_hashed.aclose()
-
     log.info("uploading %s to %s (parts of %d MiB)", artifact, location, part_size >> 20)
-    # The send sides are closed early on success only; on failure they are closed here,
-    # once the task group has cancelled and collected every task.
-    with send_cut, send_hashed, first_error():
+    # The send side is closed early on success only; on failure it is closed here, once
+    # the task group has cancelled and collected every task.
+    with send_cut, first_error():
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
-            tg.start_soon(hash_in_order)
-            async with receive_hashed:
-                parts, expected = await _consume(receive_hashed, targets, settings, checksummer, tracker, pool, cleanup)
+            async with receive_cut:
+                parts, expected = await _consume(receive_cut, targets, settings, checksummer, tracker, slots, cleanup)
 
-    size, digest = cutter.size, sha256.hexdigest()
+    size, digest = cutter.size, cutter.sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
     composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's
     stored: list[StoredObject | None] = [None] * len(targets)
@@ -462,22 +454,22 @@ async def _consume(
     settings: Settings,
     checksummer: Checksummer | None,
     tracker: _Tracker,
-    pool: _BufferPool,
+    slots: _Slots,
     cleanup: CleanupDeadline,
 ) -> tuple[int, str | None]:
-    """Upload the parts as they come to every target, handing full buffers back to `pool`.
+    """Upload the parts as they come to every target, handing each part's slot back to `slots`.
 
     Returns how many parts there were and the object's expected checksum (if checksums are on).
     """
     algorithm = checksummer.algorithm if checksummer is not None else None
     first = await receive.receive()
     if first.last:
-        data = bytes(first.data)
+        data = b"".join(first.data)
         await run_all(
             functools.partial(put_object, s3, location, data, checksum=algorithm, value=first.checksum)
             for s3, location in targets
         )
-        tracker.part_done(len(first.data))
+        tracker.part_done(first.size)
         return 1, first.checksum
 
     seen_last = False
@@ -497,9 +489,8 @@ async def _consume(
         await run_all(
             functools.partial(mpu.upload_part, part.number, part.data, checksum=part.checksum) for mpu in uploads
         )
-        tracker.part_done(len(part.data))
-        if isinstance(part.data, bytearray):
-            pool.put(part.data)  # only after success: a failed request may still hold it
+        tracker.part_done(part.size)
+        slots.put()  # only after success: a failed request may still hold the part
 
     # Every upload is aborted if any step fails, all at once, within the exit's deadline.
     async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup) as uploads:
