@@ -78,14 +78,14 @@ def test_errors_name_the_option_and_variable() -> None:
 
 def test_engine_defaults_follow_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """One core is left to reading and hashing; parts in flight follow the gzip threads."""
-    for cpus, threads, concurrency in [(1, 1, 4), (2, 1, 4), (4, 3, 8), (64, 4, 10)]:
+    for cpus, threads, concurrency in [(1, 1, 3), (2, 1, 3), (4, 3, 7), (64, 4, 9)]:
         monkeypatch.setattr("async_registrar._settings._cpus", lambda cpus=cpus: cpus)
         settings = Settings.from_env(REQUIRED)
         assert (settings.compression_threads, settings.upload_concurrency) == (threads, concurrency)
     settings = Settings.from_env({**REQUIRED, "REGISTRAR_COMPRESSION_THREADS": "2"})
-    assert settings.upload_concurrency == 6
-    settings = Settings.from_env({**REQUIRED, "REGISTRAR_UPLOAD_CONCURRENCY": "3"})
-    assert settings.upload_concurrency == 3
+    assert settings.upload_concurrency == 5
+    settings = Settings.from_env({**REQUIRED, "REGISTRAR_UPLOAD_CONCURRENCY": "4"})
+    assert settings.upload_concurrency == 4
 
 
 def test_a_bad_value_another_default_depends_on_is_one_problem() -> None:
