@@ -14,6 +14,7 @@ whole).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -173,15 +174,23 @@ class Server:
 
     def stored_bytes(self) -> int:
         """What the server holds on disk (JuiceFS's blobs; 0 for moto, which holds memory)."""
-        blobs = self.dir / "blobs"
-        return sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else 0
+        total = 0
+        for folder, _, files in os.walk(self.dir / "blobs"):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # removed in the background meanwhile
+                    total += os.stat(os.path.join(folder, name)).st_size
+        return total
 
-    def purged(self, before: int, timeout: float = 300.0) -> None:
+    def purged(self, before: int, timeout: float = 30.0) -> None:
         """Wait until a deleted object's blocks are gone from the disk (JuiceFS removes them in
         the background): inputs and the store share one disk, and a 16 GiB run filled it."""
         deadline = time.monotonic() + timeout
-        while self.stored_bytes() > before + 256 * MiB and time.monotonic() < deadline:
+        last, still = self.stored_bytes(), 0
+        while last > before + 256 * MiB and still < 5 and time.monotonic() < deadline:
             time.sleep(1)
+            now = self.stored_bytes()
+            still = still + 1 if now >= last else 0  # done once it stops shrinking for 5 s
+            last = now
 
     def settle(self, timeout: float = 60.0) -> None:
         """Wait until the server is idle: deleting the last run's object goes on in its
@@ -543,63 +552,66 @@ class Dataset:
 ON_ARCHIVE = ("s5cmd-cp", "ours-prebuilt", "ours-prebuilt-unchecked")
 
 
+#: Datasets larger than this get a fresh server per contender: the inputs and the store share
+#: one disk, and JuiceFS frees a deleted object's blocks only later (16 GiB runs filled it).
+FRESH_SERVER_OVER = 8 * GiB
+
+
 def run_datasets(
     datasets: list[Dataset], runs: int, target: str, work: Path, tools: dict[str, str | None]
 ) -> list[Sample]:
     """Every contender on every dataset, `runs` times, interleaved, each once the server is idle."""
     samples: list[Sample] = []
-    with Server(target, work) as server:
-        s3 = server.s3()
-        env = server.env()
+    with contextlib.ExitStack() as stack:
+        shared: list[Server] = []
         for run in range(1, runs + 1):
             for dataset in datasets:
+                fresh = tree_size(dataset.directory) > FRESH_SERVER_OVER
                 for contender in dataset.contenders:
                     path = dataset.archive if contender in ON_ARCHIVE else dataset.directory
                     if path is None or (contender.startswith("pigz") and not tools["pigz"]):
                         continue
-                    key = f"{dataset.name.replace(' ', '-')}-{contender}-{run}"
-                    # "ours@REGISTRAR_PART_SIZE=32MiB": ours with those settings (--variants)
-                    base, _, assignments = contender.partition("@")
-                    command = commands(base, path, key.replace("=", "-").replace("@", "-"), tools, server.endpoint)
-                    key = key.replace("=", "-").replace("@", "-")
-                    assert command is not None
-                    extra = {"REGISTRAR_CHECK_PREBUILT": "false"} if contender.endswith("-unchecked") else {}
-                    extra.update(a.split("=", 1) for a in assignments.split(";") if a)
-                    if contender in BOTO3_BASELINES:
-                        # Plain boto3, as it is installed by default: with the AWS CRT that our
-                        # venv holds, botocore signs with the CRT, which here made upload_file
-                        # about 20% slower (measured 4.0 -> 4.9 s for 1 GiB).
-                        extra["BOTO_DISABLE_CRT"] = "true"
-                    warm(path)
-                    server.settle()
-                    stored = server.stored_bytes()
-                    server_before = server.cpu_seconds()
-                    wall, cpu, rss, written = run_once(command, {**env, **extra})
-                    server_cpu = server.cpu_seconds() - server_before
-                    head = s3.head_object(Bucket=BUCKET, Key=key)
-                    s3.delete_object(Bucket=BUCKET, Key=key)
-                    server.purged(stored)
-                    size = tree_size(dataset.directory)
-                    samples.append(
-                        Sample(
-                            contender,
-                            dataset.name,
-                            run,
-                            wall,
-                            cpu,
-                            rss,
-                            written,
-                            size,
-                            head["ContentLength"],
-                            server_cpu,
-                        )
-                    )
-                    print(
-                        f"bench: run {run} {dataset.name:>16} {contender:<24} {wall:7.2f} s {cpu:7.2f} cpu-s "
-                        f"(server {server_cpu:6.2f}) {rss:6.0f} MiB {written:6.0f} MiB written",
-                        file=sys.stderr,
-                    )
+                    if fresh:
+                        with Server(target, work) as server:
+                            samples.append(run_contender(server, dataset, contender, path, run, tools))
+                        continue
+                    if not shared:
+                        shared.append(stack.enter_context(Server(target, work)))
+                    samples.append(run_contender(shared[0], dataset, contender, path, run, tools))
     return samples
+
+
+def run_contender(
+    server: Server, dataset: Dataset, contender: str, path: Path, run: int, tools: dict[str, str | None]
+) -> Sample:
+    # "ours@REGISTRAR_PART_SIZE=32MiB": ours with those settings (--variants)
+    base, _, assignments = contender.partition("@")
+    key = f"{dataset.name.replace(' ', '-')}-{contender}-{run}".replace("=", "-").replace("@", "-")
+    command = commands(base, path, key, tools, server.endpoint)
+    assert command is not None
+    extra = {"REGISTRAR_CHECK_PREBUILT": "false"} if contender.endswith("-unchecked") else {}
+    extra.update(a.split("=", 1) for a in assignments.split(";") if a)
+    if contender in BOTO3_BASELINES:
+        # Plain boto3, as it is installed by default: with the AWS CRT that our venv holds,
+        # botocore signs with the CRT, which here made upload_file about 20% slower.
+        extra["BOTO_DISABLE_CRT"] = "true"
+    warm(path)
+    server.settle()
+    stored = server.stored_bytes()
+    server_before = server.cpu_seconds()
+    wall, cpu, rss, written = run_once(command, {**server.env(), **extra})
+    server_cpu = server.cpu_seconds() - server_before
+    s3 = server.s3()
+    head = s3.head_object(Bucket=BUCKET, Key=key)
+    s3.delete_object(Bucket=BUCKET, Key=key)
+    server.purged(stored)
+    size = tree_size(dataset.directory)
+    print(
+        f"bench: run {run} {dataset.name:>16} {contender:<24} {wall:7.2f} s {cpu:7.2f} cpu-s "
+        f"(server {server_cpu:6.2f}) {rss:6.0f} MiB {written:6.0f} MiB written",
+        file=sys.stderr,
+    )
+    return Sample(contender, dataset.name, run, wall, cpu, rss, written, size, head["ContentLength"], server_cpu)
 
 
 def summarise(samples: list[Sample]) -> list[dict[str, object]]:
@@ -835,7 +847,10 @@ def curves(args: argparse.Namespace, work: Path) -> int:
     for size in sizes:
         directory = model_directory(work / "data" / f"model-{size:g}GiB", int(size * GiB))
         archive = prebuilt(directory, work / "data" / f"prebuilt-{size:g}GiB", tools["pigz"])
-        contenders = ["ours", "s5cmd-cp", "pigz-s5cmd", "pigz-rclone"] + (["original"] if size <= 1 else [])
+        # pigz runs at ~50 MB/s on two cores whatever the size (6 minutes a contender at 16 GiB):
+        # the pipelines run up to 4 GiB, the original (10 times slower still) at 1 GiB.
+        pipelines = ["pigz-s5cmd", "pigz-rclone"] if size <= 4 else []
+        contenders = ["ours", "s5cmd-cp", *pipelines] + (["original"] if size <= 1 else [])
         datasets.append(Dataset(f"model {size:g} GiB", directory, archive, contenders, "size", size))
     for count in [int(x) for x in args.counts.split(",") if x]:
         directory = file_tree(work / "data" / f"files-{count}", count, GiB)
@@ -870,13 +885,22 @@ def curves(args: argparse.Namespace, work: Path) -> int:
     out = work / f"results-curves-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"bench: JSON: {out}", file=sys.stderr)
-    return render(out, write_docs=args.write_docs, work=work)
+    return render([out], write_docs=args.write_docs, work=work)
 
 
-def render(results: Path, *, write_docs: bool, work: Path) -> int:
-    """The markdown (and with `write_docs`, docs/bench.md and docs/bench.png) of a --curves
-    results file, its checks computed afresh (`--render` re-renders a saved run)."""
-    report = json.loads(results.read_text())
+def render(files: list[Path], *, write_docs: bool, work: Path) -> int:
+    """The markdown (and with `write_docs`, docs/bench.md and docs/bench.png) of --curves
+    results files, merged, their checks computed afresh (`--render` re-renders saved runs)."""
+    report: dict[str, Any] = {}
+    for file in files:
+        part = json.loads(file.read_text())
+        for name, value in part.items():
+            if isinstance(value, list) and isinstance(report.get(name), list):
+                report[name] = report[name] + value
+            elif name not in report or name in ("members",):
+                report[name] = value
+    results = work / f"results-curves-merged-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    results.write_text(json.dumps(report, indent=2))
     report["checks"] = curves_checks(report)
     markdown = curves_markdown(report)
     print(markdown)
@@ -1021,7 +1045,9 @@ def main() -> int:
     )
     curve.add_argument("--members", type=int, default=400_000, help="members of the many-member archive (0 to skip)")
     curve.add_argument("--write-docs", action="store_true", help="write docs/bench.md and docs/bench.png")
-    curve.add_argument("--render", type=Path, metavar="JSON", help="instead: render a saved --curves results file")
+    curve.add_argument(
+        "--render", type=Path, nargs="+", metavar="JSON", help="instead: render saved --curves results (merged)"
+    )
     args = parser.parse_args()
 
     work = args.work.resolve()
