@@ -85,7 +85,9 @@ class ManifestArtifact(BaseModel):
         """
         location = self.uploaded().location
         try:
-            head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+            # No checksum mode when the upload sent none (REGISTRAR_S3_CHECKSUMS=when_required)
+            mode = {"ChecksumMode": "ENABLED"} if self.checksum_algorithm else {}
+            head = await s3.head_object(Bucket=location.bucket, Key=location.key, **mode)
         except ClientError as exc:
             code = error_code(exc)
             if code in ("404", "NoSuchKey", "NotFound"):

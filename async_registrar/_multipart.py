@@ -9,6 +9,7 @@ shielded from cancellation and bounded by the exit's cleanup deadline.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import io
 import itertools
@@ -29,6 +30,7 @@ from ._s3 import S3Client, S3Location, error_code, storage_errors
 __all__ = [
     "MultipartUpload",
     "MultipartUploads",
+    "OpenUploads",
     "PartBody",
     "StoredObject",
     "check_object",
@@ -36,6 +38,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("async_registrar.upload")
+
+#: What S3 answers when a part's bytes do not match its checksum or Content-MD5.
+DAMAGED_PART_CODES = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch")
+#: How many times a part found damaged is sent.
+DAMAGED_PART_ATTEMPTS = 3
 
 
 class PartBody(io.BytesIO):
@@ -103,6 +110,37 @@ class _Length:
         return None
 
 
+class OpenUploads:
+    """The multipart uploads a run opened and has not closed (completed or aborted), and the
+    creations it sent whose answer never came.
+
+    The cleanup lists a prefix's open uploads to abort them; when a server cannot list them
+    (rclone answers ListMultipartUploads with NoSuchUpload, a role may lack the permission),
+    this says whether anything could be open there at all.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[str, str]] = {}  # upload id -> (bucket, key)
+        self._unanswered: list[tuple[str, str]] = []
+
+    def creating(self, bucket: str, key: str) -> None:
+        self._unanswered.append((bucket, key))
+
+    def answered(self, bucket: str, key: str, upload_id: str | None) -> None:
+        """The creation was answered: with an upload id, or refused (None)."""
+        self._unanswered.remove((bucket, key))
+        if upload_id is not None:
+            self._open[upload_id] = (bucket, key)
+
+    def closed(self, upload_id: str) -> None:
+        self._open.pop(upload_id, None)
+
+    def none_open_under(self, bucket: str, prefix: str) -> bool:
+        """True if no upload this run opened under `prefix` can still be open."""
+        places = [*self._open.values(), *self._unanswered]
+        return not any(b == bucket and k.startswith(prefix) for b, k in places)
+
+
 class MultipartUpload:
     """A multipart upload to `location`: created on entry, aborted on exit unless completed.
 
@@ -117,9 +155,11 @@ class MultipartUpload:
         *,
         checksum: str | None,
         cleanup: CleanupDeadline,
+        ledger: OpenUploads | None = None,
     ) -> None:
         self._s3 = s3
         self.location = location
+        self._ledger = ledger
         self._checksum = checksum
         self._full_object = is_full_object(checksum)
         self._cleanup = cleanup
@@ -137,11 +177,19 @@ class MultipartUpload:
         extra = {"ChecksumAlgorithm": self._checksum} if self._checksum else {}
         if self._full_object:
             extra["ChecksumType"] = "FULL_OBJECT"
-        with storage_errors("CreateMultipartUpload", self.location.bucket, self.location.key):
-            response = await self._s3.create_multipart_upload(
-                Bucket=self.location.bucket, Key=self.location.key, **extra
-            )
+        bucket, key = self.location.bucket, self.location.key
+        if self._ledger is not None:
+            self._ledger.creating(bucket, key)
+        try:
+            with storage_errors("CreateMultipartUpload", bucket, key):
+                response = await self._s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+        except StorageError as exc:
+            if self._ledger is not None and _refused(exc):  # a 4xx: S3 opened nothing
+                self._ledger.answered(bucket, key, None)
+            raise
         self.upload_id = response["UploadId"]
+        if self._ledger is not None:
+            self._ledger.answered(bucket, key, self.upload_id)
         log.debug("started multipart upload to %s", self.location)
         return self
 
@@ -150,17 +198,34 @@ class MultipartUpload:
     ) -> None:
         """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
         extra = _checksum_args(self._checksum, checksum)
-        body = PartBody(data)
-        size = len(body)
-        with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):
-            response = await self._s3.upload_part(
-                Bucket=self.location.bucket,
-                Key=self.location.key,
-                UploadId=self.upload_id,
-                PartNumber=number,
-                Body=body,
-                **extra,
-            )
+        size = len(PartBody(data))
+        for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
+            try:
+                with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):
+                    response = await self._s3.upload_part(
+                        Bucket=self.location.bucket,
+                        Key=self.location.key,
+                        UploadId=self.upload_id,
+                        PartNumber=number,
+                        Body=PartBody(data),
+                        **extra,
+                    )
+                break
+            except StorageError as exc:
+                # S3 found the part damaged on its way (its checksum or Content-MD5 did not
+                # match): a one-off corruption in transit is sent again, like a 5xx.
+                if exc.code not in DAMAGED_PART_CODES:
+                    raise
+                if attempt == DAMAGED_PART_ATTEMPTS:
+                    raise StorageError(
+                        f"{exc}; part {number} arrived damaged {attempt} times in a row: something on "
+                        "the way alters it (a proxy, faulty memory or network card)",
+                        operation=exc.operation,
+                        bucket=exc.bucket,
+                        key=exc.key,
+                        code=exc.code,
+                    ) from exc
+                log.info("part %d of %s arrived damaged (%s); sending it again", number, self.location, exc.code)
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         if self._checksum:
             value = response.get(f"Checksum{self._checksum}") or checksum
@@ -234,6 +299,8 @@ class MultipartUpload:
                 raise error from None
             log.warning("%s; but %s is whole (size and checksum), so the upload did complete", error, self.location)
         self._completed = True
+        if self._ledger is not None and self.upload_id is not None:
+            self._ledger.closed(self.upload_id)
 
     async def __aexit__(
         self,
@@ -249,6 +316,8 @@ class MultipartUpload:
                     Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
                 )
                 log.debug("aborted multipart upload to %s", self.location)
+                if self._ledger is not None:
+                    self._ledger.closed(self.upload_id)
                 return
             except Exception as abort_error:  # the original error is the one to report
                 log.warning("could not abort the multipart upload to %s: %s", self.location, abort_error)
@@ -261,9 +330,16 @@ class MultipartUploads:
     completed, aborted together on exit (at once, so that each gets its share of the deadline)."""
 
     def __init__(
-        self, targets: Sequence[tuple[S3Client, S3Location]], *, checksum: str | None, cleanup: CleanupDeadline
+        self,
+        targets: Sequence[tuple[S3Client, S3Location]],
+        *,
+        checksum: str | None,
+        cleanup: CleanupDeadline,
+        ledger: OpenUploads | None = None,
     ) -> None:
-        self._uploads = [MultipartUpload(s3, location, checksum=checksum, cleanup=cleanup) for s3, location in targets]
+        self._uploads = [
+            MultipartUpload(s3, location, checksum=checksum, cleanup=cleanup, ledger=ledger) for s3, location in targets
+        ]
         self._cleanup = cleanup
         self._entered: list[MultipartUpload] = []
 
@@ -304,6 +380,27 @@ async def put_object(
         await s3.put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
 
 
+#: The bytes of each checksum algorithm's value.
+_CHECKSUM_BYTES = {"CRC32": 4, "CRC32C": 4, "CRC64NVME": 8, "SHA1": 20, "SHA256": 32}
+
+
+def _has_length(value: str, algorithm: str) -> bool:
+    """Whether a base64 checksum `value` has the length of `algorithm`'s."""
+    try:
+        return len(base64.b64decode(value, validate=True)) == _CHECKSUM_BYTES.get(algorithm, 0)
+    except ValueError:
+        return False
+
+
+def _refused(error: StorageError) -> bool:
+    """Whether S3 answered a request with a client error (so it did nothing)."""
+    cause = error.__cause__
+    if not isinstance(cause, ClientError):
+        return False
+    status: int = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+    return status < 500
+
+
 def _checksum_args(algorithm: str | None, value: str | None) -> dict[str, str]:
     """The checksum parameters: the algorithm, and the value when it was computed already."""
     if not algorithm:
@@ -342,7 +439,9 @@ async def check_object(
     nothing to compare: that is logged, not taken for damage.
     """
     try:
-        head = await s3.head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED")
+        # No checksum header of any kind when no algorithm is used (REGISTRAR_S3_CHECKSUMS=when_required)
+        mode = {"ChecksumMode": "ENABLED"} if algorithm else {}
+        head = await s3.head_object(Bucket=location.bucket, Key=location.key, **mode)
     except ClientError as exc:
         code = error_code(exc)  # a HEAD's error has no body: botocore gives its HTTP status
         if code in ("403", "AccessDenied"):
@@ -363,6 +462,18 @@ async def check_object(
     if not (checksum and stored):
         return None, found
     value, _, parts = stored.partition("-")
+    if algorithm and not _has_length(value, algorithm):
+        # moto without the CRT stores a 4-byte CRC32 under the name CRC64NVME: a server that
+        # does not really compute the algorithm, not damage.  The size was checked.
+        log.warning(
+            "%s: the server reports a %s that is not one (%r): it does not really support that "
+            "algorithm, so the object was checked by its size only; set REGISTRAR_S3_CHECKSUM_ALGORITHM=CRC32 "
+            "or, if it verifies no checksum at all, REGISTRAR_S3_CHECKSUMS=when_required",
+            location,
+            algorithm,
+            stored,
+        )
+        return None, found
     # The kind S3 says it made; a "-N" part count also means composite; else taken as asked for.
     kind = found.checksum_type or ("COMPOSITE" if parts else None)
     if kind is not None and (kind == "COMPOSITE") != composite:

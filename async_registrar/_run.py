@@ -51,6 +51,7 @@ from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegist
 from ._metadata import load_performance_metadata
 from ._mims_client import MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
+from ._multipart import OpenUploads
 from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
 from ._preflight import CredentialsCheck, PreflightTarget, check_registries, check_storage
 from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
@@ -162,6 +163,9 @@ class Run:
         self._budget = budget or MemoryBudget(settings.memory_limit)
         self._emit = emit
         self._cleanup = CleanupDeadline(settings.cleanup_timeout)
+        #: The multipart uploads this run opened and has not closed: if a prefix's uploads
+        #: cannot be listed at cleanup, whether any can be open there.
+        self._ledger = OpenUploads()
         self._started = anyio.current_time()
         self.timings: dict[str, float] = {}
         self.regions: list[_Region] = []
@@ -360,7 +364,7 @@ class Run:
         for region in self.regions:
             if region.prefix is None:  # nothing to resume: a fresh attempt
                 suffix = f"{region.region}/" if self._several else ""
-                self._use(region, f"{self.settings.s3_prefix}{identity.group}/{attempt}/{suffix}", attempt)
+                self._use(region, f"{self.settings.s3_prefix}{identity.group}/{attempt}/{suffix}", attempt, own=True)
                 region.to_upload = set(self._sources)
 
     async def _resume(
@@ -526,6 +530,7 @@ class Run:
                     cleanup=self._cleanup,
                     workers=self._workers,
                     budget=self._budget,
+                    ledger=self._ledger,
                 )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result
@@ -782,8 +787,13 @@ class Run:
     def _final(region: _Region) -> bool:
         return region.status in TERMINAL_STATUSES
 
-    def _use(self, region: _Region, prefix: str, attempt: str) -> None:
-        region.prefix = TemporaryPrefix(region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit)
+    def _use(self, region: _Region, prefix: str, attempt: str, *, own: bool = False) -> None:
+        # The ledger vouches only for a prefix this run made: an earlier run's (taken over) may
+        # hold uploads that run opened and never closed, which only a listing finds.
+        ledger = self._ledger if own else None
+        region.prefix = TemporaryPrefix(
+            region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit, ledger=ledger
+        )
         region.attempt = attempt
         assert self.identity is not None
         log.info("run %s: %s prefix %s", self.identity.group, region.region, region.prefix.uri)

@@ -132,6 +132,19 @@ _PERMISSIONS = {
 }
 
 
+#: Error codes with which servers refuse a header they do not know.
+_HEADER_CODES = ("InvalidArgument", "NotImplemented", "InvalidRequest", "XAmzContentSHA256Mismatch", "BadRequest")
+
+
+def _about_checksums(code: str, detail: str) -> bool:
+    """Whether an error is a server refusing the checksum headers (Backblaze B2 answers 400
+    InvalidArgument "Unsupported header 'x-amz-checksum-crc32'"; others NotImplemented)."""
+    text = detail.lower()
+    if code == "XAmzContentSHA256Mismatch":
+        return True
+    return code in _HEADER_CODES and ("checksum" in text or "x-amz-sdk-checksum" in text or "trailer" in text)
+
+
 def error_code(exc: ClientError) -> str:
     """S3's error code of a botocore `ClientError` (its HTTP status when there is none, as for HEAD)."""
     error = exc.response.get("Error", {})
@@ -148,7 +161,12 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
         code = error_code(exc)
         detail = redact(str(exc.response.get("Error", {}).get("Message") or ""))
         hint = _HINTS.get(code, "see the S3 error code")
-        if code in ("AccessDenied", "403") and operation in _PERMISSIONS:
+        if _about_checksums(code, detail):
+            hint = (
+                "the server does not take S3's checksum headers: set REGISTRAR_S3_CHECKSUMS=when_required "
+                "(no checksum header is then sent; see the README's 'Tested S3 servers')"
+            )
+        elif code in ("AccessDenied", "403") and operation in _PERMISSIONS:
             hint = f"the job's role needs {_PERMISSIONS[operation]} on {where} (see docs/containers.md)"
         raise StorageError(
             f"S3 {operation} failed for {where}: {code}{f' ({detail})' if detail else ''}; {hint}",

@@ -20,6 +20,7 @@ from types import TracebackType
 
 from ._concurrency import CleanupDeadline
 from ._errors import CleanupError, StorageError
+from ._multipart import OpenUploads
 from ._progress import CleanupFinished, ProgressCallback
 from ._s3 import S3Client, storage_errors
 
@@ -47,6 +48,7 @@ class TemporaryPrefix:
         timeout: float | None = None,
         cleanup: CleanupDeadline | None = None,
         on_progress: ProgressCallback | None = None,
+        ledger: OpenUploads | None = None,
     ) -> None:
         if not prefix.endswith("/") or len(prefix) < 2:
             raise ValueError(f"a temporary prefix must be a non-empty folder, got {prefix!r}")
@@ -58,6 +60,7 @@ class TemporaryPrefix:
         self._cleanup = cleanup
         self._timeout = timeout
         self._on_progress = on_progress
+        self._ledger = ledger
         self._known: set[str] = set()
         self._entered = False
 
@@ -116,9 +119,15 @@ class TemporaryPrefix:
         try:
             uploads = await self._list_uploads()
         except StorageError as exc:
-            log.warning("%s", exc)
             uploads = []
-            leftovers.append(f"{self.uri} (multipart uploads could not be listed: {exc.code})")
+            if exc.code == "NoSuchUpload":  # rclone's answer until it has seen a multipart upload
+                log.debug("%s: no multipart upload to list (%s)", self.uri, exc.code)
+            elif self._ledger is not None and self._ledger.none_open_under(self.bucket, self.prefix):
+                # The run completed or aborted every upload it opened here (or opened none).
+                log.info("%s: multipart uploads could not be listed (%s); this run left none open", self.uri, exc.code)
+            else:
+                log.warning("%s", exc)
+                leftovers.append(f"{self.uri} (multipart uploads could not be listed: {exc.code})")
         for key, upload_id in uploads:
             try:
                 with storage_errors("AbortMultipartUpload", self.bucket, key):

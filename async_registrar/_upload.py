@@ -32,7 +32,7 @@ from ._budget import Lease, MemoryBudget
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import InputError, StorageError
-from ._multipart import MultipartUpload, MultipartUploads, StoredObject, check_object, put_object
+from ._multipart import MultipartUpload, MultipartUploads, OpenUploads, StoredObject, check_object, put_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
@@ -294,6 +294,7 @@ async def upload_to_all(
     cleanup: CleanupDeadline | None = None,
     workers: Workers | None = None,
     budget: MemoryBudget | None = None,
+    ledger: OpenUploads | None = None,
 ) -> list[UploadedArtifact]:
     """Like `upload_artifact`, to several places at once: archived and hashed once, each part
     sent to every target (one multipart upload per target, all aborted if any fails).
@@ -308,7 +309,7 @@ async def upload_to_all(
     lease = await budget.lease(part_size + stream_overhead(settings))
     try:
         return await _upload_to_all(
-            source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers
+            source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers, ledger
         )
     finally:
         lease.release()
@@ -324,6 +325,7 @@ async def _upload_to_all(
     on_progress: ProgressCallback | None,
     cleanup: CleanupDeadline | None,
     workers: Workers | None,
+    ledger: OpenUploads | None,
 ) -> list[UploadedArtifact]:
     location = targets[0][1]
     cleanup = cleanup or CleanupDeadline(settings.cleanup_timeout)
@@ -368,7 +370,9 @@ async def _upload_to_all(
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             async with receive_cut:
-                parts, expected = await _consume(receive_cut, targets, settings, checksummer, tracker, slots, cleanup)
+                parts, expected = await _consume(
+                    receive_cut, targets, settings, checksummer, tracker, slots, cleanup, ledger
+                )
 
     size, digest = cutter.size, cutter.sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
@@ -456,6 +460,7 @@ async def _consume(
     tracker: _Tracker,
     slots: _Slots,
     cleanup: CleanupDeadline,
+    ledger: OpenUploads | None,
 ) -> tuple[int, str | None]:
     """Upload the parts as they come to every target, handing each part's slot back to `slots`.
 
@@ -493,7 +498,7 @@ async def _consume(
         slots.put()  # only after success: a failed request may still hold the part
 
     # Every upload is aborted if any step fails, all at once, within the exit's deadline.
-    async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup) as uploads:
+    async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup, ledger=ledger) as uploads:
         await run_all(
             functools.partial(upload_parts, uploads, receive.clone(), first if i == 0 else None)
             for i in range(settings.upload_concurrency)

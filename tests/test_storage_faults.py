@@ -116,3 +116,48 @@ async def test_access_denied_on_create_is_not_retried(
     assert caught.value.code == "AccessDenied"
     assert proxy.count("POST", "?uploads") == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize("code", ["BadDigest", "InvalidDigest"])
+async def test_a_part_found_damaged_once_is_sent_again(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults, code: str
+) -> None:
+    """S3 answers BadDigest (a one-off corruption in transit): the part is sent again, the
+    upload completes (issue 17)."""
+    faults.action, faults.times = s3_error(400, code), 1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    uploaded = await upload_artifact(proxied_s3, source, location, settings)
+    assert proxy.count("PUT", "partNumber=2") == 2
+    assert uploaded.size > 0
+    await s3.delete_object(Bucket=location.bucket, Key=location.key)
+
+
+async def test_a_part_always_found_damaged_fails_naming_it(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
+) -> None:
+    """BadDigest on every attempt: three sends, then a StorageError naming the part, aborted."""
+    faults.action, faults.times = s3_error(400, "BadDigest"), -1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with pytest.raises(StorageError, match=r"UploadPart \(part 2\) failed.*part 2 arrived damaged 3 times"):
+        await upload_artifact(proxied_s3, source, location, settings)
+    assert proxy.count("PUT", "partNumber=2") == 3
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_server_that_refuses_checksum_headers_is_told_which_setting_helps(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
+) -> None:
+    """Backblaze B2 answers 400 InvalidArgument "Unsupported header 'x-amz-checksum-crc32'": the
+    error names REGISTRAR_S3_CHECKSUMS=when_required (issue 17)."""
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidArgument</Code>'
+        b"<Message>Unsupported header 'x-amz-checksum-crc32' received for this API call.</Message></Error>"
+    )
+    faults.action, faults.times = Reply(400, body, "InvalidArgument"), -1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with pytest.raises(StorageError, match=r"InvalidArgument .*set REGISTRAR_S3_CHECKSUMS=when_required"):
+        await upload_artifact(proxied_s3, source, location, settings)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []

@@ -236,6 +236,23 @@ async def test_a_checksum_of_another_kind_is_not_taken_for_damage(
     assert "reports a COMPOSITE CRC64NVME (AAAAAAAAAAA=-3); it was not compared" in caplog.text
 
 
+async def test_a_checksum_of_the_wrong_length_is_a_server_limitation_not_damage(
+    tmp_path: Path, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """moto without the CRT stores a 4-byte CRC32 under the name CRC64NVME: no CRC64NVME has 4
+    bytes, so it is not compared, and the warning names the settings that fit (issue 17)."""
+    settings = settings.model_copy(update={"s3_checksum_algorithm": "CRC64NVME"})
+
+    def fake(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["ChecksumCRC64NVME"] = "AAAAAA=="
+        parsed["ChecksumType"] = "FULL_OBJECT"
+
+    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", fake)
+    assert hashlib.sha256(await download(s3, model_location(settings))).hexdigest() == result.sha256
+    assert "reports a CRC64NVME that is not one ('AAAAAA==')" in caplog.text
+    assert "REGISTRAR_S3_CHECKSUM_ALGORITHM=CRC32" in caplog.text
+
+
 def crc64nvme(data: bytes) -> str:
     """The CRC64NVME S3 reports, computed the way botocore does (the AWS CRT)."""
     from awscrt import checksums
