@@ -380,12 +380,16 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-def run_once(command: list[str] | str, env: dict[str, str]) -> tuple[float, float, float, float]:
+def run_once(command: list[str] | str, env: dict[str, str], *, retry: bool = True) -> tuple[float, float, float, float]:
     """Wall seconds, CPU seconds, peak RSS MiB and disk writes MiB of one run."""
     out = subprocess.run(
         [sys.executable, "-c", LAUNCHER, json.dumps(command)], env=env, capture_output=True, text=True, check=True
     )
     result = json.loads(out.stdout)
+    if result["code"] != 0 and retry:
+        # Seen once: s5cmd pipe exiting 1 on a server that took the next run fine.
+        print(f"bench: {command!r} exited with {result['code']}; running it again", file=sys.stderr)
+        return run_once(command, env, retry=False)
     if result["code"] != 0:
         raise RuntimeError(f"{command!r} exited with {result['code']}: {out.stderr[-2000:]}")
     return result["wall"], result["cpu"], result["maxrss_kib"] / 1024, result["written"] / MiB
