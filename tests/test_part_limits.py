@@ -18,7 +18,7 @@ from async_registrar import StorageError
 from async_registrar._archive import _deflate
 from async_registrar._artifacts import DirectorySource, FileEntry, PrebuiltArchive, choose_part_size
 from async_registrar._settings import MAX_PARTS, MiB
-from async_registrar._upload import _PartCutter, _Slots
+from async_registrar._upload import _BufferPool, _PartCutter
 
 TiB = 1024**4
 
@@ -71,7 +71,7 @@ def test_the_cutter_stops_before_part_10001() -> None:
     """A stream that outgrows its bound fails at part 10,001 with a message that says what to do,
     before anything past S3's limit is handed on."""
     sent: list[int] = []
-    cutter = _PartCutter(16, lambda part: sent.append(part.number), _Slots())
+    cutter = _PartCutter(16, lambda part: sent.append(part.number), _BufferPool())
     with pytest.raises(StorageError, match=r"past S3's limit of 10,000 parts .*raise REGISTRAR_PART_SIZE"):
         cutter.write(b"x" * (16 * MAX_PARTS + 17))
     assert sent[-1] == MAX_PARTS
@@ -100,7 +100,7 @@ def test_the_cutter_stops_at_the_5_tib_object_limit_naming_the_input() -> None:
     from async_registrar import InputError
 
     sent: list[int] = []
-    cutter = _PartCutter(16, lambda part: sent.append(part.number), _Slots(), source="/m/model", max_size=100)
+    cutter = _PartCutter(16, lambda part: sent.append(part.number), _BufferPool(), source="/m/model", max_size=100)
     with pytest.raises(InputError, match=r"/m/model compresses to more than S3's .* object limit; try a higher"):
         for _ in range(20):
             cutter.write(b"x" * 10)
