@@ -34,7 +34,7 @@ RUN /opt/registrar/bin/pip install --quiet -r requirements/local.lock \
 FROM ${BASE_IMAGE} AS local
 RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin registrar
 COPY --from=build-local /opt/registrar /opt/registrar
-ENV PATH=/opt/registrar/bin:$PATH PYTHONUNBUFFERED=1
+ENV PATH=/opt/registrar/bin:$PATH PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
 USER registrar
 ENTRYPOINT ["async-registrar"]
 CMD ["--help"]
@@ -42,7 +42,9 @@ CMD ["--help"]
 FROM ${BASE_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin registrar
 COPY --from=build /opt/registrar /opt/registrar
-ENV PATH=/opt/registrar/bin:$PATH PYTHONUNBUFFERED=1
+# Two malloc arenas: with one per thread, 200 uploads at once in one process (scripts/bench
+# --curves) peaked at 868 MiB of RSS under a 512 MiB budget; with two, 726 MiB.
+ENV PATH=/opt/registrar/bin:$PATH PYTHONUNBUFFERED=1 MALLOC_ARENA_MAX=2
 USER registrar
 ENTRYPOINT ["async-registrar"]
 CMD ["register"]

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+COLORS = {"ours": "C0", "s5cmd-cp": "C1", "pigz-s5cmd": "C2", "pigz-rclone": "C3", "original": "C4"}
 LABELS = {
     "ours": "ours (directory)",
     "s5cmd-cp": "s5cmd cp (prebuilt archive)",
@@ -52,7 +53,7 @@ def main(results: str, out: str) -> None:
         ax.set_xlabel("64 MiB uploads at once, one registrar")
         ax.set_ylabel("MiB")
         twin = ax.twinx()
-        twin.plot([r["uploads"] for r in rows], [r["gib_per_s"] for r in rows], marker="s", color="C1", label="GiB/s")
+        twin.plot([r["uploads"] for r in rows], [r["gib_per_s"] for r in rows], marker="s", color="C5", label="GiB/s")
         twin.set_ylabel("GiB/s")
         ax.legend(fontsize=7, loc="upper left")
         twin.legend(fontsize=7, loc="lower right")
