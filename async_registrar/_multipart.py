@@ -10,9 +10,7 @@ shielded from cancellation and bounded by the exit's cleanup deadline.
 from __future__ import annotations
 
 import base64
-import bisect
 import io
-import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,68 +44,39 @@ DAMAGED_PART_ATTEMPTS = 3
 
 
 class PartBody(io.BytesIO):
-    """A read-only, seekable file over a part's pieces (views of the gzip output), without
-    copying them together.
+    """A read-only, seekable file over a part's buffer, without copying it.
 
     botocore hashes a body by reading it in chunks and aiohttp sends a `BytesIO` in
-    chunks with flow control; both accept the memoryview slices this returns (never past a
-    piece's end).  A real `BytesIO` would copy the part up front; bare bytes would make
-    aiohttp push the whole part into the socket's buffer at once (a second copy per part
-    in flight).
+    64 KiB chunks with flow control; both accept the memoryview slices this returns.
+    Handing them the bare bytearray instead would make aiohttp push the whole part into
+    the socket's buffer at once (a second copy per part in flight); a real `BytesIO`
+    would copy the part up front.
     """
 
-    def __init__(self, data: bytes | bytearray | memoryview | Sequence[memoryview]) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         super().__init__()
-        pieces = [memoryview(data)] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        self._pieces = [p for p in pieces if len(p)]
-        self._starts = list(itertools.accumulate((len(p) for p in self._pieces), initial=0))
-        self._size = self._starts[-1]
+        self._view = memoryview(data)
         self._position = 0
 
     def __len__(self) -> int:
-        return self._size - self._position
+        return len(self._view) - self._position
 
     def read(self, size: int | None = -1, /) -> memoryview:  # type: ignore[override]
-        if self._position >= self._size:
-            return memoryview(b"")
-        index = bisect.bisect_right(self._starts, self._position) - 1
-        offset = self._position - self._starts[index]
-        if size is None or size < 0:  # all the rest (not how botocore or aiohttp read it)
-            rest = [self._pieces[index][offset:], *self._pieces[index + 1 :]]
-            self._position = self._size
-            return rest[0] if len(rest) == 1 else memoryview(b"".join(rest))
-        piece = self._pieces[index]
-        end = min(len(piece), offset + size)
-        self._position += end - offset
-        return piece[offset:end]
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
+        chunk = self._view[self._position : end]
+        self._position = end
+        return chunk
 
     def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, min(base + offset, self._size))
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, min(base + offset, len(self._view)))
         return self._position
 
     def tell(self) -> int:
         return self._position
 
-    def getbuffer(self) -> _Length:  # type: ignore[override]
-        # aiohttp's BytesIOPayload takes the body's size from `len(getbuffer())`.
-        return _Length(self._size)
-
-
-class _Length:
-    """What `PartBody.getbuffer` gives: a length, in a `with` block, as a memoryview would."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __enter__(self) -> _Length:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def getbuffer(self) -> memoryview:
+        return self._view[:]  # a view of its own: callers release it with `with`
 
 
 class OpenUploads:
@@ -194,11 +163,11 @@ class MultipartUpload:
         return self
 
     async def upload_part(
-        self, number: int, data: bytes | bytearray | memoryview | Sequence[memoryview], *, checksum: str | None = None
+        self, number: int, data: bytes | bytearray | memoryview, *, checksum: str | None = None
     ) -> None:
         """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
         extra = _checksum_args(self._checksum, checksum)
-        size = len(PartBody(data))
+        size = len(data)
         for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
             try:
                 with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):

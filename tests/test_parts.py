@@ -47,9 +47,8 @@ def test_an_empty_stream_is_one_empty_last_part() -> None:
 
 
 def test_part_body_reads_seeks_and_has_a_length_like_a_bytesio() -> None:
-    pieces = [memoryview(os.urandom(n)) for n in (10, 0, 5, 300)]
-    whole = b"".join(pieces)
-    body = PartBody(pieces)
+    whole = os.urandom(315)
+    body = PartBody(memoryview(bytearray(whole)))
     assert len(body) == len(whole)
     with body.getbuffer() as buffer:  # how aiohttp's BytesIOPayload takes the size
         assert len(buffer) == len(whole)
@@ -66,4 +65,3 @@ def test_part_body_reads_seeks_and_has_a_length_like_a_bytesio() -> None:
     assert bytes(body.read(100)) == whole[-4:]
     body.seek(0)
     assert bytes(body.read()) == whole
-    assert bytes(PartBody(b"abc").read()) == b"abc"
