@@ -82,17 +82,37 @@ class FaultProxy:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)
+            try:
+                await self._handle(reader, writer)
+            finally:
+                handlers.discard(task)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
         self.endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         self._ready.set()
         async with server:
             await self._stop.wait()
+        # Let the requests in flight end on their own (a connection cancelled while it is
+        # being opened leaks its socket in Python 3.11); asyncio.run cancels the rest.
+        if handlers:
+            await asyncio.wait(set(handlers), timeout=1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            await self._serve(reader, writer)
+        finally:  # on every way out, cancellation at shutdown included
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
             return
         method, target = head.split(b" ", 2)[:2]
         self.seen.append((method.decode(), target.decode()))
@@ -111,8 +131,6 @@ class FaultProxy:
             await self._forward(method, head, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        finally:
-            writer.close()
 
     async def _reply(
         self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: Reply
