@@ -1,9 +1,10 @@
 """The memory budget: the part buffers of all a registrar's uploads come out of one pool.
 
-Each upload holds part buffers: the one being filled, those queued, those in flight.  Their
-number is bounded per upload, but not across uploads, and parts grow with the input (past
-80 GiB, to keep within 10,000 parts).  A `MemoryBudget` of `Settings.memory_limit` bytes
-bounds them together:
+Each upload holds part buffers (the one being filled, those queued, those in flight) and its
+gzip blocks, which its lease takes with its first part.  Their number is bounded per upload,
+but not across uploads, and parts grow with the input (past about 155 GiB with 16 MiB parts,
+to keep within 10,000 parts).  A `MemoryBudget` of `Settings.memory_limit` bytes bounds them
+together:
 
 - an upload starts with a `Lease` of one part (it waits until that fits, unless nothing is
   leased at all: one upload may always run, even with parts larger than the budget);

@@ -72,11 +72,6 @@ class Checksummer:
         self._fed = True
         return _b64(value, 4 if not self.full_object else 8)
 
-    def part(self, data: bytes | bytearray | memoryview) -> str:
-        """A whole part's checksum (base64, as S3 wants it)."""
-        self.update(data)
-        return self.part_done()
-
     @property
     def whole(self) -> str | None:
         """The whole object's CRC64NVME once every part was fed; None with CRC32, whose

@@ -142,7 +142,7 @@ def _about_checksums(code: str, detail: str) -> bool:
     text = detail.lower()
     if code == "XAmzContentSHA256Mismatch":
         return True
-    return code in _HEADER_CODES and ("checksum" in text or "x-amz-sdk-checksum" in text or "trailer" in text)
+    return code in _HEADER_CODES and ("checksum" in text or "trailer" in text)
 
 
 def error_code(exc: ClientError) -> str:

@@ -70,10 +70,13 @@ class _Part:
     number: int
     #: The part's bytes: a view of a pooled buffer (handed back once the part is sent).
     data: memoryview
-    size: int
     last: bool
     checksum: str | None = None  # base64, as S3 wants it
     buffer: bytearray | None = None  # the pooled buffer `data` views
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 class _BufferPool:
@@ -195,7 +198,7 @@ class _PartCutter:
         # The last part is a view of its buffer, not a copy: the copy would be memory outside
         # the budget, up to a part per upload.
         data = memoryview(self._buffer)[: self._fill]
-        self._emit(_Part(self._number, data, self._fill, last, checksum, self._buffer))
+        self._emit(_Part(self._number, data, last, checksum, self._buffer))
         self._buffer = None
 
 

@@ -220,37 +220,42 @@ async def test_an_object_that_is_not_whole_is_deleted(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-async def test_a_checksum_of_another_kind_is_not_taken_for_damage(
-    tmp_path: Path, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("reported", "warnings"),
+    [
+        # A server that answers a FULL_OBJECT CRC64NVME request with a composite value ("-N").
+        (
+            {"ChecksumCRC64NVME": "AAAAAAAAAAA=-3", "ChecksumType": "COMPOSITE"},
+            ["reports a COMPOSITE CRC64NVME (AAAAAAAAAAA=-3); it was not compared"],
+        ),
+        # moto without the CRT stores a 4-byte CRC32 under the name CRC64NVME (issue 17): no
+        # CRC64NVME has 4 bytes, and the warning names the settings that fit.
+        (
+            {"ChecksumCRC64NVME": "AAAAAA==", "ChecksumType": "FULL_OBJECT"},
+            ["reports a CRC64NVME that is not one ('AAAAAA==')", "REGISTRAR_S3_CHECKSUM_ALGORITHM=CRC32"],
+        ),
+    ],
+    ids=["another-kind", "wrong-length"],
+)
+async def test_a_checksum_that_cannot_be_compared_is_not_taken_for_damage(
+    tmp_path: Path,
+    s3: Any,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    reported: dict[str, str],
+    warnings: list[str],
 ) -> None:
-    """A server that answers a FULL_OBJECT CRC64NVME request with a composite value ("-N") gives
-    nothing to compare: a warning, and the object stays."""
+    """A CRC64NVME of another kind or of the wrong length gives nothing to compare: a warning
+    that says why, and the object stays."""
     settings = settings.model_copy(update={"s3_checksum_algorithm": "CRC64NVME"})
 
-    def composite(parsed: dict[str, Any], **_: Any) -> None:
-        parsed["ChecksumCRC64NVME"] = "AAAAAAAAAAA=-3"
-        parsed["ChecksumType"] = "COMPOSITE"
+    def report(parsed: dict[str, Any], **_: Any) -> None:
+        parsed.update(reported)
 
-    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", composite)
+    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", report)
     assert hashlib.sha256(await download(s3, model_location(settings))).hexdigest() == result.sha256
-    assert "reports a COMPOSITE CRC64NVME (AAAAAAAAAAA=-3); it was not compared" in caplog.text
-
-
-async def test_a_checksum_of_the_wrong_length_is_a_server_limitation_not_damage(
-    tmp_path: Path, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
-    """moto without the CRT stores a 4-byte CRC32 under the name CRC64NVME: no CRC64NVME has 4
-    bytes, so it is not compared, and the warning names the settings that fit (issue 17)."""
-    settings = settings.model_copy(update={"s3_checksum_algorithm": "CRC64NVME"})
-
-    def fake(parsed: dict[str, Any], **_: Any) -> None:
-        parsed["ChecksumCRC64NVME"] = "AAAAAA=="
-        parsed["ChecksumType"] = "FULL_OBJECT"
-
-    result = await upload_with_hook(tmp_path, s3, settings, "after-call.s3.HeadObject", fake)
-    assert hashlib.sha256(await download(s3, model_location(settings))).hexdigest() == result.sha256
-    assert "reports a CRC64NVME that is not one ('AAAAAA==')" in caplog.text
-    assert "REGISTRAR_S3_CHECKSUM_ALGORITHM=CRC32" in caplog.text
+    for warning in warnings:
+        assert warning in caplog.text
 
 
 def crc64nvme(data: bytes) -> str:
