@@ -18,11 +18,24 @@ An upload can always progress on its own lease, so no upload waits on another's 
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import anyio
 
-__all__ = ["Lease", "MemoryBudget"]
+__all__ = ["Lease", "MemoryBudget", "allocate"]
+
+
+def allocate(size: int) -> mmap.mmap:
+    """A zeroed, writable buffer of `size` bytes in a mapping of its own.
+
+    Part buffers and gzip blocks (1 to 525 MiB) come and go with every upload, from many
+    threads.  As `bytearray`s they came from glibc's heaps, which the dynamic mmap threshold
+    lets them enter after the first one is freed, and fragmented them: 200 uploads at once
+    in one process peaked at 752 MiB of RSS under a 512 MiB budget.  A mapping of its own
+    goes back to the system the moment it is dropped (measured: 554 MiB).
+    """
+    return mmap.mmap(-1, size)
 
 
 class MemoryBudget:

@@ -140,7 +140,11 @@ def run_identity(
         "model": _listing(model),
         "payload": _listing(payload),
         # What else decides the archive's bytes: a changed level is another registration.
-        "archive": {"compression_level": settings.compression_level, "mtime": settings.archive_mtime},
+        "archive": {
+            "compression_level": settings.compression_level,
+            "compression_min_saving": settings.compression_min_saving,
+            "mtime": settings.archive_mtime,
+        },
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return RunIdentity(group=f"run-{digest[:24]}", resumable=True, seed=digest, explicit_key=request.idempotency_key)

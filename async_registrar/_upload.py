@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import mmap
 import threading
 import time
 from collections import deque
@@ -29,7 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import BLOCK, Sink, stream_archive, tar_size
 from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
-from ._budget import Lease, MemoryBudget
+from ._budget import Lease, MemoryBudget, allocate
 from ._checksums import Checksummer, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import InputError, StorageError
@@ -43,6 +44,9 @@ from ._threads import Workers
 __all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
+
+#: How much of a part is copied before it is hashed: well within a core's L2 cache.
+_HASH_STRIDE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,7 @@ class _Part:
     data: memoryview
     last: bool
     checksum: str | None = None  # base64, as S3 wants it
-    buffer: bytearray | None = None  # the pooled buffer `data` views
+    buffer: mmap.mmap | None = None  # the pooled buffer `data` views
 
     @property
     def size(self) -> int:
@@ -83,15 +87,15 @@ class _BufferPool:
     """Part buffers handed back by the uploaders (event loop), for the producer (its thread)."""
 
     def __init__(self) -> None:
-        self._buffers: deque[bytearray] = deque()
+        self._buffers: deque[mmap.mmap] = deque()
         self._ready = threading.Condition()
 
-    def put(self, buffer: bytearray) -> None:
+    def put(self, buffer: mmap.mmap) -> None:
         with self._ready:
             self._buffers.append(buffer)
             self._ready.notify()
 
-    def take(self, timeout: float = 0.0) -> bytearray | None:
+    def take(self, timeout: float = 0.0) -> mmap.mmap | None:
         """A buffer, waiting up to `timeout` seconds for one; None if none came."""
         with self._ready:
             if not self._buffers and timeout > 0:
@@ -103,12 +107,12 @@ class _PartCutter:
     """The producer's sink: cuts the archive into numbered parts, hashing it on the way.
 
     The archive's sha256 and each part's checksum are computed here, in order, on the bytes
-    as they arrive, while they are fresh in the cache (hashing a part that went cold runs at
-    half the speed on a machine whose memory is slow).  Full parts are written into
-    part-sized bytearrays taken from `pool` (or allocated while the pool warms up) and given
-    back by the uploader, so steady state allocates nothing: memory stays flat and the
-    allocator doesn't fragment (keeping the compressor's output instead of copying it was
-    measured: 40 uploads at once grew to 1.5 GiB of RSS under a 512 MiB budget).  At most
+    just copied into the part, every `_HASH_STRIDE` bytes, while they are fresh in the cache
+    (hashing a part that went cold runs at half the speed on a machine whose memory is slow).
+    Full parts are written into part-sized buffers (see `allocate`) taken from `pool` (or
+    allocated while the pool warms up) and given back by the uploader, so steady state
+    allocates nothing (keeping the compressor's output instead of copying it was measured:
+    40 uploads at once grew to 1.5 GiB of RSS under a 512 MiB budget).  At most
     queue + concurrency + 2 buffers ever exist, because the bounded stream blocks the
     producer before it can take another; fewer when the memory budget (`lease`) has no room
     for another: the producer then waits for a buffer to come back.
@@ -137,8 +141,9 @@ class _PartCutter:
         self._checksummer = checksummer
         self.sha256 = hashlib.sha256()
         self._allocated = 0
-        self._buffer: bytearray | None = None
+        self._buffer: mmap.mmap | None = None
         self._fill = 0
+        self._hashed = 0  # bytes of the buffer already hashed
         self._number = 0
         self.size = 0
 
@@ -147,11 +152,11 @@ class _PartCutter:
         if self.size > self._max_size:  # S3 would refuse it at CompleteMultipartUpload
             raise InputError(
                 f"{self._source} compresses to more than S3's {self._max_size / 2**40:g} TiB object limit; "
-                "try a higher REGISTRAR_COMPRESSION_LEVEL, or split it into smaller artifacts",
+                "try a higher REGISTRAR_COMPRESSION_LEVEL with REGISTRAR_COMPRESSION_MIN_SAVING=0, "
+                "or split it into smaller artifacts",
                 [self._source],
             )
         view = memoryview(data)
-        self.sha256.update(view)
         while view:
             if self._buffer is None:
                 self._buffer = self._take()
@@ -159,27 +164,38 @@ class _PartCutter:
                 self._send(last=False)
                 self._buffer = self._take()
             n = min(len(view), self._part_size - self._fill)
-            piece = view[:n]
-            self._buffer[self._fill : self._fill + n] = piece
-            if self._checksummer is not None:
-                self._checksummer.update(piece)
+            self._buffer[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
+            if self._fill - self._hashed >= _HASH_STRIDE:
+                self._hash()
+
+    def _hash(self) -> None:
+        """Hash what was copied into the buffer since the last time: in strides of a few
+        hundred KiB, still in the cache, but not once per write (deflate pieces can be 5 bytes)."""
+        assert self._buffer is not None
+        with memoryview(self._buffer) as whole:
+            piece = whole[self._hashed : self._fill]
+            self.sha256.update(piece)
+            if self._checksummer is not None:
+                self._checksummer.update(piece)
+            piece.release()
+        self._hashed = self._fill
 
     def finish(self) -> None:
         if self._buffer is None:
             self._buffer = self._take()
         self._send(last=True)
 
-    def _take(self) -> bytearray:
-        self._fill = 0
+    def _take(self) -> mmap.mmap:
+        self._fill = self._hashed = 0
         buffer = self._pool.take()
         if buffer is not None:
             return buffer
         # The lease's first part is this upload's own; any more must fit the budget.
         if self._lease is None or self._allocated == 0 or self._lease.take_more(self._part_size):
             self._allocated += 1
-            return bytearray(self._part_size)
+            return allocate(self._part_size)
         while (buffer := self._pool.take(timeout=0.1)) is None:  # over budget: wait for one back
             anyio.from_thread.check_cancelled()
         return buffer
@@ -193,6 +209,7 @@ class _PartCutter:
                 code="TooManyParts",
             )
         assert self._buffer is not None
+        self._hash()
         self._number += 1
         checksum = self._checksummer.part_done() if self._checksummer is not None else None
         # The last part is a view of its buffer, not a copy: the copy would be memory outside
@@ -453,6 +470,7 @@ def _write_archive(
             mtime=settings.archive_mtime,
             threads=settings.compression_threads,
             on_read=on_read,
+            min_saving=settings.compression_min_saving,
         )
     else:
         stream_prebuilt(source, sink, check=check, on_read=on_read)

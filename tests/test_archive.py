@@ -8,12 +8,13 @@ import io
 import os
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
 
 from async_registrar import InputError
-from async_registrar._archive import _header, stream_archive, tar_size
+from async_registrar._archive import _deflate, _header, stream_archive, tar_size
 from async_registrar._artifacts import DirectorySource, FileEntry, inspect_artifact
 
 MiB = 1024 * 1024
@@ -136,17 +137,56 @@ def test_a_file_replaced_after_the_scan_is_refused(tmp_path: Path) -> None:
         stream_archive(source, Collect(), level=1, mtime=0)  # type: ignore[arg-type]
 
 
-def test_output_does_not_depend_on_the_gzip_threads(tmp_path: Path) -> None:
-    """Blocks sit at fixed offsets: one thread or three give the same bytes."""
+@pytest.mark.parametrize("min_saving", [0, 10])
+def test_output_does_not_depend_on_the_gzip_threads(tmp_path: Path, min_saving: int) -> None:
+    """Blocks sit at fixed offsets, stored or not by their own bytes: one thread or three give
+    the same bytes."""
     make_tree(tmp_path / "in")
     source = inspect_artifact(tmp_path / "in", role="model")
     assert isinstance(source, DirectorySource)
     outputs = []
     for threads in (1, 3):
         sink = Collect()
-        stream_archive(source, sink, level=1, mtime=0, threads=threads)
+        stream_archive(source, sink, level=1, mtime=0, threads=threads, min_saving=min_saving)
         outputs.append(sink.data)
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("min_saving", [0, 10, 99])
+def test_blocks_that_do_not_pay_are_stored_and_the_rest_compressed(tmp_path: Path, min_saving: int) -> None:
+    """Weights-like bytes (random) go stored past a block's first 64 KiB, text is compressed,
+    and whatever was chosen, the archive is the same files and one gzip member gzip accepts."""
+    root = tmp_path / "in"
+    make_tree(root)
+    (root / "vocab.txt").write_bytes(b"".join(b"token-%d\n" % i for i in range(400_000)))  # ~4.5 MiB
+    source = inspect_artifact(root, role="model")
+    assert isinstance(source, DirectorySource)
+    sink = Collect()
+    stream_archive(source, sink, level=1, mtime=0, min_saving=min_saving)
+    data = sink.data
+    (tmp_path / "a.tar.gz").write_bytes(data)
+    subprocess.run(["gzip", "-t", str(tmp_path / "a.tar.gz")], check=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for name in ("weights.bin", "vocab.txt", "config.json"):
+            member = tar.extractfile(name)
+            assert member is not None, name
+            assert member.read() == (root / name).read_bytes(), name
+    random, text = 3 * MiB + 17, (root / "vocab.txt").stat().st_size
+    if min_saving == 0:  # everything compressed: igzip expands random bytes a little
+        assert len(data) > random
+    elif min_saving == 10:  # random bytes stored (5 bytes per 64 KiB), the text still compressed
+        assert random < len(data) < random * 1.003 + text / 3
+    else:  # nothing saves 99 %: all stored but each block's 64 KiB sample
+        assert len(data) > random + text - (text // MiB + 1) * 64 * 1024
+
+
+def test_stored_blocks_frame_every_length() -> None:
+    """Stored framing at the edges of a stored block's 65,535 bytes inflates back."""
+    for length in (1, 65_534, 65_535, 65_536, 2 * 65_535, 2 * 65_535 + 1):
+        block = bytearray(os.urandom(length))
+        pieces, crc, size = _deflate(block, length, b"", 0, 0)
+        assert zlib.decompressobj(-zlib.MAX_WBITS).decompress(b"".join(pieces)) == bytes(block)
+        assert (crc, size) == (zlib.crc32(block), length)
 
 
 def test_stream_readers_accept_the_blocked_gzip(tmp_path: Path) -> None:
