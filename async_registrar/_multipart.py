@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -20,7 +21,7 @@ from typing import Any
 import anyio
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ._checksums import composite_crc32, is_full_object
+from ._checksums import composite_crc32, is_full_object, multipart_etag
 from ._concurrency import CleanupDeadline
 from ._errors import StorageError
 from ._s3 import S3Client, S3Location, error_code, storage_errors
@@ -66,6 +67,16 @@ class PartBody(io.BytesIO):
         chunk = self._view[self._position : end]
         self._position = end
         return chunk
+
+    def readinto(self, buffer: Any, /) -> int:
+        """Copy the next bytes into `buffer` (the AWS CRT's signer reads a body this way: the
+        inherited method would read BytesIO's own, empty, buffer and sign an empty payload)."""
+        with memoryview(buffer) as target:
+            chunk = self.read(len(target))
+            target[: len(chunk)] = chunk
+            return len(chunk)
+
+    readinto1 = readinto
 
     def seek(self, offset: int, whence: int = io.SEEK_SET, /) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
@@ -135,6 +146,7 @@ class MultipartUpload:
         self.upload_id: str | None = None
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
+        self._md5s: dict[int, str] = {}  # with Content-MD5: each part's (base64)
         self._whole: str | None = None
         self._completed = False
         self._entered = False
@@ -143,7 +155,7 @@ class MultipartUpload:
         if self._entered:
             raise RuntimeError("a MultipartUpload can be entered only once")
         self._entered = True
-        extra = {"ChecksumAlgorithm": self._checksum} if self._checksum else {}
+        extra = {"ChecksumAlgorithm": self._checksum} if self._checksum in _CRC else {}
         if self._full_object:
             extra["ChecksumType"] = "FULL_OBJECT"
         bucket, key = self.location.bucket, self.location.key
@@ -196,7 +208,9 @@ class MultipartUpload:
                     ) from exc
                 log.info("part %d of %s arrived damaged (%s); sending it again", number, self.location, exc.code)
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
-        if self._checksum:
+        if self._checksum == "MD5" and checksum:
+            self._md5s[number] = checksum
+        elif self._checksum:
             value = response.get(f"Checksum{self._checksum}") or checksum
             if value:
                 part[f"Checksum{self._checksum}"] = value
@@ -223,6 +237,14 @@ class MultipartUpload:
             return None
         values: list[str] = [self._parts[n].get("ChecksumCRC32") or "" for n in sorted(self._parts)]
         return composite_crc32(values) if all(values) else None
+
+    @property
+    def expected_etag(self) -> str | None:
+        """With Content-MD5 parts: the ETag S3's convention gives the object ("<md5 of the
+        parts' MD5s>-N"), if every part's MD5 is known."""
+        if self._checksum != "MD5" or not self._parts or len(self._md5s) != len(self._parts):
+            return None
+        return multipart_etag([self._md5s[n] for n in sorted(self._md5s)])
 
     async def complete(self, whole: str | None = None) -> None:
         """Complete the upload from the parts uploaded so far, in order.
@@ -263,6 +285,7 @@ class MultipartUpload:
                 self.expected_checksum,
                 algorithm=self._checksum,
                 composite=not self._full_object,
+                etag=self.expected_etag,
             )
             if problem is not None:
                 raise error from None
@@ -349,6 +372,9 @@ async def put_object(
         await s3.put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
 
 
+#: The algorithms sent as an x-amz-checksum-* header (MD5 goes as Content-MD5).
+_CRC = ("CRC32", "CRC64NVME")
+
 #: The bytes of each checksum algorithm's value.
 _CHECKSUM_BYTES = {"CRC32": 4, "CRC32C": 4, "CRC64NVME": 8, "SHA1": 20, "SHA256": 32}
 
@@ -371,9 +397,12 @@ def _refused(error: StorageError) -> bool:
 
 
 def _checksum_args(algorithm: str | None, value: str | None) -> dict[str, str]:
-    """The checksum parameters: the algorithm, and the value when it was computed already."""
+    """The checksum parameters: the algorithm, and the value when it was computed already
+    (with MD5: the Content-MD5 header alone)."""
     if not algorithm:
         return {}
+    if algorithm == "MD5":
+        return {"ContentMD5": value} if value else {}
     if value:
         return {"ChecksumAlgorithm": algorithm, f"Checksum{algorithm}": value}
     return {"ChecksumAlgorithm": algorithm}
@@ -398,6 +427,7 @@ async def check_object(
     *,
     algorithm: str | None = "CRC32",
     composite: bool = False,
+    etag: str | None = None,
 ) -> tuple[str | None, StoredObject | None]:
     """What is wrong with the object at `location` (missing, wrong size, or a `checksum` of
     `algorithm` that differs from the one S3 reports), or None; and what S3 reported.
@@ -409,7 +439,7 @@ async def check_object(
     """
     try:
         # No checksum header of any kind when no algorithm is used (REGISTRAR_S3_CHECKSUMS=when_required)
-        mode = {"ChecksumMode": "ENABLED"} if algorithm else {}
+        mode = {"ChecksumMode": "ENABLED"} if algorithm in _CRC else {}
         head = await s3.head_object(Bucket=location.bucket, Key=location.key, **mode)
     except ClientError as exc:
         code = error_code(exc)  # a HEAD's error has no body: botocore gives its HTTP status
@@ -424,10 +454,14 @@ async def check_object(
         return f"it cannot be read back: HeadObject answered {code}", None
     except BotoCoreError as exc:
         return f"it cannot be read back ({type(exc).__name__})", None
-    stored = head.get(f"Checksum{algorithm}") if algorithm else None
+    stored = head.get(f"Checksum{algorithm}") if algorithm in _CRC else None
     found = StoredObject(head["ContentLength"], head.get("ETag"), stored, head.get("ChecksumType"))
     if found.size != size:
         return f"it holds {found.size} bytes, {size} were sent", found
+    reported = (found.etag or "").strip('"')
+    # Only a server that follows S3's ETag convention (an MD5, "-N" for multipart) is compared.
+    if etag and re.fullmatch(r"[0-9a-f]{32}(-\d+)?", reported) and reported != etag:
+        return f"its ETag is {reported}, the parts sent make {etag}", found
     if not (checksum and stored):
         return None, found
     value, _, parts = stored.partition("-")

@@ -58,9 +58,17 @@ class RegionPlan:
     #: attempt folder under it).
     prefix: str
     endpoint: str
+    #: What the region's S3 was found to check (one line), if the preflight probed it.
+    s3_checks: str | None = None
+    #: What the uploads would be checked by: "crc32", "crc64nvme", "md5", "sigv4-payload" or
+    #: "size-only" (see `UploadedArtifact.integrity`).
+    integrity: str | None = None
 
     def describe(self) -> str:
-        return f"{self.region}: temporary prefix {self.prefix}<run id>/; registry {self.endpoint}"
+        line = f"{self.region}: temporary prefix {self.prefix}<run id>/; registry {self.endpoint}"
+        if self.s3_checks:
+            line += f"\n{self.region}: {self.s3_checks}"
+        return line
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from ._artifacts import inspect_artifact
 from ._budget import MemoryBudget
+from ._capabilities import Integrity, prepare_uploads, probe_capabilities, size_only_warning
 from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
@@ -306,6 +307,19 @@ class Registrar:
         within = self.settings.preflight_timeout
         await check_credentials(self._credentials, within=within)
         await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
+        integrity: Integrity | None = None
+        if self.settings.preflight:
+            capabilities = await probe_capabilities(
+                s3,
+                target.bucket,
+                target.key,
+                checksums=self.settings.s3_checksums,
+                algorithm=self.settings.s3_checksum_algorithm,
+            )
+            integrity = capabilities.integrity
+            prepare_uploads(s3, capabilities)
+            if integrity == "size-only":
+                log.warning("%s", size_only_warning(target.uri, capabilities.endpoint))
         callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
         async with self._uploads:
             return await upload_artifact(
@@ -317,6 +331,7 @@ class Registrar:
                 on_progress=callbacks,
                 workers=self._workers,
                 budget=self._budget,
+                integrity=integrity,
             )
 
     async def install_lifecycle(

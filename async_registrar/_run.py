@@ -34,6 +34,7 @@ import anyio
 
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
 from ._budget import MemoryBudget
+from ._capabilities import S3Capabilities, prepare_uploads, probe_capabilities, size_only_warning
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
     AcceptedRegistration,
@@ -61,7 +62,7 @@ from ._s3 import S3Client, S3Location
 from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
-from ._upload import UploadedArtifact, buffer_bound, digest_artifact, upload_to_all
+from ._upload import UploadedArtifact, assumed_integrity, buffer_bound, digest_artifact, upload_to_all
 
 __all__ = ["RegionClients", "Run"]
 
@@ -94,6 +95,8 @@ class _Region:
     #: The key to submit with, when it comes from an earlier run's manifest.
     key: str | None = None
     generation: int = 1
+    #: What this region's S3 checks (probed at the preflight; None without one).
+    capabilities: S3Capabilities | None = None
     #: The registration the registry accepted (or one found for the same inputs).
     accepted: Registration | None = None
     #: Whether `accepted` reads this region's prefix (not so for one the registry named
@@ -262,6 +265,8 @@ class Run:
                 bucket=r.bucket,
                 prefix=f"s3://{r.bucket}/{settings.s3_prefix}{self.identity.group}/",
                 endpoint=redact(r.mims.endpoint),
+                s3_checks=r.capabilities.describe() if r.capabilities else None,
+                integrity=r.capabilities.integrity if r.capabilities else assumed_integrity(settings),
             )
             for r in self.regions
         )
@@ -291,11 +296,27 @@ class Run:
                 await check_storage(
                     self._targets(self.regions), credentials=self._credentials, within=self.settings.preflight_timeout
                 )
+                await run_all(functools.partial(self._capabilities, r) for r in self.regions)
         if request.performance_metadata_uri is not None:
             self._metadata = await load_performance_metadata(
                 self._s3, local=request.metadata_path, uri=request.performance_metadata_uri
             )
         self.identity = run_identity(request, model, payload, self._metadata, self.settings)
+
+    async def _capabilities(self, region: _Region) -> None:
+        """What the region's S3 checks (once per endpoint and process), and the uploads made
+        to carry it; one WARNING when it checks nothing."""
+        settings = self.settings
+        region.capabilities = await probe_capabilities(
+            region.s3,
+            region.bucket,
+            settings.s3_prefix,
+            checksums=settings.s3_checksums,
+            algorithm=settings.s3_checksum_algorithm,
+        )
+        prepare_uploads(region.s3, region.capabilities)
+        if region.capabilities.integrity == "size-only":
+            log.warning("%s", size_only_warning(f"s3://{region.bucket}", region.capabilities.endpoint))
 
     async def _probe(self, regions: list[_Region]) -> None:
         """The preflight's registry half: every region's registry answers and accepts our signature."""
@@ -531,6 +552,10 @@ class Run:
                     workers=self._workers,
                     budget=self._budget,
                     ledger=self._ledger,
+                    integrity=[
+                        r.capabilities.integrity if r.capabilities else assumed_integrity(self.settings)
+                        for r in regions
+                    ],
                 )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,15 @@ from pydantic import SecretStr
 
 from ._errors import InputError, StorageError, redact
 
-__all__ = ["S3Client", "S3Location", "error_code", "make_session", "open_s3_client", "storage_errors"]
+__all__ = [
+    "S3Client",
+    "S3Location",
+    "content_md5_where_required",
+    "error_code",
+    "make_session",
+    "open_s3_client",
+    "storage_errors",
+]
 
 #: aiobotocore's clients are untyped; this alias marks where one is expected.
 S3Client = Any
@@ -69,18 +79,22 @@ def make_session(
     return aioboto3.Session(botocore_session=session)
 
 
-def open_s3_client(
+@contextlib.asynccontextmanager
+async def open_s3_client(
     session: aioboto3.Session,
     *,
     region: str | None,
     endpoint_url: str | None,
     checksums: str = "when_supported",
     pool_size: int = 10,
-) -> contextlib.AbstractAsyncContextManager[S3Client]:
-    """An S3 client as an async context manager.
+) -> AsyncIterator[S3Client]:
+    """An S3 client, open for the block.
 
-    `checksums="when_required"` stops botocore from sending the checksum headers that
-    some S3-compatible servers reject.
+    `checksums="when_required"` sends no checksum header of any kind where S3 does not
+    require one (some S3-compatible servers reject them: Backblaze B2 answers 400
+    "Unsupported header 'x-amz-checksum-crc32'"); where it does (DeleteObjects, a lifecycle
+    configuration), the classic Content-MD5, which those servers take, instead of the CRC32
+    header botocore has sent since 1.36.
     """
     config = AioConfig(
         # With per-part checksums that S3 verifies, hashing each body again for the
@@ -93,13 +107,41 @@ def open_s3_client(
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
     )
-    client: contextlib.AbstractAsyncContextManager[S3Client] = session.client(
+    async with session.client(
         "s3",
         region_name=region or session.region_name or "us-east-1",
         endpoint_url=endpoint_url,
         config=config,
-    )
-    return client
+    ) as client:
+        if checksums == "when_required":
+            content_md5_where_required(client)
+        yield client
+
+
+def content_md5_where_required(client: S3Client) -> None:
+    """Make `client` send Content-MD5, not an x-amz-checksum-* header, where S3 requires a
+    checksum (registered once per client)."""
+    for operation in _CHECKSUM_REQUIRED:
+        client.meta.events.register(
+            f"before-call.s3.{operation}", _content_md5_instead, unique_id=f"async-registrar-content-md5-{operation}"
+        )
+
+
+#: The operations S3 refuses without a checksum of the body (of those this project calls).
+_CHECKSUM_REQUIRED = ("DeleteObjects", "PutBucketLifecycleConfiguration")
+
+
+def _content_md5_instead(params: dict[str, Any], **_: Any) -> None:
+    """Send Content-MD5, not an x-amz-checksum-* header, with an operation that requires a
+    checksum (botocore would add its CRC32; the body is a small XML document)."""
+    checksum = params.get("context", {}).get("checksum", {})
+    checksum.pop("request_algorithm", None)
+    checksum.pop("request_algorithm_header", None)
+    body = params.get("body") or b""
+    if isinstance(body, str):
+        body = body.encode()
+    digest = hashlib.md5(body).digest()  # noqa: S324 (S3's Content-MD5, not security)
+    params["headers"]["Content-MD5"] = base64.b64encode(digest).decode()
 
 
 _HINTS = {

@@ -14,6 +14,7 @@ the multipart upload is aborted (see `MultipartUpload`).
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import logging
@@ -31,7 +32,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._archive import BLOCK, Sink, stream_archive, tar_size
 from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
 from ._budget import Lease, MemoryBudget, allocate
-from ._checksums import Checksummer, is_full_object
+from ._capabilities import Integrity
+from ._checksums import Checksummer, PartCheck, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import InputError, StorageError
 from ._multipart import MultipartUpload, MultipartUploads, OpenUploads, StoredObject, check_object, put_object
@@ -44,6 +46,18 @@ from ._threads import Workers
 __all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
+
+#: What the parts carry for each integrity level (the others carry nothing).
+_PART_CHECKS: dict[str, PartCheck] = {"crc32": "CRC32", "crc64nvme": "CRC64NVME", "md5": "MD5"}
+
+
+def assumed_integrity(settings: Settings) -> Integrity:
+    """The integrity the settings ask for, where the server was not probed: its CRC
+    (`when_supported`), or a signed payload (`when_required`, where botocore signs them)."""
+    if settings.s3_checksums != "when_supported":
+        return "sigv4-payload"
+    return "crc64nvme" if settings.s3_checksum_algorithm == "CRC64NVME" else "crc32"
+
 
 #: How much of a part is copied before it is hashed: well within a core's L2 cache.
 _HASH_STRIDE = 256 * 1024
@@ -62,6 +76,10 @@ class UploadedArtifact:
     etag: str | None = None
     checksum: str | None = None
     checksum_algorithm: str | None = None
+    #: What the server checked the bytes with on their way in (see `_capabilities`):
+    #: "crc32", "crc64nvme", "md5", "sigv4-payload", or "size-only" (nothing: the object's
+    #: integrity rests on its size and the registry's sha256 check).
+    integrity: str | None = None
 
     @property
     def uri(self) -> str:
@@ -271,6 +289,7 @@ async def upload_artifact(
     on_progress: ProgressCallback | None = None,
     workers: Workers | None = None,
     budget: MemoryBudget | None = None,
+    integrity: Integrity | None = None,
 ) -> UploadedArtifact:
     """Stream `source` (archived on the fly, or as it is if prebuilt) to `location`.
 
@@ -287,6 +306,7 @@ async def upload_artifact(
         on_progress=on_progress,
         workers=workers,
         budget=budget,
+        integrity=[integrity] if integrity else None,
     )
     return uploaded
 
@@ -318,6 +338,7 @@ async def upload_to_all(
     workers: Workers | None = None,
     budget: MemoryBudget | None = None,
     ledger: OpenUploads | None = None,
+    integrity: Sequence[Integrity] | None = None,
 ) -> list[UploadedArtifact]:
     """Like `upload_artifact`, to several places at once: archived and hashed once, each part
     sent to every target (one multipart upload per target, all aborted if any fails).
@@ -325,14 +346,17 @@ async def upload_to_all(
     Aborts (and the delete of an object found damaged) run under `cleanup`, the deadline of
     the caller's exit, so that they count against the same bound as the rest of its cleanup.
     Part buffers come out of `budget` (the caller's, shared by its uploads; else one of
-    `settings.memory_limit` for this upload alone).
+    `settings.memory_limit` for this upload alone).  `integrity` says, per target, what its
+    server checks (see `_capabilities`); without it, what the settings assume: the CRC
+    (`when_supported`) or a signed payload (`when_required`).
     """
     budget = budget or MemoryBudget(settings.memory_limit)
     part_size = choose_part_size(source.size_bound, settings.part_size)
     lease = await budget.lease(part_size + stream_overhead(settings))
     try:
+        levels = list(integrity) if integrity else [assumed_integrity(settings)] * len(targets)
         return await _upload_to_all(
-            source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers, ledger
+            source, targets, settings, part_size, lease, artifact, on_progress, cleanup, workers, ledger, levels
         )
     finally:
         lease.release()
@@ -349,13 +373,22 @@ async def _upload_to_all(
     cleanup: CleanupDeadline | None,
     workers: Workers | None,
     ledger: OpenUploads | None,
+    levels: list[Integrity],
 ) -> list[UploadedArtifact]:
     location = targets[0][1]
     cleanup = cleanup or CleanupDeadline(settings.cleanup_timeout)
     workers = workers or Workers.for_settings(settings)
-    # S3 checks each part's checksum (and with CRC64NVME the whole object's), unless the
-    # server is one that rejects checksum headers.
-    checksummer = Checksummer(settings.s3_checksum_algorithm) if settings.s3_checksums == "when_supported" else None
+    # What each part carries for the server to check: its CRC (and with CRC64NVME S3 checks
+    # the whole object's too), or its Content-MD5; one kind for all the targets (a target
+    # whose server checks another kind only is left with what else it checks).
+    check = _PART_CHECKS.get(levels[0])
+    for index, level in enumerate(levels):
+        if _PART_CHECKS.get(level, check) != check:
+            log.warning(
+                "%s: its server checks %s, but the parts carry %s for the others", targets[index][1], level, check
+            )
+            levels[index] = "size-only"
+    checksummer = Checksummer(check) if check else None
     # producer thread (reads, gzips, cuts and hashes in order) -> [parts] -> uploaders
     send_cut, receive_cut = anyio.create_memory_object_stream[_Part](settings.upload_queue_parts)
 
@@ -401,15 +434,19 @@ async def _upload_to_all(
     algorithm = checksummer.algorithm if checksummer is not None else None
     composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's
     stored: list[StoredObject | None] = [None] * len(targets)
+    if algorithm == "MD5":  # compared with the ETag, where the server follows S3's convention
+        expected, etag = None, expected
+    else:
+        etag = None
 
     async def confirm(index: int) -> None:
         s3, target = targets[index]
-        stored[index] = await _confirm(s3, target, size, expected, algorithm, composite, cleanup)
+        stored[index] = await _confirm(s3, target, size, expected, algorithm, composite, cleanup, etag)
 
     await run_all(functools.partial(confirm, index) for index in range(len(targets)))
     tracker.report(done=True)
-    for _, target in targets:
-        log.info("uploaded %s: %s, %d bytes, %d part(s)", artifact, target, size, parts)
+    for (_, target), level in zip(targets, levels, strict=True):
+        log.info("uploaded %s: %s, %d bytes, %d part(s), checked by %s", artifact, target, size, parts, level)
     return [
         UploadedArtifact(
             target,
@@ -419,8 +456,9 @@ async def _upload_to_all(
             etag=found.etag if found else None,
             checksum=found.checksum if found else None,
             checksum_algorithm=algorithm if found and found.checksum else None,
+            integrity=level,
         )
-        for (_, target), found in zip(targets, stored, strict=True)
+        for (_, target), found, level in zip(targets, stored, levels, strict=True)
     ]
 
 
@@ -488,7 +526,8 @@ async def _consume(
 ) -> tuple[int, str | None]:
     """Upload the parts as they come to every target, handing each part's buffer back to `pool`.
 
-    Returns how many parts there were and the object's expected checksum (if checksums are on).
+    Returns how many parts there were and the object's expected checksum (if checksums are
+    on; with MD5, its expected ETag instead).
     """
     algorithm = checksummer.algorithm if checksummer is not None else None
     first = await receive.receive()
@@ -499,6 +538,8 @@ async def _consume(
             for s3, location in targets
         )
         tracker.part_done(first.size)
+        if algorithm == "MD5":
+            return 1, base64.b64decode(first.checksum).hex() if first.checksum else None
         return 1, first.checksum
 
     seen_last = False
@@ -532,6 +573,8 @@ async def _consume(
             raise RuntimeError("the archive stream ended without its last part")
         whole = checksummer.whole if checksummer is not None else None  # every part was hashed
         await run_all(functools.partial(mpu.complete, whole) for mpu in uploads)
+    if algorithm == "MD5":
+        return tracker.parts_done, uploads[0].expected_etag
     return tracker.parts_done, uploads[0].expected_checksum
 
 
@@ -543,12 +586,15 @@ async def _confirm(
     algorithm: str | None,
     composite: bool,
     cleanup: CleanupDeadline,
+    etag: str | None = None,
 ) -> StoredObject | None:
     """Check that S3 holds the object whole (size, and checksum where known); delete it if not.
 
     Returns what S3 reported about it."""
     # A failed HeadObject is a problem too.
-    problem, found = await check_object(s3, location, size, checksum, algorithm=algorithm, composite=composite)
+    problem, found = await check_object(
+        s3, location, size, checksum, algorithm=algorithm, composite=composite, etag=etag
+    )
     if problem is None:
         return found
     with cleanup.shield(), storage_errors("DeleteObject", location.bucket, location.key):

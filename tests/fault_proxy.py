@@ -2,12 +2,17 @@
 
 Each client connection carries one request (the proxy answers with `Connection:
 close`), which keeps the parsing to request and response heads.  A rule looks at
-the request (method and target) and picks what happens to it:
+the request (method and target; and its headers, lower-cased, for a proxy made with
+`with_headers=True`) and picks what happens to it:
 
 - `None`: forward it, unchanged, and relay the answer;
 - `Reply(status, body)`: answer it here with a canned response (S3's XML errors);
 - `RESET`: drop the connection with a TCP reset, as a broken network does;
 - `Stall(seconds)`: forward it after a delay, as a slow or congested link does.
+
+A proxy made with a `body_rule` also reads each request's body before it forwards it, and
+lets the rule answer it or change it: `S3Server` makes one behave like the S3 servers that
+check what they receive (or not), and damages bodies on the way.
 
 It runs its own event loop in a thread, so it works under any test.
 """
@@ -15,9 +20,12 @@ It runs its own event loop in a thread, so it works under any test.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import socket
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,7 +44,9 @@ class Stall:
 
 
 RESET = object()
-Rule = Callable[[str, str], "Reply | Stall | object | None"]
+Rule = Callable[..., "Reply | Stall | object | None"]  # (method, target[, headers])
+#: Sees a request's whole body: answers it (a `Reply`) or gives the body to forward.
+BodyRule = Callable[[str, str, dict[str, str], bytes], "Reply | bytes"]
 
 
 def s3_error(status: int, code: str) -> Reply:
@@ -48,10 +58,16 @@ def s3_error(status: int, code: str) -> Reply:
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to `upstream`, applying `rule` to each request."""
 
-    def __init__(self, upstream: str, rule: Rule) -> None:
+    def __init__(
+        self, upstream: str, rule: Rule, *, with_headers: bool = False, body_rule: BodyRule | None = None
+    ) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self._upstream = (host, int(port))
         self.rule = rule
+        self._with_headers = with_headers
+        self._body_rule = body_rule
+        #: The headers of every request, in order (names lower-cased).
+        self.headers: list[dict[str, str]] = []
         self.seen: list[tuple[str, str]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -115,8 +131,13 @@ class FaultProxy:
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         method, target = head.split(b" ", 2)[:2]
+        headers = _headers(head)
         self.seen.append((method.decode(), target.decode()))
-        action = self.rule(method.decode(), target.decode())
+        self.headers.append(headers)
+        if self._with_headers:
+            action = self.rule(method.decode(), target.decode(), headers)
+        else:
+            action = self.rule(method.decode(), target.decode())
         try:
             if action is RESET:
                 sock = writer.get_extra_info("socket")
@@ -128,15 +149,34 @@ class FaultProxy:
                 return
             if isinstance(action, Stall):
                 await asyncio.sleep(action.seconds)
+            length = _content_length(head)
+            if self._body_rule is not None and length:
+                if b"expect: 100-continue" in head.lower():  # answered here: the body is read here
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    await writer.drain()
+                    head = b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"expect:"))
+                body = await reader.readexactly(length)
+                outcome = self._body_rule(method.decode(), target.decode(), headers, body)
+                if isinstance(outcome, Reply):
+                    await self._reply(head, reader, writer, outcome, body_read=True)
+                    return
+                await self._forward(method, head, reader, writer, body=outcome)
+                return
             await self._forward(method, head, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
 
     async def _reply(
-        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: Reply
+        self,
+        head: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        reply: Reply,
+        *,
+        body_read: bool = False,
     ) -> None:
         headers = head.lower()
-        if b"expect: 100-continue" not in headers:  # the body is on its way: read it first
+        if not body_read and b"expect: 100-continue" not in headers:  # the body is on its way: read it first
             length = _content_length(head)
             if length:
                 await reader.readexactly(length)
@@ -148,14 +188,22 @@ class FaultProxy:
         await writer.drain()
 
     async def _forward(
-        self, method: bytes, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        method: bytes,
+        head: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        body: bytes | None = None,
     ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
-            up_writer.write(head)
+            up_writer.write(head if body is None else head + body)
             await up_writer.drain()
 
             async def client_to_upstream() -> None:
+                if body is not None:  # sent already
+                    return
                 while data := await reader.read(65536):
                     up_writer.write(data)
                     await up_writer.drain()
@@ -192,3 +240,66 @@ def _content_length(head: bytes) -> int | None:
         if name.strip().lower() == b"content-length":
             return int(value.strip())
     return None
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    fields = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon:
+            fields[name.strip().lower().decode()] = value.strip().decode(errors="replace")
+    return fields
+
+
+def b2_rule(method: str, target: str, headers: dict[str, str]) -> Reply | None:
+    """What Backblaze B2's S3 API does with S3's flexible-checksum headers: 400 InvalidArgument
+    naming the first one (a rule for a proxy made with `with_headers=True`)."""
+    for name in headers:
+        if name.startswith(("x-amz-checksum-", "x-amz-sdk-checksum-")) or name == "x-amz-trailer":
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidArgument</Code>'
+                f"<Message>Unsupported header '{name}' received for this API call.</Message></Error>"
+            )
+            return Reply(400, body.encode(), "Bad Request")
+    return None
+
+
+class S3Server:
+    """A body rule that makes moto (which checks nothing) behave like another S3 server, and
+    damages bodies on the way to it.
+
+    - `checks`: what the server verifies of a body: "crc" (x-amz-checksum-crc32), "md5"
+      (Content-MD5), "sha256" (a signed x-amz-content-sha256); a mismatch is 400 BadDigest
+      (XAmzContentSHA256Mismatch for sha256), as AWS answers;
+    - `refuses_checksum_headers`: 400 InvalidArgument for any flexible-checksum header (B2);
+    - `damage(fragment, times)`: flip the last byte of the next `times` bodies whose target
+      holds `fragment` (-1: all of them), before the checks: damage in transit.
+    """
+
+    def __init__(self, checks: frozenset[str] = frozenset(), *, refuses_checksum_headers: bool = False) -> None:
+        self.checks = checks
+        self.refuses_checksum_headers = refuses_checksum_headers
+        self._damage: tuple[str, int] | None = None
+        self.damaged = 0
+
+    def damage(self, fragment: str, times: int = 1) -> None:
+        self._damage = (fragment, times)
+
+    def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Reply | bytes:
+        if self.refuses_checksum_headers and (refused := b2_rule(method, target, headers)) is not None:
+            return refused
+        if self._damage is not None and self._damage[0] in target and self._damage[1] != 0:
+            self._damage = (self._damage[0], self._damage[1] - 1)
+            self.damaged += 1
+            body = body[:-1] + bytes([body[-1] ^ 0xFF])
+        crc = headers.get("x-amz-checksum-crc32")
+        if "crc" in self.checks and crc and crc != base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode():
+            return s3_error(400, "BadDigest")
+        md5 = headers.get("content-md5")
+        if "md5" in self.checks and md5 and md5 != base64.b64encode(hashlib.md5(body).digest()).decode():  # noqa: S324
+            return s3_error(400, "BadDigest")
+        sha256 = headers.get("x-amz-content-sha256", "")
+        signed = sha256 and not sha256.startswith(("UNSIGNED", "STREAMING"))
+        if "sha256" in self.checks and signed and sha256 != hashlib.sha256(body).hexdigest():
+            return s3_error(400, "XAmzContentSHA256Mismatch")
+        return body

@@ -1,0 +1,340 @@
+"""What an S3 endpoint verifies, found out once per endpoint and process, and the integrity
+an upload gets from it.
+
+S3-compatible servers differ in what they check.  AWS S3 refuses a part whose CRC32 header
+does not match its bytes; JuiceFS and rclone accept any CRC32 header and verify nothing of
+it, though JuiceFS checks a signed payload's sha256; Backblaze B2 refuses the checksum
+headers altogether; moto checks nothing.  So before the first upload to an endpoint, the
+probe sends a few tiny objects, some of them damaged on the way on purpose (one byte of the
+body changed after the request was signed and its checksums computed), and notes which
+damage the server refused:
+
+- a CRC header (`x-amz-checksum-crc32`, or the configured algorithm's), and whether
+  HeadObject reports the value sent;
+- `Content-MD5`;
+- a signed payload (`x-amz-content-sha256` of the body, covered by the signature);
+- and whether it lists multipart uploads (the cleanup's safety net).
+
+The uploads then use the strongest check the server performs (`Integrity`): a server-checked
+CRC (free: computed as the parts are cut); else a signed payload (one more sha256 pass, ~0.8
+CPU-s per GiB here, but stronger, and cheaper than MD5's ~1.5); else Content-MD5; else
+nothing the server checks, which one WARNING per run says: the object's integrity then rests
+on its size and on the registry's sha256 check.  With `REGISTRAR_S3_CHECKSUMS=when_required`
+no checksum header of any kind is sent, so only a signed payload can be checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import logging
+import secrets
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ._concurrency import run_all
+from ._s3 import S3Client, content_md5_where_required, error_code
+
+__all__ = ["Integrity", "S3Capabilities", "integrity_of", "prepare_uploads", "probe_capabilities", "size_only_warning"]
+
+log = logging.getLogger("async_registrar")
+
+Integrity = Literal["crc64nvme", "crc32", "md5", "sigv4-payload", "size-only"]
+
+#: What the probes send: small, and the same every time.
+_BODY = b"async-registrar capability probe\n"
+#: The errors a server answers a request whose body does not match what it was told.
+_DAMAGE_CODES = frozenset(
+    {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch", "InvalidRequest"}
+)
+#: How long the probe may take in all (each request is small).
+PROBE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class S3Capabilities:
+    """What one S3 endpoint was found to check (see the module's docstring)."""
+
+    endpoint: str
+    #: Whether it takes S3's flexible-checksum headers (None: not sent, `when_required`).
+    checksum_headers: bool | None
+    #: Whether it refuses a body that does not match its CRC header.
+    verifies_checksum: bool
+    #: Whether HeadObject (checksum mode on) gives back the CRC sent.
+    reports_checksum: bool
+    #: Whether it refuses a body that does not match its Content-MD5 (None: not sent).
+    verifies_md5: bool | None
+    #: Whether it refuses a body that does not match its signed payload hash.
+    verifies_payload_hash: bool
+    #: Whether ListMultipartUploads works.
+    lists_uploads: bool
+    #: The check the uploads use.
+    integrity: Integrity
+
+    def describe(self) -> str:
+        """One line for the log and `check`."""
+
+        def yes(value: bool | None) -> str:
+            return "not sent" if value is None else ("yes" if value else "no")
+
+        return (
+            f"S3 at {self.endpoint} checks: CRC headers {yes(self.checksum_headers and self.verifies_checksum)}"
+            f"{'' if self.checksum_headers is not False else ' (refused)'}, Content-MD5 {yes(self.verifies_md5)}, "
+            f"signed payloads {yes(self.verifies_payload_hash)}; lists multipart uploads "
+            f"{yes(self.lists_uploads)}; uploads are checked by {self.integrity}"
+        )
+
+
+def size_only_warning(where: str, endpoint: str) -> str:
+    """The one WARNING for a server that checks nothing of what it receives."""
+    return (
+        f"{where}: the S3 server at {endpoint} checks no CRC, Content-MD5 or signed payload of what it "
+        "receives: an object damaged on the way would be taken, so its integrity rests on its size and "
+        "on the registry's sha256 check (uploads report integrity 'size-only')"
+    )
+
+
+def integrity_of(capabilities: S3Capabilities, algorithm: str) -> Integrity:
+    """The strongest check the server performs (see the module's docstring)."""
+    if capabilities.verifies_checksum:
+        return "crc64nvme" if algorithm == "CRC64NVME" else "crc32"
+    if capabilities.verifies_payload_hash:
+        return "sigv4-payload"
+    if capabilities.verifies_md5:
+        return "md5"
+    return "size-only"
+
+
+#: Probed endpoints: (endpoint, region, checksums setting, algorithm) -> what was found.
+_FOUND: dict[tuple[str, str, str, str], S3Capabilities] = {}
+
+
+async def probe_capabilities(
+    s3: S3Client, bucket: str, prefix: str, *, checksums: str, algorithm: str
+) -> S3Capabilities:
+    """What the endpoint of `s3` checks: probed with a few small objects under `prefix` in
+    `bucket` (removed again), once per endpoint and process; logged at INFO the first time.
+
+    A probe that fails for another reason than the damage (a denied permission, a server
+    error) counts as "not checked": the upload then fails or warns on its own terms."""
+    endpoint = str(s3.meta.endpoint_url)
+    cache_key = (endpoint, str(s3.meta.region_name), checksums, algorithm)
+    if (found := _FOUND.get(cache_key)) is not None:
+        return found
+    base = f"{prefix}.capabilities-{secrets.token_hex(6)}"
+    keys = {name: f"{base}-{name}" for name in ("crc", "crc-damaged", "md5-damaged", "sha256-damaged")}
+    with anyio.move_on_after(PROBE_TIMEOUT):
+        damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
+        only = {keys["md5-damaged"], keys["sha256-damaged"]}  # each probes one check alone
+        async with _damaging(s3, damaged), _signing(s3, {keys["sha256-damaged"]}), _without_crc(s3, only):
+            results: dict[str, bool | None] = {}
+
+            async def crc() -> None:
+                if checksums != "when_supported":
+                    results.update(headers=None, verifies=False, reports=False)
+                    return
+                accepted, reported = await _put_and_report(s3, bucket, keys["crc"], algorithm)
+                results.update(headers=accepted, reports=reported)
+                results["verifies"] = accepted and await _refused(
+                    s3.put_object(Bucket=bucket, Key=keys["crc-damaged"], Body=_BODY, ChecksumAlgorithm=algorithm)
+                )
+
+            async def md5() -> None:
+                if checksums != "when_supported":
+                    results["md5"] = None
+                    return
+                value = base64.b64encode(hashlib.md5(_BODY).digest()).decode()  # noqa: S324 (S3's own check)
+                results["md5"] = await _refused(
+                    s3.put_object(Bucket=bucket, Key=keys["md5-damaged"], Body=_BODY, ContentMD5=value)
+                )
+
+            async def sha256() -> None:
+                results["sha256"] = await _refused(s3.put_object(Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY))
+
+            async def uploads() -> None:
+                try:
+                    await s3.list_multipart_uploads(Bucket=bucket, Prefix=base)
+                    results["lists"] = True
+                except (ClientError, BotoCoreError):
+                    results["lists"] = False
+
+            try:
+                await run_all([crc, md5, sha256, uploads])
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await _remove(s3, bucket, list(keys.values()))
+    partial = S3Capabilities(
+        endpoint=endpoint,
+        checksum_headers=results.get("headers"),
+        verifies_checksum=bool(results.get("verifies")),
+        reports_checksum=bool(results.get("reports")),
+        verifies_md5=results.get("md5", False),
+        verifies_payload_hash=bool(results.get("sha256")),
+        lists_uploads=bool(results.get("lists")),
+        integrity="size-only",
+    )
+    found = S3Capabilities(**{**_fields(partial), "integrity": integrity_of(partial, algorithm)})
+    _FOUND[cache_key] = found
+    log.info("%s", found.describe())
+    return found
+
+
+def _fields(capabilities: S3Capabilities) -> dict[str, Any]:
+    return {name: getattr(capabilities, name) for name in S3Capabilities.__slots__}
+
+
+async def _put_and_report(s3: S3Client, bucket: str, key: str, algorithm: str) -> tuple[bool, bool]:
+    """Put `_BODY` with a checksum header: whether it was taken, and whether HeadObject reports it."""
+    try:
+        await s3.put_object(Bucket=bucket, Key=key, Body=_BODY, ChecksumAlgorithm=algorithm)
+    except ClientError:
+        return False, False
+    expected = _expected(algorithm)
+    try:
+        head = await s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    except (ClientError, BotoCoreError):
+        return True, False
+    return True, expected is not None and head.get(f"Checksum{algorithm}") == expected
+
+
+def _expected(algorithm: str) -> str | None:
+    if algorithm == "CRC32":
+        return base64.b64encode(zlib.crc32(_BODY).to_bytes(4, "big")).decode()
+    return None  # CRC64NVME needs the CRT; "reports" stays unknown (False) without it
+
+
+async def _refused(request: Any) -> bool:
+    """Whether the server refused a damaged request as damaged (a 4xx saying so)."""
+    try:
+        await request
+    except ClientError as exc:
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+        return error_code(exc) in _DAMAGE_CODES or (status == 400 and error_code(exc) != "InvalidArgument")
+    except BotoCoreError:
+        return False
+    return False
+
+
+async def _remove(s3: S3Client, bucket: str, keys: list[str]) -> None:
+    """Delete the probe's objects (those it never made are no error); name what is left."""
+    left: list[str] = []
+
+    async def one(key: str) -> None:
+        try:
+            await s3.delete_object(Bucket=bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            left.append(f"s3://{bucket}/{key} ({exc})")
+
+    await run_all(functools.partial(one, key) for key in keys)
+    if left:
+        log.warning(
+            "the capability probe could not remove its objects (the role needs s3:DeleteObject); "
+            "remove them by hand: %s",
+            ", ".join(left),
+        )
+
+
+def _matches(url: str, keys: set[str]) -> bool:
+    path = url.split("?", 1)[0]
+    return any(path.endswith("/" + key) for key in keys)
+
+
+@contextlib.asynccontextmanager
+async def _damaging(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+    """Change one byte of the body of the PutObject requests to `keys` after they were signed
+    and their checksums computed: damage on the way, as the server sees it."""
+
+    def damage(request: Any, **_: Any) -> None:
+        if not _matches(request.url, keys):
+            return
+        body = request.body
+        data = bytearray(body.read() if hasattr(body, "read") else body or b"")
+        if data:
+            data[-1] ^= 0xFF
+            request.body = bytes(data)
+
+    s3.meta.events.register("before-send.s3.PutObject", damage)
+    try:
+        yield
+    finally:
+        s3.meta.events.unregister("before-send.s3.PutObject", damage)
+
+
+@contextlib.asynccontextmanager
+async def _without_crc(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+    """No CRC header on the PutObject requests to `keys` (botocore adds one by default)."""
+
+    def strip(params: dict[str, Any], **_: Any) -> None:
+        if _matches(str(params.get("url", "")), keys):
+            checksum = params.get("context", {}).get("checksum", {})
+            checksum.pop("request_algorithm", None)
+            checksum.pop("request_algorithm_header", None)
+
+    s3.meta.events.register("before-call.s3.PutObject", strip)
+    try:
+        yield
+    finally:
+        s3.meta.events.unregister("before-call.s3.PutObject", strip)
+
+
+@contextlib.asynccontextmanager
+async def _signing(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+    """Sign the payload of the PutObject requests to `keys` (whatever the client's setting)."""
+    handler = _payload_signer(s3, lambda request: _matches(request.url, keys))
+    s3.meta.events.register("before-sign.s3.PutObject", handler)
+    try:
+        yield
+    finally:
+        s3.meta.events.unregister("before-sign.s3.PutObject", handler)
+
+
+def _payload_signer(s3: S3Client, applies: Callable[[Any], bool]) -> Callable[..., None]:
+    signing = s3.meta.config.merge(AioConfig(s3={**(s3.meta.config.s3 or {}), "payload_signing_enabled": True}))
+
+    def sign(request: Any, **_: Any) -> None:
+        if applies(request):
+            request.context["client_config"] = signing
+
+    return sign
+
+
+#: The operations whose bodies carry an artifact's bytes.
+_UPLOADS = ("PutObject", "UploadPart")
+
+
+def prepare_uploads(s3: S3Client, capabilities: S3Capabilities) -> None:
+    """Make the requests of `s3` carry what its server checks: a signed payload (the server
+    then checks each part's sha256) for "sigv4-payload"; no CRC header (botocore adds one by
+    default) where the server checks none; and where it refuses them, none of any kind (the
+    operations that require a checksum carry Content-MD5).  Registered once per client."""
+    integrity = capabilities.integrity
+    if capabilities.checksum_headers is False:
+        content_md5_where_required(s3)
+    if integrity == "sigv4-payload":
+        signer = _payload_signer(s3, lambda request: True)
+        for operation in _UPLOADS:
+            s3.meta.events.register(
+                f"before-sign.s3.{operation}", signer, unique_id=f"async-registrar-sign-payloads-{operation}"
+            )
+    if integrity not in ("crc32", "crc64nvme"):
+        for operation in _UPLOADS:
+            s3.meta.events.register(
+                f"before-call.s3.{operation}", _no_default_crc, unique_id=f"async-registrar-no-crc-{operation}"
+            )
+
+
+def _no_default_crc(params: dict[str, Any], **_: Any) -> None:
+    headers = params.get("headers", {})
+    if any(name.lower().startswith("x-amz-checksum-") for name in headers):
+        return  # one the caller asked for
+    checksum = params.get("context", {}).get("checksum", {})
+    checksum.pop("request_algorithm", None)
+    checksum.pop("request_algorithm_header", None)

@@ -1,0 +1,163 @@
+"""Capability probing and the integrity ladder (issue 17).
+
+moto checks nothing of what it receives; a proxy in front of it (`S3Server`) makes it check
+what a given server checks (a CRC header, Content-MD5, a signed payload's sha256), refuse
+the checksum headers as Backblaze B2 does, and damage a body on the way.  For each kind of
+server: the probe finds what it checks, the uploads use the strongest of it, a part damaged
+on the way is caught and sent again, and a server that checks nothing gets `size-only` and
+one WARNING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from async_registrar import Registrar, Settings
+from async_registrar._capabilities import probe_capabilities
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._s3 import make_session, open_s3_client
+
+from .conftest import MiB, final_status, leftovers, make_job, mims_server, on, request_for
+from .fault_proxy import FaultProxy, S3Server, b2_rule
+
+FLEXIBLE = ("x-amz-checksum-", "x-amz-sdk-checksum-", "x-amz-trailer")
+
+
+def forward(method: str, target: str) -> None:
+    return None
+
+
+@asynccontextmanager
+async def emulated(stack: LocalStack, server: S3Server, *, b2: bool = False) -> AsyncIterator[FaultProxy]:
+    rule: Callable[..., Any] = b2_rule if b2 else forward
+    with FaultProxy(stack.s3_endpoint, rule, with_headers=b2, body_rule=server) as proxy:
+        yield proxy
+
+
+def through(settings: Settings, proxy: FaultProxy, **changes: Any) -> Settings:
+    return settings.model_copy(update={"s3_endpoint_url": proxy.endpoint, "part_size": 5 * MiB, **changes})
+
+
+def weights(root: Path, size: int = 12 * MiB) -> Path:
+    root.mkdir()
+    (root / "weights.bin").write_bytes(os.urandom(size))
+    return root
+
+
+async def read_back(s3: Any, bucket: str, key: str) -> str:
+    body = await s3.get_object(Bucket=bucket, Key=key)
+    return hashlib.sha256(await body["Body"].read()).hexdigest()
+
+
+LADDER = [
+    (frozenset({"crc", "md5", "sha256"}), "crc32"),  # AWS S3
+    (frozenset({"md5", "sha256"}), "sigv4-payload"),  # JuiceFS-like: the CRC header ignored
+    (frozenset({"md5"}), "md5"),
+    (frozenset({"sha256"}), "sigv4-payload"),
+    (frozenset(), "size-only"),  # moto, rclone
+]
+
+
+@pytest.mark.parametrize(("checks", "integrity"), LADDER, ids=[level for _, level in LADDER])
+async def test_the_probe_finds_what_the_server_checks_and_a_damaged_part_is_caught(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, checks: frozenset[str], integrity: str
+) -> None:
+    server = S3Server(checks)
+    async with emulated(stack, server) as proxy:
+        server.damage("partNumber=2", times=1)
+        key = f"{settings.s3_prefix}model.tar.gz"
+        async with Registrar(through(settings, proxy)) as registrar:
+            result = await registrar.upload(weights(tmp_path / "m"), f"s3://{settings.s3_bucket}/{key}")
+    assert result.integrity == integrity
+    assert server.damaged == 1
+    stored = await read_back(s3, settings.s3_bucket, key)
+    if integrity == "size-only":  # taken damaged: only the size matched; the registry's sha256 check catches it
+        assert stored != result.sha256
+        assert proxy.count("PUT", "partNumber=2") == 1
+    else:  # refused, sent again
+        assert stored == result.sha256
+        assert proxy.count("PUT", "partNumber=2") == 2
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_server_that_checks_nothing_gets_one_warning(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with emulated(stack, S3Server()) as proxy:
+        key = f"{settings.s3_prefix}model.tar.gz"
+        with caplog.at_level(logging.INFO, logger="async_registrar"):
+            async with Registrar(through(settings, proxy)) as registrar:
+                result = await registrar.upload(weights(tmp_path / "m"), f"s3://{settings.s3_bucket}/{key}")
+    assert result.integrity == "size-only"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "rests on its size and on the registry's sha256 check" in warnings[0]
+    found = [r.getMessage() for r in caplog.records if "checks: CRC headers" in r.getMessage()]
+    assert len(found) == 1, found
+    assert "uploads are checked by size-only" in found[0]
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+
+
+async def test_when_required_sends_no_checksum_header_and_gets_the_signed_payload_checked(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings
+) -> None:
+    """B2-like: the flexible-checksum headers refused, signed payloads checked."""
+    server = S3Server(frozenset({"sha256"}))
+    async with emulated(stack, server, b2=True) as proxy:
+        server.damage("partNumber=2", times=1)
+        key = f"{settings.s3_prefix}model.tar.gz"
+        async with Registrar(through(settings, proxy, s3_checksums="when_required")) as registrar:
+            result = await registrar.upload(weights(tmp_path / "m"), f"s3://{settings.s3_bucket}/{key}")
+    assert result.integrity == "sigv4-payload"
+    assert await read_back(s3, settings.s3_bucket, key) == result.sha256
+    assert sorted({n for h in proxy.headers for n in h if n.startswith(FLEXIBLE)}) == []
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+
+
+async def test_the_probe_runs_once_per_endpoint_and_leaves_nothing(stack: LocalStack, settings: Settings) -> None:
+    async with emulated(stack, S3Server(frozenset({"crc"}))) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as client:
+            first = await probe_capabilities(
+                client, settings.s3_bucket, settings.s3_prefix, checksums="when_supported", algorithm="CRC32"
+            )
+            requests = len(proxy.seen)
+            again = await probe_capabilities(
+                client, settings.s3_bucket, settings.s3_prefix, checksums="when_supported", algorithm="CRC32"
+            )
+            assert again is first
+            assert len(proxy.seen) == requests
+            assert await leftovers(client, settings.s3_bucket, settings.s3_prefix) == []
+    assert first.integrity == "crc32"
+    assert (first.checksum_headers, first.verifies_checksum, first.reports_checksum) == (True, True, True)
+    assert (first.verifies_md5, first.verifies_payload_hash, first.lists_uploads) == (False, False, True)
+
+
+async def test_a_registration_records_the_integrity_and_check_shows_what_s3_checks(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings
+) -> None:
+    """A damaged part under a JuiceFS-like server: sent again, registered, SUCCEEDED."""
+    server = S3Server(frozenset({"md5", "sha256"}))
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    async with emulated(stack, server) as proxy:
+        with mims_server(stack) as registry:
+            async with Registrar(on(through(settings, proxy), registry)) as registrar:
+                plan = await registrar.check(request_for(job))
+                server.damage("partNumber=2", times=1)
+                result = await registrar.register(request_for(job))
+            assert await final_status(registry, result.registration_id) == "SUCCEEDED"
+    assert plan.regions[0].integrity == "sigv4-payload"
+    assert "uploads are checked by sigv4-payload" in "\n".join(plan.lines())
+    assert result.model_artifact.integrity == "sigv4-payload"
+    assert server.damaged == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
