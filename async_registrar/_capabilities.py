@@ -43,7 +43,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from ._concurrency import run_all
 from ._s3 import S3Client, content_md5_where_required, error_code
 
-__all__ = ["Integrity", "S3Capabilities", "integrity_of", "prepare_uploads", "probe_capabilities", "size_only_warning"]
+__all__ = [
+    "Integrity",
+    "S3Capabilities",
+    "integrity_of",
+    "known_capabilities",
+    "prepare_uploads",
+    "probe_capabilities",
+    "size_only_warning",
+]
 
 log = logging.getLogger("async_registrar")
 
@@ -57,6 +65,8 @@ _DAMAGE_CODES = frozenset(
 )
 #: How long the probe may take in all (each request is small).
 PROBE_TIMEOUT = 30.0
+#: How long the listing of multipart uploads may take (it is only reported).
+LIST_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,16 +127,34 @@ def integrity_of(capabilities: S3Capabilities, algorithm: str) -> Integrity:
 _FOUND: dict[tuple[str, str, str, str], S3Capabilities] = {}
 
 
+def _cache_key(s3: S3Client, checksums: str, algorithm: str) -> tuple[str, str, str, str]:
+    return (str(s3.meta.endpoint_url), str(s3.meta.region_name), checksums, algorithm)
+
+
+def known_capabilities(s3: S3Client, settings: Any) -> S3Capabilities | None:
+    """What an earlier probe in this process found for the endpoint of `s3`, if any (`check`
+    shows it; it writes nothing, so it probes nothing)."""
+    return _FOUND.get(_cache_key(s3, settings.s3_checksums, settings.s3_checksum_algorithm))
+
+
 async def probe_capabilities(
-    s3: S3Client, bucket: str, prefix: str, *, checksums: str, algorithm: str
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    *,
+    checksums: str,
+    algorithm: str,
+    removal_timeout: float = 10.0,
+    covered: bool = False,
 ) -> S3Capabilities:
     """What the endpoint of `s3` checks: probed with a few small objects under `prefix` in
-    `bucket` (removed again), once per endpoint and process; logged at INFO the first time.
+    `bucket` (removed again, within `removal_timeout`; `covered`: a cleanup removes what is
+    left under `prefix` anyway), once per endpoint and process; logged at INFO the first time.
 
     A probe that fails for another reason than the damage (a denied permission, a server
     error) counts as "not checked": the upload then fails or warns on its own terms."""
     endpoint = str(s3.meta.endpoint_url)
-    cache_key = (endpoint, str(s3.meta.region_name), checksums, algorithm)
+    cache_key = _cache_key(s3, checksums, algorithm)
     if (found := _FOUND.get(cache_key)) is not None:
         return found
     base = f"{prefix}.capabilities-{secrets.token_hex(6)}"
@@ -160,17 +188,27 @@ async def probe_capabilities(
                 results["sha256"] = await _refused(s3.put_object(Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY))
 
             async def uploads() -> None:
-                try:
+                results["lists"] = False
+                # Only reported (the cleanup copes either way): a server slow to answer it does
+                # not hold up the upload.
+                with anyio.move_on_after(LIST_TIMEOUT), contextlib.suppress(ClientError, BotoCoreError):
                     await s3.list_multipart_uploads(Bucket=bucket, Prefix=base)
                     results["lists"] = True
-                except (ClientError, BotoCoreError):
-                    results["lists"] = False
 
             try:
                 await run_all([crc, md5, sha256, uploads])
             finally:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                with anyio.CancelScope(shield=True), anyio.move_on_after(removal_timeout) as removal:
                     await _remove(s3, bucket, list(keys.values()))
+                if removal.cancelled_caught:
+                    log.log(
+                        logging.INFO if covered else logging.WARNING,
+                        "the capability probe's objects s3://%s/%s-* were not removed within %g s%s",
+                        bucket,
+                        base,
+                        removal_timeout,
+                        "; the run's cleanup removes them" if covered else "; remove them by hand if they stay",
+                    )
     partial = S3Capabilities(
         endpoint=endpoint,
         checksum_headers=results.get("headers"),

@@ -58,17 +58,20 @@ class RegionPlan:
     #: attempt folder under it).
     prefix: str
     endpoint: str
-    #: What the region's S3 was found to check (one line), if the preflight probed it.
+    #: What the region's S3 was found to check (one line), if a registration of this process
+    #: probed it already (`check` writes nothing, so it does not probe).
     s3_checks: str | None = None
-    #: What the uploads would be checked by: "crc32", "crc64nvme", "md5", "sigv4-payload" or
-    #: "size-only" (see `UploadedArtifact.integrity`).
+    #: What the uploads would be checked by, if known: "crc32", "crc64nvme", "md5",
+    #: "sigv4-payload" or "size-only" (see `UploadedArtifact.integrity`).
     integrity: str | None = None
 
     def describe(self) -> str:
         line = f"{self.region}: temporary prefix {self.prefix}<run id>/; registry {self.endpoint}"
         if self.s3_checks:
-            line += f"\n{self.region}: {self.s3_checks}"
-        return line
+            return line + f"\n{self.region}: {self.s3_checks}"
+        return line + (
+            f"\n{self.region}: what S3 checks of the uploads is probed just before the first one (check writes nothing)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

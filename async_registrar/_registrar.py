@@ -315,6 +315,7 @@ class Registrar:
                 target.key,
                 checksums=self.settings.s3_checksums,
                 algorithm=self.settings.s3_checksum_algorithm,
+                removal_timeout=self.settings.cleanup_timeout,
             )
             integrity = capabilities.integrity
             prepare_uploads(s3, capabilities)

@@ -34,7 +34,13 @@ import anyio
 
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
 from ._budget import MemoryBudget
-from ._capabilities import S3Capabilities, prepare_uploads, probe_capabilities, size_only_warning
+from ._capabilities import (
+    S3Capabilities,
+    known_capabilities,
+    prepare_uploads,
+    probe_capabilities,
+    size_only_warning,
+)
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
     AcceptedRegistration,
@@ -65,6 +71,9 @@ from ._threads import Workers
 from ._upload import UploadedArtifact, assumed_integrity, buffer_bound, digest_artifact, upload_to_all
 
 __all__ = ["RegionClients", "Run"]
+
+#: How long a run waits for the capability probe's objects to be deleted before it uploads.
+PROBE_REMOVAL_WAIT = 2.0
 
 log = logging.getLogger("async_registrar")
 
@@ -265,8 +274,8 @@ class Run:
                 bucket=r.bucket,
                 prefix=f"s3://{r.bucket}/{settings.s3_prefix}{self.identity.group}/",
                 endpoint=redact(r.mims.endpoint),
-                s3_checks=r.capabilities.describe() if r.capabilities else None,
-                integrity=r.capabilities.integrity if r.capabilities else assumed_integrity(settings),
+                s3_checks=known.describe() if (known := known_capabilities(r.s3, settings)) else None,
+                integrity=known.integrity if known else None,
             )
             for r in self.regions
         )
@@ -296,7 +305,6 @@ class Run:
                 await check_storage(
                     self._targets(self.regions), credentials=self._credentials, within=self.settings.preflight_timeout
                 )
-                await run_all(functools.partial(self._capabilities, r) for r in self.regions)
         if request.performance_metadata_uri is not None:
             self._metadata = await load_performance_metadata(
                 self._s3, local=request.metadata_path, uri=request.performance_metadata_uri
@@ -304,15 +312,20 @@ class Run:
         self.identity = run_identity(request, model, payload, self._metadata, self.settings)
 
     async def _capabilities(self, region: _Region) -> None:
-        """What the region's S3 checks (once per endpoint and process), and the uploads made
-        to carry it; one WARNING when it checks nothing."""
+        """What the region's S3 checks (once per endpoint and process; probed under the run's
+        own prefix, whose cleanup covers it), and the uploads made to carry it; one WARNING
+        when it checks nothing.  Probed just before the first upload, after the whole
+        preflight passed: the preflight (and `check`) writes nothing."""
         settings = self.settings
         region.capabilities = await probe_capabilities(
             region.s3,
             region.bucket,
-            settings.s3_prefix,
+            _prefix(region).prefix,
             checksums=settings.s3_checksums,
             algorithm=settings.s3_checksum_algorithm,
+            # Not waited on for long: the run's cleanup removes whatever is left under its prefix.
+            removal_timeout=min(settings.cleanup_timeout, PROBE_REMOVAL_WAIT),
+            covered=True,
         )
         prepare_uploads(region.s3, region.capabilities)
         if region.capabilities.integrity == "size-only":
@@ -537,6 +550,9 @@ class Run:
     async def _upload(self) -> None:
         """Upload each artifact once, to every region that needs it."""
         mark = anyio.current_time()
+        if self.settings.preflight:
+            unprobed = [r for r in self.regions if r.to_upload and r.capabilities is None]
+            await run_all(functools.partial(self._capabilities, r) for r in unprobed)
 
         async def upload(name: str) -> None:
             regions = [r for r in self.regions if name in r.to_upload]

@@ -152,10 +152,13 @@ async def test_a_registration_records_the_integrity_and_check_shows_what_s3_chec
     async with emulated(stack, server) as proxy:
         with mims_server(stack) as registry:
             async with Registrar(on(through(settings, proxy), registry)) as registrar:
-                plan = await registrar.check(request_for(job))
+                unknown = await registrar.check(request_for(job))  # writes nothing: probes nothing
                 server.damage("partNumber=2", times=1)
                 result = await registrar.register(request_for(job))
+                plan = await registrar.check(request_for(job))  # what the registration found
             assert await final_status(registry, result.registration_id) == "SUCCEEDED"
+    assert unknown.regions[0].integrity is None
+    assert "probed just before the first one" in "\n".join(unknown.lines())
     assert plan.regions[0].integrity == "sigv4-payload"
     assert "uploads are checked by sigv4-payload" in "\n".join(plan.lines())
     assert result.model_artifact.integrity == "sigv4-payload"

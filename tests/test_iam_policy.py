@@ -263,9 +263,14 @@ def test_the_documented_policy_is_all_a_registration_needs(tmp_path: Path, iam_s
     assert len(lines) == 2, result.stdout
     assert lines[0].startswith("Workflow execution arn for model registration process: arn:aws:states:")
     assert lines[1].startswith("Model id for model being registered: model-")
-    assert " WARNING " not in result.stderr, result.stderr
+    assert other_warnings(result.stderr) == [], result.stderr
     assert " ERROR " not in result.stderr, result.stderr
     assert iam_s3.leftovers(prefix) == []
+
+
+def other_warnings(stderr: str) -> list[str]:
+    """The WARNING lines but the one that moto, which checks nothing it receives, earns (issue 17)."""
+    return [line for line in stderr.splitlines() if " WARNING " in line and "checks no CRC" not in line]
 
 
 def test_the_documented_policy_covers_keeping_and_resuming(tmp_path: Path, iam_s3: IamS3) -> None:
@@ -288,7 +293,7 @@ def test_the_documented_policy_covers_keeping_and_resuming(tmp_path: Path, iam_s
     assert "resuming registration" in resumed.stderr, resumed.stderr
     assert "nothing to upload" in resumed.stderr, resumed.stderr
     assert len(resumed.stdout.splitlines()) == 2
-    assert " WARNING " not in resumed.stderr, resumed.stderr
+    assert other_warnings(resumed.stderr) == [], resumed.stderr
     assert iam_s3.leftovers(prefix) == []
 
 
@@ -337,7 +342,12 @@ def test_without_one_permission_register_says_which(tmp_path: Path, iam_s3: IamS
     if emptied:
         assert left == [], left
     else:
-        assert sorted(k.rsplit("/", 1)[1] for k in left) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        names = sorted(k.rsplit("/", 1)[1] for k in left)  # with the capability probe's, which it can't remove either
+        assert [n for n in names if not n.startswith(".capabilities-")] == [
+            "model.tar.gz",
+            "payload.tar.gz",
+            "registration.json",
+        ]
         iam_s3.remove(prefix)
 
 
