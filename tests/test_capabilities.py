@@ -164,3 +164,43 @@ async def test_a_registration_records_the_integrity_and_check_shows_what_s3_chec
     assert result.model_artifact.integrity == "sigv4-payload"
     assert server.damaged == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+class _Head:
+    """An S3 client whose HeadObject answers `answer`."""
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        self.answer = answer
+
+    async def head_object(self, **_: Any) -> dict[str, Any]:
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("reported", "problem"),
+    [
+        ('"7972b1efdba60f4b2e77c817dcbead84-6"', None),  # S3's convention, the same
+        ('"00000000000000000000000000000000-6"', "its ETag is 00000000000000000000000000000000-6"),
+        ('"90fde50905b1bff6bb717ebb18d9459b"', None),  # rclone: the whole object's MD5, no "-N"
+        ('"not-an-md5"', None),
+    ],
+)
+async def test_the_multipart_etag_is_compared_only_where_the_server_follows_s3s_convention(
+    reported: str, problem: str | None
+) -> None:
+    from async_registrar._multipart import check_object
+    from async_registrar._s3 import S3Location
+
+    found, _ = await check_object(
+        _Head({"ContentLength": 10, "ETag": reported}),
+        S3Location("b", "k"),
+        10,
+        None,
+        algorithm="MD5",
+        etag="7972b1efdba60f4b2e77c817dcbead84-6",
+    )
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert problem in found
