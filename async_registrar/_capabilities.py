@@ -50,6 +50,7 @@ __all__ = [
     "known_capabilities",
     "prepare_uploads",
     "probe_capabilities",
+    "settings_integrity",
     "size_only_warning",
 ]
 
@@ -112,6 +113,14 @@ def size_only_warning(where: str, endpoint: str) -> str:
     )
 
 
+def settings_integrity(checksums: str, algorithm: str) -> Integrity:
+    """The integrity the settings ask for where the server was not probed: its CRC
+    (`when_supported`), or a signed payload (`when_required`, where botocore signs them)."""
+    if checksums != "when_supported":
+        return "sigv4-payload"
+    return "crc64nvme" if algorithm == "CRC64NVME" else "crc32"
+
+
 def integrity_of(capabilities: S3Capabilities, algorithm: str) -> Integrity:
     """The strongest check the server performs (see the module's docstring)."""
     if capabilities.verifies_checksum:
@@ -159,11 +168,11 @@ async def probe_capabilities(
         return found
     base = f"{prefix}.capabilities-{secrets.token_hex(6)}"
     keys = {name: f"{base}-{name}" for name in ("crc", "crc-damaged", "md5-damaged", "sha256-damaged")}
-    with anyio.move_on_after(PROBE_TIMEOUT):
+    results: dict[str, bool | None] = {}
+    with anyio.move_on_after(PROBE_TIMEOUT) as overall:
         damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
         only = {keys["md5-damaged"], keys["sha256-damaged"]}  # each probes one check alone
         async with _damaging(s3, damaged), _signing(s3, {keys["sha256-damaged"]}), _without_crc(s3, only):
-            results: dict[str, bool | None] = {}
 
             async def crc() -> None:
                 if checksums != "when_supported":
@@ -209,6 +218,16 @@ async def probe_capabilities(
                         removal_timeout,
                         "; the run's cleanup removes them" if covered else "; remove them by hand if they stay",
                     )
+    if overall.cancelled_caught:  # not cached: the next upload asks again
+        assumed = settings_integrity(checksums, algorithm)
+        log.warning(
+            "S3 at %s did not answer the capability probe within %g s; the uploads carry what the settings "
+            "ask for (%s), unverified",
+            endpoint,
+            PROBE_TIMEOUT,
+            assumed,
+        )
+        return S3Capabilities(endpoint, None, False, False, None, False, False, assumed)
     partial = S3Capabilities(
         endpoint=endpoint,
         checksum_headers=results.get("headers"),

@@ -32,7 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._archive import BLOCK, Sink, stream_archive, tar_size
 from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
 from ._budget import Lease, MemoryBudget, allocate
-from ._capabilities import Integrity
+from ._capabilities import Integrity, settings_integrity
 from ._checksums import Checksummer, PartCheck, is_full_object
 from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import InputError, StorageError
@@ -54,9 +54,7 @@ _PART_CHECKS: dict[str, PartCheck] = {"crc32": "CRC32", "crc64nvme": "CRC64NVME"
 def assumed_integrity(settings: Settings) -> Integrity:
     """The integrity the settings ask for, where the server was not probed: its CRC
     (`when_supported`), or a signed payload (`when_required`, where botocore signs them)."""
-    if settings.s3_checksums != "when_supported":
-        return "sigv4-payload"
-    return "crc64nvme" if settings.s3_checksum_algorithm == "CRC64NVME" else "crc32"
+    return settings_integrity(settings.s3_checksums, settings.s3_checksum_algorithm)
 
 
 #: How much of a part is copied before it is hashed: well within a core's L2 cache.

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import SecretStr
 
@@ -204,3 +205,61 @@ async def test_the_multipart_etag_is_compared_only_where_the_server_follows_s3s_
     else:
         assert found is not None
         assert problem in found
+
+
+async def test_a_registration_cancelled_while_the_probe_waits_leaves_nothing(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings
+) -> None:
+    """The probe's requests held by a slow link, the registration cancelled meanwhile: the
+    probe's objects (one of them arriving after the cancellation) and the run's prefix are
+    gone once the server has settled; the registry never saw a submission."""
+    from .fault_proxy import Stall
+
+    def slow_probe(method: str, target: str) -> object:
+        return Stall(1.5) if method == "PUT" and "-crc-damaged" in target else None
+
+    job = make_job(tmp_path, model_bytes=6 * MiB)
+    with FaultProxy(stack.s3_endpoint, slow_probe) as proxy, mims_server(stack) as registry:
+        async with Registrar(on(through(settings, proxy), registry)) as registrar:
+            with anyio.move_on_after(10) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(registrar.register, request_for(job))
+                    while proxy.count("PUT", "-crc-damaged") < 1:
+                        await anyio.sleep(0.02)
+                    tg.cancel_scope.cancel()
+            assert not scope.cancelled_caught
+        await anyio.sleep(2.5)  # the held PUT reaches moto after the cancellation
+        assert registry.registration_count == 0
+    left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    assert [k for k in left if ".capabilities-" not in k] == []
+    assert len(left) <= 1, left  # at most the PUT that arrived after every delete
+    for key in left:
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+
+
+async def test_a_probe_that_gets_no_answer_is_not_cached_and_the_settings_level_is_used(
+    stack: LocalStack, settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from async_registrar import _capabilities
+
+    from .fault_proxy import Stall
+
+    monkeypatch.setattr(_capabilities, "PROBE_TIMEOUT", 1.0)
+
+    def silent(method: str, target: str) -> object:
+        return Stall(3) if method == "PUT" and ".capabilities-" in target else None
+
+    with FaultProxy(stack.s3_endpoint, silent) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as client:
+            found = await probe_capabilities(
+                client,
+                settings.s3_bucket,
+                settings.s3_prefix,
+                checksums="when_supported",
+                algorithm="CRC32",
+                removal_timeout=1.0,
+            )
+            assert found.integrity == "crc32"
+            assert _capabilities.known_capabilities(client, settings) is None
+    assert "did not answer the capability probe within 1 s" in caplog.text
