@@ -266,19 +266,17 @@ def b2_rule(method: str, target: str, headers: dict[str, str]) -> Reply | None:
 
 class S3Server:
     """A body rule that makes moto (which checks nothing) behave like another S3 server, and
-    damages bodies on the way to it.
+    damages bodies on the way to it (a proxy with `b2_rule` refuses the checksum headers too).
 
     - `checks`: what the server verifies of a body: "crc" (x-amz-checksum-crc32), "md5"
       (Content-MD5), "sha256" (a signed x-amz-content-sha256); a mismatch is 400 BadDigest
       (XAmzContentSHA256Mismatch for sha256), as AWS answers;
-    - `refuses_checksum_headers`: 400 InvalidArgument for any flexible-checksum header (B2);
     - `damage(fragment, times)`: flip the last byte of the next `times` bodies whose target
       holds `fragment` (-1: all of them), before the checks: damage in transit.
     """
 
-    def __init__(self, checks: frozenset[str] = frozenset(), *, refuses_checksum_headers: bool = False) -> None:
+    def __init__(self, checks: frozenset[str] = frozenset()) -> None:
         self.checks = checks
-        self.refuses_checksum_headers = refuses_checksum_headers
         self._damage: tuple[str, int] | None = None
         self.damaged = 0
 
@@ -286,8 +284,6 @@ class S3Server:
         self._damage = (fragment, times)
 
     def __call__(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Reply | bytes:
-        if self.refuses_checksum_headers and (refused := b2_rule(method, target, headers)) is not None:
-            return refused
         if self._damage is not None and self._damage[0] in target and self._damage[1] != 0:
             self._damage = (self._damage[0], self._damage[1] - 1)
             self.damaged += 1
