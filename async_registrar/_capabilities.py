@@ -32,7 +32,7 @@ import hashlib
 import logging
 import secrets
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,7 +41,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ._concurrency import run_all
-from ._s3 import S3Client, content_md5_where_required, error_code
+from ._s3 import S3Client, content_md5_where_required, drop_request_checksum, error_code
 
 __all__ = [
     "Integrity",
@@ -172,7 +172,7 @@ async def probe_capabilities(
     with anyio.move_on_after(PROBE_TIMEOUT) as overall:
         damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
         only = {keys["md5-damaged"], keys["sha256-damaged"]}  # each probes one check alone
-        async with _damaging(s3, damaged), _signing(s3, {keys["sha256-damaged"]}), _without_crc(s3, only):
+        with _damaging(s3, damaged), _signing(s3, {keys["sha256-damaged"]}), _without_crc(s3, only):
 
             async def crc() -> None:
                 if checksums != "when_supported":
@@ -304,8 +304,17 @@ def _matches(url: str, keys: set[str]) -> bool:
     return any(path.endswith("/" + key) for key in keys)
 
 
-@contextlib.asynccontextmanager
-async def _damaging(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+@contextlib.contextmanager
+def _registered(s3: S3Client, event: str, handler: Callable[..., None]) -> Iterator[None]:
+    """`handler` on `event` of the client for the block only."""
+    s3.meta.events.register(event, handler)
+    try:
+        yield
+    finally:
+        s3.meta.events.unregister(event, handler)
+
+
+def _damaging(s3: S3Client, keys: set[str]) -> contextlib.AbstractContextManager[None]:
     """Change one byte of the body of the PutObject requests to `keys` after they were signed
     and their checksums computed: damage on the way, as the server sees it."""
 
@@ -318,39 +327,23 @@ async def _damaging(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
             data[-1] ^= 0xFF
             request.body = bytes(data)
 
-    s3.meta.events.register("before-send.s3.PutObject", damage)
-    try:
-        yield
-    finally:
-        s3.meta.events.unregister("before-send.s3.PutObject", damage)
+    return _registered(s3, "before-send.s3.PutObject", damage)
 
 
-@contextlib.asynccontextmanager
-async def _without_crc(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+def _without_crc(s3: S3Client, keys: set[str]) -> contextlib.AbstractContextManager[None]:
     """No CRC header on the PutObject requests to `keys` (botocore adds one by default)."""
 
     def strip(params: dict[str, Any], **_: Any) -> None:
         if _matches(str(params.get("url", "")), keys):
-            checksum = params.get("context", {}).get("checksum", {})
-            checksum.pop("request_algorithm", None)
-            checksum.pop("request_algorithm_header", None)
+            drop_request_checksum(params)
 
-    s3.meta.events.register("before-call.s3.PutObject", strip)
-    try:
-        yield
-    finally:
-        s3.meta.events.unregister("before-call.s3.PutObject", strip)
+    return _registered(s3, "before-call.s3.PutObject", strip)
 
 
-@contextlib.asynccontextmanager
-async def _signing(s3: S3Client, keys: set[str]) -> AsyncIterator[None]:
+def _signing(s3: S3Client, keys: set[str]) -> contextlib.AbstractContextManager[None]:
     """Sign the payload of the PutObject requests to `keys` (whatever the client's setting)."""
     handler = _payload_signer(s3, lambda request: _matches(request.url, keys))
-    s3.meta.events.register("before-sign.s3.PutObject", handler)
-    try:
-        yield
-    finally:
-        s3.meta.events.unregister("before-sign.s3.PutObject", handler)
+    return _registered(s3, "before-sign.s3.PutObject", handler)
 
 
 def _payload_signer(s3: S3Client, applies: Callable[[Any], bool]) -> Callable[..., None]:
@@ -392,6 +385,4 @@ def _no_default_crc(params: dict[str, Any], **_: Any) -> None:
     headers = params.get("headers", {})
     if any(name.lower().startswith("x-amz-checksum-") for name in headers):
         return  # one the caller asked for
-    checksum = params.get("context", {}).get("checksum", {})
-    checksum.pop("request_algorithm", None)
-    checksum.pop("request_algorithm_header", None)
+    drop_request_checksum(params)

@@ -22,6 +22,7 @@ __all__ = [
     "S3Client",
     "S3Location",
     "content_md5_where_required",
+    "drop_request_checksum",
     "error_code",
     "make_session",
     "open_s3_client",
@@ -131,12 +132,18 @@ def content_md5_where_required(client: S3Client) -> None:
 _CHECKSUM_REQUIRED = ("DeleteObjects", "PutBucketLifecycleConfiguration")
 
 
-def _content_md5_instead(params: dict[str, Any], **_: Any) -> None:
-    """Send Content-MD5, not an x-amz-checksum-* header, with an operation that requires a
-    checksum (botocore would add its CRC32; the body is a small XML document)."""
+def drop_request_checksum(params: dict[str, Any]) -> None:
+    """Undo botocore's choice of a request checksum for a request (a `before-call` handler's
+    `params`; botocore chose it just before)."""
     checksum = params.get("context", {}).get("checksum", {})
     checksum.pop("request_algorithm", None)
     checksum.pop("request_algorithm_header", None)
+
+
+def _content_md5_instead(params: dict[str, Any], **_: Any) -> None:
+    """Send Content-MD5, not an x-amz-checksum-* header, with an operation that requires a
+    checksum (botocore would add its CRC32; the body is a small XML document)."""
+    drop_request_checksum(params)
     body = params.get("body") or b""
     if isinstance(body, str):
         body = body.encode()
