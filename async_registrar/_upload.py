@@ -424,7 +424,7 @@ async def _upload_to_all(
         async with anyio.create_task_group() as tg:
             tg.start_soon(produce)
             async with receive_cut:
-                parts, expected = await _consume(
+                parts, expected, etag = await _consume(
                     receive_cut, targets, settings, checksummer, tracker, pool, cleanup, ledger
                 )
 
@@ -432,10 +432,6 @@ async def _upload_to_all(
     algorithm = checksummer.algorithm if checksummer is not None else None
     composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's
     stored: list[StoredObject | None] = [None] * len(targets)
-    if algorithm == "MD5":  # compared with the ETag, where the server follows S3's convention
-        expected, etag = None, expected
-    else:
-        etag = None
 
     async def confirm(index: int) -> None:
         s3, target = targets[index]
@@ -521,11 +517,11 @@ async def _consume(
     pool: _BufferPool,
     cleanup: CleanupDeadline,
     ledger: OpenUploads | None,
-) -> tuple[int, str | None]:
+) -> tuple[int, str | None, str | None]:
     """Upload the parts as they come to every target, handing each part's buffer back to `pool`.
 
-    Returns how many parts there were and the object's expected checksum (if checksums are
-    on; with MD5, its expected ETag instead).
+    Returns how many parts there were, the object's expected checksum (with a CRC) and its
+    expected ETag (with Content-MD5: compared where the server follows S3's convention).
     """
     algorithm = checksummer.algorithm if checksummer is not None else None
     first = await receive.receive()
@@ -537,8 +533,8 @@ async def _consume(
         )
         tracker.part_done(first.size)
         if algorithm == "MD5":
-            return 1, base64.b64decode(first.checksum).hex() if first.checksum else None
-        return 1, first.checksum
+            return 1, None, base64.b64decode(first.checksum).hex() if first.checksum else None
+        return 1, first.checksum, None
 
     seen_last = False
 
@@ -571,9 +567,7 @@ async def _consume(
             raise RuntimeError("the archive stream ended without its last part")
         whole = checksummer.whole if checksummer is not None else None  # every part was hashed
         await run_all(functools.partial(mpu.complete, whole) for mpu in uploads)
-    if algorithm == "MD5":
-        return tracker.parts_done, uploads[0].expected_etag
-    return tracker.parts_done, uploads[0].expected_checksum
+    return tracker.parts_done, uploads[0].expected_checksum, uploads[0].expected_etag
 
 
 async def _confirm(
