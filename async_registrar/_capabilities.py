@@ -46,6 +46,7 @@ from ._s3 import S3Client, content_md5_where_required, drop_request_checksum, er
 __all__ = [
     "Integrity",
     "S3Capabilities",
+    "adapt_uploads",
     "integrity_of",
     "known_capabilities",
     "prepare_uploads",
@@ -358,6 +359,33 @@ def _payload_signer(s3: S3Client, applies: Callable[[Any], bool]) -> Callable[..
 
 #: The operations whose bodies carry an artifact's bytes.
 _UPLOADS = ("PutObject", "UploadPart")
+
+
+async def adapt_uploads(
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    settings: Any,
+    *,
+    where: str,
+    removal_timeout: float,
+    covered: bool = False,
+) -> S3Capabilities:
+    """Probe what the endpoint of `s3` checks (see `probe_capabilities`), make the client's
+    uploads carry it (`prepare_uploads`), and say once, for `where`, when it checks nothing."""
+    capabilities = await probe_capabilities(
+        s3,
+        bucket,
+        prefix,
+        checksums=settings.s3_checksums,
+        algorithm=settings.s3_checksum_algorithm,
+        removal_timeout=removal_timeout,
+        covered=covered,
+    )
+    prepare_uploads(s3, capabilities)
+    if capabilities.integrity == "size-only":
+        log.warning("%s", size_only_warning(where, capabilities.endpoint))
+    return capabilities
 
 
 def prepare_uploads(s3: S3Client, capabilities: S3Capabilities) -> None:

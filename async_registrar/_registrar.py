@@ -23,7 +23,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from ._artifacts import inspect_artifact
 from ._budget import MemoryBudget
-from ._capabilities import Integrity, prepare_uploads, probe_capabilities, size_only_warning
+from ._capabilities import Integrity, adapt_uploads
 from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
@@ -309,18 +309,15 @@ class Registrar:
         await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
         integrity: Integrity | None = None
         if self.settings.preflight:
-            capabilities = await probe_capabilities(
+            capabilities = await adapt_uploads(
                 s3,
                 target.bucket,
                 target.key,
-                checksums=self.settings.s3_checksums,
-                algorithm=self.settings.s3_checksum_algorithm,
+                self.settings,
+                where=target.uri,
                 removal_timeout=self.settings.cleanup_timeout,
             )
             integrity = capabilities.integrity
-            prepare_uploads(s3, capabilities)
-            if integrity == "size-only":
-                log.warning("%s", size_only_warning(target.uri, capabilities.endpoint))
         callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
         async with self._uploads:
             return await upload_artifact(

@@ -34,13 +34,7 @@ import anyio
 
 from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
 from ._budget import MemoryBudget
-from ._capabilities import (
-    S3Capabilities,
-    known_capabilities,
-    prepare_uploads,
-    probe_capabilities,
-    size_only_warning,
-)
+from ._capabilities import S3Capabilities, adapt_uploads, known_capabilities
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
     AcceptedRegistration,
@@ -104,7 +98,8 @@ class _Region:
     #: The key to submit with, when it comes from an earlier run's manifest.
     key: str | None = None
     generation: int = 1
-    #: What this region's S3 checks (probed at the preflight; None without one).
+    #: What this region's S3 checks (probed before its first upload; None until then, or
+    #: with the preflight off).
     capabilities: S3Capabilities | None = None
     #: The registration the registry accepted (or one found for the same inputs).
     accepted: Registration | None = None
@@ -316,20 +311,16 @@ class Run:
         own prefix, whose cleanup covers it), and the uploads made to carry it; one WARNING
         when it checks nothing.  Probed just before the first upload, after the whole
         preflight passed: the preflight (and `check`) writes nothing."""
-        settings = self.settings
-        region.capabilities = await probe_capabilities(
+        region.capabilities = await adapt_uploads(
             region.s3,
             region.bucket,
             _prefix(region).prefix,
-            checksums=settings.s3_checksums,
-            algorithm=settings.s3_checksum_algorithm,
+            self.settings,
+            where=f"s3://{region.bucket}",
             # Not waited on for long: the run's cleanup removes whatever is left under its prefix.
-            removal_timeout=min(settings.cleanup_timeout, PROBE_REMOVAL_WAIT),
+            removal_timeout=min(self.settings.cleanup_timeout, PROBE_REMOVAL_WAIT),
             covered=True,
         )
-        prepare_uploads(region.s3, region.capabilities)
-        if region.capabilities.integrity == "size-only":
-            log.warning("%s", size_only_warning(f"s3://{region.bucket}", region.capabilities.endpoint))
 
     async def _probe(self, regions: list[_Region]) -> None:
         """The preflight's registry half: every region's registry answers and accepts our signature."""
