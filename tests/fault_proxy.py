@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import socket
 import struct
@@ -106,6 +107,8 @@ class FaultProxy:
             handlers.add(task)
             try:
                 await self._handle(reader, writer)
+            except asyncio.CancelledError:
+                pass  # a stalled request at shutdown (Python 3.11's stream callback would log it)
             finally:
                 handlers.discard(task)
 
@@ -198,15 +201,20 @@ class FaultProxy:
     ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
-            up_writer.write(head if body is None else head + body)
-            await up_writer.drain()
+            up_writer.write(head)
 
             async def client_to_upstream() -> None:
-                if body is not None:  # sent already
-                    return
-                while data := await reader.read(65536):
-                    up_writer.write(data)
+                # The answer is read meanwhile: a server may answer (an error) before it read
+                # the body, and close (Go's servers do: rclone, SeaweedFS, JuiceFS).
+                with contextlib.suppress(ConnectionError):
+                    if body is not None:  # read whole by the proxy already
+                        up_writer.write(body)
+                        await up_writer.drain()
+                        return
                     await up_writer.drain()
+                    while data := await reader.read(65536):
+                        up_writer.write(data)
+                        await up_writer.drain()
 
             pump = asyncio.ensure_future(client_to_upstream())
             try:
