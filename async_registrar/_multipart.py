@@ -193,6 +193,18 @@ class MultipartUpload:
                     )
                 break
             except StorageError as exc:
+                if attempt > 1 and exc.code not in DAMAGED_PART_CODES:
+                    # `rclone serve s3` drops the whole upload with a damaged part: the part sent
+                    # again gets NoSuchUpload (or, answered before its body was read, a reset).
+                    raise StorageError(
+                        f"part {number} of {self.location} arrived damaged, and sending it again failed: {exc}. "
+                        "Some servers (`rclone serve s3`) drop the whole multipart upload when a part arrives "
+                        "damaged; nothing damaged was kept: run again",
+                        operation=exc.operation,
+                        bucket=exc.bucket,
+                        key=exc.key,
+                        code=exc.code,
+                    ) from exc
                 # S3 found the part damaged on its way (its checksum or Content-MD5 did not
                 # match): a one-off corruption in transit is sent again, like a 5xx.
                 if exc.code not in DAMAGED_PART_CODES:

@@ -146,6 +146,29 @@ async def test_a_part_always_found_damaged_fails_naming_it(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+async def test_a_server_that_drops_the_upload_with_a_damaged_part_is_explained(
+    tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
+) -> None:
+    """`rclone serve s3` drops the whole multipart upload when a part arrives damaged: the part
+    sent again gets NoSuchUpload. One StorageError says so, names the part and says to run
+    again; nothing is left (found by `scripts/compat`)."""
+    answers = iter([s3_error(400, "BadDigest")])
+    proxy.rule = lambda method, target: (
+        next(answers, s3_error(404, "NoSuchUpload")) if method == "PUT" and "partNumber=2" in target else None
+    )
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with pytest.raises(
+        StorageError, match=r"part 2 of s3://\S+ arrived damaged, and sending it again failed"
+    ) as caught:
+        await upload_artifact(proxied_s3, source, location, settings)
+    assert "NoSuchUpload" in str(caught.value)
+    assert "rclone serve s3" in str(caught.value)
+    assert str(caught.value).endswith("run again")
+    assert proxy.count("PUT", "partNumber=2") == 2  # not three: sending it a third time cannot help
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
 async def test_a_server_that_refuses_checksum_headers_is_told_which_setting_helps(
     tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
 ) -> None:
