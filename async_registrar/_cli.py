@@ -209,7 +209,7 @@ async def _upload(args: argparse.Namespace) -> int:
     settings = Settings.from_env(s3_bucket=target.bucket, registry=False, dereference=args.dereference or None)
     async with Registrar(settings, on_progress=args.progress) as registrar:
         uploaded = await registrar.upload(args.path, args.target)
-    print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256}")
+    print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256} {uploaded.integrity}")
     return EXIT_OK
 
 
@@ -495,7 +495,8 @@ def _parser() -> argparse.ArgumentParser:
         help="stream a directory (or .tar.gz) to S3 as tar.gz, nothing else",
         description=(
             "The upload engine alone: stream PATH to s3://bucket/key as a deterministic tar.gz "
-            "(or a prebuilt .tar.gz as it is), no registry. Prints the URI, the size and the sha256."
+            "(or a prebuilt .tar.gz as it is), no registry. Prints the URI, the size, the sha256 and the "
+            "integrity the S3 server checked it by (crc32, crc64nvme, sigv4-payload, md5 or size-only)."
         ),
         epilog=(
             "async-registrar upload ./model s3://my-bucket/models/model.tar.gz",

@@ -105,7 +105,8 @@ async def test_register_prints_the_two_lines(tmp_path: Path, stack: LocalStack, 
 async def test_upload_streams_a_directory(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, extra: dict[str, str]
 ) -> None:
-    """`upload DIR s3://...` puts the deterministic archive there and prints its URI, size and sha256:
+    """`upload DIR s3://...` puts the deterministic archive there and prints its URI, size, sha256
+    and integrity level (moto checks nothing: size-only):
     with botocore as `pip install async-registrar` has it (no AWS CRT), and with CRC64NVME."""
     job = make_job(tmp_path, model_bytes=12 * MiB)
     key = settings.s3_prefix + "uploaded.tar.gz"
@@ -113,7 +114,7 @@ async def test_upload_streams_a_directory(
     result = run(environment(stack, settings, job, **extra), "upload", str(job["model"]), uri)
     assert result.returncode == 0, result.stderr
     expected = expected_archive(job["model"])
-    assert result.stdout.split() == [uri, str(len(expected)), hashlib.sha256(expected).hexdigest()]
+    assert result.stdout.split() == [uri, str(len(expected)), hashlib.sha256(expected).hexdigest(), "size-only"]
     obj = await s3.get_object(Bucket=settings.s3_bucket, Key=key)
     async with obj["Body"] as body:
         assert await body.read() == expected
