@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         RegistryUnavailable,
         StorageError,
     )
+    from ._log_fields import JsonFormatter, current_log_fields
     from ._mims_contract import Registration
     from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
     from ._progress import (
@@ -60,6 +61,7 @@ _MODULES = {
     "IdempotencyConflict": "._errors",
     "InputError": "._errors",
     "JobInputs": "._settings",
+    "JsonFormatter": "._log_fields",
     "ProgressCallback": "._progress",
     "ProgressEvent": "._progress",
     "Registrar": "._registrar",
@@ -88,6 +90,7 @@ _MODULES = {
     "SweepReport": "._sweep",
     "UploadProgress": "._progress",
     "UploadedArtifact": "._upload",
+    "current_log_fields": "._log_fields",
     "load_config": "._config",
 }
 
@@ -114,6 +117,7 @@ __all__ = [
     "IdempotencyConflict",
     "InputError",
     "JobInputs",
+    "JsonFormatter",
     "ProgressCallback",
     "ProgressEvent",
     "RegionPlan",
@@ -143,5 +147,6 @@ __all__ = [
     "UploadProgress",
     "UploadedArtifact",
     "__version__",
+    "current_log_fields",
     "load_config",
 ]

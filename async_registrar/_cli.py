@@ -89,12 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    console = configure_logging(args.log_level, sys.stderr)
+    console = configure_logging(args.log_level, sys.stderr, args.log_format)
     if args.foreground:  # uvicorn runs its own loop and handles signals itself
         return _mims_server(args)
     command: Callable[[argparse.Namespace], Awaitable[int]] = args.command
     args.progress = ProgressDisplay(console)
-    return _run(lambda: command(args), args.progress)
+    json_lines = args.log_format == "json"
+    code = _run(lambda: command(args), args.progress, json_lines=json_lines)
+    if json_lines:  # a log pipeline sees how the command ended, whatever it was
+        log.info("exit %d", code, extra={"fields": {"event": "exit", "exit_code": code}})
+    return code
 
 
 # --- commands -------------------------------------------------------------------------
@@ -220,7 +224,7 @@ def _mims_server(args: argparse.Namespace) -> int:
 
         settings = ReferenceMimsSettings.from_env(registry_bucket=args.registry_bucket)
     except ConfigurationError as exc:
-        _report(exc.message, exc)
+        _report(exc.message, exc, EXIT_USAGE, args.log_format == "json")
         return EXIT_USAGE
     serve(settings, host=args.host, port=args.port)
     return EXIT_OK
@@ -275,8 +279,9 @@ def _print_result(result: RegistrationResult) -> None:
 # --- running, signals, exit codes -----------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> int:
-    """Run `command` under signal handling; map its outcome to an exit code."""
+def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay, *, json_lines: bool = False) -> int:
+    """Run `command` under signal handling; map its outcome to an exit code. The error is said
+    on stderr: `error: ...` lines, or (`json_lines`) one ERROR record with the exit code."""
     received: list[int] = []
 
     async def guarded() -> int:
@@ -314,30 +319,38 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay) -> in
             progress.close()  # a failed or interrupted upload leaves no progress line behind
     except RegistrarError as exc:
         code = exit_code(exc)
-        _report(exc.message, exc, kept=_kept_summary(exc.kept, exc.resume_hint))
+        _report(exc.message, exc, code, json_lines, kept=_kept_summary(exc.kept, exc.resume_hint))
     except Exception as exc:
         log.exception("unexpected error")
-        _report(f"unexpected error: {type(exc).__name__}: {exc}", exc)
         code = EXIT_UNEXPECTED
+        _report(f"unexpected error: {type(exc).__name__}: {exc}", exc, code, json_lines)
     if received:
         signum = received[0]
+        code = 128 + signum
         name = signal.Signals(signum).name
         stopped = f"{'interrupted' if signum == signal.SIGINT else 'terminated'} by {name}"
         if progress.kept:
             kept = progress.kept[-1]
             lines = [r.describe() for r in kept.registrations] or [f"kept {', '.join(kept.prefixes)}"]
-            print(f"error: {stopped}:", *lines, kept.resume_hint, sep="\n", file=sys.stderr)
+            _say_error([f"{stopped}:", *lines, kept.resume_hint], code, json_lines)
             _write_exit_message(f"{stopped}; {_kept_summary(kept.registrations, kept.resume_hint)}")
         elif progress.leftovers:
             left = f"{stopped}; could not remove everything, {REMOVE_BY_HAND} {', '.join(progress.leftovers)}"
-            print(f"error: {left}", file=sys.stderr)
+            _say_error([left], code, json_lines)
             _write_exit_message(left)
         else:
             done = f"{stopped}; no temporary object was left behind, run again to register"
-            print(f"error: {done}", file=sys.stderr)
+            _say_error([done], code, json_lines)
             _write_exit_message(done)
-        return 128 + signum
     return code
+
+
+def _say_error(lines: Sequence[str], code: int, json_lines: bool) -> None:
+    """The command's last word on stderr: `error: ` and the lines, or one JSON ERROR record."""
+    if json_lines:
+        log.error("%s", "\n".join(lines), extra={"fields": {"event": "error", "exit_code": code}})
+    else:
+        print(f"error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
 
 
 def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str | None:
@@ -348,9 +361,9 @@ def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str
     return f"registration {names} kept for the registry; {hint}"
 
 
-def _report(message: str, exc: BaseException, *, kept: str | None = None) -> None:
+def _report(message: str, exc: BaseException, code: int, json_lines: bool, *, kept: str | None = None) -> None:
     notes = [redact(note) for note in getattr(exc, "__notes__", [])]
-    print(f"error: {redact(message)}", *notes, sep="\n", file=sys.stderr)
+    _say_error([redact(message), *notes], code, json_lines)
     _write_exit_message(message.splitlines()[0] + (f"; {kept}" if kept else ""))
 
 
@@ -380,11 +393,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LEVEL",
         help=f"logging on stderr: {', '.join(LOG_LEVELS)} (env REGISTRAR_LOG_LEVEL; default INFO)",
     )
+    parser.add_argument(
+        "--log-format",
+        default=environment_value("REGISTRAR_LOG_FORMAT") or "text",
+        type=_log_format,
+        metavar="FORMAT",
+        help="text (default), or json: one JSON object per line on stderr, with the run id, phase, region, "
+        "artifact, registration id, bytes, parts, rate and exit code as fields (env REGISTRAR_LOG_FORMAT)",
+    )
     parser.set_defaults(foreground=False)
     # The global options, accepted after the command too (where they win).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL", help=argparse.SUPPRESS
+    )
+    common.add_argument(
+        "--log-format", default=argparse.SUPPRESS, type=_log_format, metavar="FORMAT", help=argparse.SUPPRESS
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
@@ -541,8 +565,8 @@ def _parser() -> argparse.ArgumentParser:
 #: The variables of `register` and `check` besides their options' own.
 _JOB_VARIABLES = (
     "MODS_WORKFLOW_EXECUTION_ID (lineage: a re-run resumes), PERFORMANCE_METADATA_PATH (s3://), "
-    "REGISTRAR_IDEMPOTENCY_KEY, REGISTRAR_PREFLIGHT_TIMEOUT, REGISTRAR_LOG_LEVEL, the tuning variables "
-    "of the README, and the standard AWS ones (credentials, AWS_REGION, AWS_ENDPOINT_URL_S3)"
+    "REGISTRAR_IDEMPOTENCY_KEY, REGISTRAR_PREFLIGHT_TIMEOUT, REGISTRAR_LOG_LEVEL, REGISTRAR_LOG_FORMAT, "
+    "the tuning variables of the README, and the standard AWS ones (credentials, AWS_REGION, AWS_ENDPOINT_URL_S3)"
 )
 
 
@@ -640,6 +664,19 @@ def _log_level(value: str) -> str:
             f"use one of {', '.join(LOG_LEVELS)}"
         )
     return level
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(value: str) -> str:
+    """`text` or `json`, any case (a bad REGISTRAR_LOG_FORMAT is a usage error, exit 2)."""
+    chosen = value.strip().lower()
+    if chosen not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log format (from --log-format or REGISTRAR_LOG_FORMAT); use text or json"
+        )
+    return chosen
 
 
 def _option(

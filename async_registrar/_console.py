@@ -14,6 +14,7 @@ import shutil
 import time
 from typing import TextIO
 
+from ._log_fields import JsonFormatter
 from ._progress import CleanupFinished, ProgressEvent, RegistrationKept, RegistrationSubmitted, UploadProgress
 
 __all__ = ["Console", "ProgressDisplay", "configure_logging"]
@@ -69,12 +70,17 @@ class Console(logging.StreamHandler[TextIO]):
         return columns or shutil.get_terminal_size().columns
 
 
-def configure_logging(level: str, stream: TextIO) -> Console:
-    """Send the log to `stream`; with a live status line if it is a terminal and INFO is shown."""
+def configure_logging(level: str, stream: TextIO, log_format: str = "text") -> Console:
+    """Send the log to `stream`: text lines, with a live status line if it is a terminal and
+    INFO is shown; or (`log_format="json"`) one JSON object per line, never a live line."""
     root = logging.getLogger()
     root.setLevel(level.upper())
-    console = Console(stream, live=stream.isatty() and root.level <= logging.INFO)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    json_lines = log_format == "json"
+    console = Console(stream, live=not json_lines and stream.isatty() and root.level <= logging.INFO)
+    if json_lines:
+        console.setFormatter(JsonFormatter())
+    else:
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.handlers[:] = [console]
     # Third-party loggers are loud and can echo request details; keep them to warnings.
     for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
@@ -114,7 +120,19 @@ class ProgressDisplay:
             self.kept.append(event)
         elif isinstance(event, RegistrationSubmitted):
             how = "found" if event.resumed else "submitted"
-            log.info("%s: registration %s, model id %s", how, event.registration_id, event.model_id)
+            fields = {
+                "event": "registration_found" if event.resumed else "registration_submitted",
+                "registration_id": event.registration_id,
+                "model_id": event.model_id,
+                "region": event.region,
+            }
+            log.info(
+                "%s: registration %s, model id %s",
+                how,
+                event.registration_id,
+                event.model_id,
+                extra={"fields": {k: v for k, v in fields.items() if v is not None}},
+            )
 
     def _upload(self, event: UploadProgress) -> None:
         now = time.monotonic()
@@ -143,6 +161,17 @@ class ProgressDisplay:
 
     @staticmethod
     def _log(event: UploadProgress) -> None:
+        fields = {
+            "fields": {
+                "event": "upload_progress",
+                "artifact": event.artifact,
+                "bytes": event.bytes_uploaded,
+                "bytes_read": event.bytes_read,
+                "parts": event.parts_done,
+                "rate": round(event.rate),
+                "done": event.done,
+            }
+        }
         if event.done:
             log.info(
                 "%s: %s uploaded in %.1f s, %d part(s), %.1f MiB/s (done)",
@@ -151,6 +180,7 @@ class ProgressDisplay:
                 event.elapsed,
                 event.parts_done,
                 event.rate / 2**20,
+                extra=fields,
             )
             return
         log.info(
@@ -162,6 +192,7 @@ class ProgressDisplay:
             _mib(event.bytes_read),
             event.parts_done,
             event.rate / 2**20,
+            extra=fields,
         )
 
 

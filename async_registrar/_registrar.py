@@ -27,6 +27,7 @@ from ._capabilities import Integrity, adapt_uploads
 from ._concurrency import outcomes
 from ._errors import CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
+from ._log_fields import log_fields
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
@@ -320,17 +321,18 @@ class Registrar:
             integrity = capabilities.integrity
         callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
         async with self._uploads:
-            return await upload_artifact(
-                s3,
-                scanned,
-                target,
-                self.settings,
-                artifact=source.name or "upload",
-                on_progress=callbacks,
-                workers=self._workers,
-                budget=self._budget,
-                integrity=integrity,
-            )
+            with log_fields(phase="upload", artifact=source.name or "upload"):
+                return await upload_artifact(
+                    s3,
+                    scanned,
+                    target,
+                    self.settings,
+                    artifact=source.name or "upload",
+                    on_progress=callbacks,
+                    workers=self._workers,
+                    budget=self._budget,
+                    integrity=integrity,
+                )
 
     async def install_lifecycle(
         self, *, abort_after_days: int = 1, expire_after_days: int = 7, region: str | None = None

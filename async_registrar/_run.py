@@ -26,9 +26,9 @@ import contextlib
 import datetime as dt
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import anyio
 
@@ -48,6 +48,7 @@ from ._errors import (
     StorageError,
     redact,
 )
+from ._log_fields import log_fields
 from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegistration, find_manifests, write_manifest
 from ._metadata import load_performance_metadata
 from ._mims_client import MimsClient
@@ -139,6 +140,33 @@ class _Region:
         )
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_Step = Callable[Concatenate["Run", _P], Coroutine[Any, Any, _T]]
+
+
+def _phase(name: str) -> Callable[[_Step[_P, _T]], _Step[_P, _T]]:
+    """Log lines written during the method carry the run id, the phase `name` and, for a
+    region's step, its region and registration id (see `_log_fields`)."""
+
+    def decorate(method: _Step[_P, _T]) -> _Step[_P, _T]:
+        @functools.wraps(method)
+        async def in_phase(self: Run, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+            region = next((a for a in args if isinstance(a, _Region)), None)
+            with log_fields(
+                run_id=self.run_id,
+                attempt=self.attempt,
+                phase=name,
+                region=region.region if region is not None else None,
+                registration_id=region.accepted.registration_id if region is not None and region.accepted else None,
+            ):
+                return await method(self, *args, **kwargs)
+
+        return in_phase
+
+    return decorate
+
+
 class Run:
     """One registration, from local checks to its final status and the cleanup.
 
@@ -182,6 +210,14 @@ class Run:
         self._submitted_at: float | None = None
         self._finalized = False
         self._several = len(request.config.regions) > 1
+        #: This attempt's id (`20261126T065650Z-3f2a9c1b7d4e`), once the preflight passed.
+        self.attempt: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id (`run-...`, the folder every attempt of it shares), once the inputs
+        were read; on the log lines that follow."""
+        return self.identity.group if self.identity is not None else None
 
     # --- the phases ------------------------------------------------------------------
 
@@ -284,6 +320,7 @@ class Run:
             timings=dict(self.timings),
         )
 
+    @_phase("preflight")
     async def _check(self) -> None:
         """Check the inputs and the metadata, and run the preflight; nothing is written."""
         model, payload = await self._inspect()
@@ -362,6 +399,7 @@ class Run:
         await run_all(functools.partial(look, index) for index in range(len(self.regions)))
         return found
 
+    @_phase("preflight")
     async def _prepare(self) -> None:
         """Check the inputs, the metadata and the preflight; find what earlier runs left for the
         same inputs."""
@@ -369,6 +407,7 @@ class Run:
         identity = self.identity
         assert identity is not None
         attempt = new_run_id()
+        self.attempt = attempt
         found = await self._earlier_runs() if identity.resumable else [[] for _ in self.regions]
         # A region with an earlier run of this lineage asks its registry about that run's
         # registration first (and follows it even while the registry is away) ...
@@ -392,6 +431,7 @@ class Run:
                 self._use(region, f"{self.settings.s3_prefix}{identity.group}/{attempt}/{suffix}", attempt, own=True)
                 region.to_upload = set(self._sources)
 
+    @_phase("resume")
     async def _resume(
         self, region: _Region, manifests: list[tuple[S3Location, Manifest]], archives: dict[str, str]
     ) -> None:
@@ -538,6 +578,7 @@ class Run:
         deadline = min(self.settings.submit_timeout, self.settings.wait_timeout)
         return await region.mims.look_up(registration_id, accepted_at=since, deadline=deadline)
 
+    @_phase("upload")
     async def _upload(self) -> None:
         """Upload each artifact once, to every region that needs it."""
         mark = anyio.current_time()
@@ -546,6 +587,10 @@ class Run:
             await run_all(functools.partial(self._capabilities, r) for r in unprobed)
 
         async def upload(name: str) -> None:
+            with log_fields(artifact=name):
+                await upload_one(name)
+
+        async def upload_one(name: str) -> None:
             regions = [r for r in self.regions if name in r.to_upload]
             targets = [(r.s3, S3Location(r.bucket, _prefix(r).key(f"{name}.tar.gz"))) for r in regions]
             async with self._uploads:
@@ -579,6 +624,7 @@ class Run:
         errors = await outcomes(functools.partial(self._submit_region, r) for r in pending)
         return [_in_region(e, r.region, self._several) for e, r in zip(errors, pending, strict=True) if e]
 
+    @_phase("submit")
     async def _submit_region(self, region: _Region) -> None:
         assert self.identity is not None
         archives = {name: artifact.sha256 for name, artifact in region.artifacts.items()}
@@ -695,6 +741,7 @@ class Run:
         self.timings["total"] = now - self._started
         return [_in_region(e, r.region, self._several) for e, r in zip(errors, waiting, strict=True) if e]
 
+    @_phase("wait")
     async def _wait_region(self, region: _Region) -> None:
         assert region.accepted is not None
         registration_id = region.accepted.registration_id
@@ -722,6 +769,7 @@ class Run:
 
     # --- the exit ----------------------------------------------------------------------
 
+    @_phase("cleanup")
     async def _finalize(self, exc: BaseException | None, *, reason: str | None = None) -> tuple[str, ...]:
         """Remove what no registration needs, keep (and name) what one still reads.
 
