@@ -42,6 +42,7 @@ from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
 from ._temporary import REMOVE_BY_HAND
 from ._threads import Workers
+from ._tracing import annotate, span
 from ._upload import UploadedArtifact, upload_artifact
 
 __all__ = [
@@ -203,8 +204,15 @@ class Registrar:
         removed, except those of a registration the registry accepted and has not finished
         (they are kept and named, see `RegistrationKept`).
         """
-        handle = await self.submit(request, on_progress=on_progress)
-        return await handle.wait()
+        with span("register", lineage_id=request.workflow_execution_id):
+            handle = await self.submit(request, on_progress=on_progress)
+            result = await handle.wait()
+            annotate(
+                status="SUCCEEDED",
+                registration_id=",".join(r.registration_id for r in result.registrations),
+                model_id=",".join(r.model_id for r in result.registrations),
+            )
+            return result
 
     async def submit(
         self, request: RegistrationRequest, *, on_progress: ProgressCallback | None = None

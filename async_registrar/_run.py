@@ -63,6 +63,7 @@ from ._s3 import S3Client, S3Location
 from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
+from ._tracing import annotate, span
 from ._upload import UploadedArtifact, assumed_integrity, buffer_bound, digest_artifact, upload_to_all
 
 __all__ = ["RegionClients", "Run"]
@@ -147,19 +148,20 @@ _Step = Callable[Concatenate["Run", _P], Coroutine[Any, Any, _T]]
 
 def _phase(name: str) -> Callable[[_Step[_P, _T]], _Step[_P, _T]]:
     """Log lines written during the method carry the run id, the phase `name` and, for a
-    region's step, its region and registration id (see `_log_fields`)."""
+    region's step, its region and registration id (see `_log_fields`); the method runs in an
+    OpenTelemetry span of that name with the same attributes (see `_tracing`)."""
 
     def decorate(method: _Step[_P, _T]) -> _Step[_P, _T]:
         @functools.wraps(method)
         async def in_phase(self: Run, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
             region = next((a for a in args if isinstance(a, _Region)), None)
-            with log_fields(
-                run_id=self.run_id,
-                attempt=self.attempt,
-                phase=name,
-                region=region.region if region is not None else None,
-                registration_id=region.accepted.registration_id if region is not None and region.accepted else None,
-            ):
+            fields = {
+                "run_id": self.run_id,
+                "attempt": self.attempt,
+                "region": region.region if region is not None else None,
+                "registration_id": region.accepted.registration_id if region is not None and region.accepted else None,
+            }
+            with log_fields(phase=name, **fields), span(name, **fields):
                 return await method(self, *args, **kwargs)
 
         return in_phase
@@ -267,6 +269,7 @@ class Run:
             await outcomes(functools.partial(refresh, r) for r in self.regions if r.accepted and not self._final(r))
         return await self._finalize(None, reason="closed before it was waited for")
 
+    @_phase("preflight")
     async def plan(self) -> RegistrationPlan:
         """Check the inputs, run the preflight and describe what a registration would do.
 
@@ -320,7 +323,6 @@ class Run:
             timings=dict(self.timings),
         )
 
-    @_phase("preflight")
     async def _check(self) -> None:
         """Check the inputs and the metadata, and run the preflight; nothing is written."""
         model, payload = await self._inspect()
@@ -587,7 +589,7 @@ class Run:
             await run_all(functools.partial(self._capabilities, r) for r in unprobed)
 
         async def upload(name: str) -> None:
-            with log_fields(artifact=name):
+            with log_fields(artifact=name), span("upload_artifact", artifact=name):
                 await upload_one(name)
 
         async def upload_one(name: str) -> None:
@@ -612,6 +614,7 @@ class Run:
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result
                 region.to_upload.discard(name)
+            annotate(bytes=results[0].size, parts=results[0].parts, integrity=results[0].integrity)
 
         names = sorted({name for r in self.regions for name in r.to_upload})
         await run_all(functools.partial(upload, name) for name in names)
@@ -698,6 +701,7 @@ class Run:
                     log.warning("%s; a re-run still finds the registration by its key", exc.message)
             if scope.cancelled_caught:
                 log.warning("writing the run manifest timed out; a re-run still finds the registration by its key")
+            annotate(registration_id=answer.registration_id, model_id=answer.model_id, status=answer.status)
             self._emit(
                 RegistrationSubmitted(
                     answer.registration_id, answer.model_id, answer.workflow_execution_arn, region.region
@@ -766,6 +770,7 @@ class Run:
                 url=getattr(exc, "url", None),
             ) from exc
         region.status = region.final.status
+        annotate(status=region.status, model_id=region.final.model_id)
 
     # --- the exit ----------------------------------------------------------------------
 

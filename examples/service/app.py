@@ -10,6 +10,8 @@ unless the registry already accepted it (then they are kept for the registry, an
 same request with the same workflow_execution_id resumes it).
 
 Run it:  REGISTRAR_S3_BUCKET=... REGISTRAR_MIMS_ENDPOINT=... uvicorn --factory examples.service.app:main
+Its log is JSON lines with the registrar's fields; OTEL_TRACES_EXPORTER=console prints each
+registration's OpenTelemetry spans (with opentelemetry-sdk installed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from async_registrar import (
     ConfigurationError,
+    JsonFormatter,
     ProgressEvent,
     Registrar,
     RegistrarError,
@@ -144,8 +148,31 @@ async def _register(
             await sender.send(outcome)
 
 
+def observe(environ: Mapping[str, str] = os.environ) -> None:
+    """The service's log as JSON lines carrying the registrar's fields (run id, phase, region,
+    artifact, registration id), and, where the OpenTelemetry SDK is installed and
+    OTEL_TRACES_EXPORTER=console, each registration's spans printed as they end (a real
+    service sends them to its collector instead: only the provider changes)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    if environ.get("OTEL_TRACES_EXPORTER") != "console":
+        return
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        log.warning("OTEL_TRACES_EXPORTER=console needs opentelemetry-sdk (pip install opentelemetry-sdk)")
+        return
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
 def main() -> Starlette:
     """The app for `uvicorn examples.service.app:app`, configured from the environment."""
+    observe()
     return create_app(Settings.from_env())
 
 
