@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import InputError
+from ._s3 import S3Location
 from ._settings import MAX_PART_SIZE, MAX_PARTS, MiB
 
 __all__ = ["ArtifactSource", "DirectorySource", "FileEntry", "PrebuiltArchive", "choose_part_size", "inspect_artifact"]
@@ -79,6 +80,30 @@ class PrebuiltArchive:
 
 
 ArtifactSource = DirectorySource | PrebuiltArchive
+
+
+def is_s3_uri(value: object) -> bool:
+    """Whether `value` is an `s3://` URI (a model or payload already in S3)."""
+    return isinstance(value, str) and value.startswith("s3://")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Archive:
+    """A prebuilt `.tar.gz` in S3, as it was when it was inspected."""
+
+    location: S3Location
+    size: int
+    #: The ETag when inspected: the copy and the read are pinned to it.
+    etag: str | None
+
+    @property
+    def size_bound(self) -> int:
+        return self.size
+
+    @property
+    def path(self) -> str:
+        """Its URI (what messages name, as a local archive's path)."""
+        return self.location.uri
 
 
 def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> ArtifactSource:

@@ -616,7 +616,8 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
         parser,
         "model_path",
         "PATH",
-        "the model directory, or a directory holding one model.tar.gz",
+        "the model directory, a directory holding one model.tar.gz, or the s3:// URI of a model.tar.gz "
+        "(copied inside S3, not through this container)",
         "/opt/ml/processing/input/model",
     )
     _option(

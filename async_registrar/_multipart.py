@@ -229,6 +229,23 @@ class MultipartUpload:
         self._parts[number] = part
         self._sizes[number] = size
 
+    async def copy_part(self, number: int, source: S3Location, first: int, last: int, etag: str | None) -> None:
+        """Make part `number` (1-based) a server-side copy of bytes `first`..`last` (inclusive) of
+        `source`, as it was when its ETag was `etag`: no byte passes through this process."""
+        extra = {"CopySourceIfMatch": etag} if etag else {}
+        with storage_errors(f"UploadPartCopy (part {number}, from {source})", self.location.bucket, self.location.key):
+            response = await self._s3.upload_part_copy(
+                Bucket=self.location.bucket,
+                Key=self.location.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": source.bucket, "Key": source.key},
+                CopySourceRange=f"bytes={first}-{last}",
+                **extra,
+            )
+        self._parts[number] = {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
+        self._sizes[number] = last - first + 1
+
     @property
     def completed(self) -> bool:
         """Whether the upload was completed (its exit then aborts nothing)."""

@@ -25,9 +25,11 @@ class ArtifactPlan:
     """How one artifact (the model or the payload) would be uploaded."""
 
     name: Literal["model", "payload"]
-    path: Path
-    #: "directory" (archived on the fly) or "prebuilt" (a `.tar.gz` uploaded as it is).
-    kind: Literal["directory", "prebuilt"]
+    #: The local path, or the `s3://` URI of an archive already in S3.
+    path: Path | str
+    #: "directory" (archived on the fly), "prebuilt" (a `.tar.gz` uploaded as it is) or "s3"
+    #: (a `.tar.gz` already in S3, copied there).
+    kind: Literal["directory", "prebuilt", "s3"]
     files: int
     content_bytes: int
     #: The archive's size at most (exact for a prebuilt archive).
@@ -39,7 +41,9 @@ class ArtifactPlan:
     memory_bytes: int
 
     def describe(self) -> str:
-        what = f"{self.files} file(s)" if self.kind == "directory" else "a prebuilt .tar.gz"
+        what = {"directory": f"{self.files} file(s)", "prebuilt": "a prebuilt .tar.gz"}.get(
+            self.kind, "a .tar.gz in S3, copied there"
+        )
         limit = " (past S3's 5 TiB object limit: it must compress below it)" if self.size_bound > 5 * 1024**4 else ""
         return (
             f"{self.name}: {self.path} ({what}, {_size(self.content_bytes)}); archive at most "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._artifacts import ArtifactSource, DirectorySource
+from ._artifacts import ArtifactSource, DirectorySource, S3Archive
 from ._config import RegistrationConfig, load_config
 from ._errors import InputError
 from ._settings import JobInputs, Settings, describe_field
@@ -35,8 +35,10 @@ class RegistrationRequest:
     """
 
     config: RegistrationConfig
-    model_path: Path
-    payload_path: Path | None = None
+    #: A local directory (or one holding a `.tar.gz`), or the `s3://` URI of a prebuilt
+    #: `.tar.gz` (a training job's model.tar.gz): copied inside S3, not through this process.
+    model_path: Path | str
+    payload_path: Path | str | None = None
     metadata_path: Path | None = None
     performance_metadata_uri: str | None = None
     workflow_execution_id: str | None = None
@@ -62,7 +64,9 @@ class RegistrationRequest:
         named = [
             (name, getattr(inputs, name))
             for name in ("payload_path", "metadata_path")
-            if name in inputs.model_fields_set and not getattr(inputs, name).exists()
+            if name in inputs.model_fields_set
+            and isinstance(getattr(inputs, name), Path)
+            and not getattr(inputs, name).exists()
         ]
         if named:
             lines = "\n".join(f"  - {describe_field(name)}: {path}: no such file or directory" for name, path in named)
@@ -122,8 +126,8 @@ class RunIdentity:
 
 def run_identity(
     request: RegistrationRequest,
-    model: ArtifactSource,
-    payload: ArtifactSource | None,
+    model: ArtifactSource | S3Archive,
+    payload: ArtifactSource | S3Archive | None,
     metadata: dict[str, Any] | None,
     settings: Settings,
 ) -> RunIdentity:
@@ -150,11 +154,13 @@ def run_identity(
     return RunIdentity(group=f"run-{digest[:24]}", resumable=True, seed=digest, explicit_key=request.idempotency_key)
 
 
-def _listing(source: ArtifactSource | None) -> list[tuple[str, int, bool]] | None:
+def _listing(source: ArtifactSource | S3Archive | None) -> list[tuple[str, int, bool | str]] | None:
     if source is None:
         return None
     if isinstance(source, DirectorySource):
         return [(e.name, e.size, e.executable) for e in source.entries]
+    if isinstance(source, S3Archive):
+        return [(source.location.uri, source.size, source.etag or "")]
     return [(source.path.name, source.size, False)]
 
 

@@ -28,11 +28,12 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import anyio
 
-from ._artifacts import ArtifactSource, DirectorySource, choose_part_size, inspect_artifact
+from ._artifacts import ArtifactSource, DirectorySource, S3Archive, choose_part_size, inspect_artifact, is_s3_uri
 from ._budget import MemoryBudget
 from ._capabilities import S3Capabilities, adapt_uploads, known_capabilities
 from ._concurrency import CleanupDeadline, outcomes, run_all
@@ -60,6 +61,7 @@ from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusCha
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
+from ._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive
 from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
@@ -207,7 +209,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.regions: list[_Region] = []
         self.identity: RunIdentity | None = None
-        self._sources: dict[str, ArtifactSource] = {}
+        self._sources: dict[str, ArtifactSource | S3Archive] = {}
         self._metadata: dict[str, Any] | None = None
         self._submitted_at: float | None = None
         self._finalized = False
@@ -283,10 +285,13 @@ class Run:
         for name, source in self._sources.items():
             part_size = choose_part_size(source.size_bound, settings.part_size)
             parts = min(MAX_PARTS, max(1, -(-source.size_bound // part_size)))
-            kind: Literal["directory", "prebuilt"]
+            kind: Literal["directory", "prebuilt", "s3"]
+            path: Path | str
             if isinstance(source, DirectorySource):
                 path, kind = source.root, "directory"
                 files, content = sum(1 for e in source.entries if not e.is_dir), source.content_bytes
+            elif isinstance(source, S3Archive):
+                path, kind, files, content = source.path, "s3", 1, source.size
             else:
                 path, kind, files, content = source.path, "prebuilt", 1, source.size
             artifacts.append(
@@ -595,22 +600,36 @@ class Run:
         async def upload_one(name: str) -> None:
             regions = [r for r in self.regions if name in r.to_upload]
             targets = [(r.s3, S3Location(r.bucket, _prefix(r).key(f"{name}.tar.gz"))) for r in regions]
+            source = self._sources[name]
             async with self._uploads:
-                results = await upload_to_all(
-                    self._sources[name],
-                    targets,
-                    self.settings,
-                    artifact=name,
-                    on_progress=self._emit,
-                    cleanup=self._cleanup,
-                    workers=self._workers,
-                    budget=self._budget,
-                    ledger=self._ledger,
-                    integrity=[
-                        r.capabilities.integrity if r.capabilities else assumed_integrity(self.settings)
-                        for r in regions
-                    ],
-                )
+                if isinstance(source, S3Archive):  # already in S3: copied there, not uploaded
+                    results = await copy_to_all(
+                        self._s3,
+                        source,
+                        targets,
+                        self.settings,
+                        artifact=name,
+                        workers=self._workers,
+                        cleanup=self._cleanup,
+                        ledger=self._ledger,
+                        on_progress=self._emit,
+                    )
+                else:
+                    results = await upload_to_all(
+                        source,
+                        targets,
+                        self.settings,
+                        artifact=name,
+                        on_progress=self._emit,
+                        cleanup=self._cleanup,
+                        workers=self._workers,
+                        budget=self._budget,
+                        ledger=self._ledger,
+                        integrity=[
+                            r.capabilities.integrity if r.capabilities else assumed_integrity(self.settings)
+                            for r in regions
+                        ],
+                    )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result
                 region.to_upload.discard(name)
@@ -917,17 +936,25 @@ class Run:
         prefix = _prefix(region)
         await write_manifest(region.s3, S3Location(prefix.bucket, prefix.key(MANIFEST_NAME)), manifest)
 
-    async def _inspect(self) -> tuple[ArtifactSource, ArtifactSource | None]:
+    async def _inspect(self) -> tuple[ArtifactSource | S3Archive, ArtifactSource | S3Archive | None]:
         """Scan the inputs (in a worker thread: trees can be large)."""
         request = self.request
         follow = self.settings.dereference
-        model = await self._workers.stream(
-            lambda: inspect_artifact(request.model_path, role="model", dereference=follow)
-        )
-        payload = None
+        model_path = request.model_path
+        model: ArtifactSource | S3Archive
+        if is_s3_uri(model_path):  # a training job's model.tar.gz, already in S3
+            model = await inspect_s3_archive(self._s3, str(model_path), role="model")
+        else:
+            model = await self._workers.stream(
+                lambda: inspect_artifact(Path(model_path), role="model", dereference=follow)
+            )
+        payload: ArtifactSource | S3Archive | None = None
+        payload_path = request.payload_path
+        if is_s3_uri(payload_path):
+            payload = await inspect_s3_archive(self._s3, str(payload_path), role="payload")
         # Even a stat goes to the registrar's own threads (anyio.Path would draw on the shared ones).
-        if request.payload_path is not None and await self._workers.stream(request.payload_path.exists):
-            path = request.payload_path
+        elif payload_path is not None and await self._workers.stream(Path(payload_path).exists):
+            path = Path(payload_path)
             payload = await self._workers.stream(lambda: inspect_artifact(path, role="payload", dereference=follow))
         return model, payload
 
@@ -936,7 +963,10 @@ class Run:
         archives = {}
         for name, source in self._sources.items():
             log.info("hashing the %s to compare it with what an earlier run registered", name)
-            _, archives[name] = await digest_artifact(source, self.settings, workers=self._workers)
+            if isinstance(source, S3Archive):
+                _, archives[name] = await digest_s3_archive(self._s3, source, self._workers, check=False)
+            else:
+                _, archives[name] = await digest_artifact(source, self.settings, workers=self._workers)
         return archives
 
     def _result(self, leftovers: tuple[str, ...]) -> RegistrationResult:

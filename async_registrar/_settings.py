@@ -81,6 +81,14 @@ def _s3_object_uri(value: str) -> str:
     return value
 
 
+def _s3_archive_uri(value: str) -> str:
+    if not value.startswith("s3://"):
+        raise ValueError("not an s3:// URI")  # a local path then
+    if not re.fullmatch(r"s3://[^/\s]+/\S.*", value):
+        raise ValueError("must be s3://bucket/key of a prebuilt .tar.gz, or a local path")
+    return value
+
+
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 
@@ -295,8 +303,9 @@ class JobInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_path: Path = Path("/opt/ml/processing/input/model")
-    payload_path: Path = Path("/opt/ml/processing/mims_payload")
+    #: A local directory (or one holding a .tar.gz), or the `s3://` URI of a prebuilt .tar.gz.
+    model_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/input/model")
+    payload_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/mims_payload")
     config_path: Path = Path("/opt/ml/processing/config/config")
     metadata_path: Path = Path("/opt/ml/processing/input/metadata")
     #: An `s3://` URI of a JSON performance-metadata object (PERFORMANCE_METADATA_PATH).

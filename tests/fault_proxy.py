@@ -70,6 +70,8 @@ class FaultProxy:
         #: The headers of every request, in order (names lower-cased).
         self.headers: list[dict[str, str]] = []
         self.seen: list[tuple[str, str]] = []
+        #: Bytes the clients sent on to the server (request heads and bodies).
+        self.sent_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -202,17 +204,20 @@ class FaultProxy:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
             up_writer.write(head)
+            self.sent_bytes += len(head)
 
             async def client_to_upstream() -> None:
                 # The answer is read meanwhile: a server may answer (an error) before it read
                 # the body, and close (Go's servers do: rclone, SeaweedFS, JuiceFS).
                 with contextlib.suppress(ConnectionError):
                     if body is not None:  # read whole by the proxy already
+                        self.sent_bytes += len(body)
                         up_writer.write(body)
                         await up_writer.drain()
                         return
                     await up_writer.drain()
                     while data := await reader.read(65536):
+                        self.sent_bytes += len(data)
                         up_writer.write(data)
                         await up_writer.drain()
 
