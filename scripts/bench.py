@@ -1111,6 +1111,80 @@ def curves_markdown(report: dict[str, Any]) -> str:
 # --- main ----------------------------------------------------------------------------
 
 
+def copy_bench(args: argparse.Namespace, work: Path) -> int:
+    """A prebuilt archive already in S3 (a training job's output), registered two ways: uploaded
+    by the client (what a container that downloaded it does), or copied inside S3 and read once
+    for the sha256 (what `--model s3://...` does). Reports the bytes the client sent (counted by
+    a proxy in front of the server), its CPU seconds and peak RSS. On loopback the wall time of
+    a server-side copy says little (the "network" is free): the sent bytes and CPU are the point.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests.fault_proxy import FaultProxy
+
+    size = args.copy
+    tools = peer_tools(work)
+    model = model_directory(work / "data" / f"model-{size:g}GiB", int(size * GiB))
+    archive_dir = prebuilt(model, work / "data" / f"prebuilt-{size:g}GiB", tools["pigz"])
+    archive = archive_dir / "model.tar.gz"
+    rows = []
+    with Server(args.target, work) as server:
+        env = server.env()
+        subprocess.run(
+            [
+                str(tools["s5cmd"]),
+                "--endpoint-url",
+                server.endpoint,
+                "cp",
+                str(archive),
+                f"s3://{BUCKET}/source/model.tar.gz",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        source = f"s3://{BUCKET}/source/model.tar.gz"
+        for mode, what in (("upload", str(archive_dir)), ("copy", source)):
+            server.settle()
+            with FaultProxy(server.endpoint, lambda method, target: None) as proxy:
+                proxied = {**env, "AWS_ENDPOINT_URL_S3": proxy.endpoint, "AWS_ENDPOINT_URL": proxy.endpoint}
+                usage, out = launch(
+                    [sys.executable, clients("copy_or_upload.py"), mode, what, f"copy-bench/{mode}.tar.gz"],
+                    proxied,
+                    work / "copy.json",
+                )
+            server.s3().delete_object(Bucket=BUCKET, Key=f"copy-bench/{mode}.tar.gz")
+            row = {
+                "mode": mode,
+                "archive_mib": round(out["size"] / MiB),
+                "client_sent_mib": round(proxy.sent_bytes / MiB, 2),
+                "sent_share": round(proxy.sent_bytes / out["size"], 5),
+                "cpu_s": round(usage["cpu"], 2),
+                "peak_rss_mib": round(usage["maxrss_kib"] / 1024),
+                "wall_s": round(out["wall"], 2),
+                "sha256": out["sha256"],
+            }
+            rows.append(row)
+            print(f"bench: {row}", file=sys.stderr)
+    same = len({r["sha256"] for r in rows}) == 1
+    lines = [
+        f"{size:g} GiB directory as a prebuilt archive, target {args.target}, {machine()}; wall time through a "
+        "Python proxy on loopback (not meaningful for a server-side copy)",
+        "",
+        "| mode | archive MiB | client sent MiB | share | CPU s | peak RSS MiB | wall s |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['mode']} | {r['archive_mib']} | {r['client_sent_mib']} | {r['sent_share']:.4%} | {r['cpu_s']} "
+            f"| {r['peak_rss_mib']} | {r['wall_s']} |"
+            for r in rows
+        ),
+        "",
+        f"same sha256 both ways: {same}",
+    ]
+    print("\n".join(lines))
+    (work / f"results-copy-{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(json.dumps(rows, indent=2))
+    return 0 if same else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1137,6 +1211,16 @@ def main() -> int:
         help="also ours with other settings on the model directories, e.g. "
         "'REGISTRAR_PART_SIZE=32MiB,REGISTRAR_PART_SIZE=64MiB;REGISTRAR_UPLOAD_CONCURRENCY=8'",
     )
+    parser.add_argument(
+        "--copy",
+        type=float,
+        nargs="?",
+        const=4.0,
+        default=0.0,
+        metavar="GiB",
+        help="instead: a prebuilt archive of a GiB (default 4) directory already in S3, uploaded by the "
+        "client against copied inside S3 (--model s3://...): bytes sent, CPU, RSS",
+    )
     curve = parser.add_argument_group("--curves: the size, file-count and concurrency curves, and the scale checks")
     curve.add_argument("--curves", action="store_true", help="run the curves (see below) instead of the default set")
     curve.add_argument("--sizes", default="1,4,16", help="model directory sizes in GiB (default 1,4,16)")
@@ -1161,6 +1245,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.concurrent:
         return concurrent_bench(args, work)
+    if args.copy:
+        return copy_bench(args, work)
     if args.render:
         return render(args.render, write_docs=args.write_docs, work=work)
     if args.curves:
