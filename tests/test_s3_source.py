@@ -10,18 +10,20 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from botocore.exceptions import ClientError
+from pydantic import SecretStr
 
 from async_registrar import Settings, StorageError
 from async_registrar._concurrency import CleanupDeadline
-from async_registrar._local import LocalStack
-from async_registrar._s3 import S3Location
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._s3 import S3Location, make_session, open_s3_client
 from async_registrar._s3_source import copy_to_all, inspect_s3_archive
 from async_registrar._threads import Workers
 
 from .conftest import MiB, leftovers, make_job
-from .fault_proxy import FaultProxy, Reply, s3_error
+from .fault_proxy import FaultProxy, Reply, Stall, s3_error
 from .test_cli import environment, run
 
 TRAINING = "training-output"
@@ -75,8 +77,8 @@ async def test_a_model_in_s3_is_registered_without_passing_through_the_client(
 
 
 async def test_a_large_model_is_copied_part_by_part(settings: Settings, s3: Any, tmp_path: Path) -> None:
-    """Past CopyObject's limit (scaled down here), concurrent UploadPartCopy requests: the copy
-    is the source byte for byte, and the sha256 read once is the source's."""
+    """Parts (scaled down here), copied by concurrent UploadPartCopy requests: the copy is the
+    source byte for byte, the sha256 read once is the source's, no upload stays open."""
     archive = model_archive(11 * MiB)
     source = await inspect_s3_archive(
         s3, await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive), role="model"
@@ -90,7 +92,6 @@ async def test_a_large_model_is_copied_part_by_part(settings: Settings, s3: Any,
         artifact="model",
         workers=Workers.for_settings(settings),
         cleanup=CleanupDeadline(settings.cleanup_timeout),
-        copy_object_limit=0,
         copy_part_size=5 * MiB,
     )
     assert copied.parts == 3
@@ -193,3 +194,35 @@ async def test_check_describes_a_model_in_s3(tmp_path: Path, stack: LocalStack, 
     result = run(environment(stack, settings, job, REGISTRAR_MODEL_PATH=uri), "check")
     assert result.returncode == 0, result.stderr
     assert f"model: {uri} (a .tar.gz in S3, copied there" in result.stdout
+
+
+async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
+) -> None:
+    """Cancelled while UploadPartCopy is held back on the way: the multipart copy is aborted,
+    nothing stays at the target (the part that lands later lands in no upload)."""
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(1 * MiB))
+
+    def stall(method: str, target: str) -> Any:
+        return Stall(5.0) if method == "PUT" and "partNumber=" in target else None
+
+    with FaultProxy(stack.s3_endpoint, stall) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
+            source = await inspect_s3_archive(proxied, uri, role="model")
+            target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+            with anyio.move_on_after(1.0) as scope:
+                await copy_to_all(
+                    proxied,
+                    source,
+                    [(proxied, target)],
+                    settings,
+                    artifact="model",
+                    workers=Workers.for_settings(settings),
+                    cleanup=CleanupDeadline(settings.cleanup_timeout),
+                )
+        assert scope.cancelled_caught
+        assert proxy.count("PUT", "partNumber=1") == 1  # the part copy was on its way
+        assert proxy.count("DELETE", "uploadId=") == 1  # the abort
+    await anyio.sleep(5.5)  # the held-back part copy reaches the server after the abort
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
