@@ -9,6 +9,7 @@ check a request the way the real registry's IAM front door would.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
@@ -101,11 +102,14 @@ def verify_request(
     secrets: Mapping[str, str] | None,
     max_skew: dt.timedelta = dt.timedelta(minutes=15),
     now: dt.datetime | None = None,
+    signed_if_present: tuple[str, ...] = ("idempotency-key",),
 ) -> str | None:
     """Check a request's SigV4 signature; return what is wrong, or None if it is good.
 
     Without `secrets` (access key id -> secret key) only the form is checked: a
-    well-formed header for `service`, signing host and x-amz-date, dated recently.
+    well-formed header for `service`, signing host and x-amz-date, dated recently, covering
+    the headers of `signed_if_present` the request has; an `x-amz-content-sha256` header must
+    be the body's sha256 (no `UNSIGNED-PAYLOAD`: the signature covers it instead of the body).
     """
     header = AuthorizationHeader.parse(headers.get("authorization", ""))
     if header is None:
@@ -114,6 +118,15 @@ def verify_request(
         return f"signed for service {header.service!r}, expected {service!r}"
     if not {"host", "x-amz-date"} <= set(header.signed_headers):
         return "the signature must cover the host and x-amz-date headers"
+    unsigned = [name for name in signed_if_present if name in headers and name not in header.signed_headers]
+    if unsigned:
+        names = ", ".join(unsigned)
+        return f"the signature must cover the {names} header (a captured request could be replayed under another)"
+    claimed = headers.get("x-amz-content-sha256")
+    if claimed is not None and claimed != hashlib.sha256(body).hexdigest():
+        if claimed.upper().startswith(("UNSIGNED-PAYLOAD", "STREAMING-")):
+            return "unsigned payloads are not accepted: sign the body (x-amz-content-sha256 must be its sha256)"
+        return "the x-amz-content-sha256 header is not the body's sha256"
     amz_date = headers.get("x-amz-date", "")
     try:
         when = dt.datetime.strptime(amz_date, SIGV4_TIMESTAMP).replace(tzinfo=dt.UTC)

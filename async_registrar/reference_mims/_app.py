@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._config import describe_validation_errors
+from .._errors import StorageError
 from .._mims_contract import (
     IDEMPOTENCY_HEADER,
     REGISTRATIONS_PATH,
@@ -33,7 +34,7 @@ from .._mims_contract import (
     RegistrationSubmission,
 )
 from .._s3 import S3Client, S3Location, make_session, open_s3_client, storage_errors
-from .._sigv4 import verify_request
+from .._sigv4 import AuthorizationHeader, verify_request
 from ._openapi import openapi_document
 from ._processing import ArtifactProblem, copy_object, verify_artifact
 from ._settings import ReferenceMimsSettings
@@ -90,7 +91,9 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
             failing = state.submissions_seen <= settings.fail_submissions
         if failing:
             return _error(503, "the registry is busy (injected fault); retry later", retry_after=settings.retry_after)
-        body = await request.body()
+        body = await _read_body(request, settings.max_body_bytes)
+        if body is None:
+            return _error(413, f"the body is larger than {settings.max_body_bytes} bytes")
         denied = _authenticate(request, body, settings)
         if denied:
             return denied
@@ -115,6 +118,9 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
         except ValidationError as exc:
             problems = describe_validation_errors(exc, known=list(RegistrationSubmission.model_fields), data=data)
             return _error(422, "the registration is invalid", problems)
+        wrong_scope = _scope_problem(request, submission.model_registration_region)
+        if wrong_scope:
+            return _error(403, f"request signature rejected: {wrong_scope}")
         if submission.model_registration_region in settings.reject_regions:
             region = submission.model_registration_region
             return _error(
@@ -154,12 +160,18 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
             return _error(429, "too many requests (injected fault)", retry_after=settings.retry_after)
         if settings.stall_poll:
             await anyio.sleep(settings.stall_poll)
-        denied = _authenticate(request, await request.body(), settings)
+        body = await _read_body(request, settings.max_body_bytes)
+        if body is None:
+            return _error(413, f"the body is larger than {settings.max_body_bytes} bytes")
+        denied = _authenticate(request, body, settings)
         if denied:
             return denied
         record = state.records.get(request.path_params["registration_id"])
         if record is None:
             return _error(404, f"no registration {request.path_params['registration_id']!r}")
+        wrong_scope = _scope_problem(request, record.submission.model_registration_region)
+        if wrong_scope:
+            return _error(403, f"request signature rejected: {wrong_scope}")
         return _json(200, record.registration, registry_uris=record.registry_uris or None)
 
     async def health(request: Request) -> Response:
@@ -257,6 +269,29 @@ def _authenticate(request: Request, body: bytes, settings: ReferenceMimsSettings
     return _error(403, f"request signature rejected: {problem}")
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to exceed `limit` bytes (by its
+    Content-Length, or while it streams in): a large body is never held in memory."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _scope_problem(request: Request, region: str) -> str | None:
+    """What is wrong with the credential scope's region for a registration in `region`."""
+    header = AuthorizationHeader.parse(request.headers.get("authorization", ""))
+    if header is not None and header.region != region:
+        return f"signed for region {header.region!r}, but the registration is in {region!r}"
+    return None
+
+
 def _json(status: int, registration: Registration, **extra: Any) -> Response:
     body = registration.model_dump(mode="json")
     body.update({k: v for k, v in extra.items() if v is not None})
@@ -283,6 +318,13 @@ async def _ensure_bucket(s3: S3Client, bucket: str, region: str) -> None:
         await s3.head_bucket(Bucket=bucket)
     except ClientError:
         location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-        with storage_errors("CreateBucket", bucket):
-            await s3.create_bucket(Bucket=bucket, **location)
+        try:
+            with storage_errors("CreateBucket", bucket):
+                await s3.create_bucket(Bucket=bucket, **location)
+        except StorageError as exc:
+            # Another instance starting at the same time created it first.
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+            log.info("the registry bucket s3://%s was created meanwhile (%s)", bucket, exc.code)
+            return
         log.info("created the registry bucket s3://%s", bucket)

@@ -43,14 +43,22 @@ def openapi_document() -> dict[str, Any]:
         "description": "the registration",
         "content": {"application/json": {"schema": _ref("Registration")}},
     }
-    auth = {"403": _error("missing, malformed or wrong SigV4 signature")}
+    auth = {
+        "403": _error(
+            "missing, malformed or wrong SigV4 signature; a signature for another region than the "
+            "registration's; an Idempotency-Key the signature does not cover; an x-amz-content-sha256 that is "
+            "not the body's sha256 (UNSIGNED-PAYLOAD included)"
+        ),
+        "413": _error("the body is larger than the service's limit (MIMS_MAX_BODY_BYTES, 1 MiB by default)"),
+    }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "MIMS (Model Inference Management Service): registration API",
             "version": "1",
             "description": (
-                "Every request is signed with AWS SigV4 (service 'mims', the registration's region). "
+                "Every request is signed with AWS SigV4 (service 'mims', the registration's region), covering "
+                "host, x-amz-date and Idempotency-Key, and the body (its sha256). "
                 "A registration moves PENDING -> IN_PROGRESS -> SUCCEEDED or FAILED; before SUCCEEDED the "
                 "registry reads each artifact back, checks size, sha256 and tar.gz, and copies it."
             ),
@@ -64,7 +72,7 @@ def openapi_document() -> dict[str, Any]:
                             "name": IDEMPOTENCY_HEADER,
                             "in": "header",
                             "required": True,
-                            "schema": {"type": "string", "maxLength": 256},
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
                             "description": "one value per logical registration, the same on every retry",
                         }
                     ],
@@ -109,5 +117,16 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": schemas.get("$defs", {})},
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {
+                "sigv4": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "AWS Signature Version 4 (AWS4-HMAC-SHA256), service 'mims', with X-Amz-Date",
+                }
+            },
+        },
+        "security": [{"sigv4": []}],
     }

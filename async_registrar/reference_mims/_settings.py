@@ -40,6 +40,9 @@ class ReferenceMimsSettings(BaseModel):
     #: otherwise only their form is checked.
     signing_secrets: dict[str, SecretStr] | None = None
 
+    #: Requests with a larger body are refused (413) before more of it is read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
     # Pace: how long a registration stays PENDING, and how long verification takes at least.
     pending_delay: Delay = 0.2
     processing_delay: Delay = 0.0
