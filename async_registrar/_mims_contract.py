@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
 
 from ._config import Region, RegistrationConfig
 
@@ -47,7 +47,7 @@ class ArtifactRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     s3_uri: S3Uri
-    size_bytes: Annotated[int, Field(ge=0, le=5 * 1024**4)]
+    size_bytes: Annotated[StrictInt, Field(ge=0, le=5 * 1024**4)]  # no true, "1" or 12.0
     sha256: Sha256
 
 

@@ -4,9 +4,14 @@ bounded before they are read, and two instances may start at once on a new bucke
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -50,7 +55,7 @@ def submission(prefix: str = "hardening") -> bytes:
 
 @pytest.fixture
 async def endpoint(stack: LocalStack) -> AsyncIterator[str]:
-    with mims_server(stack, max_body_bytes=4096) as registry:
+    with mims_server(stack, max_body_bytes=16384) as registry:
         yield registry.endpoint
 
 
@@ -137,12 +142,12 @@ async def test_the_registrars_own_client_signs_what_the_service_requires(endpoin
 
 
 async def test_a_body_over_the_limit_is_413_before_it_is_read(endpoint: str) -> None:
-    """MIMS_MAX_BODY_BYTES (4096 here): a larger body is 413, by its Content-Length or, sent
+    """MIMS_MAX_BODY_BYTES (16 KiB here): a larger body is 413, by its Content-Length or, sent
     chunked without one, as soon as it passes the limit; unsigned, it never reaches the check."""
-    big = b"x" * 10_000
+    big = b"x" * 20_000
     response = await post(endpoint, big, {"content-type": "application/json"})
     assert response.status_code == 413
-    assert "larger than 4096 bytes" in response.json()["message"]
+    assert "larger than 16384 bytes" in response.json()["message"]
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(100):
@@ -168,3 +173,96 @@ async def test_a_bucket_created_meanwhile_is_no_error(stack: LocalStack) -> None
                 tg.start_soon(_ensure_bucket, s3, bucket, REGION)
             await _ensure_bucket(s3, bucket, REGION)  # HEAD says missing, CREATE says it exists
     assert proxy.count("PUT", f"/{bucket}") == 2
+
+
+def submission_with(**changes: Any) -> bytes:
+    body = json.loads(submission("limits"))
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (submission("x")[:-1] + b', "performance_metadata": {"n": ' + b"9" * 5000 + b"}}", "more than 30 digits"),
+        (submission("x")[:-1] + b', "performance_metadata": {"s": "\\ud800"}}', "lone surrogate"),
+        (
+            submission("x")[:-1] + b', "performance_metadata": {"d": ' + b"[" * 300 + b"]" * 300 + b"}}",
+            "nested deeper than 64",
+        ),
+    ],
+    ids=["5000-digit-integer", "lone-surrogate", "depth-300"],
+)
+async def test_hostile_json_is_400_not_500(endpoint: str, body: bytes, says: str) -> None:
+    """Each was a 500 with a plain-text body."""
+    url = f"{endpoint}/v1/registrations"
+    response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": f"k-{says[:8]}"}))
+    assert response.status_code == 400, response.text
+    assert says in response.json()["message"]
+
+
+@pytest.mark.parametrize("size", [True, "1", 12.0], ids=["bool", "string", "float"])
+async def test_size_bytes_is_a_strict_integer(endpoint: str, size: object) -> None:
+    url = f"{endpoint}/v1/registrations"
+    artifact = json.loads(submission("strict"))["model_artifact"]
+    body = submission_with(model_artifact={**artifact, "size_bytes": size})
+    response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": f"k-size-{size!r}"}))
+    assert response.status_code == 422, response.text
+    assert any("size_bytes" in e for e in response.json()["errors"]), response.json()
+
+
+@pytest.mark.parametrize("key", ["a/../model.tar.gz", "a//model.tar.gz", "./model.tar.gz"])
+async def test_keys_with_dot_segments_are_400(endpoint: str, key: str) -> None:
+    url = f"{endpoint}/v1/registrations"
+    artifact = json.loads(submission("keys"))["model_artifact"]
+    body = submission_with(model_artifact={**artifact, "s3_uri": f"s3://registrar-local-tmp/{key}"})
+    response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": f"k-key-{key}"}))
+    assert response.status_code == 400, response.text
+    assert "not a plain S3 key" in response.json()["message"]
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_500_mb_unsigned_post_costs_the_service_no_memory(stack: LocalStack, unused_tcp_port: int) -> None:
+    """The service as it runs (uvicorn, its own process), sent 500 MB unsigned and chunked (no
+    Content-Length): 413 once it passes 1 MiB, and its RSS stays within 20 MiB of before (an
+    unsigned 500 MB POST raised it by 1.3 GB)."""
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL_S3": stack.s3_endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "MIMS_REGISTRY_BUCKET": "mims-registry",
+    }
+    command = [sys.executable, "-m", "async_registrar", "--log-level", "WARNING", "mims-server"]
+    server = subprocess.Popen([*command, "--port", str(unused_tcp_port)], env=env)
+    try:
+        endpoint = f"http://127.0.0.1:{unused_tcp_port}"
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(f"{endpoint}/health")).status_code == 200:
+                        break
+                await anyio.sleep(0.1)
+            before = _rss_kib(server.pid)
+
+            async def body() -> AsyncIterator[bytes]:
+                chunk = b"z" * (1024 * 1024)
+                for _ in range(500):
+                    yield chunk
+
+            status = None
+            with contextlib.suppress(httpx.TransportError):  # the service may close while we still send
+                status = (await client.post(f"{endpoint}/v1/registrations", content=body(), timeout=60)).status_code
+            after = _rss_kib(server.pid)
+        assert status in (413, None)
+        assert after - before < 20 * 1024, f"RSS grew by {(after - before) / 1024:.0f} MiB"
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -101,9 +101,9 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
         if not key or len(key) > 256:
             return _error(400, f"the {IDEMPOTENCY_HEADER} header is required (at most 256 characters)")
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+            data = _parse_json(body)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return _error(400, f"the body is not acceptable JSON: {exc}")
         if not isinstance(data, dict):
             return _error(400, "the body must be a JSON object")
         if isinstance(data.get("model_registration_region"), list):
@@ -121,6 +121,16 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
         wrong_scope = _scope_problem(request, submission.model_registration_region)
         if wrong_scope:
             return _error(403, f"request signature rejected: {wrong_scope}")
+        bad_keys = [
+            f"{name}.s3_uri: {ref.s3_uri}: a key with an empty, '.' or '..' segment"
+            for name, ref in (
+                ("model_artifact", submission.model_artifact),
+                ("payload_artifact", submission.payload_artifact),
+            )
+            if ref is not None and _unsafe_key(ref.s3_uri)
+        ]
+        if bad_keys:
+            return _error(400, "an artifact's key is not a plain S3 key", bad_keys)
         if submission.model_registration_region in settings.reject_regions:
             region = submission.model_registration_region
             return _error(
@@ -180,7 +190,12 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document())
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error answering %s %s", request.method, request.url.path)
+        return _error(500, "internal error in the reference MIMS service (a bug: see its log)")
+
     app = Starlette(
+        exception_handlers={Exception: internal_error},
         routes=[
             Route(REGISTRATIONS_PATH, submit, methods=["POST"]),
             Route(REGISTRATIONS_PATH + "/{registration_id}", status, methods=["GET"]),
@@ -267,6 +282,46 @@ def _authenticate(request: Request, body: bytes, settings: ReferenceMimsSettings
     if problem is None:
         return None
     return _error(403, f"request signature rejected: {problem}")
+
+
+#: Limits on what a JSON body may hold: far above any real registration, far below what
+#: could exhaust the parser or the validator.
+MAX_INTEGER_DIGITS = 30
+MAX_DEPTH = 64
+
+
+def _parse_json(body: bytes) -> Any:
+    """`body` as JSON, refusing (ValueError) integers of more than `MAX_INTEGER_DIGITS` digits,
+    nesting deeper than `MAX_DEPTH`, and strings that are not Unicode text (lone surrogates)."""
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+            raise ValueError(f"an integer of more than {MAX_INTEGER_DIGITS} digits")
+        return int(text)
+
+    data = json.loads(body, parse_int=integer)
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a string that is not Unicode text (a lone surrogate escape)") from None
+    return data
+
+
+def _unsafe_key(uri: str) -> bool:
+    """Whether the key of an s3:// URI has an empty, `.` or `..` segment."""
+    key = uri.split("/", 3)[3] if uri.count("/") >= 3 else ""
+    return any(segment in ("", ".", "..") for segment in key.split("/"))
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
