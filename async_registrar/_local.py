@@ -63,6 +63,9 @@ class LocalStack:
                     "aws_access_key_id": SecretStr(ACCESS_KEY),
                     "aws_secret_access_key": SecretStr(SECRET_KEY),
                     "signing_secrets": {ACCESS_KEY: SecretStr(SECRET_KEY)},
+                    # Artifacts only from the registrars' bucket (unless the caller named others).
+                    "allowed_buckets": (self._mims_settings.allowed_buckets if self._mims_settings else None)
+                    or [self.temporary_bucket],
                 }
             )
             self._mims_server = ThreadedMimsServer(settings)

@@ -36,12 +36,14 @@ from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsSe
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "demo"
 MiB = 1024 * 1024
+#: The buckets the tests' reference MIMS reads artifacts from: the stack's, and the regional ones.
+ALLOWED_BUCKETS = ["registrar-local-tmp", *(f"registrar-mr-{r}" for r in ("us-west-2", "eu-west-1", "ap-south-1"))]
 
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     """moto S3 and the reference MIMS (verifying signatures), for the whole session."""
-    with LocalStack(mims=ReferenceMimsSettings(pending_delay=0.05)) as running:
+    with LocalStack(mims=ReferenceMimsSettings(pending_delay=0.05, allowed_buckets=ALLOWED_BUCKETS)) as running:
         yield running
 
 
@@ -106,6 +108,7 @@ def mims_settings(stack: LocalStack, **overrides: Any) -> ReferenceMimsSettings:
         "aws_secret_access_key": SecretStr(SECRET_KEY),
         "signing_secrets": {ACCESS_KEY: SecretStr(SECRET_KEY)},
         "pending_delay": 0.05,
+        "allowed_buckets": ALLOWED_BUCKETS,
         **overrides,
     }
     return ReferenceMimsSettings(**values)

@@ -266,3 +266,15 @@ async def test_a_500_mb_unsigned_post_costs_the_service_no_memory(stack: LocalSt
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_artifacts_only_from_allowed_buckets(endpoint: str) -> None:
+    """Confused deputy: an artifact in a bucket the registry may read but was not configured
+    to take artifacts from (MIMS_ALLOWED_BUCKETS) is 403 naming it (it was accepted and copied)."""
+    url = f"{endpoint}/v1/registrations"
+    artifact = json.loads(submission("deputy"))["model_artifact"]
+    body = submission_with(model_artifact={**artifact, "s3_uri": "s3://mims-registry/models/someone-else/model.tar.gz"})
+    response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": "k-deputy"}))
+    assert response.status_code == 403, response.text
+    assert "does not read artifacts from bucket(s) mims-registry" in response.json()["message"]
+    assert "MIMS_ALLOWED_BUCKETS" in response.json()["message"]

@@ -80,6 +80,11 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
                     open_s3_client(session, region=settings.aws_region, endpoint_url=settings.s3_endpoint_url)
                 )
             await _ensure_bucket(state.s3, settings.registry_bucket, settings.aws_region)
+            if settings.allowed_buckets is None:
+                log.warning(
+                    "MIMS_ALLOWED_BUCKETS is not set: artifacts are read from any bucket this service's "
+                    "credentials can read; set it to the registrars' temporary bucket(s)"
+                )
             async with anyio.create_task_group() as tasks:
                 state.tasks = tasks
                 yield
@@ -131,6 +136,20 @@ def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = 
         ]
         if bad_keys:
             return _error(400, "an artifact's key is not a plain S3 key", bad_keys)
+        if settings.allowed_buckets is not None:
+            outside = sorted(
+                {
+                    ref.s3_uri.split("/")[2]
+                    for ref in (submission.model_artifact, submission.payload_artifact)
+                    if ref is not None and ref.s3_uri.split("/")[2] not in settings.allowed_buckets
+                }
+            )
+            if outside:
+                return _error(
+                    403,
+                    f"the registry does not read artifacts from bucket(s) {', '.join(outside)} (it reads from "
+                    f"{', '.join(settings.allowed_buckets) or 'none'}: MIMS_ALLOWED_BUCKETS)",
+                )
         if submission.model_registration_region in settings.reject_regions:
             region = submission.model_registration_region
             return _error(

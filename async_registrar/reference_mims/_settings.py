@@ -40,6 +40,9 @@ class ReferenceMimsSettings(BaseModel):
     #: otherwise only their form is checked.
     signing_secrets: dict[str, SecretStr] | None = None
 
+    #: The buckets artifacts may be read from (MIMS_ALLOWED_BUCKETS, comma-separated); None:
+    #: any bucket the registry's credentials can read (a confused deputy: warned at start).
+    allowed_buckets: list[str] | None = None
     #: Requests with a larger body are refused (413) before more of it is read.
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
 
@@ -70,7 +73,8 @@ class ReferenceMimsSettings(BaseModel):
         for name in cls.model_fields:
             var = f"MIMS_{name.upper()}"
             if env.get(var):
-                values[name] = env[var].split(",") if name in ("fail_regions", "reject_regions") else env[var]
+                listed = ("fail_regions", "reject_regions", "allowed_buckets")
+                values[name] = [v.strip() for v in env[var].split(",")] if name in listed else env[var]
         if env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"):
             values.setdefault("s3_endpoint_url", env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
         if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
