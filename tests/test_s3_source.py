@@ -204,14 +204,14 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
     uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(1 * MiB))
 
     def stall(method: str, target: str) -> Any:
-        return Stall(5.0) if method == "PUT" and "partNumber=" in target else None
+        return Stall(2.0) if method == "PUT" and "partNumber=" in target else None
 
     with FaultProxy(stack.s3_endpoint, stall) as proxy:
         session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
         async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
             source = await inspect_s3_archive(proxied, uri, role="model")
             target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
-            with anyio.move_on_after(1.0) as scope:
+            with anyio.move_on_after(0.5) as scope:
                 await copy_to_all(
                     proxied,
                     source,
@@ -224,5 +224,5 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
         assert scope.cancelled_caught
         assert proxy.count("PUT", "partNumber=1") == 1  # the part copy was on its way
         assert proxy.count("DELETE", "uploadId=") == 1  # the abort
-    await anyio.sleep(5.5)  # the held-back part copy reaches the server after the abort
+    await anyio.sleep(2.5)  # the held-back part copy reaches the server after the abort
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
