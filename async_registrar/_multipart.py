@@ -196,27 +196,21 @@ class MultipartUpload:
                 if attempt > 1 and exc.code not in DAMAGED_PART_CODES:
                     # `rclone serve s3` drops the whole upload with a damaged part: the part sent
                     # again gets NoSuchUpload (or, answered before its body was read, a reset).
-                    raise StorageError(
+                    raise _restated(
+                        exc,
                         f"part {number} of {self.location} arrived damaged, and sending it again failed: {exc}. "
                         "Some servers (`rclone serve s3`) drop the whole multipart upload when a part arrives "
                         "damaged; nothing damaged was kept: run again",
-                        operation=exc.operation,
-                        bucket=exc.bucket,
-                        key=exc.key,
-                        code=exc.code,
                     ) from exc
                 # S3 found the part damaged on its way (its checksum or Content-MD5 did not
                 # match): a one-off corruption in transit is sent again, like a 5xx.
                 if exc.code not in DAMAGED_PART_CODES:
                     raise
                 if attempt == DAMAGED_PART_ATTEMPTS:
-                    raise StorageError(
+                    raise _restated(
+                        exc,
                         f"{exc}; part {number} arrived damaged {attempt} times in a row: something on "
                         "the way alters it (a proxy, faulty memory or network card)",
-                        operation=exc.operation,
-                        bucket=exc.bucket,
-                        key=exc.key,
-                        code=exc.code,
                     ) from exc
                 log.info("part %d of %s arrived damaged (%s); sending it again", number, self.location, exc.code)
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
@@ -406,6 +400,11 @@ _CRC = ("CRC32", "CRC64NVME")
 
 #: The bytes of each checksum algorithm's value.
 _CHECKSUM_BYTES = {"CRC32": 4, "CRC32C": 4, "CRC64NVME": 8, "SHA1": 20, "SHA256": 32}
+
+
+def _restated(error: StorageError, message: str) -> StorageError:
+    """`error` said otherwise: the same operation, place and code."""
+    return StorageError(message, operation=error.operation, bucket=error.bucket, key=error.key, code=error.code)
 
 
 def _has_length(value: str, algorithm: str) -> bool:

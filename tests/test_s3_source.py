@@ -16,6 +16,7 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from async_registrar import Settings, StorageError
+from async_registrar._artifacts import S3Archive
 from async_registrar._concurrency import CleanupDeadline
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import S3Location, make_session, open_s3_client
@@ -48,6 +49,21 @@ async def put_training_output(s3: Any, key: str, body: bytes) -> str:
             raise
     await s3.put_object(Bucket=TRAINING, Key=key, Body=body)
     return f"s3://{TRAINING}/{key}"
+
+
+async def copy_model(s3: Any, source: S3Archive, target: S3Location, settings: Settings, **options: Any) -> Any:
+    """`copy_to_all` of `source` to `target` alone, with the registrar's defaults."""
+    (copied,) = await copy_to_all(
+        s3,
+        source,
+        [(s3, target)],
+        settings,
+        artifact="model",
+        workers=Workers.for_settings(settings),
+        cleanup=CleanupDeadline(settings.cleanup_timeout),
+        **options,
+    )
+    return copied
 
 
 async def registry_object(s3: Any, stack: LocalStack, model_id: str) -> bytes:
@@ -84,16 +100,7 @@ async def test_a_large_model_is_copied_part_by_part(settings: Settings, s3: Any,
         s3, await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive), role="model"
     )
     target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
-    (copied,) = await copy_to_all(
-        s3,
-        source,
-        [(s3, target)],
-        settings,
-        artifact="model",
-        workers=Workers.for_settings(settings),
-        cleanup=CleanupDeadline(settings.cleanup_timeout),
-        copy_part_size=5 * MiB,
-    )
+    copied = await copy_model(s3, source, target, settings, copy_part_size=5 * MiB)
     assert copied.parts == 3
     assert copied.size == len(archive)
     assert copied.sha256 == hashlib.sha256(archive).hexdigest()
@@ -116,15 +123,7 @@ async def test_a_source_replaced_after_it_was_inspected_is_not_copied(
     await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(1 * MiB))
     target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(StorageError, match="PreconditionFailed"):
-        await copy_to_all(
-            s3,
-            source,
-            [(s3, target)],
-            settings,
-            artifact="model",
-            workers=Workers.for_settings(settings),
-            cleanup=CleanupDeadline(settings.cleanup_timeout),
-        )
+        await copy_model(s3, source, target, settings)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
@@ -212,15 +211,7 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
             source = await inspect_s3_archive(proxied, uri, role="model")
             target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
             with anyio.move_on_after(0.5) as scope:
-                await copy_to_all(
-                    proxied,
-                    source,
-                    [(proxied, target)],
-                    settings,
-                    artifact="model",
-                    workers=Workers.for_settings(settings),
-                    cleanup=CleanupDeadline(settings.cleanup_timeout),
-                )
+                await copy_model(proxied, source, target, settings)
         assert scope.cancelled_caught
         assert proxy.count("PUT", "partNumber=1") == 1  # the part copy was on its way
         assert proxy.count("DELETE", "uploadId=") == 1  # the abort
