@@ -140,6 +140,10 @@ class StorageError(RegistrarError):
         self.code = code
         super().__init__(message)
 
+    def restated(self, message: str) -> StorageError:
+        """The same failure (operation, place, code), told with `message`."""
+        return StorageError(message, operation=self.operation, bucket=self.bucket, key=self.key, code=self.code)
+
 
 class CleanupError(StorageError):
     """Temporary objects or multipart uploads could not be removed.

@@ -196,8 +196,7 @@ class MultipartUpload:
                 if attempt > 1 and exc.code not in DAMAGED_PART_CODES:
                     # `rclone serve s3` drops the whole upload with a damaged part: the part sent
                     # again gets NoSuchUpload (or, answered before its body was read, a reset).
-                    raise _restated(
-                        exc,
+                    raise exc.restated(
                         f"part {number} of {self.location} arrived damaged, and sending it again failed: {exc}. "
                         "Some servers (`rclone serve s3`) drop the whole multipart upload when a part arrives "
                         "damaged; nothing damaged was kept: run again",
@@ -207,8 +206,7 @@ class MultipartUpload:
                 if exc.code not in DAMAGED_PART_CODES:
                     raise
                 if attempt == DAMAGED_PART_ATTEMPTS:
-                    raise _restated(
-                        exc,
+                    raise exc.restated(
                         f"{exc}; part {number} arrived damaged {attempt} times in a row: something on "
                         "the way alters it (a proxy, faulty memory or network card)",
                     ) from exc
@@ -400,11 +398,6 @@ _CRC = ("CRC32", "CRC64NVME")
 
 #: The bytes of each checksum algorithm's value.
 _CHECKSUM_BYTES = {"CRC32": 4, "CRC32C": 4, "CRC64NVME": 8, "SHA1": 20, "SHA256": 32}
-
-
-def _restated(error: StorageError, message: str) -> StorageError:
-    """`error` said otherwise: the same operation, place and code."""
-    return StorageError(message, operation=error.operation, bucket=error.bucket, key=error.key, code=error.code)
 
 
 def _has_length(value: str, algorithm: str) -> bool:

@@ -938,24 +938,21 @@ class Run:
 
     async def _inspect(self) -> tuple[ArtifactSource | S3Archive, ArtifactSource | S3Archive | None]:
         """Scan the inputs (in a worker thread: trees can be large)."""
-        request = self.request
         follow = self.settings.dereference
-        model_path = request.model_path
-        model: ArtifactSource | S3Archive
-        if is_s3_uri(model_path):  # a training job's model.tar.gz, already in S3
-            model = await inspect_s3_archive(self._s3, str(model_path), role="model")
-        else:
-            model = await self._workers.stream(
-                lambda: inspect_artifact(Path(model_path), role="model", dereference=follow)
-            )
-        payload: ArtifactSource | S3Archive | None = None
-        payload_path = request.payload_path
-        if is_s3_uri(payload_path):
-            payload = await inspect_s3_archive(self._s3, str(payload_path), role="payload")
-        # Even a stat goes to the registrar's own threads (anyio.Path would draw on the shared ones).
-        elif payload_path is not None and await self._workers.stream(Path(payload_path).exists):
-            path = Path(payload_path)
-            payload = await self._workers.stream(lambda: inspect_artifact(path, role="payload", dereference=follow))
+
+        async def inspect(where: Path | str, role: str) -> ArtifactSource | S3Archive:
+            if is_s3_uri(where):  # a training job's model.tar.gz, already in S3
+                return await inspect_s3_archive(self._s3, str(where), role=role)
+            return await self._workers.stream(lambda: inspect_artifact(Path(where), role=role, dereference=follow))
+
+        payload_path = self.request.payload_path
+        # A local payload that does not exist means none. Even a stat goes to the registrar's
+        # own threads (anyio.Path would draw on the shared ones).
+        has_payload = payload_path is not None and (
+            is_s3_uri(payload_path) or await self._workers.stream(Path(payload_path).exists)
+        )
+        model = await inspect(self.request.model_path, "model")
+        payload = await inspect(payload_path, "payload") if has_payload and payload_path is not None else None
         return model, payload
 
     async def _digest(self) -> dict[str, str]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from ._artifacts import MAX_OBJECT_SIZE, S3Archive, choose_part_size, is_s3_uri
+from ._artifacts import MAX_OBJECT_SIZE, S3Archive, choose_part_size
 from ._concurrency import CleanupDeadline, run_all
 from ._errors import InputError, StorageError
 from ._multipart import MultipartUploads, OpenUploads, check_object
@@ -33,7 +33,7 @@ from ._settings import Settings
 from ._threads import Workers
 from ._upload import UploadedArtifact
 
-__all__ = ["COPY_PART_SIZE", "S3Archive", "copy_to_all", "digest_s3_archive", "inspect_s3_archive", "is_s3_uri"]
+__all__ = ["COPY_PART_SIZE", "copy_to_all", "digest_s3_archive", "inspect_s3_archive"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -58,13 +58,7 @@ async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
         with storage_errors("HeadObject", location.bucket, location.key):
             head = await s3.head_object(Bucket=location.bucket, Key=location.key)
     except StorageError as exc:
-        raise StorageError(
-            f"the {role} {uri} cannot be read: {exc.message}",
-            operation=exc.operation,
-            bucket=exc.bucket,
-            key=exc.key,
-            code=exc.code,
-        ) from exc
+        raise exc.restated(f"the {role} {uri} cannot be read: {exc.message}") from exc
     size = int(head["ContentLength"])
     if size > MAX_OBJECT_SIZE:
         raise InputError(f"the {role} {uri} is {size} bytes, past S3's 5 TiB object limit", [uri])
