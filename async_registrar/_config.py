@@ -37,7 +37,7 @@ VariableType = Literal["NUMERIC", "TEXT"]
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=_NO_CONTROL)]
 Region = Annotated[
-    str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", max_length=32), AfterValidator(check_region)
+    str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$", max_length=32), AfterValidator(check_region)
 ]
 ContentType = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.+-]*/[\w.+*-]+$", max_length=128)]
 VariableName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]

@@ -20,7 +20,7 @@ import re
 
 import botocore.session
 
-__all__ = ["check_region", "known_regions"]
+__all__ = ["check_region", "known_regions", "region_pattern"]
 
 log = logging.getLogger("async_registrar")
 
@@ -52,6 +52,35 @@ def check_region(name: str) -> str:
     words_ok = len(parts) >= 3 and parts[-1].isdigit() and all(word in _WORDS for word in parts[1:-1])
     if not words_ok or not any(pattern.fullmatch(name) for pattern in patterns):
         raise ValueError(f"{name!r} is not an AWS region name{hint}")
-    nearest = f"; the closest known is {closest[0]}" if closest else ""
-    log.warning("region %s is not one this botocore knows (a region newer than it?%s); going on", name, nearest)
+    _warn_unknown(name, closest[0] if closest else None)
     return name
+
+
+@functools.cache
+def _warn_unknown(name: str, closest: str | None) -> None:
+    """Once per name and process (a service validates the same name on every request)."""
+    nearest = f"; the closest known is {closest}" if closest else ""
+    log.warning("region %s is not one this botocore knows (a region newer than it?%s); going on", name, nearest)
+
+
+@functools.cache
+def region_pattern() -> str:
+    """One regular expression for exactly the names `check_region` lets through (with the
+    `Region` type's form): each partition's names, its middle words those of a region.
+
+    The reference registry's OpenAPI document declares it, so that a client (or a fuzzer)
+    can tell from the schema alone which names the service takes.
+    """
+    words = "|".join(sorted(_WORDS))
+    forms = []
+    data = botocore.session.get_session().get_data("endpoints")
+    for partition in data["partitions"]:
+        # Each is `^<geography>\-\w+\-\d+$`.
+        match = re.fullmatch(r"\^(.+?)\\-\\w\+\\-\\d\+\$", partition["regionRegex"])
+        if match is None:
+            continue
+        geography = match.group(1).replace("\\-", "-")
+        if not re.fullmatch(r"[a-z()|-]+", geography):  # a form this function does not know
+            continue
+        forms.append(f"{geography}-({words})")  # `\w+` is one word
+    return "^(" + "|".join(forms) + ")-[0-9]{1,2}$"

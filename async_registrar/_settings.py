@@ -123,7 +123,7 @@ class Settings(BaseModel):
     wait_timeout: Seconds = 3600.0
 
     # How S3 is reached.
-    aws_region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")] | None = None
+    aws_region: Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$")] | None = None
     s3_endpoint_url: HttpUrl | None = None
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None

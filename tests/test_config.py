@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import TypeAdapter, ValidationError
 
 from async_registrar import ConfigurationError, RegistrationConfig, load_config
+from async_registrar._config import Region
+from async_registrar._regions import _WORDS, _warn_unknown, known_regions, region_pattern
 
 from .conftest import registration_config
 
@@ -151,9 +155,45 @@ def test_a_misspelt_region_is_refused_with_the_closest_known_name(region: str, s
 
 
 def test_a_well_formed_region_botocore_does_not_know_passes_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """A region newer than the installed botocore is not refused: it is named in a warning."""
+    """A region newer than the installed botocore is not refused: it is named in a warning
+    (once per process: a service validates the same name on every request)."""
+    _warn_unknown.cache_clear()
     config = RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region="eu-west-9")))
     assert config.regions == ("eu-west-9",)
     assert "region eu-west-9 is not one this botocore knows" in caplog.text
+    caplog.clear()
+    RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region="eu-west-9")))
+    assert "eu-west-9" not in caplog.text
     for region in ("us-gov-west-1", "ap-southeast-7", "cn-north-1"):
         assert RegistrationConfig.from_json(json.dumps(registration_config(model_registration_region=region)))
+
+
+_GEOGRAPHIES = ["us", "eu", "ap", "cn", "il", "mx", "xx", "eusc", "u"]
+_NAME_WORDS = [*sorted(_WORDS), "wst", "middle", "isoc", "de2"]
+
+
+@settings(max_examples=2000)
+@given(
+    geography=st.sampled_from(_GEOGRAPHIES) | st.from_regex(r"[a-z]{1,3}", fullmatch=True),
+    words=st.lists(st.sampled_from(_NAME_WORDS) | st.from_regex(r"[a-z]{1,4}", fullmatch=True), max_size=3),
+    number=st.sampled_from(["1", "9", "10", "99", "100", "0", "01", "", "x", "\u0661"]),
+)
+def test_the_region_pattern_takes_exactly_the_names_the_type_takes(
+    geography: str, words: list[str], number: str
+) -> None:
+    """The OpenAPI document's region pattern (`region_pattern`) says, in a schema, what
+    `Region` checks in code: a fuzzer reading the schema must not find a difference."""
+    name = "-".join([geography, *words, number])
+    try:
+        TypeAdapter(Region).validate_python(name)
+        taken = True
+    except ValidationError:
+        taken = False
+    assert (re.fullmatch(region_pattern(), name) is not None) == taken, name
+
+
+def test_every_known_region_fits_the_region_pattern() -> None:
+    """eusc-de-east-1 (a geography of four letters) included: `Region` used to refuse it."""
+    names, _ = known_regions()
+    fitting = {n for n in names if re.fullmatch(region_pattern(), n)}
+    assert names == fitting
