@@ -83,7 +83,8 @@ VariableList = Annotated[
     list[tuple[VariableName, VariableType]],
     BeforeValidator(_pairs_from_mapping),
     AfterValidator(_unique_names),
-    Field(min_length=1, max_length=10_000),
+    # Unique by name, which JSON Schema cannot say (`uniqueItems` compares whole pairs): in words.
+    Field(min_length=1, max_length=10_000, description="[name, type] pairs; each name at most once"),
 ]
 
 

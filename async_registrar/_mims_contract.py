@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
 from ._config import Region, RegistrationConfig
 
@@ -41,14 +41,30 @@ S3Uri = Annotated[
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
+def _json_integer(value: Any) -> Any:
+    """What JSON Schema calls an integer: a number without a fraction (`12`, and `12.0` as
+    12); never a boolean or a string, which pydantic would otherwise convert."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number (not a string or a boolean)")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
 class ArtifactRef(BaseModel):
     """Where an uploaded archive is, and what the registry must find there."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     s3_uri: S3Uri
-    size_bytes: Annotated[StrictInt, Field(ge=0, le=5 * 1024**4)]  # no true, "1" or 12.0
+    size_bytes: Annotated[int, Field(ge=0, le=5 * 1024**4), BeforeValidator(_json_integer)]
     sha256: Sha256
+
+
+#: The configuration's text fields, which a configuration file may pad with white space.
+_TRIMMED = ("model_domain", "model_objective", "model_owner", "source_model_inference_image_arn")
 
 
 class RegistrationSubmission(RegistrationConfig):
@@ -63,6 +79,14 @@ class RegistrationSubmission(RegistrationConfig):
     payload_artifact: ArtifactRef | None = None
     performance_metadata: dict[str, Any] | None = None
     workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+
+    @field_validator(*_TRIMMED, mode="before")
+    @classmethod
+    def _no_padding(cls, value: Any) -> Any:
+        """On the wire, text comes trimmed (a configuration file may pad it; the client trims)."""
+        if isinstance(value, str) and value != value.strip():
+            raise ValueError("must not begin or end with white space")
+        return value
 
     @property
     def regions(self) -> tuple[str, ...]:

@@ -158,16 +158,21 @@ async def test_invalid_bodies_name_each_field(mims: httpx.AsyncClient) -> None:
     assert "Idempotency-Key" in no_key.json()["message"]
 
 
-async def test_unsigned_and_badly_signed_requests_are_403(stack: LocalStack) -> None:
-    """No signature, or one made with the wrong secret, is refused."""
+async def test_unsigned_requests_are_401_and_badly_signed_ones_403(stack: LocalStack) -> None:
+    """No credentials at all is 401 (with WWW-Authenticate, as HTTP has it for a request
+    without credentials); a malformed signature, or one made with the wrong secret, 403."""
 
     async def wrong() -> ReadOnlyCredentials:
         return ReadOnlyCredentials(ACCESS_KEY, "not-the-secret", None)
 
     async with httpx.AsyncClient(base_url=stack.mims_endpoint) as plain:
         response = await plain.get("/v1/registrations/reg-x")
-        assert response.status_code == 403
-        assert "missing or malformed SigV4" in response.json()["message"]
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"] == "AWS4-HMAC-SHA256"
+        assert "no Authorization header" in response.json()["message"]
+        malformed = await plain.get("/v1/registrations/reg-x", headers={"Authorization": "Bearer x"})
+        assert malformed.status_code == 403
+        assert "missing or malformed SigV4" in malformed.json()["message"]
         badly = await plain.get("/v1/registrations/reg-x", auth=SigV4(wrong, region="us-west-2", service="mims"))
         assert badly.status_code == 403
         assert "does not match" in badly.json()["message"]

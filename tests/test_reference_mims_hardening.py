@@ -19,11 +19,12 @@ import httpx
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
+from botocore.credentials import Credentials, ReadOnlyCredentials
 from pydantic import SecretStr
 
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
+from async_registrar._sigv4 import SigV4
 from async_registrar.reference_mims._app import _ensure_bucket
 
 from .conftest import mims_server, registration_config
@@ -129,8 +130,6 @@ async def test_the_registrars_own_client_signs_what_the_service_requires(endpoin
     """The registrar's SigV4 signs Idempotency-Key and the body: the service accepts it."""
     from botocore.credentials import ReadOnlyCredentials
 
-    from async_registrar._sigv4 import SigV4
-
     async def credentials() -> ReadOnlyCredentials:
         return ReadOnlyCredentials(ACCESS_KEY, SECRET_KEY, None)
 
@@ -201,7 +200,7 @@ async def test_hostile_json_is_400_not_500(endpoint: str, body: bytes, says: str
     assert says in response.json()["message"]
 
 
-@pytest.mark.parametrize("size", [True, "1", 12.0], ids=["bool", "string", "float"])
+@pytest.mark.parametrize("size", [True, "1", 12.5], ids=["bool", "string", "fraction"])
 async def test_size_bytes_is_a_strict_integer(endpoint: str, size: object) -> None:
     url = f"{endpoint}/v1/registrations"
     artifact = json.loads(submission("strict"))["model_artifact"]
@@ -209,6 +208,16 @@ async def test_size_bytes_is_a_strict_integer(endpoint: str, size: object) -> No
     response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": f"k-size-{size!r}"}))
     assert response.status_code == 422, response.text
     assert any("size_bytes" in e for e in response.json()["errors"]), response.json()
+
+
+async def test_a_whole_float_size_is_that_integer(endpoint: str) -> None:
+    """JSON Schema's `integer` takes 12.0 (a number without a fraction): so does the service."""
+    url = f"{endpoint}/v1/registrations"
+    artifact = json.loads(submission("whole"))["model_artifact"]
+    body = submission_with(model_artifact={**artifact, "size_bytes": 12.0})
+    response = await post(endpoint, body, signed_headers(url, body, extra={"Idempotency-Key": "k-size-whole"}))
+    assert response.status_code == 202, response.text
+    assert response.json()["model_artifact"]["size_bytes"] == 12
 
 
 @pytest.mark.parametrize("key", ["a/../model.tar.gz", "a//model.tar.gz", "./model.tar.gz"])

@@ -285,14 +285,25 @@ async def _process(state: _State, record: _Record) -> None:
 
 
 def _authenticate(request: Request, body: bytes, settings: ReferenceMimsSettings) -> Response | None:
+    """None if the request's signature holds; else the answer: 401 without any credentials
+    (an Authorization header), 403 with ones that do not hold."""
+    if "authorization" not in request.headers:
+        answer = _error(
+            401, "no Authorization header: sign the request with AWS SigV4 (service 'mims', the registration's region)"
+        )
+        answer.headers["WWW-Authenticate"] = "AWS4-HMAC-SHA256"
+        return answer
     secrets_map = (
         {k: v.get_secret_value() for k, v in settings.signing_secrets.items()}
         if settings.signing_secrets is not None
         else None
     )
+    # The path as sent (`%3A` stays `%3A`): the signer canonicalized that one, not the decoded one.
+    raw_path = request.scope.get("raw_path")
+    url = request.url if raw_path is None else request.url.replace(path=raw_path.decode("latin-1"))
     problem = verify_request(
         method=request.method,
-        url=str(request.url),
+        url=str(url),
         headers=request.headers,
         body=body,
         service=settings.service_name,

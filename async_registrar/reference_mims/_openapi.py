@@ -14,6 +14,7 @@ from .._mims_contract import (
     Registration,
     RegistrationSubmission,
 )
+from .._regions import region_pattern
 
 __all__ = ["openapi_document"]
 
@@ -32,6 +33,56 @@ def _retry_after(description: str) -> dict[str, Any]:
     return answer
 
 
+#: A key segment that is not empty, `.` or `..` (without look-arounds, which not every
+#: regular-expression engine has).
+_SEGMENT = r"(?:[^/\x00-\x1f]{3,}|[^/.\x00-\x1f]|[^/.\x00-\x1f][^/\x00-\x1f]|\.[^/.\x00-\x1f])"
+#: The s3:// URIs the service takes: the contract's form, with a plain key (400 otherwise).
+PLAIN_S3_URI = rf"^s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9]/{_SEGMENT}(?:/{_SEGMENT})*$"
+
+
+#: What may stand at either end of a text field (no control character, no Unicode white
+#: space: the service refuses padded text), and what may stand inside.
+_EDGE = r"[^\x00-\x1f\x7f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_INSIDE = r"[^\x00-\x1f\x7f]"
+#: The text fields of a submission: trimmed, no control character.
+TRIMMED_TEXT = rf"^{_EDGE}(?:{_INSIDE}*{_EDGE})?$"
+
+
+def _declare_trimmed(properties: dict[str, Any]) -> None:
+    """Text fields come trimmed (a padded one is 422): the schema says so with a pattern."""
+    for schema in properties.values():
+        if schema.get("type") == "string" and schema.get("pattern") == "^[^\\x00-\\x1f\\x7f]*$":
+            schema["pattern"] = TRIMMED_TEXT
+
+
+def _declare_regions(properties: dict[str, Any]) -> None:
+    """Region fields: exactly the names the service takes (the `Region` form alone lets
+    through names no partition has, which the service refuses)."""
+    for name in ("model_registration_region", "source_model_region"):
+        for schema in properties[name].get("anyOf", [properties[name]]):
+            if schema.get("type") == "string":
+                schema["pattern"] = region_pattern()
+
+
+def _close_pattern_keys(schema: Any) -> None:
+    """Maps whose keys have a form (pydantic writes `patternProperties`, which leaves keys of
+    any other form unchecked): every key of that form, every value of that schema."""
+    if isinstance(schema, list):
+        for item in schema:
+            _close_pattern_keys(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    patterns = schema.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in schema:
+        ((pattern, values),) = patterns.items()
+        del schema["patternProperties"]
+        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": pattern}
+        schema["additionalProperties"] = values
+    for value in schema.values():
+        _close_pattern_keys(value)
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The document served at `/openapi.json`."""
@@ -39,13 +90,21 @@ def openapi_document() -> dict[str, Any]:
         [(m, "validation") for m in (RegistrationSubmission, Registration, ErrorBody)],
         ref_template="#/components/schemas/{model}",
     )
+    _declare_regions(schemas["$defs"]["RegistrationSubmission"]["properties"])
+    _close_pattern_keys(schemas)
+    schemas["$defs"]["ArtifactRef"]["properties"]["s3_uri"]["pattern"] = PLAIN_S3_URI
+    _declare_trimmed(schemas["$defs"]["RegistrationSubmission"]["properties"])
     registration = {
         "description": "the registration",
         "content": {"application/json": {"schema": _ref("Registration")}},
     }
     auth = {
+        "401": {
+            **_error("no Authorization header"),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "AWS4-HMAC-SHA256"}},
+        },
         "403": _error(
-            "missing, malformed or wrong SigV4 signature; a signature for another region than the "
+            "a malformed or wrong SigV4 signature; a signature for another region than the "
             "registration's; an Idempotency-Key the signature does not cover; an x-amz-content-sha256 that is "
             "not the body's sha256 (UNSIGNED-PAYLOAD included)"
         ),

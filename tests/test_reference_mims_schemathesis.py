@@ -1,0 +1,153 @@
+"""The reference registry against its own OpenAPI document, probed by schemathesis (issue 19)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import schemathesis
+from botocore.credentials import ReadOnlyCredentials
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from schemathesis.checks import CHECKS, load_all_checks
+
+from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._mims_contract import RegistrationSubmission
+from async_registrar._regions import region_pattern
+from async_registrar._sigv4 import sign_request
+from async_registrar.reference_mims import openapi_document
+from async_registrar.reference_mims._app import _unsafe_key
+from async_registrar.reference_mims._openapi import PLAIN_S3_URI
+
+from .conftest import mims_server
+from .test_reference_mims_hardening import submission
+
+#: What the auth provider puts where the signature goes; the session's signer replaces it.
+PLACEHOLDER = "sign-me"
+
+
+class SignWhereAsked(requests.auth.AuthBase):
+    """Sign a prepared request (the exact bytes sent) with the registrar's own SigV4 code, if it
+    carries the placeholder: the probes that drop or replace the credentials go unsigned."""
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if request.headers.get("Authorization") != PLACEHOLDER:
+            return request
+        del request.headers["Authorization"]
+        body = request.body or b""
+        if isinstance(body, str):
+            body = body.encode()
+        region = REGION  # signed for the registration's region, as the registrar does
+        try:
+            named = json.loads(body).get("model_registration_region")
+            if isinstance(named, str) and re.fullmatch(region_pattern(), named):
+                region = named
+        except (ValueError, AttributeError):
+            pass
+        assert request.url is not None
+        assert request.method is not None
+        signed = httpx.Request(request.method, request.url, headers=dict(request.headers), content=body)
+        sign_request(signed, ReadOnlyCredentials(ACCESS_KEY, SECRET_KEY, None), region=region, service="mims")
+        for name in ("Authorization", "X-Amz-Date"):
+            request.headers[name] = signed.headers[name]
+        return request
+
+
+#: Answers to schema-valid submissions, per service: the run must have got past the checks.
+ACCEPTED: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", params=["verified", "unverified"])
+def mims_endpoint(request: pytest.FixtureRequest, stack: LocalStack) -> Iterator[str]:
+    """The service with signatures verified (and only the test buckets allowed), and with
+    signatures only parsed (and any bucket: schema-valid submissions are then accepted)."""
+    overrides: dict[str, Any] = (
+        {"signing_secrets": None, "allowed_buckets": None} if request.param == "unverified" else {}
+    )
+    with mims_server(stack, **overrides) as registry:
+        yield registry.endpoint
+    if request.param == "unverified" and "POST /v1/registrations" in SEEN[registry.endpoint]:
+        assert ACCEPTED[registry.endpoint] > 10, "hardly any schema-valid submission was accepted"
+
+
+SEEN: dict[str, set[str]] = defaultdict(set)
+
+
+schema = schemathesis.openapi.from_dict(openapi_document())
+load_all_checks()
+#: `--checks all`: every check schemathesis has (the stateful ones see single calls here).
+EVERY_CHECK = CHECKS.get_all()
+
+
+@schema.auth()
+class Placeholder:
+    def get(self, case: Any, context: Any) -> str:
+        return PLACEHOLDER
+
+    def set(self, case: Any, data: str, context: Any) -> None:
+        case.headers = {**(case.headers or {}), "Authorization": data}
+
+
+def repeats_a_name(body: Any) -> bool:
+    """Whether a variable list names a variable twice: what the schema says in words only
+    (JSON Schema cannot say "unique by the first item"); the service refuses it (422)."""
+    if not isinstance(body, dict):
+        return False
+    for field in ("source_model_inference_input_variable_list", "source_model_inference_output_variable_list"):
+        pairs = body.get(field)
+        if isinstance(pairs, list) and all(isinstance(p, list) and p for p in pairs):
+            names = [json.dumps(p[0]) for p in pairs]
+            if len(set(names)) != len(names):
+                return True
+    return False
+
+
+@schema.parametrize()
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_service_keeps_its_documented_contract(case: Any, mims_endpoint: str) -> None:
+    if case.meta is not None and case.meta.generation.mode.is_positive and repeats_a_name(case.body):
+        return  # schema-valid, but not what the schema describes
+    with requests.Session() as session:
+        session.auth = SignWhereAsked()
+        response = case.call_and_validate(base_url=mims_endpoint, session=session, checks=EVERY_CHECK)
+    SEEN[mims_endpoint].add(case.operation.label)
+    if case.meta is not None and case.meta.generation.mode.is_positive:
+        # Signed as the registrar signs: never refused for its signature (else every answer
+        # would be a 403, which schemathesis takes for a valid one).
+        assert response.status_code != 401, response.text
+        assert "signature" not in response.text, response.text
+        ACCEPTED[mims_endpoint] += 200 <= response.status_code < 300
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.sampled_from(["a", ".", "..", "", "...", ".a", "a.", "ab", "/", "\x01"]), min_size=1, max_size=5))
+def test_the_documented_uri_pattern_is_what_the_service_takes(parts: list[str]) -> None:
+    """The document's s3_uri pattern: the contract's form with a plain key, no more, no less."""
+    uri = "s3://bucket/" + "/".join(parts)
+    fits_type = re.fullmatch(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f]+$", uri) is not None
+    assert (re.fullmatch(PLAIN_S3_URI, uri) is not None) == (fits_type and not _unsafe_key(uri)), uri
+
+
+_TEXT_CHARS = st.sampled_from(["a", " ", "\t", "\x1c", "\x85", "\u3000", "\ufeff", "\x7f", "\u200b"])
+
+
+@settings(max_examples=1500)
+@given(st.lists(_TEXT_CHARS, max_size=6).map("".join))
+def test_the_documented_text_pattern_is_what_the_service_takes(text: str) -> None:
+    """The document's pattern for text fields (with their length bounds) against a submission."""
+    schema = openapi_document()["components"]["schemas"]["RegistrationSubmission"]["properties"]["model_owner"]
+    documented = re.fullmatch(schema["pattern"], text) is not None and 1 <= len(text) <= schema["maxLength"]
+    body = {**json.loads(submission("text")), "model_owner": text}
+    try:
+        RegistrationSubmission.model_validate(body)
+        taken = True
+    except ValidationError:
+        taken = False
+    assert documented == taken, repr(text)
