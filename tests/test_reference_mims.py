@@ -14,6 +14,7 @@ import pytest
 from botocore.credentials import ReadOnlyCredentials
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openapi_spec_validator import validate
 
 from async_registrar._local import ACCESS_KEY, SECRET_KEY, LocalStack
 from async_registrar._sigv4 import SigV4
@@ -191,6 +192,7 @@ async def test_openapi_document_is_served(stack: LocalStack) -> None:
         document = (await plain.get("/openapi.json")).json()
     assert set(document["paths"]) == {"/v1/registrations", "/v1/registrations/{registration_id}"}
     assert "RegistrationSubmission" in document["components"]["schemas"]
+    validate(document)  # a valid OpenAPI 3.1 document (links, patterns and all)
 
 
 json_values = st.recursive(

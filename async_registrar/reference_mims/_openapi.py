@@ -98,6 +98,16 @@ def openapi_document() -> dict[str, Any]:
         "description": "the registration",
         "content": {"application/json": {"schema": _ref("Registration")}},
     }
+    # Where a registration's state is: what a client (or a stateful fuzzer) does next.
+    submitted = {
+        **registration,
+        "links": {
+            "GetRegistration": {
+                "operationId": "getRegistration",
+                "parameters": {"registration_id": "$response.body#/registration_id"},
+            }
+        },
+    }
     auth = {
         "401": {
             **_error("no Authorization header"),
@@ -140,8 +150,8 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _ref("RegistrationSubmission")}},
                     },
                     "responses": {
-                        "202": registration,
-                        "200": {**registration, "description": "the same key and body were submitted before"},
+                        "202": submitted,
+                        "200": {**submitted, "description": "the same key and body were submitted before"},
                         "400": _error(
                             "not JSON, no Idempotency-Key, or `model_registration_region` is not one region name"
                         ),
