@@ -1,15 +1,10 @@
 """The SageMaker Pipelines step builder (issue 18, part 1): a pipeline definition built offline
-with the real SDK, in a virtual environment of its own (requirements/sagemaker*.txt), on fake
+with the real SDK, in a virtual environment of its own (scripts/sagemaker_step.py), on fake
 credentials and a default bucket, with no AWS call."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,73 +13,27 @@ import pytest
 from async_registrar import sagemaker as step_builder
 from async_registrar._settings import JobInputs
 
-ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = [ROOT / "requirements" / "sagemaker.txt", ROOT / "requirements" / "sagemaker-sdk.txt"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from sagemaker_step import build_definition
 
 IMAGE = "123456789012.dkr.ecr.us-west-2.amazonaws.com/async-registrar:1"
 ROLE = "arn:aws:iam::123456789012:role/registration"
 
-BUILD = textwrap.dedent(
-    f"""
-    import json, sys
-    import boto3
-    from sagemaker.core.workflow.parameters import ParameterString
-    from sagemaker.core.workflow.pipeline_context import PipelineSession
-    from sagemaker.mlops.workflow.pipeline import Pipeline
-    from async_registrar.sagemaker import registration_step
 
-    session = PipelineSession(boto_session=boto3.Session(region_name="us-west-2"), default_bucket="pipeline-bucket")
-    model = ParameterString(name="ModelArtifact", default_value="s3://training/out/model.tar.gz")
-    step = registration_step(
-        image_uri={IMAGE!r},
-        role={ROLE!r},
-        model=model,
+@pytest.fixture(scope="session")
+def definition(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A pipeline with the step, its model a parameter as a training step's output would be."""
+    return build_definition(
+        tmp_path_factory.mktemp("pipeline") / "definition.json",
+        image_uri=IMAGE,
+        role=ROLE,
+        model="s3://training/out/model.tar.gz",
         config="s3://configs/jobs/registration.json",
         payload="s3://configs/jobs/payload/",
         metadata="s3://configs/jobs/metadata/",
-        settings={{"REGISTRAR_LOG_FORMAT": "json"}},
+        settings={"REGISTRAR_LOG_FORMAT": "json"},
         max_runtime_in_seconds=7200,
-        sagemaker_session=session,
     )
-    pipeline = Pipeline(name="train-and-register", parameters=[model], steps=[step], sagemaker_session=session)
-    with open(sys.argv[1], "w") as out:
-        out.write(pipeline.definition())
-    """
-)
-
-
-@pytest.fixture(scope="session")
-def sdk_python() -> Path:
-    """A virtual environment with the SDK (made once, again when the requirements change)."""
-    stamp = hashlib.sha256(b"".join(p.read_bytes() for p in REQUIREMENTS)).hexdigest()[:16]
-    venv = ROOT / ".bench" / "tools" / f"sagemaker-{stamp}"
-    python = venv / "bin" / "python"
-    if not (venv / ".complete").exists():
-        venv.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        quiet = ["--quiet", "--disable-pip-version-check"]
-        install = [str(python), "-m", "pip", "install", *quiet]
-        subprocess.run([*install, "-r", str(REQUIREMENTS[0])], check=True, timeout=600)
-        subprocess.run([*install, "--no-deps", "-r", str(REQUIREMENTS[1])], check=True, timeout=600)
-        (venv / ".complete").touch()
-    return python
-
-
-@pytest.fixture(scope="session")
-def definition(sdk_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("pipeline") / "definition.json"
-    offline = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-west-2",
-        # Any AWS call would go nowhere: an endpoint that refuses at once.
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-        "PYTHONPATH": str(ROOT),  # the builder needs nothing else of the package
-    }
-    subprocess.run([str(sdk_python), "-c", BUILD, str(out)], check=True, env=offline, timeout=300)
-    loaded: dict[str, Any] = json.loads(out.read_text())
-    return loaded
 
 
 def test_the_step_declares_what_the_container_reads(definition: dict[str, Any]) -> None:
