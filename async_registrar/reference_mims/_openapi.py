@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from .._config import _NO_CONTROL
 from .._mims_contract import (
     IDEMPOTENCY_HEADER,
     REGISTRATIONS_PATH,
@@ -51,7 +52,7 @@ TRIMMED_TEXT = rf"^{_EDGE}(?:{_INSIDE}*{_EDGE})?$"
 def _declare_trimmed(properties: dict[str, Any]) -> None:
     """Text fields come trimmed (a padded one is 422): the schema says so with a pattern."""
     for schema in properties.values():
-        if schema.get("type") == "string" and schema.get("pattern") == "^[^\\x00-\\x1f\\x7f]*$":
+        if schema.get("type") == "string" and schema.get("pattern") == _NO_CONTROL:
             schema["pattern"] = TRIMMED_TEXT
 
 
