@@ -17,6 +17,7 @@ import difflib
 import functools
 import logging
 import re
+from typing import Any
 
 import botocore.session
 
@@ -33,11 +34,17 @@ _WORDS = frozenset(
 
 
 @functools.cache
+def _partitions() -> list[dict[str, Any]]:
+    """botocore's partition data (offline), loaded once for the names and the pattern."""
+    partitions: list[dict[str, Any]] = botocore.session.get_session().get_data("endpoints")["partitions"]
+    return partitions
+
+
+@functools.cache
 def known_regions() -> tuple[frozenset[str], tuple[re.Pattern[str], ...]]:
     """The region names of every partition botocore knows, and the partitions' name patterns."""
-    data = botocore.session.get_session().get_data("endpoints")
-    names = frozenset(region for partition in data["partitions"] for region in partition["regions"])
-    patterns = tuple(re.compile(partition["regionRegex"]) for partition in data["partitions"])
+    names = frozenset(region for partition in _partitions() for region in partition["regions"])
+    patterns = tuple(re.compile(partition["regionRegex"]) for partition in _partitions())
     return names, patterns
 
 
@@ -73,8 +80,7 @@ def region_pattern() -> str:
     """
     words = "|".join(sorted(_WORDS))
     forms = []
-    data = botocore.session.get_session().get_data("endpoints")
-    for partition in data["partitions"]:
+    for partition in _partitions():
         # Each is `^<geography>\-\w+\-\d+$`.
         match = re.fullmatch(r"\^(.+?)\\-\\w\+\\-\\d\+\$", partition["regionRegex"])
         if match is None:
