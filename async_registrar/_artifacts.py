@@ -15,14 +15,23 @@ import re
 import stat
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ._errors import InputError
 from ._s3 import S3Location
 from ._settings import MAX_PART_SIZE, MAX_PARTS, MiB
 
-__all__ = ["ArtifactSource", "DirectorySource", "FileEntry", "PrebuiltArchive", "choose_part_size", "inspect_artifact"]
+__all__ = [
+    "ArtifactSource",
+    "DirectorySource",
+    "FileEntry",
+    "PrebuiltArchive",
+    "StreamedArchive",
+    "choose_part_size",
+    "inspect_artifact",
+]
 
 GZIP_MAGIC = b"\x1f\x8b"
 _BLOCK = tarfile.BLOCKSIZE
@@ -80,6 +89,27 @@ class PrebuiltArchive:
 
 
 ArtifactSource = DirectorySource | PrebuiltArchive
+
+
+class BlockingReader(Protocol):
+    """A file object read from a thread (`read` blocks until bytes come; empty at the end)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedArchive:
+    """A prebuilt `.tar.gz` read from a stream, not a file: an object in S3 read by ranged
+    GETs (see `_s3_source`), uploaded as it is and checked on the way, like a `PrebuiltArchive`."""
+
+    #: What messages name: the object's URI.
+    path: str
+    size: int
+    reader: BlockingReader = field(compare=False)
+
+    @property
+    def size_bound(self) -> int:
+        return self.size
 
 
 def is_s3_uri(value: object) -> bool:

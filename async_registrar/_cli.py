@@ -167,7 +167,11 @@ async def _job(args: argparse.Namespace) -> tuple[Settings, RegistrationRequest]
         problems += exc.problems
     try:
         inputs = JobInputs.from_env(
-            model_path=args.model, payload_path=args.payload, config_path=args.config, metadata_path=args.metadata
+            model_path=args.model,
+            model_local_copy=args.model_local_copy,
+            payload_path=args.payload,
+            config_path=args.config,
+            metadata_path=args.metadata,
         )
     except ConfigurationError as exc:
         problems += exc.problems
@@ -619,6 +623,14 @@ def _job_options(parser: argparse.ArgumentParser) -> None:
         "the model directory, a directory holding one model.tar.gz, or the s3:// URI of a model.tar.gz "
         "(copied inside S3, not through this container)",
         "/opt/ml/processing/input/model",
+    )
+    _option(
+        parser,
+        "model_local_copy",
+        "PATH",
+        "a local copy of the model given by its s3:// URI (a mounted model.tar.gz, or a directory "
+        "holding it): its sha256 is read here instead of from S3",
+        "none",
     )
     _option(
         parser,

@@ -14,11 +14,12 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from isal import igzip, isal_zlib
 
 from ._archive import Sink, changed, open_regular
-from ._artifacts import PrebuiltArchive
+from ._artifacts import PrebuiltArchive, StreamedArchive
 from ._errors import InputError
 from ._members import MemberCheck, members
 
@@ -30,7 +31,7 @@ _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
 
 
 def stream_prebuilt(
-    source: PrebuiltArchive,
+    source: PrebuiltArchive | StreamedArchive,
     sink: Sink,
     *,
     chunk: int = 1024 * 1024,
@@ -40,10 +41,12 @@ def stream_prebuilt(
     """Copy a prebuilt archive to `sink` as it is, checking its size and (if `check`) its contents.
 
     Each chunk is read into bytes of its own, which the sink may keep (the part cutter
-    does, instead of copying it) and the check shares.
+    does, instead of copying it) and the check shares.  A streamed archive is read from its
+    reader (whose chunks may be larger than `chunk`).
     """
     total = 0
-    with _TarGzCheck(source) if check else _NoCheck() as checker, open_regular(source.path) as f:
+    opened = nullcontext(source.reader) if isinstance(source, StreamedArchive) else open_regular(source.path)
+    with _TarGzCheck(source) if check else _NoCheck() as checker, opened as f:
         while data := f.read(chunk):
             n = len(data)
             total += n
@@ -65,7 +68,7 @@ class _TarGzCheck:
     problem, so the feeder never waits forever; the feeder stops early once it is told.
     """
 
-    def __init__(self, source: PrebuiltArchive) -> None:
+    def __init__(self, source: PrebuiltArchive | StreamedArchive) -> None:
         self._path = source.path
         self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self._problem: str | None = None

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._artifacts import ArtifactSource, DirectorySource, S3Archive
+from ._artifacts import ArtifactSource, DirectorySource, S3Archive, is_s3_uri
 from ._config import RegistrationConfig, load_config
-from ._errors import InputError
+from ._errors import ConfigurationError, InputError
 from ._settings import JobInputs, Settings, describe_field
 
 __all__ = ["RegistrationRequest", "RunIdentity", "new_run_id", "run_identity"]
@@ -38,6 +38,10 @@ class RegistrationRequest:
     #: A local directory (or one holding a `.tar.gz`), or the `s3://` URI of a prebuilt
     #: `.tar.gz` (a training job's model.tar.gz): copied inside S3, not through this process.
     model_path: Path | str
+    #: A local copy of a model given by its `s3://` URI (a mounted file, or a directory
+    #: holding it, of the object's size): the sha256 and the archive check read it instead
+    #: of the object (the registry's own sha256 check still reads what was copied).
+    model_local_copy: Path | None = None
     payload_path: Path | str | None = None
     metadata_path: Path | None = None
     performance_metadata_uri: str | None = None
@@ -46,6 +50,16 @@ class RegistrationRequest:
     #: the same inputs, after earlier ones ended FAILED).  When neither this nor
     #: `workflow_execution_id` is set, each registration gets a fresh key (see `run_identity`).
     idempotency_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_local_copy is not None and not is_s3_uri(self.model_path):
+            raise ConfigurationError(
+                "invalid settings; fix each and run again:",
+                [
+                    f"{describe_field('model_local_copy')}: only for a model given by its s3:// URI "
+                    f"(the model is {self.model_path}); unset it, or give the model's s3:// URI"
+                ],
+            )
 
     @classmethod
     async def from_files(
@@ -78,6 +92,7 @@ class RegistrationRequest:
         return cls(
             config=await load_config(inputs.config_path),
             model_path=inputs.model_path,
+            model_local_copy=inputs.model_local_copy,
             payload_path=inputs.payload_path,
             metadata_path=inputs.metadata_path,
             performance_metadata_uri=inputs.performance_metadata_uri,

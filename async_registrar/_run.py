@@ -33,7 +33,15 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import anyio
 
-from ._artifacts import ArtifactSource, DirectorySource, S3Archive, choose_part_size, inspect_artifact, is_s3_uri
+from ._artifacts import (
+    ArtifactSource,
+    DirectorySource,
+    PrebuiltArchive,
+    S3Archive,
+    choose_part_size,
+    inspect_artifact,
+    is_s3_uri,
+)
 from ._budget import MemoryBudget
 from ._capabilities import S3Capabilities, adapt_uploads, known_capabilities
 from ._concurrency import CleanupDeadline, outcomes, run_all
@@ -61,7 +69,7 @@ from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusCha
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
-from ._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive
+from ._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive, local_copy_of
 from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
@@ -210,6 +218,8 @@ class Run:
         self.regions: list[_Region] = []
         self.identity: RunIdentity | None = None
         self._sources: dict[str, ArtifactSource | S3Archive] = {}
+        #: Local copies of sources in S3 (`model_local_copy`), read for their sha256.
+        self._local_copies: dict[str, PrebuiltArchive] = {}
         self._metadata: dict[str, Any] | None = None
         self._submitted_at: float | None = None
         self._finalized = False
@@ -601,8 +611,9 @@ class Run:
             regions = [r for r in self.regions if name in r.to_upload]
             targets = [(r.s3, S3Location(r.bucket, _prefix(r).key(f"{name}.tar.gz"))) for r in regions]
             source = self._sources[name]
+            levels = [r.capabilities.integrity if r.capabilities else assumed_integrity(self.settings) for r in regions]
             async with self._uploads:
-                if isinstance(source, S3Archive):  # already in S3: copied there, not uploaded
+                if isinstance(source, S3Archive):  # already in S3: copied there (or, from another region, streamed)
                     results = await copy_to_all(
                         self._s3,
                         source,
@@ -613,6 +624,10 @@ class Run:
                         cleanup=self._cleanup,
                         ledger=self._ledger,
                         on_progress=self._emit,
+                        regions=[r.region for r in regions],
+                        local_copy=self._local_copies.get(name),
+                        budget=self._budget,
+                        integrity=levels,
                     )
                 else:
                     results = await upload_to_all(
@@ -625,10 +640,7 @@ class Run:
                         workers=self._workers,
                         budget=self._budget,
                         ledger=self._ledger,
-                        integrity=[
-                            r.capabilities.integrity if r.capabilities else assumed_integrity(self.settings)
-                            for r in regions
-                        ],
+                        integrity=levels,
                     )
             for region, result in zip(regions, results, strict=True):
                 region.artifacts[name] = result
@@ -953,6 +965,10 @@ class Run:
         )
         model = await inspect(self.request.model_path, "model")
         payload = await inspect(payload_path, "payload") if has_payload and payload_path is not None else None
+        if self.request.model_local_copy is not None and isinstance(model, S3Archive):
+            copy = self.request.model_local_copy
+            found = await self._workers.stream(lambda: inspect_artifact(copy, role="model's local copy"))
+            self._local_copies["model"] = local_copy_of(model, found, copy)
         return model, payload
 
     async def _digest(self) -> dict[str, str]:
@@ -961,7 +977,14 @@ class Run:
         for name, source in self._sources.items():
             log.info("hashing the %s to compare it with what an earlier run registered", name)
             if isinstance(source, S3Archive):
-                _, archives[name] = await digest_s3_archive(self._s3, source, self._workers, check=False)
+                _, archives[name] = await digest_s3_archive(
+                    self._s3,
+                    source,
+                    self._workers,
+                    check=False,
+                    local_copy=self._local_copies.get(name),
+                    settings=self.settings,
+                )
             else:
                 _, archives[name] = await digest_artifact(source, self.settings, workers=self._workers)
         return archives

@@ -4,12 +4,21 @@ A training job leaves its `model.tar.gz` in S3. Given that URI (`--model s3://..
 `RegistrationRequest(model_path="s3://...")`), the registrar does not download and upload
 it again: it copies it into the run's temporary prefix on the server (a multipart copy:
 concurrent UploadPartCopy requests, aborted on any failure as an upload is), so no byte of
-the model passes through the container's network card. Meanwhile it reads the object once (a
-streaming GET) for the sha256 the registry contract needs, checking it as a tar.gz on the
-way (in a thread, as a local prebuilt archive is). Both are pinned to the ETag the source had
-when it was inspected: a source replaced in the meantime fails the run (exit 4) instead of
-registering something else than what was hashed. The copy lives under the run's prefix, so
-the cleanup, the lifecycle and the resume rules are those of an upload.
+the model passes through the container's network card. Meanwhile it reads the object once
+for the sha256 the registry contract needs, with a few concurrent ranged GETs handed on in
+order (a single GET stream is the slow part of a read from S3), checking it as a tar.gz on
+the way (in a thread, as a local prebuilt archive is); or it reads a local copy instead,
+when the job has one mounted (`model_local_copy`, REGISTRAR_MODEL_LOCAL_COPY), which must
+have the object's size. The copy and the reads are pinned to the ETag the source had when
+it was inspected: a source replaced in the meantime fails the run (exit 4) instead of
+registering something else than what was hashed.
+
+A source in another region than a target's temporary bucket is not copied there: that
+read is streamed into an upload instead (the same ranged GETs, or the local copy, feed
+both the sha256 and the upload's parts), so no request asks one region's S3 to pull a
+multi-gigabyte object from another (an S3-compatible server, or a bucket per region behind
+separate endpoints, cannot do it at all). Copies and uploads live under the run's prefix,
+so the cleanup, the lifecycle and the resume rules are those of an upload.
 """
 
 from __future__ import annotations
@@ -19,28 +28,53 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import anyio
+import anyio.from_thread
+import stamina
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from botocore.exceptions import ClientError
 
-from ._artifacts import MAX_OBJECT_SIZE, S3Archive, choose_part_size
-from ._concurrency import CleanupDeadline, run_all
+from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, PrebuiltArchive, S3Archive, StreamedArchive, choose_part_size
+from ._budget import MemoryBudget
+from ._capabilities import Integrity
+from ._concurrency import CleanupDeadline, first_error, run_all
 from ._errors import InputError, StorageError
 from ._multipart import MultipartUploads, OpenUploads, check_object
-from ._prebuilt import _NoCheck, _TarGzCheck
+from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._s3 import S3Client, S3Location, storage_errors
-from ._settings import Settings
+from ._settings import MiB, Settings
 from ._threads import Workers
-from ._upload import UploadedArtifact
+from ._upload import UploadedArtifact, upload_to_all
 
-__all__ = ["COPY_PART_SIZE", "copy_to_all", "digest_s3_archive", "inspect_s3_archive"]
+__all__ = [
+    "COPY_PART_SIZE",
+    "RANGE_SIZE",
+    "copy_to_all",
+    "digest_s3_archive",
+    "inspect_s3_archive",
+    "local_copy_of",
+    "read_ranges",
+    "source_region",
+]
 
 log = logging.getLogger("async_registrar.upload")
 
 #: The smallest part of a multipart copy: few requests (each is a copy inside S3, cheap).
 COPY_PART_SIZE = 512 * 1024**2
-#: How much of the object one read of the streaming GET asks for.
-READ_CHUNK = 1024**2
+#: One ranged GET of a read: a request's own cost is small against it, and a few in flight
+#: are cheap.
+RANGE_SIZE = 8 * MiB
+#: Ranged GETs in flight at once, at least (more with a higher upload concurrency).
+MIN_RANGES_IN_FLIGHT = 4
+#: A ranged GET whose body broke off on the way is asked for again, up to this many times.
+RANGE_ATTEMPTS = 3
+#: What a body that broke off on the way becomes (see `storage_errors`): sent again.
+_BROKEN_BODY = frozenset({"ResponseStreamingError", "IncompleteReadError", "ReadTimeoutError", "AioReadTimeoutError"})
 
 
 async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
@@ -65,47 +99,180 @@ async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
     return S3Archive(location, size, head.get("ETag"))
 
 
-async def digest_s3_archive(
-    s3: S3Client, source: S3Archive, workers: Workers, *, check: bool = True, opened: anyio.Event | None = None
-) -> tuple[int, str]:
-    """The size and sha256 of `source`, read once with a streaming GET (pinned to its ETag)
-    and, if `check`, read as a tar.gz on the way (a bad archive is an `InputError`). `opened`
-    is set once S3 answered the GET: the source is there, readable, and still the one seen."""
-    where = source.location
-    sha256 = hashlib.sha256()
-    total = 0
-    checker = _TarGzCheck(source) if check else _NoCheck()  # type: ignore[arg-type]  # has .path
-    checker.__enter__()
+def local_copy_of(source: S3Archive, found: ArtifactSource, given: Path) -> PrebuiltArchive:
+    """The local copy of `source` (`found` at `given` by `inspect_artifact`), if it can be one:
+    a .tar.gz of the object's size; else an `InputError` naming both (exit 3)."""
+    if not isinstance(found, PrebuiltArchive):
+        raise InputError(
+            f"the model's local copy {given} is not a .tar.gz (nor a directory holding one): it must be the "
+            f"mounted copy of {source.location.uri}; fix the path, or unset REGISTRAR_MODEL_LOCAL_COPY "
+            "to read the object from S3",
+            [str(given)],
+        )
+    if found.size != source.size:
+        raise InputError(
+            f"the model's local copy {found.path} is {found.size} bytes, but {source.location.uri} is "
+            f"{source.size}: it is not a copy of it; mount the same object, or unset REGISTRAR_MODEL_LOCAL_COPY "
+            "to read the object from S3",
+            [str(found.path), source.location.uri],
+        )
+    return found
+
+
+async def source_region(s3: S3Client, source: S3Archive) -> str | None:
+    """The region of the source's bucket (HeadBucket's `x-amz-bucket-region`, which AWS sends
+    with a 403 too); None where the server does not say (one endpoint: copied as it is)."""
+    bucket = source.location.bucket
     try:
-        with storage_errors("GetObject", where.bucket, where.key):
-            pinned = {"IfMatch": source.etag} if source.etag else {}
-            response = await s3.get_object(Bucket=where.bucket, Key=where.key, **pinned)
-            if opened is not None:
-                opened.set()
-            stream = response["Body"]
-            async with stream:
-                while chunk := await stream.read(READ_CHUNK):
-                    total += len(chunk)
-                    if total > source.size:
-                        break
+        head = await s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        head = exc.response
+    except Exception as exc:  # the region is a hint: the copy or the read will fail if it matters
+        log.debug("the region of %s is unknown (%r): copied inside S3", bucket, exc)
+        return None
+    headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    region = headers.get("x-amz-bucket-region")
+    return str(region) if region else None
 
-                    def take(data: bytes = chunk) -> None:
-                        sha256.update(data)
-                        checker.feed(data)  # may wait for the checking thread: a stream, not compute
 
-                    await workers.stream(take)
-        if total != source.size:
+async def read_ranges(
+    s3: S3Client,
+    source: S3Archive,
+    send: MemoryObjectSendStream[bytes],
+    *,
+    in_flight: int = MIN_RANGES_IN_FLIGHT,
+    range_size: int = RANGE_SIZE,
+    opened: anyio.Event | None = None,
+) -> None:
+    """Read `source` with `in_flight` concurrent ranged GETs (pinned to its ETag) and send its
+    bytes to `send` in order, a range per item; at most `in_flight` ranges are held, besides
+    the one being sent. `send` is closed at the end, only once every byte was sent (so a
+    reader that sees the end has the whole object). `opened` is set once S3 answered the
+    first GET: the source is there, readable, and still the one seen."""
+    where = source.location
+    ranges = [(start, min(start + range_size, source.size) - 1) for start in range(0, source.size, range_size)]
+    held = anyio.Semaphore(in_flight)
+    arrived = [anyio.Event() for _ in ranges]
+    data: dict[int, bytes] = {}
+
+    async def fetch(index: int) -> None:
+        first, last = ranges[index]
+        pinned = {"IfMatch": source.etag} if source.etag else {}
+        async for attempt in stamina.retry_context(on=_broken_body, attempts=RANGE_ATTEMPTS, wait_max=2.0):
+            with attempt, storage_errors("GetObject", where.bucket, where.key):
+                response = await s3.get_object(
+                    Bucket=where.bucket, Key=where.key, Range=f"bytes={first}-{last}", **pinned
+                )
+                if opened is not None:
+                    opened.set()
+                async with response["Body"] as body:
+                    chunk = await _read_body(body, where, first, last)
+        if len(chunk) != last - first + 1:
             raise StorageError(
-                f"{where} changed while it was read ({total} bytes read, {source.size} expected); run again",
+                f"{where} changed while it was read (bytes {first}-{last} came as {len(chunk)}); run again",
                 operation="GetObject",
                 bucket=where.bucket,
                 key=where.key,
             )
-        await workers.stream(checker.finish)
-    finally:
-        with anyio.CancelScope(shield=True):  # the checking thread always sees the end
-            await workers.stream(lambda: checker.__exit__(None, None, None))
-    return total, sha256.hexdigest()
+        data[index] = chunk
+        arrived[index].set()
+
+    async def launch(tg: anyio.abc.TaskGroup) -> None:
+        for index in range(len(ranges)):
+            await held.acquire()  # given back once the range was sent on
+            tg.start_soon(fetch, index)
+
+    with first_error():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(launch, tg)
+            for index, event in enumerate(arrived):
+                await event.wait()
+                await send.send(data.pop(index))
+                held.release()
+    if not ranges and opened is not None:  # an empty object: nothing to GET (the check refuses it)
+        opened.set()
+    await send.aclose()
+
+
+async def _read_body(body: Any, where: S3Location, first: int, last: int) -> bytes:
+    """A GET's whole body; one that broke off on the way is a `StorageError` to retry (aiohttp
+    raises its own `ClientPayloadError` for it, which aiobotocore does not turn into botocore's)."""
+    try:
+        return bytes(await body.read())
+    except aiohttp.ClientPayloadError as exc:
+        raise StorageError(
+            f"S3 GetObject failed for {where} (bytes {first}-{last}): the answer broke off ({exc}); run again",
+            operation="GetObject",
+            bucket=where.bucket,
+            key=where.key,
+            code="ResponseStreamingError",
+        ) from exc
+
+
+def _broken_body(exc: Exception) -> bool:
+    return isinstance(exc, StorageError) and exc.code in _BROKEN_BODY
+
+
+class _Chunks:
+    """What `read_ranges` sends, as a blocking file object for a thread: `read` waits for the
+    next range (a whole one: no copy), and is empty at the end."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
+        self._receive = receive
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return anyio.from_thread.run(self._receive.receive)
+        except anyio.EndOfStream:
+            return b""
+
+
+class _Digest:
+    """A sink that only hashes (and counts) what it is given."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.sha256.update(data)
+        self.size += len(data)
+
+
+def _in_flight(settings: Settings | None) -> int:
+    return max(MIN_RANGES_IN_FLIGHT, settings.upload_concurrency if settings is not None else 0)
+
+
+async def digest_s3_archive(
+    s3: S3Client,
+    source: S3Archive,
+    workers: Workers,
+    *,
+    check: bool = True,
+    opened: anyio.Event | None = None,
+    local_copy: PrebuiltArchive | None = None,
+    settings: Settings | None = None,
+) -> tuple[int, str]:
+    """The size and sha256 of `source`, read once, and (if `check`) read as a tar.gz on the
+    way (a bad archive is an `InputError`): from `local_copy` if given (of the same size,
+    checked when the request was read), else with concurrent ranged GETs pinned to its ETag.
+    `opened` is set once the read began: S3 answered (the source is there, readable, and
+    still the one seen), or the local copy is open."""
+    sink = _Digest()
+    if local_copy is not None:
+        if opened is not None:
+            opened.set()
+        await workers.stream(lambda: stream_prebuilt(local_copy, sink, check=check))
+        return sink.size, sink.sha256.hexdigest()
+    send, receive = anyio.create_memory_object_stream[bytes](0)
+    archive = StreamedArchive(source.path, source.size, _Chunks(receive))
+    with send, receive, first_error():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(read_ranges, s3, source, send, in_flight=_in_flight(settings), opened=opened)
+            )
+            await workers.stream(lambda: stream_prebuilt(archive, sink, check=check, chunk=RANGE_SIZE))
+    return sink.size, sink.sha256.hexdigest()
 
 
 async def copy_to_all(
@@ -120,26 +287,91 @@ async def copy_to_all(
     ledger: OpenUploads | None = None,
     on_progress: ProgressCallback | None = None,
     copy_part_size: int = COPY_PART_SIZE,
+    regions: Sequence[str] | None = None,
+    local_copy: PrebuiltArchive | None = None,
+    budget: MemoryBudget | None = None,
+    integrity: Sequence[Integrity] | None = None,
 ) -> list[UploadedArtifact]:
     """Copy `source` to every target inside S3 (a multipart copy: UploadPartCopy parts of at
-    least `copy_part_size`, concurrently), and read it once (with `s3`) for its sha256, at the
-    same time. On any failure the copies are aborted, or deleted if complete; a copy found
-    other than the source (its size) is deleted (exit 4)."""
+    least `copy_part_size`, concurrently), and read it once (with `s3`, or from `local_copy`)
+    for its sha256, at the same time. A target whose region (`regions`, one per target)
+    is not the source bucket's gets an upload of that same read instead (`budget` and
+    `integrity` as for `upload_to_all`). On any failure the copies and uploads are aborted,
+    or deleted if complete; a copy found other than the source (its size) is deleted (exit 4)."""
     started = anyio.current_time()
-    log.info(
-        "copying %s from %s to %s inside S3 (no byte through this process; read once for its sha256)",
-        artifact,
-        source.location,
-        ", ".join(str(target) for _, target in targets),
-    )
+    home = await source_region(s3, source) if regions else None
+    streamed = [i for i in range(len(targets)) if home is not None and regions and regions[i] != home]
+    copied = [i for i in range(len(targets)) if i not in streamed]
+    if copied:
+        log.info(
+            "copying %s from %s to %s inside S3 (no byte through this process; read once for its sha256)",
+            artifact,
+            source.location,
+            ", ".join(str(targets[i][1]) for i in copied),
+        )
+    if streamed:
+        assert regions is not None
+        log.info(
+            "streaming %s from %s (%s) to %s: another region, not copied inside S3",
+            artifact,
+            local_copy.path if local_copy is not None else source.location,
+            home,
+            ", ".join(f"{targets[i][1]} ({regions[i]})" for i in streamed),
+        )
     digest: list[tuple[int, str]] = []
-    parts = [0] * len(targets)
-    # The copies start once the GET was answered: a source that is gone, unreadable or replaced
+    results: dict[int, UploadedArtifact] = {}
+    # The copies start once the read began: a source that is gone, unreadable or replaced
     # fails the read first, before anything is opened at the targets.
     opened = anyio.Event()
 
     async def read() -> None:
-        digest.append(await digest_s3_archive(s3, source, workers, check=settings.check_prebuilt, opened=opened))
+        digest.append(
+            await digest_s3_archive(
+                s3,
+                source,
+                workers,
+                check=settings.check_prebuilt,
+                opened=opened,
+                local_copy=local_copy,
+                settings=settings,
+            )
+        )
+
+    async def stream() -> None:
+        """One read of the source (or its local copy), uploaded to the other regions' targets."""
+        levels = [integrity[i] for i in streamed] if integrity else None
+        upload = functools.partial(
+            upload_to_all,
+            targets=[targets[i] for i in streamed],
+            settings=settings,
+            artifact=artifact,
+            on_progress=on_progress,
+            cleanup=cleanup,
+            workers=workers,
+            budget=budget,
+            ledger=ledger,
+            integrity=levels,
+        )
+        if local_copy is not None:
+            opened.set()
+            uploaded = await upload(local_copy)
+        else:
+            send, receive = anyio.create_memory_object_stream[bytes](0)
+            archive = StreamedArchive(source.path, source.size, _Chunks(receive))
+            box: list[list[UploadedArtifact]] = []
+
+            async def send_ranges() -> None:
+                await read_ranges(s3, source, send, in_flight=_in_flight(settings), opened=opened)
+
+            async def upload_ranges() -> None:
+                box.append(await upload(archive))
+
+            with send, receive:
+                await run_all([send_ranges, upload_ranges])
+            uploaded = box[0]
+        for index, result in zip(streamed, uploaded, strict=True):
+            results[index] = result
+        digest.append((uploaded[0].size, uploaded[0].sha256))
 
     async def copy(index: int) -> None:
         # Always a multipart copy, even of one part: a CopyObject cut off by a failure or a
@@ -159,7 +391,6 @@ async def copy_to_all(
 
             await run_all(functools.partial(one, n, first, last) for n, (first, last) in enumerate(ranges, 1))
             await upload.complete()
-        parts[index] = len(ranges)
         problem, _ = await check_object(client, target, source.size, None)
         if problem is not None:
             with cleanup.shield(), storage_errors("DeleteObject", target.bucket, target.key):
@@ -170,30 +401,42 @@ async def copy_to_all(
                 bucket=target.bucket,
                 key=target.key,
             )
+        results[index] = UploadedArtifact(target, source.size, "", len(ranges), integrity="server-copy")
 
     try:
-        await run_all([read, *(functools.partial(copy, index) for index in range(len(targets)))])
+        await run_all([stream if streamed else read, *(functools.partial(copy, index) for index in copied)])
     except BaseException:
-        # A copy that got through before another step failed (or that ran on a server that
-        # ignores CopySourceIfMatch, as moto does) is not left behind. One still running on
-        # the server when this runs is the run's cleanup's (it empties the prefix) or sweep's.
+        # A copy (or upload) that got through before another step failed (or that ran on a
+        # server that ignores CopySourceIfMatch, as moto does) is not left behind. One still
+        # running on the server when this runs is the run's cleanup's (it empties the prefix)
+        # or sweep's.
         with cleanup.shield():
             await run_all(functools.partial(_remove, client, target) for client, target in targets)
         raise
     size, sha256 = digest[0]
-    elapsed = anyio.current_time() - started
-    if on_progress is not None:
+    if copied and on_progress is not None:
+        elapsed = anyio.current_time() - started
         on_progress(
             UploadProgress(
-                artifact, targets[0][1].uri, size, size, parts[0], elapsed, True, bytes_total=size, bytes_archived=size
+                artifact,
+                targets[copied[0]][1].uri,
+                size,
+                size,
+                results[copied[0]].parts,
+                elapsed,
+                True,
+                bytes_total=size,
+                bytes_archived=size,
             )
         )
-    for (_, target), count in zip(targets, parts, strict=True):
-        log.info("copied %s: %s, %d bytes, %d part(s), inside S3", artifact, target, size, count)
-    return [
-        UploadedArtifact(target, size, sha256, count, integrity="server-copy")
-        for (_, target), count in zip(targets, parts, strict=True)
-    ]
+    for index in copied:
+        log.info(
+            "copied %s: %s, %d bytes, %d part(s), inside S3", artifact, targets[index][1], size, results[index].parts
+        )
+        results[index] = UploadedArtifact(
+            targets[index][1], size, sha256, results[index].parts, integrity="server-copy"
+        )
+    return [results[index] for index in range(len(targets))]
 
 
 async def _remove(s3: S3Client, target: S3Location) -> None:

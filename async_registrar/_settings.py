@@ -271,6 +271,7 @@ OPTIONS: dict[str, str] = {
     "wait_timeout": "--wait-timeout",
     "dereference": "--dereference",
     "model_path": "--model",
+    "model_local_copy": "--model-local-copy",
     "payload_path": "--payload",
     "config_path": "--config",
     "metadata_path": "--metadata",
@@ -305,6 +306,9 @@ class JobInputs(BaseModel):
 
     #: A local directory (or one holding a .tar.gz), or the `s3://` URI of a prebuilt .tar.gz.
     model_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/input/model")
+    #: A local copy of a model given by its `s3://` URI (a mounted file, or a directory
+    #: holding it): its sha256 is read from here instead of from S3.
+    model_local_copy: Path | None = None
     payload_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/mims_payload")
     config_path: Path = Path("/opt/ml/processing/config/config")
     metadata_path: Path = Path("/opt/ml/processing/input/metadata")
@@ -322,6 +326,7 @@ class JobInputs(BaseModel):
 
 _JOB_ENVIRONMENT: dict[str, tuple[str, ...]] = {
     "model_path": ("REGISTRAR_MODEL_PATH",),
+    "model_local_copy": ("REGISTRAR_MODEL_LOCAL_COPY",),
     "payload_path": ("REGISTRAR_PAYLOAD_PATH",),
     "config_path": ("REGISTRAR_CONFIG_PATH",),
     "metadata_path": ("REGISTRAR_METADATA_PATH",),

@@ -30,7 +30,7 @@ import anyio.from_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._archive import BLOCK, Sink, stream_archive, tar_size
-from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, choose_part_size
+from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, DirectorySource, StreamedArchive, choose_part_size
 from ._budget import Lease, MemoryBudget, allocate
 from ._capabilities import Integrity, settings_integrity
 from ._checksums import Checksummer, PartCheck, is_full_object
@@ -326,7 +326,7 @@ def stream_overhead(settings: Settings) -> int:
 
 
 async def upload_to_all(
-    source: ArtifactSource,
+    source: ArtifactSource | StreamedArchive,
     targets: Sequence[tuple[S3Client, S3Location]],
     settings: Settings,
     *,
@@ -361,7 +361,7 @@ async def upload_to_all(
 
 
 async def _upload_to_all(
-    source: ArtifactSource,
+    source: ArtifactSource | StreamedArchive,
     targets: Sequence[tuple[S3Client, S3Location]],
     settings: Settings,
     part_size: int,
@@ -485,7 +485,7 @@ async def digest_artifact(
 
 
 def _write_archive(
-    source: ArtifactSource,
+    source: ArtifactSource | StreamedArchive,
     sink: Sink,
     settings: Settings,
     *,

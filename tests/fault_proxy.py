@@ -8,7 +8,8 @@ the request (method and target; and its headers, lower-cased, for a proxy made w
 - `None`: forward it, unchanged, and relay the answer;
 - `Reply(status, body)`: answer it here with a canned response (S3's XML errors);
 - `RESET`: drop the connection with a TCP reset, as a broken network does;
-- `Stall(seconds)`: forward it after a delay, as a slow or congested link does.
+- `Stall(seconds)`: forward it after a delay, as a slow or congested link does;
+- `Cut(after)`: forward it, and break the answer off (a reset) after `after` bytes of its body.
 
 A proxy made with a `body_rule` also reads each request's body before it forwards it, and
 lets the rule answer it or change it: `S3Server` makes one behave like the S3 servers that
@@ -42,6 +43,13 @@ class Reply:
 @dataclass(frozen=True)
 class Stall:
     seconds: float
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Forward the request, then break its answer off with a reset after `after` bytes of the body."""
+
+    after: int
 
 
 RESET = object()
@@ -152,6 +160,9 @@ class FaultProxy:
             if isinstance(action, Reply):
                 await self._reply(head, reader, writer, action)
                 return
+            if isinstance(action, Cut):
+                await self._forward(method, head, reader, writer, cut=action.after)
+                return
             if isinstance(action, Stall):
                 await asyncio.sleep(action.seconds)
             length = _content_length(head)
@@ -200,6 +211,7 @@ class FaultProxy:
         writer: asyncio.StreamWriter,
         *,
         body: bytes | None = None,
+        cut: int | None = None,
     ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
@@ -235,6 +247,13 @@ class FaultProxy:
                 length = _content_length(response)
                 if method == b"HEAD" or response[9:12] in (b"204", b"304"):
                     length = 0
+                if cut is not None and length is not None and cut < length:  # part of the body, then a reset
+                    writer.write(await up_reader.readexactly(cut))
+                    await writer.drain()
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
                 if length is None:
                     while data := await up_reader.read(65536):
                         writer.write(data)

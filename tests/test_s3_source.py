@@ -3,10 +3,12 @@ sha256, never sent through the client (issue 18, part 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,16 @@ import pytest
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from async_registrar import Settings, StorageError
+from async_registrar import InputError, Settings, StorageError
 from async_registrar._artifacts import S3Archive
 from async_registrar._concurrency import CleanupDeadline
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import S3Location, make_session, open_s3_client
-from async_registrar._s3_source import copy_to_all, inspect_s3_archive
+from async_registrar._s3_source import RANGE_SIZE, copy_to_all, inspect_s3_archive
 from async_registrar._threads import Workers
 
 from .conftest import MiB, leftovers, make_job
-from .fault_proxy import FaultProxy, Reply, Stall, s3_error
+from .fault_proxy import Cut, FaultProxy, Reply, Stall, s3_error
 from .test_cli import environment, run
 
 TRAINING = "training-output"
@@ -217,3 +219,228 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
         assert proxy.count("DELETE", "uploadId=") == 1  # the abort
     await anyio.sleep(2.5)  # the held-back part copy reaches the server after the abort
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- the read: concurrent ranged GETs, a local copy, another region --------------------------------------------
+
+
+async def copy_through(
+    proxy: FaultProxy, source_uri: str, settings: Settings, **options: Any
+) -> tuple[S3Archive, Any]:
+    """Inspect `source_uri` and copy it to the settings' prefix, through `proxy`."""
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
+        source = await inspect_s3_archive(proxied, source_uri, role="model")
+        target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+        return source, await copy_model(proxied, source, target, settings, **options)
+
+
+async def test_the_sha256_is_read_with_concurrent_ranged_gets_pinned_to_the_etag(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
+) -> None:
+    """The read for the sha256 asks for the object in ranges, several at once (each held back
+    here: all are asked for before the first answers), pinned to the ETag, covering every byte."""
+    archive = model_archive(20 * MiB)
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive)
+    asked: list[tuple[float, dict[str, str]]] = []
+
+    def hold_gets(method: str, target: str, headers: dict[str, str]) -> Any:
+        if method == "GET" and "range" in headers:
+            asked.append((time.monotonic(), headers))
+            return Stall(1.0)
+        return None
+
+    with FaultProxy(stack.s3_endpoint, hold_gets, with_headers=True) as proxy:
+        source, copied = await copy_through(proxy, uri, settings)
+    assert copied.sha256 == hashlib.sha256(archive).hexdigest()
+    size = len(archive)
+    assert sorted(h["range"] for _, h in asked) == sorted(
+        f"bytes={start}-{min(start + RANGE_SIZE, size) - 1}" for start in range(0, size, RANGE_SIZE)
+    )
+    assert {h.get("if-match") for _, h in asked} == {source.etag}
+    first = asked[0][0]
+    assert all(at - first < 0.8 for at, _ in asked), "a range was asked for only after another came back"
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=settings.s3_prefix + "model.tar.gz")
+
+
+async def test_a_range_whose_answer_breaks_off_is_asked_for_again(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
+) -> None:
+    """A connection reset in the middle of one range's body: that range is asked for again,
+    and the sha256 is the object's."""
+    archive = model_archive(12 * MiB)
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive)
+    cut = {"left": 1}
+
+    def break_second(method: str, target: str, headers: dict[str, str]) -> Any:
+        if method == "GET" and headers.get("range", "").startswith(f"bytes={RANGE_SIZE}-") and cut["left"]:
+            cut["left"] -= 1
+            return Cut(MiB)
+        return None
+
+    with FaultProxy(stack.s3_endpoint, break_second, with_headers=True) as proxy:
+        _, copied = await copy_through(proxy, uri, settings)
+        second = [h for h in proxy.headers if h.get("range", "").startswith(f"bytes={RANGE_SIZE}-")]
+    assert cut["left"] == 0
+    assert len(second) == 2
+    assert copied.sha256 == hashlib.sha256(archive).hexdigest()
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=settings.s3_prefix + "model.tar.gz")
+
+
+async def test_a_local_copy_is_read_instead_of_the_object(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """REGISTRAR_MODEL_LOCAL_COPY (a directory holding the mounted model.tar.gz): no GET of the
+    object at all, still copied inside S3, registered (the registry checked the sha256)."""
+    archive = model_archive(6 * MiB)
+    key = f"{tmp_path.name}/output/model.tar.gz"
+    uri = await put_training_output(s3, key, archive)
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    (mounted / "model.tar.gz").write_bytes(archive)
+    job = make_job(tmp_path)
+    with FaultProxy(stack.s3_endpoint, lambda method, target: None) as proxy:
+        env = environment(
+            stack,
+            settings,
+            job,
+            REGISTRAR_MODEL_PATH=uri,
+            REGISTRAR_MODEL_LOCAL_COPY=str(mounted),
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+        )
+        result = run(env, "register")
+    assert result.returncode == 0, result.stderr
+    assert proxy.count("GET", key) == 0, "the object was read although a local copy was given"
+    assert proxy.count("PUT", "partNumber=") >= 1  # copied inside S3
+    assert proxy.sent_bytes < len(archive) / 100
+    model_id = result.stdout.splitlines()[1].rsplit(" ", 1)[1]
+    assert await registry_object(s3, stack, model_id) == archive
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_local_copy_of_another_size_is_exit_3_naming_both(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    uri = await put_training_output(s3, f"{tmp_path.name}/model.tar.gz", model_archive(1 * MiB))
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(model_archive(2 * MiB))
+    job = make_job(tmp_path)
+    env = environment(stack, settings, job, REGISTRAR_MODEL_PATH=uri, REGISTRAR_MODEL_LOCAL_COPY=str(other))
+    result = run(env, "register")
+    assert result.returncode == 3, result.stderr
+    assert f"the model's local copy {other} is" in result.stderr
+    assert uri in result.stderr
+    assert "REGISTRAR_MODEL_LOCAL_COPY" in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_local_copy_of_a_local_model_is_exit_2(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
+    job = make_job(tmp_path)
+    copy = tmp_path / "copy.tar.gz"
+    copy.write_bytes(model_archive(1024))
+    result = run(environment(stack, settings, job, REGISTRAR_MODEL_LOCAL_COPY=str(copy)), "register")
+    assert result.returncode == 2, result.stderr
+    assert "--model-local-copy / REGISTRAR_MODEL_LOCAL_COPY: only for a model given by its s3:// URI" in result.stderr
+
+
+async def put_in_region(client: Any, region: str, key: str, body: bytes) -> str:
+    """An object in a bucket of `region` (a training job's output in another region)."""
+    bucket = f"training-output-{region}"
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        await client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+    await client.put_object(Bucket=bucket, Key=key, Body=body)
+    return f"s3://{bucket}/{key}"
+
+
+async def test_a_model_in_another_region_is_streamed_not_copied(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, regional_s3: dict[str, Any]
+) -> None:
+    """The training output is in eu-west-1, the registration in us-west-2: no UploadPartCopy
+    across regions; the object is read (ranged GETs) and uploaded, once; registered."""
+    archive = model_archive(11 * MiB)
+    uri = await put_in_region(regional_s3["eu-west-1"], "eu-west-1", f"{tmp_path.name}/model.tar.gz", archive)
+    job = make_job(tmp_path)
+    with FaultProxy(stack.s3_endpoint, lambda method, target, headers: None, with_headers=True) as proxy:
+        env = environment(stack, settings, job, REGISTRAR_MODEL_PATH=uri, AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        result = run(env, "register")
+        copies = [h for h in proxy.headers if "x-amz-copy-source" in h]
+    assert result.returncode == 0, result.stderr
+    assert "streaming model from" in result.stderr
+    assert "(eu-west-1)" in result.stderr
+    assert copies == []
+    assert proxy.sent_bytes > len(archive)  # it went through this process
+    model_id = result.stdout.splitlines()[1].rsplit(" ", 1)[1]
+    assert await registry_object(s3, stack, model_id) == archive
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_one_read_feeds_the_copy_in_its_region_and_the_upload_to_another(
+    settings: Settings, s3: Any, regional_s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """Targets in the source's region and in another: the first is copied inside S3, the second
+    gets the object streamed; both hold the source byte for byte and report its sha256."""
+    archive = model_archive(11 * MiB)
+    source = await inspect_s3_archive(
+        s3, await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive), role="model"
+    )
+    key = settings.s3_prefix + "model.tar.gz"
+    here = S3Location(settings.s3_bucket, key)
+    there = S3Location("registrar-mr-eu-west-1", key)
+    results = await copy_to_all(
+        s3,
+        source,
+        [(s3, here), (regional_s3["eu-west-1"], there)],
+        settings,
+        artifact="model",
+        workers=Workers.for_settings(settings),
+        cleanup=CleanupDeadline(settings.cleanup_timeout),
+        regions=[REGION, "eu-west-1"],
+    )
+    assert [r.integrity == "server-copy" for r in results] == [True, False]
+    assert {r.sha256 for r in results} == {hashlib.sha256(archive).hexdigest()}
+    for client, where in ((s3, here), (regional_s3["eu-west-1"], there)):
+        obj = await client.get_object(Bucket=where.bucket, Key=where.key)
+        async with obj["Body"] as body:
+            assert await body.read() == archive
+        await client.delete_object(Bucket=where.bucket, Key=where.key)
+    for client, bucket in ((s3, settings.s3_bucket), (regional_s3["eu-west-1"], "registrar-mr-eu-west-1")):
+        uploads = await client.list_multipart_uploads(Bucket=bucket, Prefix=settings.s3_prefix)
+        assert uploads.get("Uploads", []) == []
+
+
+async def test_a_corrupt_model_streamed_from_another_region_is_exit_3_and_leaves_nothing(
+    settings: Settings, s3: Any, regional_s3: dict[str, Any], tmp_path: Path
+) -> None:
+    eu = regional_s3["eu-west-1"]
+    uri = await put_in_region(eu, "eu-west-1", f"{tmp_path.name}/corrupt.tar.gz", os.urandom(12 * MiB))
+    source = await inspect_s3_archive(s3, uri, role="model")
+    target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with pytest.raises(InputError, match=r"is not a usable tar\.gz"):
+        await copy_model(s3, source, target, settings, regions=[REGION])
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
+    assert uploads.get("Uploads", []) == []
+
+
+async def test_a_stream_from_another_region_cancelled_mid_part_leaves_nothing(
+    settings: Settings, s3: Any, stack: LocalStack, regional_s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """Cancelled while a part of the streamed upload is held back on the way (the ranged GETs
+    feeding it from the event loop, the producer in its thread): the upload is aborted, the
+    reads stop, nothing stays."""
+    uri = await put_in_region(
+        regional_s3["eu-west-1"], "eu-west-1", f"{tmp_path.name}/m.tar.gz", model_archive(40 * MiB)
+    )
+
+    def stall(method: str, target: str) -> Any:
+        return Stall(2.0) if method == "PUT" and "partNumber=" in target else None
+
+    with FaultProxy(stack.s3_endpoint, stall) as proxy:
+        with anyio.move_on_after(1.0) as scope:
+            await copy_through(proxy, uri, settings, regions=[REGION])
+        assert scope.cancelled_caught
+        assert proxy.count("PUT", "partNumber=") >= 1
+    await anyio.sleep(2.5)  # held-back parts reach the server after the abort
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
+    assert uploads.get("Uploads", []) == []
