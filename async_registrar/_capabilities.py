@@ -41,7 +41,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ._concurrency import run_all
-from ._s3 import S3Client, content_md5_where_required, drop_request_checksum, error_code
+from ._s3 import S3Client, content_md5_where_required, drop_request_checksum, error_code, sign_known_payloads
 
 __all__ = [
     "Integrity",
@@ -397,6 +397,7 @@ def prepare_uploads(s3: S3Client, capabilities: S3Capabilities) -> None:
     if capabilities.checksum_headers is False:
         content_md5_where_required(s3)
     if integrity == "sigv4-payload":
+        sign_known_payloads(s3)  # a host's own client too: the parts' sha256 are known already
         signer = _payload_signer(s3, lambda request: True)
         for operation in _UPLOADS:
             s3.meta.events.register(

@@ -54,10 +54,13 @@ class PartBody(io.BytesIO):
     would copy the part up front.
     """
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, payload_sha256: str | None = None) -> None:
         super().__init__()
         self._view = memoryview(data)
         self._position = 0
+        #: The hex sha256 of the whole body, where known: the signer takes it instead of
+        #: hashing the body again (see `_s3.sign_known_payloads`).
+        self.payload_sha256 = payload_sha256
 
     def __len__(self) -> int:
         return len(self._view) - self._position
@@ -175,9 +178,15 @@ class MultipartUpload:
         return self
 
     async def upload_part(
-        self, number: int, data: bytes | bytearray | memoryview, *, checksum: str | None = None
+        self,
+        number: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        checksum: str | None = None,
+        payload_sha256: str | None = None,
     ) -> None:
-        """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else botocore's)."""
+        """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else
+        botocore's); a signed payload is signed with `payload_sha256`, the part's, if given."""
         extra = _checksum_args(self._checksum, checksum)
         size = len(data)
         for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
@@ -188,7 +197,7 @@ class MultipartUpload:
                         Key=self.location.key,
                         UploadId=self.upload_id,
                         PartNumber=number,
-                        Body=PartBody(data),
+                        Body=PartBody(data, payload_sha256),
                         **extra,
                     )
                 break
@@ -385,12 +394,20 @@ class MultipartUploads:
 
 
 async def put_object(
-    s3: S3Client, location: S3Location, data: bytes, *, checksum: str | None, value: str | None = None
+    s3: S3Client,
+    location: S3Location,
+    data: bytes,
+    *,
+    checksum: str | None,
+    value: str | None = None,
+    payload_sha256: str | None = None,
 ) -> None:
-    """Upload a small artifact in one request, with its `checksum` algorithm's `value` if computed."""
+    """Upload a small artifact in one request, with its `checksum` algorithm's `value` if computed
+    (and its sha256, for a signed payload, if known)."""
     extra = _checksum_args(checksum, value)
+    body = PartBody(data, payload_sha256) if payload_sha256 is not None else data
     with storage_errors("PutObject", location.bucket, location.key):
-        await s3.put_object(Bucket=location.bucket, Key=location.key, Body=data, **extra)
+        await s3.put_object(Bucket=location.bucket, Key=location.key, Body=body, **extra)
 
 
 #: The algorithms sent as an x-amz-checksum-* header (MD5 goes as Content-MD5).

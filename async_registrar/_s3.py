@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import botocore.auth
+import botocore.handlers
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
@@ -26,6 +28,7 @@ __all__ = [
     "error_code",
     "make_session",
     "open_s3_client",
+    "sign_known_payloads",
     "storage_errors",
 ]
 
@@ -116,7 +119,50 @@ async def open_s3_client(
     ) as client:
         if checksums == "when_required":
             content_md5_where_required(client)
+        sign_known_payloads(client)
         yield client
+
+
+#: The signature version of the uploads whose body knows its own sha256 (see `sign_known_payloads`).
+KNOWN_PAYLOAD_SIGNER = "async-registrar-s3v4"
+
+
+def sign_known_payloads(client: S3Client) -> None:
+    """Make `client` sign the payload of an upload whose body carries its sha256 already
+    (`PartBody.payload_sha256`, computed by the part cutter while the bytes were in the
+    cache) with that value, instead of reading the whole part again to hash it (botocore's
+    S3 signers always do; the CRT's copies the part into itself first). A body without one
+    is signed as botocore would. Registered once per client; adds one signature version to
+    botocore's table, changing none."""
+    if KNOWN_PAYLOAD_SIGNER not in botocore.auth.AUTH_TYPE_MAPS:
+        botocore.auth.AUTH_TYPE_MAPS[KNOWN_PAYLOAD_SIGNER] = _known_payload_auth(botocore.auth.AUTH_TYPE_MAPS["s3v4"])
+    for operation in ("UploadPart", "PutObject"):
+        client.meta.events.register(
+            f"choose-signer.s3.{operation}", _choose_known_payload_signer, unique_id=f"async-registrar-{operation}"
+        )
+
+
+def _choose_known_payload_signer(signature_version: str, context: dict[str, Any], **kwargs: Any) -> str | None:
+    """Where botocore would sign with "s3v4", the same signer trusting a body's known sha256."""
+    chosen = botocore.handlers.set_operation_specific_signer(context=context, **kwargs) or signature_version
+    return KNOWN_PAYLOAD_SIGNER if chosen == "s3v4" else None
+
+
+def _known_payload_auth(base: type[Any]) -> type[Any]:
+    """`base` (botocore's S3 SigV4 signer, or the CRT's where installed), taking a body's
+    `payload_sha256` as its payload hash where it signs the payload."""
+
+    class KnownPayloadS3SigV4Auth(base):  # type: ignore[misc]
+        def payload(self, request: Any) -> str:  # botocore's signer
+            known = getattr(request.body, "payload_sha256", None)
+            if known is None or self._is_streaming_checksum_payload(request):
+                return str(super().payload(request))
+            return known if self._should_sha256_sign_payload(request) else str(super().payload(request))
+
+        def _get_existing_sha256(self, request: Any) -> str | None:  # the CRT's (it hashes when None)
+            return getattr(request.body, "payload_sha256", None)
+
+    return KnownPayloadS3SigV4Auth
 
 
 def content_md5_where_required(client: S3Client) -> None:

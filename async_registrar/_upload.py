@@ -93,6 +93,8 @@ class _Part:
     last: bool
     checksum: str | None = None  # base64, as S3 wants it
     buffer: mmap.mmap | None = None  # the pooled buffer `data` views
+    #: The part's hex sha256, where its payload is signed (the signer takes it as it is).
+    payload_sha256: str | None = None
 
     @property
     def size(self) -> int:
@@ -147,6 +149,7 @@ class _PartCutter:
         source: str = "the archive",
         max_size: int = MAX_OBJECT_SIZE,
         checksummer: Checksummer | None = None,
+        payload_hashes: bool = False,
     ) -> None:
         self._part_size = part_size
         self._emit = emit
@@ -156,6 +159,8 @@ class _PartCutter:
         self._max_size = max_size
         self._checksummer = checksummer
         self.sha256 = hashlib.sha256()
+        #: Each part's own sha256, for a server that checks signed payloads (see `_Part`).
+        self._payload = hashlib.sha256() if payload_hashes else None
         self._allocated = 0
         self._buffer: mmap.mmap | None = None
         self._fill = 0
@@ -195,6 +200,8 @@ class _PartCutter:
             self.sha256.update(piece)
             if self._checksummer is not None:
                 self._checksummer.update(piece)
+            if self._payload is not None:
+                self._payload.update(piece)
             piece.release()
         self._hashed = self._fill
 
@@ -228,10 +235,13 @@ class _PartCutter:
         self._hash()
         self._number += 1
         checksum = self._checksummer.part_done() if self._checksummer is not None else None
+        payload = None
+        if self._payload is not None:
+            payload, self._payload = self._payload.hexdigest(), hashlib.sha256()
         # The last part is a view of its buffer, not a copy: the copy would be memory outside
         # the budget, up to a part per upload.
         data = memoryview(self._buffer)[: self._fill]
-        self._emit(_Part(self._number, data, last, checksum, self._buffer))
+        self._emit(_Part(self._number, data, last, checksum, self._buffer, payload))
         self._buffer = None
 
 
@@ -396,7 +406,11 @@ async def _upload_to_all(
 
     pool = _BufferPool()
     name = str(source.root if isinstance(source, DirectorySource) else source.path)
-    cutter = _PartCutter(part_size, emit, pool, lease, source=name, checksummer=checksummer)
+    # Where a server checks signed payloads, each part's sha256 is computed here, with the
+    # archive's, while the bytes are in the cache: the signer takes it instead of reading
+    # the part again (see `_s3.sign_known_payloads`).
+    signed = "sigv4-payload" in levels
+    cutter = _PartCutter(part_size, emit, pool, lease, source=name, checksummer=checksummer, payload_hashes=signed)
     if isinstance(source, DirectorySource):  # a loop over every entry: off the event loop
         directory = source
         total = await workers.compute(lambda: tar_size(directory, settings.archive_mtime))
@@ -528,7 +542,15 @@ async def _consume(
     if first.last:
         data = bytes(first.data)
         await run_all(
-            functools.partial(put_object, s3, location, data, checksum=algorithm, value=first.checksum)
+            functools.partial(
+                put_object,
+                s3,
+                location,
+                data,
+                checksum=algorithm,
+                value=first.checksum,
+                payload_sha256=first.payload_sha256,
+            )
             for s3, location in targets
         )
         tracker.part_done(first.size)
@@ -551,7 +573,10 @@ async def _consume(
 
     async def upload(uploads: list[MultipartUpload], part: _Part) -> None:
         await run_all(
-            functools.partial(mpu.upload_part, part.number, part.data, checksum=part.checksum) for mpu in uploads
+            functools.partial(
+                mpu.upload_part, part.number, part.data, checksum=part.checksum, payload_sha256=part.payload_sha256
+            )
+            for mpu in uploads
         )
         tracker.part_done(part.size)
         if part.buffer is not None and not part.last:
