@@ -69,8 +69,10 @@ COPY_PART_SIZE = 512 * 1024**2
 #: One ranged GET of a read: a request's own cost is small against it, and a few in flight
 #: are cheap.
 RANGE_SIZE = 8 * MiB
-#: Ranged GETs in flight at once, at least (more with a higher upload concurrency).
+#: Ranged GETs in flight at once, at least (more with a higher upload concurrency, up to
+#: `MAX_RANGES_IN_FLIGHT`: the ranges held are memory outside the part budget).
 MIN_RANGES_IN_FLIGHT = 4
+MAX_RANGES_IN_FLIGHT = 8
 #: A ranged GET whose body broke off on the way is asked for again, up to this many times.
 RANGE_ATTEMPTS = 3
 #: What a body that broke off on the way becomes (see `storage_errors`): sent again.
@@ -240,7 +242,8 @@ class _Digest:
 
 
 def _in_flight(settings: Settings | None) -> int:
-    return max(MIN_RANGES_IN_FLIGHT, settings.upload_concurrency if settings is not None else 0)
+    wanted = settings.upload_concurrency if settings is not None else 0
+    return min(MAX_RANGES_IN_FLIGHT, max(MIN_RANGES_IN_FLIGHT, wanted))
 
 
 async def digest_s3_archive(

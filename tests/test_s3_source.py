@@ -22,7 +22,7 @@ from async_registrar._artifacts import S3Archive
 from async_registrar._concurrency import CleanupDeadline
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import S3Location, make_session, open_s3_client
-from async_registrar._s3_source import RANGE_SIZE, copy_to_all, inspect_s3_archive
+from async_registrar._s3_source import RANGE_SIZE, copy_to_all, digest_s3_archive, inspect_s3_archive
 from async_registrar._threads import Workers
 
 from .conftest import MiB, leftovers, make_job
@@ -224,9 +224,7 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
 # --- the read: concurrent ranged GETs, a local copy, another region --------------------------------------------
 
 
-async def copy_through(
-    proxy: FaultProxy, source_uri: str, settings: Settings, **options: Any
-) -> tuple[S3Archive, Any]:
+async def copy_through(proxy: FaultProxy, source_uri: str, settings: Settings, **options: Any) -> tuple[S3Archive, Any]:
     """Inspect `source_uri` and copy it to the settings' prefix, through `proxy`."""
     session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
     async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
@@ -444,3 +442,26 @@ async def test_a_stream_from_another_region_cancelled_mid_part_leaves_nothing(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
     uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     assert uploads.get("Uploads", []) == []
+
+
+async def test_a_read_cancelled_while_its_ranges_are_held_back_returns_at_once(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
+) -> None:
+    """Cancelled while every ranged GET is held back (the hashing thread waiting for the first
+    range): the read returns within a moment, not once the GETs come back."""
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(40 * MiB))
+
+    def hold(method: str, target: str) -> Any:
+        return Stall(5.0) if method == "GET" else None
+
+    with FaultProxy(stack.s3_endpoint, hold) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
+            source = await inspect_s3_archive(proxied, uri, role="model")
+            started = time.monotonic()
+            with anyio.move_on_after(0.5) as scope:
+                await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
+            took = time.monotonic() - started
+        assert scope.cancelled_caught
+        assert proxy.count("GET", "m.tar.gz") >= 4  # the ranges were on their way
+    assert took < 2.0, f"the cancelled read took {took:.1f} s"
