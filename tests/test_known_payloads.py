@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import botocore.auth
@@ -21,12 +22,12 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
-from async_registrar import Settings
+from async_registrar import Registrar, Settings
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._multipart import PartBody
 from async_registrar._s3 import KNOWN_PAYLOAD_SIGNER, _known_payload_auth, make_session, open_s3_client
 
-from .conftest import leftovers
+from .conftest import MiB, leftovers
 from .fault_proxy import FaultProxy, S3Server
 
 DATA = os.urandom(256 * 1024)
@@ -103,3 +104,36 @@ def test_each_signer_takes_the_known_value_without_reading_the_body(base: str) -
 def test_the_signer_is_added_to_botocores_table_beside_the_others() -> None:
     assert KNOWN_PAYLOAD_SIGNER in botocore.auth.AUTH_TYPE_MAPS
     assert botocore.auth.AUTH_TYPE_MAPS["s3v4"] is not botocore.auth.AUTH_TYPE_MAPS[KNOWN_PAYLOAD_SIGNER]
+
+
+async def test_an_upload_to_a_server_that_checks_signed_payloads_signs_the_cutters_hashes(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the whole pipeline (probe, cutter, uploaders): every part is signed with the
+    sha256 the cutter computed, and the server that checks them takes each one."""
+    signer = botocore.auth.AUTH_TYPE_MAPS[KNOWN_PAYLOAD_SIGNER]
+    given: list[str | None] = []
+    for name in ("payload", "_get_existing_sha256"):
+        original = getattr(signer, name)
+
+        def recording(self: Any, request: Any, original: Any = original) -> Any:
+            if "partNumber=" in request.url:
+                given.append(getattr(request.body, "payload_sha256", None))
+            return original(self, request)
+
+        monkeypatch.setattr(signer, name, recording)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(os.urandom(12 * MiB))
+    key = f"{settings.s3_prefix}model.tar.gz"
+    with FaultProxy(stack.s3_endpoint, lambda method, target: None, body_rule=S3Server(frozenset({"sha256"}))) as proxy:
+        changed = settings.model_copy(update={"s3_endpoint_url": proxy.endpoint, "part_size": 5 * MiB})
+        async with Registrar(changed) as registrar:
+            result = await registrar.upload(model, f"s3://{settings.s3_bucket}/{key}")
+    assert result.integrity == "sigv4-payload"
+    assert result.parts == 3
+    assert len(given) >= 3
+    assert None not in given
+    assert len(set(given)) == 3  # one per part (a part signed twice, by the CRT, gives the same)
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
