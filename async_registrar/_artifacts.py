@@ -94,7 +94,7 @@ ArtifactSource = DirectorySource | PrebuiltArchive
 class BlockingReader(Protocol):
     """A file object read from a thread (`read` blocks until bytes come; empty at the end)."""
 
-    def read(self, size: int = -1, /) -> bytes: ...
+    def read(self, size: int = -1, /) -> bytes | memoryview: ...
 
 
 @dataclass(frozen=True, slots=True)

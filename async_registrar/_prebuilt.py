@@ -70,7 +70,7 @@ class _TarGzCheck:
 
     def __init__(self, source: PrebuiltArchive | StreamedArchive) -> None:
         self._path = source.path
-        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._chunks: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
         self._problem: str | None = None
         self._crash: Exception | None = None  # a bug here, not a bad archive: raised as it is
         self._thread = threading.Thread(target=self._read, name="registrar-tar-check", daemon=True)
@@ -83,9 +83,9 @@ class _TarGzCheck:
     def __exit__(self, *exc: object) -> None:
         self._end()  # after an early exit too: the reader sees the end and stops
 
-    def feed(self, data: bytes) -> None:
-        """Hand on `data` (immutable: shared, not copied); raise at once if the archive is
-        already known to be bad."""
+    def feed(self, data: bytes | memoryview) -> None:
+        """Hand on `data` (immutable, or a view of immutable bytes: shared, not copied); raise
+        at once if the archive is already known to be bad."""
         self._raise_if_bad()
         self._chunks.put(data)
 
@@ -141,7 +141,7 @@ class _NoCheck:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         pass
 
     def finish(self) -> None:
@@ -151,7 +151,7 @@ class _NoCheck:
 class _ChunkReader:
     """A blocking file object over the queue of chunks (for the reader thread)."""
 
-    def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
+    def __init__(self, chunks: queue.Queue[bytes | memoryview | None]) -> None:
         self._chunks = chunks
         self._buffer = memoryview(b"")
         self._ended = False

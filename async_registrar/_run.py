@@ -624,7 +624,6 @@ class Run:
                         cleanup=self._cleanup,
                         ledger=self._ledger,
                         on_progress=self._emit,
-                        regions=[r.region for r in regions],
                         local_copy=self._local_copies.get(name),
                         budget=self._budget,
                         integrity=levels,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import botocore
 import botocore.auth
 import botocore.handlers
 from aiobotocore.config import AioConfig
@@ -134,6 +135,8 @@ def sign_known_payloads(client: S3Client) -> None:
     S3 signers always do; the CRT's copies the part into itself first). A body without one
     is signed as botocore would. Registered once per client; adds one signature version to
     botocore's table, changing none."""
+    if client.meta.config.signature_version is botocore.UNSIGNED:
+        return  # an anonymous client signs nothing
     if KNOWN_PAYLOAD_SIGNER not in botocore.auth.AUTH_TYPE_MAPS:
         botocore.auth.AUTH_TYPE_MAPS[KNOWN_PAYLOAD_SIGNER] = _known_payload_auth(botocore.auth.AUTH_TYPE_MAPS["s3v4"])
     for operation in ("UploadPart", "PutObject"):
@@ -143,7 +146,10 @@ def sign_known_payloads(client: S3Client) -> None:
 
 
 def _choose_known_payload_signer(signature_version: str, context: dict[str, Any], **kwargs: Any) -> str | None:
-    """Where botocore would sign with "s3v4", the same signer trusting a body's known sha256."""
+    """Where botocore would sign a request with "s3v4", the same signer trusting a body's known
+    sha256; presigned URLs and forms (whose signature versions carry a suffix) are left alone."""
+    if context.get("is_presign_request"):
+        return None
     chosen = botocore.handlers.set_operation_specific_signer(context=context, **kwargs) or signature_version
     return KNOWN_PAYLOAD_SIGNER if chosen == "s3v4" else None
 

@@ -29,54 +29,31 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
-import anyio.from_thread
-import stamina
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ._artifacts import MAX_OBJECT_SIZE, ArtifactSource, PrebuiltArchive, S3Archive, StreamedArchive, choose_part_size
 from ._budget import MemoryBudget
 from ._capabilities import Integrity
-from ._concurrency import CleanupDeadline, first_error, run_all
+from ._concurrency import CleanupDeadline, run_all
 from ._errors import InputError, StorageError
 from ._multipart import MultipartUploads, OpenUploads, check_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
+from ._ranged_read import ranged_reader
 from ._s3 import S3Client, S3Location, storage_errors
-from ._settings import MiB, Settings
+from ._settings import Settings, describe_field
 from ._threads import Workers
 from ._upload import UploadedArtifact, upload_to_all
 
-__all__ = [
-    "COPY_PART_SIZE",
-    "RANGE_SIZE",
-    "copy_to_all",
-    "digest_s3_archive",
-    "inspect_s3_archive",
-    "local_copy_of",
-    "read_ranges",
-    "source_region",
-]
+__all__ = ["COPY_PART_SIZE", "bucket_region", "copy_to_all", "digest_s3_archive", "inspect_s3_archive", "local_copy_of"]
 
 log = logging.getLogger("async_registrar.upload")
 
 #: The smallest part of a multipart copy: few requests (each is a copy inside S3, cheap).
 COPY_PART_SIZE = 512 * 1024**2
-#: One ranged GET of a read: a request's own cost is small against it, and a few in flight
-#: are cheap.
-RANGE_SIZE = 8 * MiB
-#: Ranged GETs in flight at once, at least (more with a higher upload concurrency, up to
-#: `MAX_RANGES_IN_FLIGHT`: the ranges held are memory outside the part budget).
-MIN_RANGES_IN_FLIGHT = 4
-MAX_RANGES_IN_FLIGHT = 8
-#: A ranged GET whose body broke off on the way is asked for again, up to this many times.
-RANGE_ATTEMPTS = 3
-#: What a body that broke off on the way becomes (see `storage_errors`): sent again.
-_BROKEN_BODY = frozenset({"ResponseStreamingError", "IncompleteReadError", "ReadTimeoutError", "AioReadTimeoutError"})
 
 
 async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
@@ -104,129 +81,35 @@ async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
 def local_copy_of(source: S3Archive, found: ArtifactSource, given: Path) -> PrebuiltArchive:
     """The local copy of `source` (`found` at `given` by `inspect_artifact`), if it can be one:
     a .tar.gz of the object's size; else an `InputError` naming both (exit 3)."""
+    setting = describe_field("model_local_copy")
     if not isinstance(found, PrebuiltArchive):
         raise InputError(
             f"the model's local copy {given} is not a .tar.gz (nor a directory holding one): it must be the "
-            f"mounted copy of {source.location.uri}; fix the path, or unset REGISTRAR_MODEL_LOCAL_COPY "
-            "to read the object from S3",
+            f"mounted copy of {source.location.uri}; fix the path, or unset {setting} to read the object from S3",
             [str(given)],
         )
     if found.size != source.size:
         raise InputError(
             f"the model's local copy {found.path} is {found.size} bytes, but {source.location.uri} is "
-            f"{source.size}: it is not a copy of it; mount the same object, or unset REGISTRAR_MODEL_LOCAL_COPY "
+            f"{source.size}: it is not a copy of it; mount the same object, or unset {setting} "
             "to read the object from S3",
             [str(found.path), source.location.uri],
         )
     return found
 
 
-async def source_region(s3: S3Client, source: S3Archive) -> str | None:
-    """The region of the source's bucket (HeadBucket's `x-amz-bucket-region`, which AWS sends
-    with a 403 too); None where the server does not say (one endpoint: copied as it is)."""
-    bucket = source.location.bucket
+async def bucket_region(s3: S3Client, bucket: str) -> str | None:
+    """The region of `bucket` (HeadBucket's `x-amz-bucket-region`, which AWS sends with a 403
+    too); None where the server does not say, or cannot be asked."""
     try:
         head = await s3.head_bucket(Bucket=bucket)
     except ClientError as exc:
         head = exc.response
-    except Exception as exc:  # the region is a hint: the copy or the read will fail if it matters
-        log.debug("the region of %s is unknown (%r): copied inside S3", bucket, exc)
+    except (BotoCoreError, aiohttp.ClientError) as exc:  # a hint only: a copy that matters fails itself
+        log.debug("the region of %s is unknown (%r)", bucket, exc)
         return None
-    headers = head.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-    region = headers.get("x-amz-bucket-region")
+    region = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
     return str(region) if region else None
-
-
-async def read_ranges(
-    s3: S3Client,
-    source: S3Archive,
-    send: MemoryObjectSendStream[bytes],
-    *,
-    in_flight: int = MIN_RANGES_IN_FLIGHT,
-    range_size: int = RANGE_SIZE,
-    opened: anyio.Event | None = None,
-) -> None:
-    """Read `source` with `in_flight` concurrent ranged GETs (pinned to its ETag) and send its
-    bytes to `send` in order, a range per item; at most `in_flight` ranges are held, besides
-    the one being sent. `send` is closed at the end, only once every byte was sent (so a
-    reader that sees the end has the whole object). `opened` is set once S3 answered the
-    first GET: the source is there, readable, and still the one seen."""
-    where = source.location
-    ranges = [(start, min(start + range_size, source.size) - 1) for start in range(0, source.size, range_size)]
-    held = anyio.Semaphore(in_flight)
-    arrived = [anyio.Event() for _ in ranges]
-    data: dict[int, bytes] = {}
-
-    async def fetch(index: int) -> None:
-        first, last = ranges[index]
-        pinned = {"IfMatch": source.etag} if source.etag else {}
-        async for attempt in stamina.retry_context(on=_broken_body, attempts=RANGE_ATTEMPTS, wait_max=2.0):
-            with attempt, storage_errors("GetObject", where.bucket, where.key):
-                response = await s3.get_object(
-                    Bucket=where.bucket, Key=where.key, Range=f"bytes={first}-{last}", **pinned
-                )
-                if opened is not None:
-                    opened.set()
-                async with response["Body"] as body:
-                    chunk = await _read_body(body, where, first, last)
-        if len(chunk) != last - first + 1:
-            raise StorageError(
-                f"{where} changed while it was read (bytes {first}-{last} came as {len(chunk)}); run again",
-                operation="GetObject",
-                bucket=where.bucket,
-                key=where.key,
-            )
-        data[index] = chunk
-        arrived[index].set()
-
-    async def launch(tg: anyio.abc.TaskGroup) -> None:
-        for index in range(len(ranges)):
-            await held.acquire()  # given back once the range was sent on
-            tg.start_soon(fetch, index)
-
-    with first_error():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(launch, tg)
-            for index, event in enumerate(arrived):
-                await event.wait()
-                await send.send(data.pop(index))
-                held.release()
-    if not ranges and opened is not None:  # an empty object: nothing to GET (the check refuses it)
-        opened.set()
-    await send.aclose()
-
-
-async def _read_body(body: Any, where: S3Location, first: int, last: int) -> bytes:
-    """A GET's whole body; one that broke off on the way is a `StorageError` to retry (aiohttp
-    raises its own `ClientPayloadError` for it, which aiobotocore does not turn into botocore's)."""
-    try:
-        return bytes(await body.read())
-    except aiohttp.ClientPayloadError as exc:
-        raise StorageError(
-            f"S3 GetObject failed for {where} (bytes {first}-{last}): the answer broke off ({exc}); run again",
-            operation="GetObject",
-            bucket=where.bucket,
-            key=where.key,
-            code="ResponseStreamingError",
-        ) from exc
-
-
-def _broken_body(exc: Exception) -> bool:
-    return isinstance(exc, StorageError) and exc.code in _BROKEN_BODY
-
-
-class _Chunks:
-    """What `read_ranges` sends, as a blocking file object for a thread: `read` waits for the
-    next range (a whole one: no copy), and is empty at the end."""
-
-    def __init__(self, receive: MemoryObjectReceiveStream[bytes]) -> None:
-        self._receive = receive
-
-    def read(self, size: int = -1, /) -> bytes:
-        try:
-            return anyio.from_thread.run(self._receive.receive)
-        except anyio.EndOfStream:
-            return b""
 
 
 class _Digest:
@@ -239,11 +122,6 @@ class _Digest:
     def write(self, data: bytes | memoryview) -> None:
         self.sha256.update(data)
         self.size += len(data)
-
-
-def _in_flight(settings: Settings | None) -> int:
-    wanted = settings.upload_concurrency if settings is not None else 0
-    return min(MAX_RANGES_IN_FLIGHT, max(MIN_RANGES_IN_FLIGHT, wanted))
 
 
 async def digest_s3_archive(
@@ -267,14 +145,9 @@ async def digest_s3_archive(
             opened.set()
         await workers.stream(lambda: stream_prebuilt(local_copy, sink, check=check))
         return sink.size, sink.sha256.hexdigest()
-    send, receive = anyio.create_memory_object_stream[bytes](0)
-    archive = StreamedArchive(source.path, source.size, _Chunks(receive))
-    with send, receive, first_error():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                functools.partial(read_ranges, s3, source, send, in_flight=_in_flight(settings), opened=opened)
-            )
-            await workers.stream(lambda: stream_prebuilt(archive, sink, check=check, chunk=RANGE_SIZE))
+    async with ranged_reader(s3, source, settings=settings, opened=opened) as reader:
+        archive = StreamedArchive(source.path, source.size, reader)
+        await workers.stream(lambda: stream_prebuilt(archive, sink, check=check))
     return sink.size, sink.sha256.hexdigest()
 
 
@@ -290,20 +163,21 @@ async def copy_to_all(
     ledger: OpenUploads | None = None,
     on_progress: ProgressCallback | None = None,
     copy_part_size: int = COPY_PART_SIZE,
-    regions: Sequence[str] | None = None,
     local_copy: PrebuiltArchive | None = None,
     budget: MemoryBudget | None = None,
     integrity: Sequence[Integrity] | None = None,
 ) -> list[UploadedArtifact]:
     """Copy `source` to every target inside S3 (a multipart copy: UploadPartCopy parts of at
     least `copy_part_size`, concurrently), and read it once (with `s3`, or from `local_copy`)
-    for its sha256, at the same time. A target whose region (`regions`, one per target)
-    is not the source bucket's gets an upload of that same read instead (`budget` and
-    `integrity` as for `upload_to_all`). On any failure the copies and uploads are aborted,
-    or deleted if complete; a copy found other than the source (its size) is deleted (exit 4)."""
+    for its sha256, at the same time. A target whose bucket is in another region than the
+    source's (where both are known: see `bucket_region`) gets an upload of that same read
+    instead (`budget` and `integrity` as for `upload_to_all`). On any failure the copies and
+    uploads are aborted, or deleted if complete; a copy found other than the source (its
+    size) is deleted (exit 4)."""
     started = anyio.current_time()
-    home = await source_region(s3, source) if regions else None
-    streamed = [i for i in range(len(targets)) if home is not None and regions and regions[i] != home]
+    regions = await _regions(s3, source, targets)
+    home = regions[-1]
+    streamed = [i for i in range(len(targets)) if home is not None and regions[i] not in (None, home)]
     copied = [i for i in range(len(targets)) if i not in streamed]
     if copied:
         log.info(
@@ -313,7 +187,6 @@ async def copy_to_all(
             ", ".join(str(targets[i][1]) for i in copied),
         )
     if streamed:
-        assert regions is not None
         log.info(
             "streaming %s from %s (%s) to %s: another region, not copied inside S3",
             artifact,
@@ -359,19 +232,8 @@ async def copy_to_all(
             opened.set()
             uploaded = await upload(local_copy)
         else:
-            send, receive = anyio.create_memory_object_stream[bytes](0)
-            archive = StreamedArchive(source.path, source.size, _Chunks(receive))
-            box: list[list[UploadedArtifact]] = []
-
-            async def send_ranges() -> None:
-                await read_ranges(s3, source, send, in_flight=_in_flight(settings), opened=opened)
-
-            async def upload_ranges() -> None:
-                box.append(await upload(archive))
-
-            with send, receive:
-                await run_all([send_ranges, upload_ranges])
-            uploaded = box[0]
+            async with ranged_reader(s3, source, settings=settings, opened=opened) as reader:
+                uploaded = await upload(StreamedArchive(source.path, source.size, reader))
         for index, result in zip(streamed, uploaded, strict=True):
             results[index] = result
         digest.append((uploaded[0].size, uploaded[0].sha256))
@@ -440,6 +302,23 @@ async def copy_to_all(
             targets[index][1], size, sha256, results[index].parts, integrity="server-copy"
         )
     return [results[index] for index in range(len(targets))]
+
+
+async def _regions(s3: S3Client, source: S3Archive, targets: Sequence[tuple[S3Client, S3Location]]) -> list[str | None]:
+    """The region of each target's bucket, then the source's (None where unknown); each
+    bucket asked once."""
+    asked = {(id(client), target.bucket): (client, target.bucket) for client, target in targets}
+    asked[(id(s3), source.location.bucket)] = (s3, source.location.bucket)
+    found: dict[tuple[int, str], str | None] = {}
+
+    async def ask(key: tuple[int, str]) -> None:
+        client, bucket = asked[key]
+        found[key] = await bucket_region(client, bucket)
+
+    await run_all(functools.partial(ask, key) for key in asked)
+    return [found[(id(client), target.bucket)] for client, target in targets] + [
+        found[(id(s3), source.location.bucket)]
+    ]
 
 
 async def _remove(s3: S3Client, target: S3Location) -> None:

@@ -18,11 +18,13 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from async_registrar import InputError, Settings, StorageError
+from async_registrar import _s3_source as s3_source
 from async_registrar._artifacts import S3Archive
 from async_registrar._concurrency import CleanupDeadline
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._ranged_read import RANGE_SIZE
 from async_registrar._s3 import S3Location, make_session, open_s3_client
-from async_registrar._s3_source import RANGE_SIZE, copy_to_all, digest_s3_archive, inspect_s3_archive
+from async_registrar._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive
 from async_registrar._threads import Workers
 
 from .conftest import MiB, leftovers, make_job
@@ -392,7 +394,6 @@ async def test_one_read_feeds_the_copy_in_its_region_and_the_upload_to_another(
         artifact="model",
         workers=Workers.for_settings(settings),
         cleanup=CleanupDeadline(settings.cleanup_timeout),
-        regions=[REGION, "eu-west-1"],
     )
     assert [r.integrity == "server-copy" for r in results] == [True, False]
     assert {r.sha256 for r in results} == {hashlib.sha256(archive).hexdigest()}
@@ -414,7 +415,7 @@ async def test_a_corrupt_model_streamed_from_another_region_is_exit_3_and_leaves
     source = await inspect_s3_archive(s3, uri, role="model")
     target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     with pytest.raises(InputError, match=r"is not a usable tar\.gz"):
-        await copy_model(s3, source, target, settings, regions=[REGION])
+        await copy_model(s3, source, target, settings)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
     uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     assert uploads.get("Uploads", []) == []
@@ -435,7 +436,7 @@ async def test_a_stream_from_another_region_cancelled_mid_part_leaves_nothing(
 
     with FaultProxy(stack.s3_endpoint, stall) as proxy:
         with anyio.move_on_after(1.0) as scope:
-            await copy_through(proxy, uri, settings, regions=[REGION])
+            await copy_through(proxy, uri, settings)
         assert scope.cancelled_caught
         assert proxy.count("PUT", "partNumber=") >= 1
     await anyio.sleep(2.5)  # held-back parts reach the server after the abort
@@ -465,3 +466,50 @@ async def test_a_read_cancelled_while_its_ranges_are_held_back_returns_at_once(
         assert scope.cancelled_caught
         assert proxy.count("GET", "m.tar.gz") >= 4  # the ranges were on their way
     assert took < 2.0, f"the cancelled read took {took:.1f} s"
+
+
+async def test_a_read_that_fails_while_the_thread_is_busy_ends_with_its_error(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source replaced under the read (412 on range 2) while the thread still hashes range 1
+    (slowed down here: a race a server cannot be made to win): the thread's next read does not
+    wait forever for a range that never comes; the read's error is the one raised."""
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(20 * MiB))
+    write = s3_source._Digest.write
+
+    def slow_write(self: Any, data: bytes | memoryview) -> None:
+        time.sleep(0.05)  # 1 MiB at a time: range 1 takes 0.4 s
+        write(self, data)
+
+    monkeypatch.setattr(s3_source._Digest, "write", slow_write)
+
+    def refuse_second(method: str, target: str, headers: dict[str, str]) -> Any:
+        if method == "GET" and headers.get("range", "").startswith(f"bytes={RANGE_SIZE}-"):
+            return s3_error(412, "PreconditionFailed")
+        return None
+
+    with FaultProxy(stack.s3_endpoint, refuse_second, with_headers=True) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
+            source = await inspect_s3_archive(proxied, uri, role="model")
+            started = time.monotonic()
+            with pytest.raises(StorageError, match="PreconditionFailed"):
+                await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
+    assert time.monotonic() - started < 5
+
+
+async def test_a_server_that_ignores_the_range_header_is_refused_before_its_answer_is_read(
+    settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
+) -> None:
+    archive = model_archive(12 * MiB)
+    uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", archive)
+
+    def whole_object(method: str, target: str, headers: dict[str, str]) -> Any:
+        return Reply(200, archive, "OK") if method == "GET" and "range" in headers else None
+
+    with FaultProxy(stack.s3_endpoint, whole_object, with_headers=True) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
+            source = await inspect_s3_archive(proxied, uri, role="model")
+            with pytest.raises(StorageError, match="ignores the Range header"):
+                await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
