@@ -513,3 +513,26 @@ async def test_a_server_that_ignores_the_range_header_is_refused_before_its_answ
             source = await inspect_s3_archive(proxied, uri, role="model")
             with pytest.raises(StorageError, match="ignores the Range header"):
                 await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
+
+
+async def test_a_stream_from_another_region_whose_source_is_replaced_fails_and_leaves_nothing(
+    settings: Settings, s3: Any, stack: LocalStack, regional_s3: dict[str, Any], tmp_path: Path
+) -> None:
+    """412 on range 8 (the source replaced under the read) while parts of the streamed upload
+    are on their way: exit 4's error, the upload aborted, nothing left."""
+    uri = await put_in_region(
+        regional_s3["eu-west-1"], "eu-west-1", f"{tmp_path.name}/m.tar.gz", model_archive(80 * MiB)
+    )
+
+    def refuse_eighth(method: str, target: str, headers: dict[str, str]) -> Any:
+        if method == "GET" and headers.get("range", "").startswith(f"bytes={7 * RANGE_SIZE}-"):
+            return s3_error(412, "PreconditionFailed")
+        return None
+
+    with FaultProxy(stack.s3_endpoint, refuse_eighth, with_headers=True) as proxy:
+        with pytest.raises(StorageError, match="PreconditionFailed"):
+            await copy_through(proxy, uri, settings)
+        assert proxy.count("PUT", "partNumber=") >= 1  # the streamed upload was under way
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
+    assert uploads.get("Uploads", []) == []
