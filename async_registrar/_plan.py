@@ -42,7 +42,7 @@ class ArtifactPlan:
 
     def describe(self) -> str:
         what = {"directory": f"{self.files} file(s)", "prebuilt": "a prebuilt .tar.gz"}.get(
-            self.kind, "a .tar.gz in S3, copied there"
+            self.kind, "a .tar.gz in S3, copied there inside S3, or streamed to a bucket in another region"
         )
         limit = " (past S3's 5 TiB object limit: it must compress below it)" if self.size_bound > 5 * 1024**4 else ""
         return (

@@ -10,7 +10,8 @@ the part cutter of an upload read it as they read a local archive):
 Every GET is pinned to the ETag the object had when it was inspected (a replaced object is
 a `StorageError`, never a mix), a range whose answer breaks off is asked for again, and a
 server that ignores the `Range` header is refused before its answer is read. Memory: the
-ranges in flight and the one being read, `(in_flight + 1) x RANGE_SIZE`.
+ranges in flight, the one being read and one a tar check may still hold views of
+(`read_bound`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from ._errors import StorageError
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import MiB, Settings, describe_field
 
-__all__ = ["MAX_RANGES_IN_FLIGHT", "MIN_RANGES_IN_FLIGHT", "RANGE_SIZE", "in_flight", "ranged_reader", "read_ranges"]
+__all__ = [
+    "MAX_RANGES_IN_FLIGHT",
+    "MIN_RANGES_IN_FLIGHT",
+    "RANGE_SIZE",
+    "in_flight",
+    "ranged_reader",
+    "read_bound",
+    "read_ranges",
+]
 
 #: One ranged GET: a request's own cost is small against it, and a few in flight are cheap.
 RANGE_SIZE = 8 * MiB
@@ -51,6 +60,12 @@ def in_flight(settings: Settings | None) -> int:
     """How many ranged GETs a read keeps in flight with these settings."""
     wanted = settings.upload_concurrency if settings is not None else 0
     return min(MAX_RANGES_IN_FLIGHT, max(MIN_RANGES_IN_FLIGHT, wanted))
+
+
+def read_bound(settings: Settings | None) -> int:
+    """The bytes a read holds at most: the ranges in flight, the one the thread reads, and one
+    more whose views a tar check may still hold."""
+    return (in_flight(settings) + 2) * RANGE_SIZE
 
 
 @contextlib.asynccontextmanager

@@ -66,6 +66,7 @@ from ._multipart import OpenUploads
 from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
 from ._preflight import CredentialsCheck, PreflightTarget, check_registries, check_storage
 from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
+from ._ranged_read import read_bound
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
@@ -297,11 +298,15 @@ class Run:
             parts = min(MAX_PARTS, max(1, -(-source.size_bound // part_size)))
             kind: Literal["directory", "prebuilt", "s3"]
             path: Path | str
+            reads = 0
             if isinstance(source, DirectorySource):
                 path, kind = source.root, "directory"
                 files, content = sum(1 for e in source.entries if not e.is_dir), source.content_bytes
             elif isinstance(source, S3Archive):
                 path, kind, files, content = source.path, "s3", 1, source.size
+                # its ranged GETs, and where it is streamed to another region an upload's
+                # buffers besides: at most both
+                reads = read_bound(settings)
             else:
                 path, kind, files, content = source.path, "prebuilt", 1, source.size
             artifacts.append(
@@ -314,7 +319,7 @@ class Run:
                     size_bound=source.size_bound,
                     part_size=part_size,
                     parts=parts,
-                    memory_bytes=buffer_bound(parts, part_size, settings),
+                    memory_bytes=buffer_bound(parts, part_size, settings) + reads,
                 )
             )
         regions = tuple(
