@@ -175,8 +175,7 @@ async def copy_to_all(
     uploads are aborted, or deleted if complete; a copy found other than the source (its
     size) is deleted (exit 4)."""
     started = anyio.current_time()
-    regions = await _regions(s3, source, targets)
-    home = regions[-1]
+    home, regions = await _regions(s3, source, targets)
     streamed = [i for i in range(len(targets)) if home is not None and regions[i] not in (None, home)]
     copied = [i for i in range(len(targets)) if i not in streamed]
     if copied:
@@ -304,21 +303,20 @@ async def copy_to_all(
     return [results[index] for index in range(len(targets))]
 
 
-async def _regions(s3: S3Client, source: S3Archive, targets: Sequence[tuple[S3Client, S3Location]]) -> list[str | None]:
-    """The region of each target's bucket, then the source's (None where unknown); each
-    bucket asked once."""
-    asked = {(id(client), target.bucket): (client, target.bucket) for client, target in targets}
-    asked[(id(s3), source.location.bucket)] = (s3, source.location.bucket)
+async def _regions(
+    s3: S3Client, source: S3Archive, targets: Sequence[tuple[S3Client, S3Location]]
+) -> tuple[str | None, list[str | None]]:
+    """The region of the source's bucket and of each target's (None where unknown); each
+    bucket asked once, all at once."""
+    buckets = {(id(s3), source.location.bucket): (s3, source.location.bucket)}
+    buckets.update({(id(client), target.bucket): (client, target.bucket) for client, target in targets})
     found: dict[tuple[int, str], str | None] = {}
 
     async def ask(key: tuple[int, str]) -> None:
-        client, bucket = asked[key]
-        found[key] = await bucket_region(client, bucket)
+        found[key] = await bucket_region(*buckets[key])
 
-    await run_all(functools.partial(ask, key) for key in asked)
-    return [found[(id(client), target.bucket)] for client, target in targets] + [
-        found[(id(s3), source.location.bucket)]
-    ]
+    await run_all(functools.partial(ask, key) for key in buckets)
+    return found[(id(s3), source.location.bucket)], [found[(id(client), target.bucket)] for client, target in targets]
 
 
 async def _remove(s3: S3Client, target: S3Location) -> None:
