@@ -324,9 +324,9 @@ async def test_a_rerun_cancelled_at_any_moment_before_its_wait_never_removes_the
 ) -> None:
     """A re-run cancelled while each of its S3 requests is held, then at growing delays: the kept stay."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-scan")
-    # Unfinished for the whole scan (about 10 s here, more on a busy machine): a re-run that sees it
-    # final would rightly remove the artifacts.
-    with late_registry(stack, processing_delay=25.0) as registry:
+    # Unfinished for the whole scan (about 10 s here, 30 s and more on a busy machine): a re-run
+    # that sees it final would rightly remove the artifacts. Let finish once the scan is done.
+    with late_registry(stack, processing_delay=600.0) as registry:
         async with Registrar(on(settings, registry, wait_timeout=0.2)) as registrar:
             with pytest.raises(RegistrationTimeout) as caught:
                 await registrar.register(request)
@@ -374,6 +374,7 @@ async def test_a_rerun_cancelled_at_any_moment_before_its_wait_never_removes_the
                 break
         assert registry.registration(kept.registration_id).status == "IN_PROGRESS"  # type: ignore[union-attr]
         assert registry.registration_count == 1
+        registry.finish_processing()
         await resumed_to_the_end(on(settings, registry), request, kept.registration_id, registry)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 

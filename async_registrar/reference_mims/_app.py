@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,9 @@ class _State:
     accepted: int = 0
     polls_seen: int = 0
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    #: Set (from any thread) to end every processing delay at once: see
+    #: `ThreadedMimsServer.finish_processing`.
+    released: threading.Event = field(default_factory=threading.Event)
 
 
 def create_app(settings: ReferenceMimsSettings, *, s3_client: S3Client | None = None) -> Starlette:
@@ -243,6 +247,14 @@ def _new_record(submission: RegistrationSubmission, body_hash: str, settings: Re
     return _Record(registration, submission, body_hash)
 
 
+async def _processing(state: _State) -> None:
+    """A registration's processing time: `processing_delay`, or less once `released` is set."""
+    with anyio.move_on_after(state.settings.processing_delay):
+        # `released` is a threading.Event (set from the test's thread): polled, not awaited.
+        while not state.released.is_set():  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
 async def _process(state: _State, record: _Record) -> None:
     """PENDING -> IN_PROGRESS -> (verify, copy) -> SUCCEEDED or FAILED."""
     settings = state.settings
@@ -261,10 +273,10 @@ async def _process(state: _State, record: _Record) -> None:
     region = record.submission.model_registration_region
     try:
         if settings.read_artifacts == "at_finish":  # as an asynchronous workflow does: late
-            await anyio.sleep(settings.processing_delay)
+            await _processing(state)
         verified = {name: await verify_artifact(s3, ref, name) for name, ref in artifacts.items()}
         if settings.read_artifacts == "on_accept":
-            await anyio.sleep(settings.processing_delay)
+            await _processing(state)
         if settings.fail_registrations:
             raise ArtifactProblem(settings.fail_registrations)
         if region in settings.fail_regions:
