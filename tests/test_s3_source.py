@@ -9,6 +9,7 @@ import io
 import os
 import tarfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,25 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
 # --- the read: concurrent ranged GETs, a local copy, another region --------------------------------------------
 
 
+async def cancelled_once(ready: Callable[[], bool], work: Awaitable[Any]) -> float:
+    """Run `work`, cancel it once `ready()` (polled; within 30 s), and return how long it took
+    to stop after the cancel."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await work
+
+            tg.start_soon(run)
+            with anyio.fail_after(30):
+                while not ready():
+                    await anyio.sleep(0.005)
+            cancelled = time.monotonic()
+            scope.cancel()
+    assert scope.cancelled_caught
+    return time.monotonic() - cancelled
+
+
 async def copy_through(proxy: FaultProxy, source_uri: str, settings: Settings, **options: Any) -> tuple[S3Archive, Any]:
     """Inspect `source_uri` and copy it to the settings' prefix, through `proxy`."""
     session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
@@ -247,7 +267,7 @@ async def test_the_sha256_is_read_with_concurrent_ranged_gets_pinned_to_the_etag
     def hold_gets(method: str, target: str, headers: dict[str, str]) -> Any:
         if method == "GET" and "range" in headers:
             asked.append((time.monotonic(), headers))
-            return Stall(1.0)
+            return Stall(3.0)
         return None
 
     with FaultProxy(stack.s3_endpoint, hold_gets, with_headers=True) as proxy:
@@ -259,7 +279,7 @@ async def test_the_sha256_is_read_with_concurrent_ranged_gets_pinned_to_the_etag
     )
     assert {h.get("if-match") for _, h in asked} == {source.etag}
     first = asked[0][0]
-    assert all(at - first < 0.8 for at, _ in asked), "a range was asked for only after another came back"
+    assert all(at - first < 2.5 for at, _ in asked), "a range was asked for only after another came back"
     await s3.delete_object(Bucket=settings.s3_bucket, Key=settings.s3_prefix + "model.tar.gz")
 
 
@@ -435,10 +455,7 @@ async def test_a_stream_from_another_region_cancelled_mid_part_leaves_nothing(
         return Stall(2.0) if method == "PUT" and "partNumber=" in target else None
 
     with FaultProxy(stack.s3_endpoint, stall) as proxy:
-        with anyio.move_on_after(1.0) as scope:
-            await copy_through(proxy, uri, settings)
-        assert scope.cancelled_caught
-        assert proxy.count("PUT", "partNumber=") >= 1
+        await cancelled_once(lambda: proxy.count("PUT", "partNumber=") >= 1, copy_through(proxy, uri, settings))
     await anyio.sleep(2.5)  # held-back parts reach the server after the abort
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
     uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
@@ -459,12 +476,10 @@ async def test_a_read_cancelled_while_its_ranges_are_held_back_returns_at_once(
         session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
         async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
             source = await inspect_s3_archive(proxied, uri, role="model")
-            started = time.monotonic()
-            with anyio.move_on_after(0.5) as scope:
-                await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
-            took = time.monotonic() - started
-        assert scope.cancelled_caught
-        assert proxy.count("GET", "m.tar.gz") >= 4  # the ranges were on their way
+            took = await cancelled_once(
+                lambda: proxy.count("GET", "m.tar.gz") >= 4,  # the ranges are on their way, held
+                digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings),
+            )
     assert took < 2.0, f"the cancelled read took {took:.1f} s"
 
 
@@ -495,7 +510,7 @@ async def test_a_read_that_fails_while_the_thread_is_busy_ends_with_its_error(
             started = time.monotonic()
             with pytest.raises(StorageError, match="PreconditionFailed"):
                 await digest_s3_archive(proxied, source, Workers.for_settings(settings), settings=settings)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # the bug was a wait forever
 
 
 async def test_a_server_that_ignores_the_range_header_is_refused_before_its_answer_is_read(
@@ -518,18 +533,22 @@ async def test_a_server_that_ignores_the_range_header_is_refused_before_its_answ
 async def test_a_stream_from_another_region_whose_source_is_replaced_fails_and_leaves_nothing(
     settings: Settings, s3: Any, stack: LocalStack, regional_s3: dict[str, Any], tmp_path: Path
 ) -> None:
-    """412 on range 8 (the source replaced under the read) while parts of the streamed upload
-    are on their way: exit 4's error, the upload aborted, nothing left."""
+    """412 on the ranges asked for once a part of the streamed upload is on its way (the source
+    replaced under the read): exit 4's error, the upload aborted, nothing left."""
     uri = await put_in_region(
         regional_s3["eu-west-1"], "eu-west-1", f"{tmp_path.name}/m.tar.gz", model_archive(80 * MiB)
     )
 
-    def refuse_eighth(method: str, target: str, headers: dict[str, str]) -> Any:
-        if method == "GET" and headers.get("range", "").startswith(f"bytes={7 * RANGE_SIZE}-"):
+    part_seen = [False]
+
+    def refuse_once_a_part_is_on_its_way(method: str, target: str, headers: dict[str, str]) -> Any:
+        if method == "PUT" and "partNumber=" in target:
+            part_seen[0] = True
+        elif method == "GET" and "range" in headers and part_seen[0]:
             return s3_error(412, "PreconditionFailed")
         return None
 
-    with FaultProxy(stack.s3_endpoint, refuse_eighth, with_headers=True) as proxy:
+    with FaultProxy(stack.s3_endpoint, refuse_once_a_part_is_on_its_way, with_headers=True) as proxy:
         with pytest.raises(StorageError, match="PreconditionFailed"):
             await copy_through(proxy, uri, settings)
         assert proxy.count("PUT", "partNumber=") >= 1  # the streamed upload was under way
