@@ -42,7 +42,7 @@ def stream_prebuilt(
 
     Each chunk is read into bytes of its own, which the sink may keep (the part cutter
     does, instead of copying it) and the check shares.  A streamed archive is read from its
-    reader (whose chunks may be larger than `chunk`).
+    reader (views of immutable bytes, of at most `chunk` bytes each).
     """
     total = 0
     opened = nullcontext(source.reader) if isinstance(source, StreamedArchive) else open_regular(source.path)

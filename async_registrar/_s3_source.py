@@ -24,7 +24,6 @@ so the cleanup, the lifecycle and the resume rules are those of an upload.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from ._ranged_read import ranged_reader
 from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import Settings, describe_field
 from ._threads import Workers
-from ._upload import UploadedArtifact, upload_to_all
+from ._upload import DigestSink, UploadedArtifact, upload_to_all
 
 __all__ = ["COPY_PART_SIZE", "bucket_region", "copy_to_all", "digest_s3_archive", "inspect_s3_archive", "local_copy_of"]
 
@@ -112,18 +111,6 @@ async def bucket_region(s3: S3Client, bucket: str) -> str | None:
     return str(region) if region else None
 
 
-class _Digest:
-    """A sink that only hashes (and counts) what it is given."""
-
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.sha256.update(data)
-        self.size += len(data)
-
-
 async def digest_s3_archive(
     s3: S3Client,
     source: S3Archive,
@@ -139,7 +126,7 @@ async def digest_s3_archive(
     checked when the request was read), else with concurrent ranged GETs pinned to its ETag.
     `opened` is set once the read began: S3 answered (the source is there, readable, and
     still the one seen), or the local copy is open."""
-    sink = _Digest()
+    sink = DigestSink()
     if local_copy is not None:
         if opened is not None:
             opened.set()

@@ -43,7 +43,7 @@ from ._s3 import S3Client, S3Location, storage_errors
 from ._settings import MAX_PARTS, Settings
 from ._threads import Workers
 
-__all__ = ["UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
+__all__ = ["DigestSink", "UploadedArtifact", "buffer_bound", "digest_artifact", "upload_artifact", "upload_to_all"]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -470,6 +470,20 @@ async def _upload_to_all(
     ]
 
 
+class DigestSink:
+    """A sink that only hashes (and counts) what it is given, in a worker thread: a cancelled
+    run stops at its next write, not at the end."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        anyio.from_thread.check_cancelled()
+        self.sha256.update(data)
+        self.size += len(data)
+
+
 async def digest_artifact(
     source: ArtifactSource, settings: Settings, *, workers: Workers | None = None
 ) -> tuple[int, str]:
@@ -480,18 +494,8 @@ async def digest_artifact(
     stops within a block of being cancelled.
     """
 
-    class Digest:
-        def __init__(self) -> None:
-            self.sha256 = hashlib.sha256()
-            self.size = 0
-
-        def write(self, data: bytes | memoryview) -> None:
-            anyio.from_thread.check_cancelled()  # a cancelled run stops here, not at the end
-            self.sha256.update(data)
-            self.size += len(data)
-
     def digest_blocking() -> tuple[int, str]:
-        sink = Digest()
+        sink = DigestSink()
         _write_archive(source, sink, settings, check=False)
         return sink.size, sink.sha256.hexdigest()
 

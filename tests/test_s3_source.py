@@ -19,7 +19,6 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from async_registrar import InputError, Settings, StorageError
-from async_registrar import _s3_source as s3_source
 from async_registrar._artifacts import S3Archive
 from async_registrar._concurrency import CleanupDeadline
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
@@ -27,6 +26,7 @@ from async_registrar._ranged_read import RANGE_SIZE
 from async_registrar._s3 import S3Location, make_session, open_s3_client
 from async_registrar._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive
 from async_registrar._threads import Workers
+from async_registrar._upload import DigestSink
 
 from .conftest import MiB, leftovers, make_job
 from .fault_proxy import Cut, FaultProxy, Reply, Stall, s3_error
@@ -490,13 +490,13 @@ async def test_a_read_that_fails_while_the_thread_is_busy_ends_with_its_error(
     (slowed down here: a race a server cannot be made to win): the thread's next read does not
     wait forever for a range that never comes; the read's error is the one raised."""
     uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(20 * MiB))
-    write = s3_source._Digest.write
+    write = DigestSink.write
 
     def slow_write(self: Any, data: bytes | memoryview) -> None:
         time.sleep(0.05)  # 1 MiB at a time: range 1 takes 0.4 s
         write(self, data)
 
-    monkeypatch.setattr(s3_source._Digest, "write", slow_write)
+    monkeypatch.setattr(DigestSink, "write", slow_write)
 
     def refuse_second(method: str, target: str, headers: dict[str, str]) -> Any:
         if method == "GET" and headers.get("range", "").startswith(f"bytes={RANGE_SIZE}-"):
