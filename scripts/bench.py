@@ -202,8 +202,12 @@ class Server:
         else:
             command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
         self.process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
-        wait_for_port(self.port, 60)
-        self.create_bucket(BUCKET)
+        try:
+            wait_for_port(self.port, 60)
+            self.create_bucket(BUCKET)
+        except BaseException:  # a server that never came up is not left running
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _seaweedfs_command(self) -> list[str]:
@@ -264,7 +268,11 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:  # SeaweedFS busy with a slow run ignored SIGTERM once
+                self.process.kill()
+                self.process.wait(30)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def cpu_seconds(self) -> float:
@@ -1194,6 +1202,9 @@ def main() -> int:
     parser.add_argument("--target", choices=Server.KINDS, default="juicefs")
     parser.add_argument("--size", type=float, default=1.0, help="the model directory's size in GiB (default 1)")
     parser.add_argument("--small-files", type=int, default=20_000)
+    parser.add_argument(
+        "--contenders", default="", help="comma-separated contenders to keep (e.g. 'ours,s5cmd-cp'; default all)"
+    )
     parser.add_argument("--only", default="", help="comma-separated datasets: model,small,big")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
     parser.add_argument(
@@ -1279,6 +1290,9 @@ def main() -> int:
         variants = [f"ours@{v}" for v in args.variants.split(",") if v]
         datasets.append(Dataset("model 4 GiB", big, archive, ["ours", *variants, *peers]))
 
+    if keep := set(filter(None, args.contenders.split(","))):
+        for dataset in datasets:
+            dataset.contenders = [c for c in dataset.contenders if c in keep or c.partition("@")[0] in keep]
     samples = run_datasets(datasets, args.runs, args.target, work, tools)
     rows = summarise(samples)
     checks = dataset_checks(rows, [d.name for d in datasets])
