@@ -397,6 +397,17 @@ def small_files(root: Path, count: int) -> Path:
     return root
 
 
+def tiny_directory(root: Path) -> Path:
+    """One 1 KiB file: what every contender pays before its first byte (start-up, client,
+    requests that are not the upload), beside the 1 GiB model where that is a large share."""
+    marker = root / ".complete"
+    if not marker.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.json").write_text(json.dumps({"layers": 1}) + " " * 1000)
+        marker.touch()
+    return root
+
+
 def prebuilt(source: Path, target_dir: Path, pigz: str | None) -> Path:
     """The same directory as one prebuilt tar.gz (GNU tar, pigz -1 or gzip -1)."""
     archive = target_dir / "model.tar.gz"
@@ -675,14 +686,19 @@ FRESH_SERVER_OVER = 8 * GiB
 def run_datasets(
     datasets: list[Dataset], runs: int, target: str, work: Path, tools: dict[str, str | None]
 ) -> list[Sample]:
-    """Every contender on every dataset, `runs` times, interleaved, each once the server is idle."""
+    """Every contender on every dataset, `runs` times, interleaved, each once the server is idle.
+
+    The order turns by one contender each run: a run's figures depend on what ran before it
+    (the same `s5cmd cp` took 3.0 s right after another upload, 4.2 s after 30 s of quiet,
+    the difference all in the server's system time), so none always follows the same one."""
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack:
         shared: list[Server] = []
         for run in range(1, runs + 1):
             for dataset in datasets:
                 fresh = tree_size(dataset.directory) > FRESH_SERVER_OVER
-                for contender in dataset.contenders:
+                turn = (run - 1) % len(dataset.contenders)
+                for contender in dataset.contenders[turn:] + dataset.contenders[:turn]:
                     path = dataset.archive if contender in ON_ARCHIVE else dataset.directory
                     if path is None or (contender.startswith("pigz") and not tools["pigz"]):
                         continue
@@ -752,7 +768,7 @@ def summarise(samples: list[Sample]) -> list[dict[str, object]]:
                 "throughput_mb_s": round(size / wall / 1e6, 1),
                 "peak_rss_mib": round(max(s.peak_rss_mib for s in group)),
                 "cpu_s": round(cpu, 2),
-                "cpu_s_per_gib": round(cpu / (size / GiB), 2),
+                "cpu_s_per_gib": round(cpu / (size / GiB), 2) if size >= MiB else None,
                 "server_cpu_s": round(statistics.median(s.server_cpu for s in group), 2),
                 "disk_write_mib": round(max(s.disk_write_mib for s in group)),
                 "x_s5cmd_cp": round(wall / ceiling[dataset], 2) if dataset in ceiling else None,
@@ -808,6 +824,37 @@ def dataset_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['median_wall_s']} | {r['throughput_mb_s']} | {r['peak_rss_mib']} | {r['cpu_s']} "
             f"| {r['cpu_s_per_gib']} | {r['server_cpu_s']} | {r['disk_write_mib']} | {r['x_s5cmd_cp'] or ''} |"
         )
+    return lines
+
+
+#: The dataset that measures each contender's fixed cost (see `tiny_directory`).
+STARTUP = "start-up"
+
+
+def net_of_startup(rows: list[dict[str, Any]]) -> list[str]:
+    """Each model's ratio to `s5cmd cp` and our CPU per GiB once each contender's fixed cost
+    (its median on the 1 KiB input) is taken off: what the size does, apart from what
+    starting costs.  Information beside the checks, which stay on the whole figures."""
+    fixed = {r["contender"]: r for r in rows if r["dataset"] == STARTUP}
+    if not {"ours", "s5cmd-cp"} <= fixed.keys():
+        return []
+    by = {(r["dataset"], r["contender"]): r for r in rows}
+    lines = [
+        "",
+        f"Fixed cost (1 KiB input): ours {fixed['ours']['median_wall_s']} s and {fixed['ours']['cpu_s']} CPU-s, "
+        f"`s5cmd cp` {fixed['s5cmd-cp']['median_wall_s']} s and {fixed['s5cmd-cp']['cpu_s']} CPU-s. Net of it:",
+        "",
+        "| dataset | ours / s5cmd cp, net | ours CPU s per GiB, net |",
+        "|---|---|---|",
+    ]
+    for (dataset, contender), row in by.items():
+        peer = by.get((dataset, "s5cmd-cp"))
+        if contender != "ours" or not dataset.startswith("model") or peer is None:
+            continue
+        ours_net = row["median_wall_s"] - fixed["ours"]["median_wall_s"]
+        peer_net = peer["median_wall_s"] - fixed["s5cmd-cp"]["median_wall_s"]
+        cpu_net = (row["cpu_s"] - fixed["ours"]["cpu_s"]) / (row["input_mib"] / 1024)
+        lines.append(f"| {dataset} | {ours_net / peer_net:.2f} | {cpu_net:.2f} |")
     return lines
 
 
@@ -1205,7 +1252,7 @@ def main() -> int:
     parser.add_argument(
         "--contenders", default="", help="comma-separated contenders to keep (e.g. 'ours,s5cmd-cp'; default all)"
     )
-    parser.add_argument("--only", default="", help="comma-separated datasets: model,small,big")
+    parser.add_argument("--only", default="", help="comma-separated datasets: model,small,big,startup")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("BENCH_DIR", ROOT / ".bench")))
     parser.add_argument(
         "--concurrent",
@@ -1271,7 +1318,7 @@ def main() -> int:
         return 2
 
     tools = peer_tools(work)
-    only = set(filter(None, args.only.split(","))) or {"model", "small", "big"}
+    only = set(filter(None, args.only.split(","))) or {"model", "small", "big", "startup"}
     peers = ["s5cmd-cp", "pigz-s5cmd", "pigz-rclone"]
     datasets = []
     model = model_directory(work / "data" / f"model-{args.size:g}GiB", int(args.size * GiB))
@@ -1280,6 +1327,10 @@ def main() -> int:
         variants = [f"ours@{v}" for v in args.variants.split(",") if v]
         contenders = ["ours", *variants, "ours-prebuilt", "ours-prebuilt-unchecked", "original", *peers]
         datasets.append(Dataset(f"model {args.size:g} GiB", model, archive, contenders))
+    if "startup" in only:
+        tiny = tiny_directory(work / "data" / "startup-1KiB")
+        archive = prebuilt(tiny, work / "data" / "startup-1KiB-prebuilt", tools["pigz"])
+        datasets.append(Dataset(STARTUP, tiny, archive, ["ours", "s5cmd-cp"]))
     if "small" in only:
         small = small_files(work / "data" / f"small-{args.small_files}", args.small_files)
         archive = prebuilt(small, work / "data" / f"small-{args.small_files}-prebuilt", tools["pigz"])
@@ -1299,7 +1350,7 @@ def main() -> int:
     context = f"target {args.target}, {args.runs} runs each, {machine()}"
     if (args.target, args.size) != ("juicefs", 1):
         context += "\n\nThe targets are set for the JuiceFS gateway and a 1 GiB model; read them as indications only."
-    markdown = "\n".join([context, "", *dataset_table(rows), "", *check_table(checks)])
+    markdown = "\n".join([context, "", *dataset_table(rows), "", *check_table(checks), *net_of_startup(rows)])
     print(markdown)
     out = work / f"results-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.write_text(

@@ -1,0 +1,90 @@
+"""The bench's reporting: what it computes from the runs (not the runs: `scripts/bench`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def sample(bench: ModuleType, dataset: str, contender: str, wall: float, cpu: float, size: int) -> object:
+    return bench.Sample(contender, dataset, 1, wall, cpu, 100.0, 0.0, size, size, 1.0)
+
+
+def test_the_fixed_cost_is_taken_off_each_contender_before_the_ratio(bench: ModuleType) -> None:
+    gib, tiny = 1 << 30, 1024
+    rows = bench.summarise(
+        [
+            sample(bench, "model 1 GiB", "ours", 4.2, 3.3, gib),
+            sample(bench, "model 1 GiB", "s5cmd-cp", 3.2, 2.5, gib),
+            sample(bench, bench.STARTUP, "ours", 0.8, 0.7, tiny),
+            sample(bench, bench.STARTUP, "s5cmd-cp", 0.1, 0.1, tiny),
+        ]
+    )
+    lines = bench.net_of_startup(rows)
+    # (4.2 - 0.8) / (3.2 - 0.1) = 1.10; (3.3 - 0.7) CPU-s over 1 GiB = 2.60
+    assert "| model 1 GiB | 1.10 | 2.60 |" in lines
+    assert any("ours 0.8 s and 0.7 CPU-s" in line for line in lines)
+    # A 1 KiB input has no meaningful per-GiB figure.
+    assert next(r for r in rows if r["dataset"] == bench.STARTUP)["cpu_s_per_gib"] is None
+    # The checks stay on the whole figures: 4.2 / 3.2 is over 1.15.
+    checks = bench.dataset_checks(rows, ["model 1 GiB", bench.STARTUP])
+    ratio = next(c for c in checks if c["check"] == "model 1 GiB: ours / s5cmd cp of the archive")
+    assert (ratio["value"], ratio["ok"]) == (1.31, False)
+
+
+def test_without_the_start_up_runs_there_is_no_net_table(bench: ModuleType) -> None:
+    rows = bench.summarise([sample(bench, "model 1 GiB", "ours", 4.2, 3.3, 1 << 30)])
+    assert bench.net_of_startup(rows) == []
+
+
+def test_the_order_turns_each_run_so_no_contender_always_follows_the_same_one(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    order: list[tuple[int, str]] = []
+
+    class FakeServer:
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def __enter__(self) -> FakeServer:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            pass
+
+    def run_contender(server: object, dataset: object, contender: str, path: Path, run: int, tools: object) -> str:
+        order.append((run, contender))
+        return contender
+
+    monkeypatch.setattr(bench, "Server", FakeServer)
+    monkeypatch.setattr(bench, "run_contender", run_contender)
+    monkeypatch.setattr(bench, "tree_size", lambda _: 1)
+    dataset = bench.Dataset("model 1 GiB", tmp_path, tmp_path, ["ours", "s5cmd-cp", "original"])
+    bench.run_datasets([dataset], 3, "juicefs", tmp_path, {"pigz": None})
+    runs = [[c for r, c in order if r == run] for run in (1, 2, 3)]
+    assert runs == [
+        ["ours", "s5cmd-cp", "original"],
+        ["s5cmd-cp", "original", "ours"],
+        ["original", "ours", "s5cmd-cp"],
+    ]
