@@ -690,7 +690,7 @@ def run_datasets(
 
     The order turns by one contender each run: a run's figures depend on what ran before it
     (the same `s5cmd cp` took 3.0 s right after another upload, 4.2 s after 30 s of quiet,
-    the difference all in the server's system time), so none always follows the same one."""
+    most of the difference in the server's system time), so none always follows the same one."""
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack:
         shared: list[Server] = []
