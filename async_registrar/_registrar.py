@@ -150,13 +150,8 @@ class Registrar:
         async with contextlib.AsyncExitStack() as stack:
             if self._s3 is None:
                 self._s3 = await stack.enter_async_context(self._open_s3(self.settings.aws_region))
-            if self._http is None:
-                self._http = await stack.enter_async_context(
-                    httpx.AsyncClient(
-                        follow_redirects=False,
-                        timeout=httpx.Timeout(self.settings.mims_request_timeout, connect=10.0),
-                    )
-                )
+            # The HTTP client for the registry is opened when a registry is first used (an
+            # upload alone needs none: its TLS setup and imports cost ~60 ms of every start).
             self._stack = stack.pop_all()
         return self
 
@@ -312,7 +307,7 @@ class Registrar:
         source = Path(path)
         follow = self.settings.dereference
         scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
-        s3, _ = self._clients()
+        s3 = self._s3_client()
         within = self.settings.preflight_timeout
         await check_credentials(self._credentials, within=within)
         await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
@@ -377,7 +372,7 @@ class Registrar:
         )
 
     def _run(self, request: RegistrationRequest, on_progress: ProgressCallback | None) -> Run:
-        s3, _ = self._clients()
+        s3 = self._s3_client()
         callbacks = [c for c in (self._on_progress, on_progress) if c is not None]
         return Run(
             self.settings,
@@ -396,7 +391,7 @@ class Registrar:
 
     async def _region_clients(self, region: str, *, several: bool) -> tuple[S3Client, MimsClient]:
         """The S3 client (the shared one, or one of that region's, opened once) and a MIMS client."""
-        s3, http = self._clients()
+        s3, http = self._s3_client(), await self._http_client()
         if not (self._shared_s3 or not several):
             async with self._client_lock:
                 if region not in self._regional_s3:
@@ -422,7 +417,21 @@ class Registrar:
         frozen: ReadOnlyCredentials = await credentials.get_frozen_credentials()
         return frozen
 
-    def _clients(self) -> tuple[S3Client, httpx.AsyncClient]:
-        if self._s3 is None or self._http is None:
+    def _s3_client(self) -> S3Client:
+        if self._s3 is None or self._stack is None:
             raise RuntimeError("use the Registrar as an async context manager: async with Registrar(...) as r")
-        return self._s3, self._http
+        return self._s3
+
+    async def _http_client(self) -> httpx.AsyncClient:
+        """The caller's HTTP client, or the registrar's own, opened on first use."""
+        self._s3_client()  # entered, and not yet left
+        assert self._stack is not None
+        async with self._client_lock:
+            if self._http is None:
+                self._http = await self._stack.enter_async_context(
+                    httpx.AsyncClient(
+                        follow_redirects=False,
+                        timeout=httpx.Timeout(self.settings.mims_request_timeout, connect=10.0),
+                    )
+                )
+        return self._http

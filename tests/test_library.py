@@ -233,3 +233,35 @@ async def test_an_upload_needs_no_registry_and_registering_without_one_names_it(
             with pytest.raises(ConfigurationError, match="mims_endpoint: required to register or sweep"):
                 await call
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_an_upload_opens_no_http_client_and_a_registration_opens_one_once(
+    tmp_path: Path, settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry's HTTP client (its TLS setup and imports cost ~60 ms of a start) is opened
+    when a registry is first used, once, and closed with the registrar."""
+    import httpx
+
+    from async_registrar import _registrar
+
+    opened: list[httpx.AsyncClient] = []
+
+    class Counted(httpx.AsyncClient):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(_registrar.httpx, "AsyncClient", Counted)
+    job = make_job(tmp_path, model_bytes=MiB)
+    key = f"{settings.s3_prefix}no-http/model.tar.gz"
+    async with Registrar(settings) as registrar:
+        await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{key}")
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+        assert opened == []
+        async with anyio.create_task_group() as tg:  # two at once: still one client
+            for n in range(2):
+                tg.start_soon(registrar.register, await request_for(make_job(tmp_path / f"job-{n}")))
+        assert len(opened) == 1
+        assert not opened[0].is_closed
+    assert opened[0].is_closed
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
