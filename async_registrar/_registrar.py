@@ -151,7 +151,7 @@ class Registrar:
             if self._s3 is None:
                 self._s3 = await stack.enter_async_context(self._open_s3(self.settings.aws_region))
             # The HTTP client for the registry is opened when a registry is first used (an
-            # upload alone needs none: its TLS setup and imports cost ~60 ms of every start).
+            # upload alone needs none: its TLS setup and imports cost ~40 ms of every start).
             self._stack = stack.pop_all()
         return self
 
@@ -424,7 +424,7 @@ class Registrar:
 
     async def _http_client(self) -> httpx.AsyncClient:
         """The caller's HTTP client, or the registrar's own, opened on first use."""
-        self._s3_client()  # entered, and not yet left
+        self._s3_client()  # raises unless the registrar was entered
         assert self._stack is not None
         async with self._client_lock:
             if self._http is None:
