@@ -819,10 +819,11 @@ def dataset_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        per_gib = "" if r["cpu_s_per_gib"] is None else r["cpu_s_per_gib"]  # none for the 1 KiB input
         lines.append(
             f"| {r['dataset']} ({r['input_mib']} MiB) | {DESCRIPTIONS.get(r['contender'], r['contender'])} "
             f"| {r['median_wall_s']} | {r['throughput_mb_s']} | {r['peak_rss_mib']} | {r['cpu_s']} "
-            f"| {r['cpu_s_per_gib']} | {r['server_cpu_s']} | {r['disk_write_mib']} | {r['x_s5cmd_cp'] or ''} |"
+            f"| {per_gib} | {r['server_cpu_s']} | {r['disk_write_mib']} | {r['x_s5cmd_cp'] or ''} |"
         )
     return lines
 
@@ -1344,6 +1345,7 @@ def main() -> int:
     if keep := set(filter(None, args.contenders.split(","))):
         for dataset in datasets:
             dataset.contenders = [c for c in dataset.contenders if c in keep or c.partition("@")[0] in keep]
+        datasets = [dataset for dataset in datasets if dataset.contenders]
     samples = run_datasets(datasets, args.runs, args.target, work, tools)
     rows = summarise(samples)
     checks = dataset_checks(rows, [d.name for d in datasets])

@@ -47,6 +47,8 @@ def test_the_fixed_cost_is_taken_off_each_contender_before_the_ratio(bench: Modu
     assert any("ours 0.8 s and 0.7 CPU-s" in line for line in lines)
     # A 1 KiB input has no meaningful per-GiB figure.
     assert next(r for r in rows if r["dataset"] == bench.STARTUP)["cpu_s_per_gib"] is None
+    startup_line = next(line for line in bench.dataset_table(rows) if line.startswith(f"| {bench.STARTUP} "))
+    assert "| 0.7 |  | " in startup_line  # CPU s, then no CPU s per GiB
     # The checks stay on the whole figures: 4.2 / 3.2 is over 1.15.
     checks = bench.dataset_checks(rows, ["model 1 GiB", bench.STARTUP])
     ratio = next(c for c in checks if c["check"] == "model 1 GiB: ours / s5cmd cp of the archive")
