@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
+import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ __all__ = [
     "content_md5_where_required",
     "drop_request_checksum",
     "error_code",
+    "log_failed_attempts",
     "make_session",
     "open_s3_client",
     "sign_known_payloads",
@@ -35,6 +38,8 @@ __all__ = [
 
 #: aiobotocore's clients are untyped; this alias marks where one is expected.
 S3Client = Any
+
+log = logging.getLogger("async_registrar.s3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,7 @@ async def open_s3_client(
         if checksums == "when_required":
             content_md5_where_required(client)
         sign_known_payloads(client)
+        log_failed_attempts(client)
         yield client
 
 
@@ -169,6 +175,61 @@ def _known_payload_auth(base: type[Any]) -> type[Any]:
             return getattr(request.body, "payload_sha256", None)
 
     return KnownPayloadS3SigV4Auth
+
+
+def log_failed_attempts(client: S3Client) -> None:
+    """A WARNING for each attempt of a request of `client` that failed the way botocore
+    retries (no answer in time, a broken connection, a 5xx, 429 or throttling answer): the
+    operation, the object, the part and the attempt.  botocore retries quietly (5 retries,
+    each waiting up to the 120 s read timeout), so without it a stalled or failing server
+    shows only when botocore gives up, up to 12 minutes later.  Registered once per client."""
+    retries = client.meta.config.retries or {}
+    attempts = retries.get("total_max_attempts") or retries.get("max_attempts")
+    client.meta.events.register(
+        "needs-retry.s3",
+        functools.partial(_log_failed_attempt, most=attempts),
+        unique_id="async-registrar-failed-attempts",
+    )
+
+
+#: Error codes botocore's standard retry mode retries although their status is below 500.
+_TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException"})
+
+
+def _log_failed_attempt(
+    *,
+    most: int | None,
+    response: Any,
+    operation: Any,
+    attempts: int,
+    caught_exception: BaseException | None,
+    request_dict: dict[str, Any],
+    **_: Any,
+) -> None:
+    """A `needs-retry` handler that decides nothing (it returns None): it only says what failed."""
+    if caught_exception is not None:
+        problem = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None:
+        http, parsed = response
+        status = int(getattr(http, "status_code", 0) or 0)
+        code = str(parsed.get("Error", {}).get("Code", "")) if isinstance(parsed, dict) else ""
+        if status < 500 and status != 429 and code not in _TRANSIENT_CODES:
+            return
+        problem = f"{status} {code}".strip()
+    else:
+        return
+    where = str(request_dict.get("url", "")).split("?", 1)[0]
+    part = (request_dict.get("query_string") or {}).get("partNumber")
+    log.warning(
+        "S3 %s %s%s: attempt %d%s failed: %s%s",
+        getattr(operation, "name", "request"),
+        where,
+        f" (part {part})" if part else "",
+        attempts,
+        f" of {most}" if most else "",
+        redact(problem),
+        "" if most and attempts >= most else "; retried while attempts remain",
+    )
 
 
 def content_md5_where_required(client: S3Client) -> None:

@@ -91,6 +91,47 @@ async def test_a_part_that_always_fails_aborts_the_upload(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+@pytest.mark.parametrize("action", [s3_error(503, "SlowDown"), RESET], ids=["503", "reset"])
+async def test_each_failed_attempt_is_a_warning_naming_the_part(
+    tmp_path: Path,
+    proxied_s3: Any,
+    settings: Settings,
+    faults: Faults,
+    action: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """botocore retries quietly; each failed attempt is said while it does, and the last one
+    says so (a stalled server would otherwise show only when botocore gives up)."""
+    faults.action, faults.times = action, 2
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    with caplog.at_level("WARNING", logger="async_registrar.s3"):
+        await upload_artifact(proxied_s3, source, location, settings)
+    said = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
+    problem = "503 SlowDown" if action is not RESET else "Error"
+    # Two failed requests; aiohttp itself sends a PUT again once when the server closed the
+    # connection before answering, so two resets may be one failed attempt to botocore.
+    assert len(said) in ((1, 2) if action is RESET else (2,)), said
+    for attempt, message in enumerate(said, start=1):
+        assert message.startswith(f"S3 UploadPart http://127.0.0.1:{proxy_port(proxied_s3)}/"), message
+        assert f"{location.key} (part 2): attempt {attempt} of 6 failed: " in message
+        assert problem in message
+        assert message.endswith("; retried while attempts remain")
+        assert "uploadId" not in message  # no query string
+
+    caplog.clear()
+    faults.action, faults.times = action, -1
+    with caplog.at_level("WARNING", logger="async_registrar.s3"), pytest.raises(StorageError):
+        await upload_artifact(proxied_s3, inspect_artifact(tmp_path / "m", role="model"), location, settings)
+    said = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
+    assert [m.split(": attempt ", 1)[1].split(" failed")[0] for m in said] == [f"{n} of 6" for n in range(1, 7)]
+    assert not said[-1].endswith("remain")
+
+
+def proxy_port(client: Any) -> int:
+    return int(str(client.meta.endpoint_url).rsplit(":", 1)[1].strip("/"))
+
+
 async def test_a_stalled_part_is_waited_for(
     tmp_path: Path, proxied_s3: Any, s3: Any, settings: Settings, proxy: FaultProxy, faults: Faults
 ) -> None:
