@@ -220,15 +220,18 @@ def _log_failed_attempt(
         return
     where = str(request_dict.get("url", "")).split("?", 1)[0]
     part = (request_dict.get("query_string") or {}).get("partNumber")
+    name = getattr(operation, "name", "request")
+    fields = {"event": "s3_attempt_failed", "operation": name, "part": part, "attempt": attempts, "attempts": most}
     log.warning(
         "S3 %s %s%s: attempt %d%s failed: %s%s",
-        getattr(operation, "name", "request"),
+        name,
         where,
         f" (part {part})" if part else "",
         attempts,
         f" of {most}" if most else "",
         redact(problem),
         "" if most and attempts >= most else "; retried while attempts remain",
+        extra={"fields": {k: v for k, v in fields.items() if v is not None}},
     )
 
 

@@ -107,7 +107,12 @@ async def test_each_failed_attempt_is_a_warning_naming_the_part(
     source = inspect_artifact(model(tmp_path / "m"), role="model")
     with caplog.at_level("WARNING", logger="async_registrar.s3"):
         await upload_artifact(proxied_s3, source, location, settings)
-    said = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
+    records = [r for r in caplog.records if r.name == "async_registrar.s3"]
+    said = [r.getMessage() for r in records]
+    assert [r.fields for r in records] == [  # type: ignore[attr-defined]
+        {"event": "s3_attempt_failed", "operation": "UploadPart", "part": 2, "attempt": n, "attempts": 6}
+        for n in range(1, len(records) + 1)
+    ]
     problem = "503 SlowDown" if action is not RESET else "Error"
     # Two failed requests; aiohttp itself sends a PUT again once when the server closed the
     # connection before answering, so two resets may be one failed attempt to botocore.
