@@ -9,7 +9,9 @@ the request (method and target; and its headers, lower-cased, for a proxy made w
 - `Reply(status, body)`: answer it here with a canned response (S3's XML errors);
 - `RESET`: drop the connection with a TCP reset, as a broken network does;
 - `Stall(seconds)`: forward it after a delay, as a slow or congested link does;
-- `Cut(after)`: forward it, and break the answer off (a reset) after `after` bytes of its body.
+- `Cut(after)`: forward it, and break the answer off (a reset) after `after` bytes of its body;
+- `Late(seconds)`: forward it whole, and hold the answer back that long (a server that took
+  the request and answers late, or, past the client's read timeout, never).
 
 A proxy made with a `body_rule` also reads each request's body before it forwards it, and
 lets the rule answer it or change it: `S3Server` makes one behave like the S3 servers that
@@ -52,8 +54,15 @@ class Cut:
     after: int
 
 
+@dataclass(frozen=True)
+class Late:
+    """Forward the request, then hold its answer back `seconds`."""
+
+    seconds: float
+
+
 RESET = object()
-Rule = Callable[..., "Reply | Stall | object | None"]  # (method, target[, headers])
+Rule = Callable[..., "Reply | Stall | Late | object | None"]  # (method, target[, headers])
 #: Sees a request's whole body: answers it (a `Reply`) or gives the body to forward.
 BodyRule = Callable[[str, str, dict[str, str], bytes], "Reply | bytes"]
 
@@ -163,6 +172,9 @@ class FaultProxy:
             if isinstance(action, Cut):
                 await self._forward(method, head, reader, writer, cut=action.after)
                 return
+            if isinstance(action, Late):
+                await self._forward(method, head, reader, writer, late=action.seconds)
+                return
             if isinstance(action, Stall):
                 await asyncio.sleep(action.seconds)
             length = _content_length(head)
@@ -212,6 +224,7 @@ class FaultProxy:
         *,
         body: bytes | None = None,
         cut: int | None = None,
+        late: float = 0.0,
     ) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         try:
@@ -242,6 +255,8 @@ class FaultProxy:
                         await writer.drain()
                         continue
                     break
+                if late:
+                    await asyncio.sleep(late)
                 lines = [line for line in response.split(b"\r\n") if not line.lower().startswith(b"connection:")]
                 writer.write(b"\r\n".join(lines[:-2]) + b"\r\nConnection: close\r\n\r\n")
                 length = _content_length(response)

@@ -17,18 +17,18 @@ from async_registrar._s3 import S3Location, make_session, open_s3_client
 from async_registrar._upload import upload_artifact
 
 from .conftest import MiB, leftovers
-from .fault_proxy import RESET, FaultProxy, Reply, Stall, s3_error
+from .fault_proxy import RESET, FaultProxy, Late, Reply, Stall, s3_error
 
 
 class Faults:
     """Fail the first `times` UploadPart requests for part `part` with `action` (times < 0: always)."""
 
     def __init__(self) -> None:
-        self.action: Reply | Stall | object | None = None
+        self.action: Reply | Stall | Late | object | None = None
         self.times = 0
         self.part = "partNumber=2"
 
-    def __call__(self, method: str, target: str) -> Reply | Stall | object | None:
+    def __call__(self, method: str, target: str) -> Reply | Stall | Late | object | None:
         if method == "PUT" and self.part in target and self.times != 0:
             self.times -= 1
             return self.action
@@ -131,6 +131,28 @@ async def test_each_failed_attempt_is_a_warning_naming_the_part(
     said = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
     assert [m.split(": attempt ", 1)[1].split(" failed")[0] for m in said] == [f"{n} of 6" for n in range(1, 7)]
     assert not said[-1].endswith("remain")
+
+
+async def test_a_part_never_answered_is_a_warning_after_the_read_timeout(
+    tmp_path: Path, proxy: FaultProxy, settings: Settings, faults: Faults, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that takes a part and does not answer: when the read timeout ends the attempt
+    (120 s in the registrar's clients, 1 s here), the WARNING says so, then the part is sent again."""
+    from aiobotocore.config import AioConfig
+
+    from async_registrar._s3 import log_failed_attempts
+
+    faults.action, faults.times = Late(3.0), 1
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    config = AioConfig(read_timeout=1, retries={"mode": "standard", "max_attempts": 5})
+    async with session.client("s3", region_name=REGION, endpoint_url=proxy.endpoint, config=config) as client:
+        log_failed_attempts(client)
+        location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+        with caplog.at_level("WARNING", logger="async_registrar.s3"):
+            await upload_artifact(client, inspect_artifact(model(tmp_path / "m"), role="model"), location, settings)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
+    assert "(part 2): attempt 1 of 6 failed: ReadTimeoutError" in said, said
+    assert said.endswith("; retried while attempts remain")
 
 
 def proxy_port(client: Any) -> int:
