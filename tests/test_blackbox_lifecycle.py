@@ -160,7 +160,9 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
 ) -> None:
     """Timeout, timeout again on the re-run, then a deadline-scope cancellation: one id, one prefix, no upload."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-thrice")
-    with late_registry(stack, processing_delay=3.0) as registry:
+    # Unfinished through all three interruptions (a 3 s delay ran out before the third on a
+    # slow run, which then rightly removed the artifacts); let finish before the resume.
+    with late_registry(stack, processing_delay=600.0) as registry:
         first = await kept_by_a_timeout(on(settings, registry), request)
         (kept,) = first.kept
         assert isinstance(first, RegistrationInterrupted)
@@ -194,6 +196,7 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
         assert await names_under(s3, settings) == KEPT
         assert registry.registration_count == 1
 
+        registry.finish_processing()
         await resumed_to_the_end(on(settings, registry), request, kept.registration_id, registry)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
