@@ -141,6 +141,7 @@ class Registrar:
         self._stack: contextlib.AsyncExitStack | None = None
         self._handles: set[RegistrationHandle] = set()
         self._entered = False
+        self._closed = False
         self._swept_on_start = False
 
     async def __aenter__(self) -> Registrar:
@@ -168,6 +169,8 @@ class Registrar:
             # Every handle gets closed (at once: each within its own cleanup deadline), and the
             # clients too, whatever fails on the way.
             errors += [e for e in await outcomes(h.aclose for h in list(self._handles)) if e is not None]
+            # From here on nothing opens a client: it would land on a stack already closed.
+            self._closed = True
             if self._stack is not None:
                 with anyio.move_on_after(CLOSE_TIMEOUT) as scope:  # closing connections: quick, or never
                     try:
@@ -303,11 +306,11 @@ class Registrar:
         cancellation, and the object is read back (size and checksum) before it is returned.
         It counts against `max_parallel_uploads` and runs on the registrar's own threads.
         """
+        s3 = self._s3_client()
         target = S3Location.parse(uri, what="upload target")
         source = Path(path)
         follow = self.settings.dereference
         scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
-        s3 = self._s3_client()
         within = self.settings.preflight_timeout
         await check_credentials(self._credentials, within=within)
         await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
@@ -395,8 +398,7 @@ class Registrar:
         if not (self._shared_s3 or not several):
             async with self._client_lock:
                 if region not in self._regional_s3:
-                    assert self._stack is not None
-                    self._regional_s3[region] = await self._stack.enter_async_context(self._open_s3(region))
+                    self._regional_s3[region] = await self._open_stack().enter_async_context(self._open_s3(region))
                 s3 = self._regional_s3[region]
         auth = SigV4(self._credentials, region=region, service=self.settings.mims_service_name)
         return s3, MimsClient(http, self.settings.endpoint_for(region), self.settings, auth=auth)
@@ -417,18 +419,26 @@ class Registrar:
         frozen: ReadOnlyCredentials = await credentials.get_frozen_credentials()
         return frozen
 
-    def _s3_client(self) -> S3Client:
-        if self._s3 is None or self._stack is None:
+    def _open_stack(self) -> contextlib.AsyncExitStack:
+        """Where the registrar's clients are closed at exit; a usage error before entry and
+        after exit (a client opened then would never be closed)."""
+        if self._stack is None:
             raise RuntimeError("use the Registrar as an async context manager: async with Registrar(...) as r")
+        if self._closed:
+            raise RuntimeError("this Registrar is closed (its async with block has ended); open a new one")
+        return self._stack
+
+    def _s3_client(self) -> S3Client:
+        self._open_stack()
+        assert self._s3 is not None
         return self._s3
 
     async def _http_client(self) -> httpx.AsyncClient:
         """The caller's HTTP client, or the registrar's own, opened on first use."""
-        self._s3_client()  # raises unless the registrar was entered
-        assert self._stack is not None
         async with self._client_lock:
+            stack = self._open_stack()  # checked under the lock: the registrar may close meanwhile
             if self._http is None:
-                self._http = await self._stack.enter_async_context(
+                self._http = await stack.enter_async_context(
                     httpx.AsyncClient(
                         follow_redirects=False,
                         timeout=httpx.Timeout(self.settings.mims_request_timeout, connect=10.0),

@@ -178,13 +178,19 @@ async def test_bad_input_fails_before_any_upload(tmp_path: Path, settings: Setti
 
 
 async def test_a_registrar_is_entered_once(tmp_path: Path, settings: Settings) -> None:
-    """Entering twice is a usage error, outside the error tree."""
+    """Entering twice, using it before entering or after its block ended are usage errors, outside
+    the error tree (after the block, a client opened would never be closed)."""
+    job = make_job(tmp_path)
     registrar = Registrar(settings)
     async with registrar:
         with pytest.raises(RuntimeError, match="only once"):
             await registrar.__aenter__()
     with pytest.raises(RuntimeError, match="async context manager"):
-        await Registrar(settings).register(request_for(make_job(tmp_path)))
+        await Registrar(settings).register(request_for(job))
+    with pytest.raises(RuntimeError, match="is closed"):
+        await registrar.register(request_for(job))
+    with pytest.raises(RuntimeError, match="is closed"):
+        await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{settings.s3_prefix}model.tar.gz")
 
 
 def test_example_request_matches_the_example_config() -> None:
