@@ -178,25 +178,64 @@ def _known_payload_auth(base: type[Any]) -> type[Any]:
 
 
 def log_failed_attempts(client: S3Client) -> None:
-    """A WARNING for each attempt of a request of `client` that failed the way botocore
-    retries (no answer in time, a broken connection, a 5xx, 429 or throttling answer): the
-    operation, the object, the part and the attempt.  botocore retries quietly (5 retries,
-    each waiting up to the 120 s read timeout), so without it a stalled or failing server
-    shows only when botocore gives up, up to 12 minutes later.  Registered once per client."""
+    """A WARNING for each attempt of a request of `client` that failed and that botocore sends
+    again (no answer in time, a broken connection, a 5xx or a throttling answer): the operation,
+    the object, the part and the attempt.  botocore retries quietly (5 retries, each waiting up
+    to the 120 s read timeout), so without it a stalled or failing server shows only when
+    botocore gives up, up to 12 minutes later.  Registered once per client.
+
+    The failure is noted when it happens (`needs-retry`) and said when botocore builds the next
+    attempt (`request-created`): the line is written only when botocore did decide to retry,
+    whatever its rules and its retry quota say.  A failure it does not retry is raised, and
+    the last allowed attempt is said at once ("no attempts left")."""
     retries = client.meta.config.retries or {}
     attempts = retries.get("total_max_attempts") or retries.get("max_attempts")
     client.meta.events.register(
         "needs-retry.s3",
-        functools.partial(_log_failed_attempt, most=attempts),
+        functools.partial(_note_failed_attempt, most=attempts),
         unique_id="async-registrar-failed-attempts",
+    )
+    client.meta.events.register(
+        "request-created.s3",
+        functools.partial(_say_retried_attempt, most=attempts),
+        unique_id="async-registrar-retried-attempts",
     )
 
 
-#: Error codes botocore's standard retry mode retries although their status is below 500.
-_TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException"})
+#: Where the last failed attempt of a request waits to be said (in botocore's per-call context).
+_FAILED_ATTEMPT = "async_registrar_failed_attempt"
 
 
-def _log_failed_attempt(
+@dataclass(frozen=True, slots=True)
+class _FailedAttempt:
+    operation: str
+    where: str
+    part: Any
+    attempt: int
+    problem: str
+
+    def say(self, most: int | None, outcome: str) -> None:
+        fields = {
+            "event": "s3_attempt_failed",
+            "operation": self.operation,
+            "part": self.part,
+            "attempt": self.attempt,
+            "attempts": most,
+        }
+        log.warning(
+            "S3 %s %s%s: attempt %d%s failed: %s; %s",
+            self.operation,
+            self.where,
+            f" (part {self.part})" if self.part else "",
+            self.attempt,
+            f" of {most}" if most else "",
+            redact(self.problem),
+            outcome,
+            extra={"fields": {k: v for k, v in fields.items() if v is not None}},
+        )
+
+
+def _note_failed_attempt(
     *,
     most: int | None,
     response: Any,
@@ -206,33 +245,42 @@ def _log_failed_attempt(
     request_dict: dict[str, Any],
     **_: Any,
 ) -> None:
-    """A `needs-retry` handler that decides nothing (it returns None): it only says what failed."""
+    """A `needs-retry` handler that decides nothing (it returns None): it notes what failed."""
     if caught_exception is not None:
         problem = f"{type(caught_exception).__name__}: {caught_exception}"
     elif response is not None:
         http, parsed = response
         status = int(getattr(http, "status_code", 0) or 0)
         code = str(parsed.get("Error", {}).get("Code", "")) if isinstance(parsed, dict) else ""
-        if status < 500 and status != 429 and code not in _TRANSIENT_CODES:
-            return
+        if status < 400 or (status < 500 and status != 429 and code not in _TRANSIENT_CODES):
+            return  # an answer: a success, or a refusal raised as it is
         problem = f"{status} {code}".strip()
     else:
         return
-    where = str(request_dict.get("url", "")).split("?", 1)[0]
-    part = (request_dict.get("query_string") or {}).get("partNumber")
-    name = getattr(operation, "name", "request")
-    fields = {"event": "s3_attempt_failed", "operation": name, "part": part, "attempt": attempts, "attempts": most}
-    log.warning(
-        "S3 %s %s%s: attempt %d%s failed: %s%s",
-        name,
-        where,
-        f" (part {part})" if part else "",
-        attempts,
-        f" of {most}" if most else "",
-        redact(problem),
-        "" if most and attempts >= most else "; retried while attempts remain",
-        extra={"fields": {k: v for k, v in fields.items() if v is not None}},
+    failed = _FailedAttempt(
+        operation=getattr(operation, "name", "request"),
+        where=str(request_dict.get("url", "")).split("?", 1)[0],
+        part=(request_dict.get("query_string") or {}).get("partNumber"),
+        attempt=attempts,
+        problem=problem,
     )
+    if most and attempts >= most:
+        failed.say(most, "no attempts left")
+    else:
+        request_dict.setdefault("context", {})[_FAILED_ATTEMPT] = failed
+
+
+def _say_retried_attempt(*, most: int | None, request: Any, **_: Any) -> None:
+    """A `request-created` handler: botocore is sending a request again; say why."""
+    context = getattr(request, "context", None)
+    failed = context.pop(_FAILED_ATTEMPT, None) if isinstance(context, dict) else None
+    if failed is not None:
+        failed.say(most, f"sending it again (attempt {failed.attempt + 1})")
+
+
+#: Error codes botocore's standard retry mode retries although their status is below 500
+#: (noted as failures; whether botocore retries them is its own decision).
+_TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException"})
 
 
 def content_md5_where_required(client: S3Client) -> None:

@@ -100,8 +100,9 @@ async def test_each_failed_attempt_is_a_warning_naming_the_part(
     action: object,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """botocore retries quietly; each failed attempt is said while it does, and the last one
-    says so (a stalled server would otherwise show only when botocore gives up)."""
+    """botocore retries quietly; each failed attempt is said when botocore sends the request
+    again, and the last one at once (a stalled server would otherwise show only when botocore
+    gives up)."""
     faults.action, faults.times = action, 2
     location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
     source = inspect_artifact(model(tmp_path / "m"), role="model")
@@ -121,7 +122,7 @@ async def test_each_failed_attempt_is_a_warning_naming_the_part(
         assert message.startswith(f"S3 UploadPart http://127.0.0.1:{proxy_port(proxied_s3)}/"), message
         assert f"{location.key} (part 2): attempt {attempt} of 6 failed: " in message
         assert problem in message
-        assert message.endswith("; retried while attempts remain")
+        assert message.endswith(f"; sending it again (attempt {attempt + 1})")
         assert "uploadId" not in message  # no query string
 
     caplog.clear()
@@ -130,7 +131,27 @@ async def test_each_failed_attempt_is_a_warning_naming_the_part(
         await upload_artifact(proxied_s3, inspect_artifact(tmp_path / "m", role="model"), location, settings)
     said = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
     assert [m.split(": attempt ", 1)[1].split(" failed")[0] for m in said] == [f"{n} of 6" for n in range(1, 7)]
-    assert not said[-1].endswith("remain")
+    assert [m.rsplit("; ", 1)[1] for m in said] == [f"sending it again (attempt {n})" for n in range(2, 7)] + [
+        "no attempts left"
+    ]
+
+
+async def test_a_failure_botocore_does_not_retry_is_not_said_to_be_retried(
+    tmp_path: Path,
+    proxied_s3: Any,
+    settings: Settings,
+    proxy: FaultProxy,
+    faults: Faults,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 429 with a code outside botocore's throttling list is not retried by botocore: no line
+    says it is sent again; the refusal is the error, and no upload stays open."""
+    faults.action, faults.times = s3_error(429, "TooManyRequests"), 1
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    with caplog.at_level("WARNING", logger="async_registrar.s3"), pytest.raises(StorageError, match=r"TooManyRequests"):
+        await upload_artifact(proxied_s3, inspect_artifact(model(tmp_path / "m"), role="model"), location, settings)
+    assert proxy.count("PUT", "partNumber=2") == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"] == []
 
 
 async def test_a_part_never_answered_is_a_warning_after_the_read_timeout(
@@ -152,7 +173,7 @@ async def test_a_part_never_answered_is_a_warning_after_the_read_timeout(
             await upload_artifact(client, inspect_artifact(model(tmp_path / "m"), role="model"), location, settings)
     (said,) = [r.getMessage() for r in caplog.records if r.name == "async_registrar.s3"]
     assert "(part 2): attempt 1 of 6 failed: ReadTimeoutError" in said, said
-    assert said.endswith("; retried while attempts remain")
+    assert said.endswith("; sending it again (attempt 2)")
 
 
 def proxy_port(client: Any) -> int:
