@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from async_registrar import (
     Registrar,
     RegistrationConfig,
     RegistrationRequest,
+    RegistrationSubmitted,
     RegistrationTimeout,
     Settings,
 )
@@ -132,16 +133,44 @@ async def final_status(registry: ThreadedMimsServer, registration_id: str, timeo
             await anyio.sleep(0.05)
 
 
-#: A registry that reads the artifacts only when it finishes, this long after accepting.
-LATE: dict[str, Any] = {"read_artifacts": "at_finish", "processing_delay": 2.5}
+#: A processing delay that holds a registration unfinished for as long as a test needs, however
+#: slow the machine: the test ends it with `registry.finish_processing()` at the point from which
+#: the registration may (or must) finish.  A finite delay is a race against the machine's speed.
+HELD = 600.0
+
+#: A registry that reads the artifacts only when it finishes, and holds every registration
+#: unfinished until the test calls `finish_processing()`.
+LATE: dict[str, Any] = {"read_artifacts": "at_finish", "processing_delay": HELD}
 
 
 @contextlib.contextmanager
 def late_registry(stack: LocalStack, **overrides: Any) -> Iterator[ThreadedMimsServer]:
     """A reference MIMS of its own that reads the artifacts only when a registration finishes (as an
-    asynchronous workflow does): a run that deleted them too early sees its registration FAILED."""
+    asynchronous workflow does): a run that deleted them too early sees its registration FAILED.
+    It holds every registration unfinished (`HELD`) until `registry.finish_processing()`; a test
+    that expects a final status calls it first (or passes a `processing_delay` of its own)."""
     with mims_server(stack, **{**LATE, **overrides}) as registry:
         yield registry
+
+
+def release_when_submitted(
+    registry: ThreadedMimsServer, then: Callable[[ProgressEvent], None] | None = None, *, count: int = 1
+) -> Callable[[ProgressEvent], None]:
+    """A progress callback that lets `registry` finish its registrations (`finish_processing()`)
+    once the run has reported `count` RegistrationSubmitted events (a registration submitted, or an
+    earlier one followed): held unfinished until then, they finish while the run waits for them.
+    Every event goes on to `then`."""
+    submitted = [0]
+
+    def callback(event: ProgressEvent) -> None:
+        if then is not None:
+            then(event)
+        if isinstance(event, RegistrationSubmitted):
+            submitted[0] += 1
+            if submitted[0] >= count:
+                registry.finish_processing()
+
+    return callback
 
 
 def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:

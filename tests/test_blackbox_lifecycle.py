@@ -54,11 +54,12 @@ from .conftest import (
     names_under,
     on,
     registration_config,
+    release_when_submitted,
     remove_all,
     request_for,
 )
 from .fault_proxy import RESET, FaultProxy, Stall
-from .test_cli import environment, run
+from .test_cli import environment, run, run_releasing
 from .test_signals import start, wait_for
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -74,10 +75,11 @@ async def resumed_to_the_end(
     registry: ThreadedMimsServer,
     on_progress: Callable[[ProgressEvent], None] | None = None,
 ) -> RegistrationResult:
-    """A re-run follows `registration_id`: no upload, no second registration, SUCCEEDED."""
+    """A re-run follows `registration_id`: no upload, no second registration, SUCCEEDED (a registration
+    `registry` holds unfinished is let finish once the re-run follows it)."""
     seen = Recorder()
     count = registry.registration_count
-    async with Registrar(settings, on_progress=seen) as registrar:
+    async with Registrar(settings, on_progress=release_when_submitted(registry, seen)) as registrar:
         result = await registrar.register(request, on_progress=on_progress)
     assert result.registration_id == registration_id
     assert all(r.resumed for r in result.registrations)
@@ -161,8 +163,8 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
     """Timeout, timeout again on the re-run, then a deadline-scope cancellation: one id, one prefix, no upload."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-thrice")
     # Unfinished through all three interruptions (a 3 s delay ran out before the third on a
-    # slow run, which then rightly removed the artifacts); let finish before the resume.
-    with late_registry(stack, processing_delay=600.0) as registry:
+    # slow run, which then rightly removed the artifacts); let finish once the resume follows it.
+    with late_registry(stack) as registry:
         first = await kept_by_a_timeout(on(settings, registry), request)
         (kept,) = first.kept
         assert isinstance(first, RegistrationInterrupted)
@@ -196,7 +198,6 @@ async def test_interrupted_three_times_then_resumed_is_still_one_registration(
         assert await names_under(s3, settings) == KEPT
         assert registry.registration_count == 1
 
-        registry.finish_processing()
         await resumed_to_the_end(on(settings, registry), request, kept.registration_id, registry)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -207,7 +208,9 @@ async def test_a_rerun_after_the_kept_registration_already_succeeded(
     """Cancelled in the wait; the registry finishes; the re-run (its callback raising) returns that and cleans."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-late-rerun")
     seen = Recorder()
-    with late_registry(stack, processing_delay=0.8) as registry:
+    # Held (late_registry) until the cancelled run's kept artifacts are checked: a run that saw it
+    # final before its cancellation would rightly remove them.
+    with late_registry(stack) as registry:
         with anyio.CancelScope() as deadline:
 
             def cancel_in_the_wait(event: ProgressEvent) -> None:
@@ -223,6 +226,7 @@ async def test_a_rerun_after_the_kept_registration_already_succeeded(
             submitted.registration_id
         ]
         assert await names_under(s3, settings) == KEPT
+        registry.finish_processing()
         assert await final_status(registry, submitted.registration_id) == "SUCCEEDED"  # its artifacts were there
         raised: list[str] = []
 
@@ -250,14 +254,17 @@ async def test_two_concurrent_reruns_of_one_kept_registration(
 ) -> None:
     """Two re-runs at once with the same lineage and inputs: both follow the kept one, neither registers again."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-twin-reruns")
-    with late_registry(stack, processing_delay=1.5) as registry:
+    # Held (late_registry) past the timeout and until both re-runs follow it; then it finishes
+    # while both wait for it.
+    with late_registry(stack) as registry:
         timed_out = await kept_by_a_timeout(on(settings, registry), request)
         (kept,) = timed_out.kept
         results: list[RegistrationResult] = []
         uploads = Recorder()
+        both_follow = release_when_submitted(registry, uploads, count=2)
 
         async def rerun() -> None:
-            async with Registrar(on(settings, registry), on_progress=uploads) as registrar:
+            async with Registrar(on(settings, registry), on_progress=both_follow) as registrar:
                 results.append(await registrar.register(request))
 
         async with anyio.create_task_group() as tg:
@@ -307,10 +314,12 @@ async def test_a_changed_config_in_the_same_lineage_leaves_the_kept_run_resumabl
     first = request_for(job, workflow_execution_id="bb-config-change")
     other = make_job(tmp_path / "other", config=registration_config(model_owner="another-team"))
     second = request_for({**job, "config": other["config"]}, workflow_execution_id="bb-config-change")
-    with late_registry(stack, processing_delay=1.2) as registry:
+    # Held (late_registry): A unfinished through its timeout and B's look at the lineage, upload and
+    # submission (B must leave it alone, not take it for final); from there both may finish.
+    with late_registry(stack) as registry:
         timed_out = await kept_by_a_timeout(on(settings, registry), first)
         (kept,) = timed_out.kept
-        async with Registrar(on(settings, registry)) as registrar:
+        async with Registrar(on(settings, registry), on_progress=release_when_submitted(registry)) as registrar:
             changed = await registrar.register(second)
         assert not changed.registrations[0].resumed
         assert changed.registration_id != kept.registration_id
@@ -328,8 +337,8 @@ async def test_a_rerun_cancelled_at_any_moment_before_its_wait_never_removes_the
     """A re-run cancelled while each of its S3 requests is held, then at growing delays: the kept stay."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-scan")
     # Unfinished for the whole scan (about 10 s here, 30 s and more on a busy machine): a re-run
-    # that sees it final would rightly remove the artifacts. Let finish once the scan is done.
-    with late_registry(stack, processing_delay=600.0) as registry:
+    # that sees it final would rightly remove the artifacts. Let finish once the resume follows it.
+    with late_registry(stack) as registry:
         async with Registrar(on(settings, registry, wait_timeout=0.2)) as registrar:
             with pytest.raises(RegistrationTimeout) as caught:
                 await registrar.register(request)
@@ -377,7 +386,6 @@ async def test_a_rerun_cancelled_at_any_moment_before_its_wait_never_removes_the
                 break
         assert registry.registration(kept.registration_id).status == "IN_PROGRESS"  # type: ignore[union-attr]
         assert registry.registration_count == 1
-        registry.finish_processing()
         await resumed_to_the_end(on(settings, registry), request, kept.registration_id, registry)
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -388,7 +396,7 @@ async def test_a_rerun_cancelled_while_it_asks_the_registry_says_what_it_kept(
     """A re-run cancelled while the registry answers its status request late: kept, and a RegistrationKept says so."""
     request = request_for(make_job(tmp_path), workflow_execution_id="bb-ask")
     try:
-        with late_registry(stack, processing_delay=2.5) as registry:
+        with late_registry(stack) as registry:  # held past the timeout and the cancelled re-run
             async with Registrar(on(settings, registry, wait_timeout=0.2)) as registrar:
                 with pytest.raises(RegistrationTimeout) as caught:
                     await registrar.register(request)
@@ -407,6 +415,7 @@ async def test_a_rerun_cancelled_while_it_asks_the_registry_says_what_it_kept(
                                     await anyio.sleep(0.005)
                             scope.cancel()
             assert await names_under(s3, settings) == KEPT
+            registry.finish_processing()
             assert await final_status(registry, kept.registration_id) == "SUCCEEDED"
             (event,) = seen.of(RegistrationKept)
             assert [k.registration_id for k in event.registrations] == [kept.registration_id]
@@ -457,7 +466,7 @@ async def test_one_region_rejected_one_unfinished_keeps_only_the_accepted_region
         if outgoing.method == "POST":
             bodies.append(json.loads(outgoing.content))
 
-    with late_registry(stack, processing_delay=1.5, reject_regions=["eu-west-1"]) as registry:
+    with late_registry(stack, reject_regions=["eu-west-1"]) as registry:  # held past the timeout
         regional = on(settings, registry, s3_bucket="registrar-mr-{region}")
         async with (
             httpx.AsyncClient(event_hooks={"request": [record]}) as http,
@@ -476,6 +485,7 @@ async def test_one_region_rejected_one_unfinished_keeps_only_the_accepted_region
         assert error.resume_hint is not None
         assert await leftovers(regional_s3["eu-west-1"], "registrar-mr-eu-west-1", settings.s3_prefix) == []
         assert len(await leftovers(regional_s3["us-west-2"], "registrar-mr-us-west-2", settings.s3_prefix)) == 3
+        registry.finish_processing()
         assert await final_status(registry, kept.registration_id) == "SUCCEEDED"
 
         with pytest.raises(RegistrationRejected) as again:
@@ -499,7 +509,7 @@ async def test_cli_registry_unreachable_until_the_deadline_exits_6_and_a_rerun_r
     job = make_job(tmp_path)
     # Every poll of the registration (the preflight's probe, before the upload, gets through).
     resets = lambda method, target: RESET if method == "GET" and "/preflight-" not in target else None  # noqa: E731
-    with late_registry(stack, processing_delay=2.5) as registry:
+    with late_registry(stack) as registry:  # held until the re-run follows it
         with FaultProxy(registry.endpoint, resets) as broken:
             env = cli_environment(
                 stack, settings, job, REGISTRAR_MIMS_ENDPOINT=broken.endpoint, MODS_WORKFLOW_EXECUTION_ID="bb-cli-6"
@@ -512,7 +522,7 @@ async def test_cli_registry_unreachable_until_the_deadline_exits_6_and_a_rerun_r
         uploads = lambda method, target: None  # noqa: E731
         with FaultProxy(stack.s3_endpoint, uploads) as watched:
             env.update(REGISTRAR_MIMS_ENDPOINT=registry.endpoint, AWS_ENDPOINT_URL_S3=watched.endpoint)
-            again = cli(env)
+            again = run_releasing(env, registry, "register")
             archive_writes = watched.count("PUT", ".tar.gz") + watched.count("POST", ".tar.gz")
         assert again.returncode == 0, again.stderr
         lines = again.stdout.splitlines()
@@ -530,7 +540,7 @@ async def test_cli_a_rerun_while_the_registry_is_unreachable_exits_6_at_its_wait
     """Kept (exit 6); the re-run finds the registry unreachable: exit 6 at --wait-timeout, the registration named."""
     job = make_job(tmp_path)
     try:
-        with late_registry(stack, processing_delay=2.5) as registry:
+        with late_registry(stack) as registry:  # held past the first run's --wait-timeout and the re-run
             env = cli_environment(
                 stack,
                 settings,
@@ -549,6 +559,7 @@ async def test_cli_a_rerun_while_the_registry_is_unreachable_exits_6_at_its_wait
                     pytest.fail("the re-run was still retrying the registry 8 s in, with --wait-timeout 1")
             assert again.returncode == 6, again.stderr
             assert registration_id == await named_as_kept(again.stderr, registry, "bb-cli-away", s3, settings)
+            registry.finish_processing()
             assert await final_status(registry, registration_id) == "SUCCEEDED"
     finally:
         await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
@@ -559,7 +570,7 @@ async def test_cli_sigterm_then_a_rerun_after_the_registration_succeeded(
 ) -> None:
     """SIGTERM during the wait: 143, kept and named; the registry finishes; the re-run prints that result, exit 0."""
     job = make_job(tmp_path)
-    with late_registry(stack, processing_delay=1.5) as registry:
+    with late_registry(stack) as registry:  # held until the signalled run's kept artifacts are checked
         env = cli_environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=registry.endpoint, MODS_WORKFLOW_EXECUTION_ID="bb-cli-term"
         )
@@ -572,6 +583,7 @@ async def test_cli_sigterm_then_a_rerun_after_the_registration_succeeded(
         assert process.returncode == 143, before + stderr
         assert stdout == ""
         registration_id = await named_as_kept(stderr, registry, "bb-cli-term", s3, settings)
+        registry.finish_processing()
         assert await final_status(registry, registration_id) == "SUCCEEDED"
 
         again = cli(env)
@@ -591,7 +603,8 @@ async def test_cli_sigint_during_the_wait_with_s3_stalled_exits_promptly_and_kee
     stalled = {"on": False}
     rule = lambda method, target: Stall(30) if stalled["on"] else None  # noqa: E731
     timeout = 2.0
-    with late_registry(stack, processing_delay=2.0) as registry, FaultProxy(stack.s3_endpoint, rule) as proxy:
+    # Held (late_registry) until the interrupted run's kept artifacts are checked.
+    with late_registry(stack) as registry, FaultProxy(stack.s3_endpoint, rule) as proxy:
         env = cli_environment(
             stack,
             settings,
@@ -613,6 +626,7 @@ async def test_cli_sigint_during_the_wait_with_s3_stalled_exits_promptly_and_kee
         assert process.returncode == 130, before + stderr
         assert took <= timeout + 1, f"{took:.1f} s"
         registration_id = await named_as_kept(stderr, registry, "bb-cli-int", s3, settings)
+        registry.finish_processing()
         assert await final_status(registry, registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 

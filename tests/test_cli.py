@@ -23,7 +23,7 @@ from async_registrar._artifacts import DirectorySource, inspect_artifact
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar.reference_mims import ThreadedMimsServer
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config, remove_all
+from .conftest import HELD, MiB, leftovers, make_job, mims_server, registration_config, remove_all
 from .fault_proxy import FaultProxy, s3_error
 
 
@@ -61,6 +61,37 @@ def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
         timeout=timeout,
         check=False,
     )
+
+
+def run_releasing(
+    env: dict[str, str], registry: ThreadedMimsServer, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`run` for a re-run of a registration `registry` holds unfinished: once the re-run says it
+    resumes it (found unfinished: its artifacts checked), or submits one, the registry lets it
+    finish while the re-run waits."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "async_registrar", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    seen: list[str] = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if "resuming registration" in line or "submitted:" in line:
+                break
+    finally:
+        registry.finish_processing()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, "".join(seen) + stderr)
 
 
 def expected_archive(path: Path) -> bytes:
@@ -242,8 +273,9 @@ def kept_and_named(stderr: str, registry: ThreadedMimsServer) -> tuple[str, str]
 
 def resumes(env: dict[str, str], registry: ThreadedMimsServer, registration_id: str) -> None:
     """A re-run with the same lineage id follows the kept registration to SUCCEEDED: no second
-    registration, nothing uploaded again, the two lines printed."""
-    result = run(env, "register")
+    registration, nothing uploaded again, the two lines printed (the registry, holding it
+    unfinished, lets it finish once the re-run follows it)."""
+    result = run_releasing(env, registry, "register")
     assert result.returncode == 0, result.stderr
     assert f"resuming registration {registration_id}" in result.stderr, result.stderr
     assert "nothing to upload" in result.stderr, result.stderr
@@ -260,7 +292,8 @@ async def test_wait_timeout_exits_6_keeps_and_a_rerun_resumes(
     """Still unfinished at --wait-timeout: exit 6, the artifacts kept and named; the registry, reading
     them late, is not starved; a re-run resumes it to SUCCEEDED and then removes everything."""
     job = make_job(tmp_path)
-    with mims_server(stack, read_artifacts="at_finish", processing_delay=3) as late:
+    # Held until the re-run follows it: unfinished at --wait-timeout, however slow the machine.
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=HELD) as late:
         env = environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-cli"
         )
@@ -285,7 +318,8 @@ async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
     """SIGTERM/SIGINT once the registry accepted: exit 143/130, the registration named with what was
     kept and how to resume; a re-run with the same lineage id resumes it, then nothing is left."""
     job = make_job(tmp_path)
-    with mims_server(stack, read_artifacts="at_finish", processing_delay=3) as late:
+    # Held until the re-run follows it: unfinished at the signal, however slow the machine.
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=HELD) as late:
         env = environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-cli"
         )

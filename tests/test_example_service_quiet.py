@@ -28,7 +28,7 @@ from async_registrar import Settings
 from async_registrar._local import LocalStack
 from examples.service.app import create_app
 
-from .conftest import MiB, leftovers, make_job, mims_server, registration_config, remove_all
+from .conftest import HELD, MiB, leftovers, make_job, mims_server, registration_config, remove_all
 
 
 @contextlib.contextmanager
@@ -126,10 +126,12 @@ async def test_a_client_leaving_after_submission_keeps_it_quietly(
     (the registrar's warning names them), and nothing else is said."""
     job = make_job(tmp_path)
     body = {"config": registration_config(), "model_path": str(job["model"]), "payload_path": str(job["payload"])}
-    with mims_server(stack, processing_delay=1.5) as registry:
+    # Held until the client has left: a registration the service saw final would be cleaned, not kept.
+    with mims_server(stack, processing_delay=HELD) as registry:
         with serving(settings.model_copy(update={"mims_endpoint": registry.endpoint})) as url:
             seen = await leave_at(url, body, lambda e: e["event"] == "RegistrationSubmitted")
         registration_id = seen[-1]["registration_id"]
+        registry.finish_processing()
         with anyio.fail_after(10):  # the registry goes on and finishes it with the kept artifacts
             while (held := registry.registration(registration_id)) is None or held.status != "SUCCEEDED":
                 await anyio.sleep(0.05)

@@ -40,8 +40,8 @@ from pydantic import SecretStr
 from async_registrar._local import REGION
 from async_registrar.reference_mims import ReferenceMimsSettings, ThreadedMimsServer
 
-from .conftest import ROOT, MiB, make_job
-from .test_cli import run
+from .conftest import HELD, ROOT, MiB, make_job
+from .test_cli import run, run_releasing
 
 DOC = ROOT / "docs" / "containers.md"
 #: The names the documented policy uses for the temporary bucket and prefix.
@@ -279,7 +279,8 @@ def test_the_documented_policy_covers_keeping_and_resuming(tmp_path: Path, iam_s
     prefix = f"iam-{secrets.token_hex(4)}/"
     keys = iam_s3.user(for_moto(documented_policy(prefix)))
     job = make_job(tmp_path)
-    with reference_mims(iam_s3, keys, read_artifacts="at_finish", processing_delay=2) as registry:
+    # Held until the re-run follows it: unfinished at --wait-timeout, however slow the machine.
+    with reference_mims(iam_s3, keys, read_artifacts="at_finish", processing_delay=HELD) as registry:
         env = {**job_environment(iam_s3, keys, registry, job, prefix), "MODS_WORKFLOW_EXECUTION_ID": "wf-iam"}
         kept = run(env, "register", "--wait-timeout", "0.5")
         assert kept.returncode == 6, kept.stderr
@@ -288,7 +289,7 @@ def test_the_documented_policy_covers_keeping_and_resuming(tmp_path: Path, iam_s
             "payload.tar.gz",
             "registration.json",
         ]
-        resumed = run(env, "register")
+        resumed = run_releasing(env, registry, "register")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming registration" in resumed.stderr, resumed.stderr
     assert "nothing to upload" in resumed.stderr, resumed.stderr

@@ -22,7 +22,7 @@ from async_registrar._artifacts import inspect_artifact
 from async_registrar._local import REGION, LocalStack
 from async_registrar._request import run_identity
 
-from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all
+from .conftest import HELD, MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all
 
 
 async def request_for(job: dict[str, Path], **options: Any) -> RegistrationRequest:
@@ -59,10 +59,13 @@ async def test_a_handle_never_waited_for_keeps_an_unfinished_registration(
 ) -> None:
     """An unfinished registration's artifacts outlive the registrar (the registry reads them), and it
     succeeds; the warning names it."""
-    with mims_server(stack, read_artifacts="at_finish", processing_delay=1.0) as late:
+    # Held until the registrar is left and the kept artifacts checked: one that found it final
+    # then would rightly remove them.
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=HELD) as late:
         async with Registrar(settings.model_copy(update={"mims_endpoint": late.endpoint})) as registrar:
             handle = await registrar.submit(await request_for(make_job(tmp_path)))
         assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
+        late.finish_processing()
         assert await final_status(late, handle.accepted[0].registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 

@@ -28,7 +28,17 @@ from async_registrar import (
 )
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, final_status, leftovers, make_job, mims_server, registration_config, remove_all, request_for
+from .conftest import (
+    HELD,
+    MiB,
+    final_status,
+    leftovers,
+    make_job,
+    mims_server,
+    registration_config,
+    remove_all,
+    request_for,
+)
 
 
 def recording_client(bodies: list[dict[str, Any]]) -> httpx.AsyncClient:
@@ -138,7 +148,8 @@ async def test_cancelled_during_the_wait_keeps_what_the_registry_reads(
     the registry, reading them late, still ends SUCCEEDED."""
     job = make_job(tmp_path)
     kept: list[RegistrationKept] = []
-    with mims_server(stack, read_artifacts="at_finish", processing_delay=1.0) as late:
+    # Held until the cancelled run's kept artifacts are checked: it reads them only after that.
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=HELD) as late:
         with anyio.CancelScope() as scope:
 
             def on_progress(event: ProgressEvent) -> None:
@@ -160,6 +171,7 @@ async def test_cancelled_during_the_wait_keeps_what_the_registry_reads(
         assert "MODS_WORKFLOW_EXECUTION_ID=wf-cancel" in event.resume_hint
         names = sorted(key.rsplit("/", 1)[1] for key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
         assert names == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        late.finish_processing()
         assert await final_status(late, registration.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 

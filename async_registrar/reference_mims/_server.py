@@ -83,6 +83,12 @@ class ThreadedMimsServer:
         if self.app is not None:
             self.app.state.registry.released.set()
 
+    def hold_processing(self) -> None:
+        """Undo `finish_processing()`: the registrations to come (and those not finished yet)
+        stay unfinished again, until the next `finish_processing()`."""
+        if self.app is not None:
+            self.app.state.registry.released.clear()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and wait for the thread."""
         if self._server is not None:
