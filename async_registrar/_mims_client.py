@@ -152,7 +152,13 @@ class MimsClient:
         response = await self._request(
             "POST", url, content=body, headers=headers, deadline=self._settings.submit_timeout
         )
-        registration = self._parse(response, url)
+        try:
+            registration = self._parse(response, url)
+        except RegistryError as exc:
+            # A 2xx whose body we cannot read is an acceptance all the same: the registry
+            # reads the artifacts from now on, so they must be kept (and the key re-sent).
+            exc.may_have_arrived = True
+            raise
         log.info("registration %s submitted (model id %s)", registration.registration_id, registration.model_id)
         return registration
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from async_registrar import (
     RegistrationConfig,
     RegistrationRejected,
     RegistrationRequest,
+    RegistryError,
     RegistryUnavailable,
     Settings,
 )
@@ -22,7 +24,17 @@ from async_registrar._artifacts import inspect_artifact
 from async_registrar._local import ACCESS_KEY, LocalStack
 from async_registrar._request import run_identity
 
-from .conftest import leftovers, make_job, mims_server, registration_config, request_for
+from .conftest import (
+    final_status,
+    late_registry,
+    leftovers,
+    make_job,
+    mims_server,
+    on,
+    registration_config,
+    remove_all,
+    request_for,
+)
 from .fault_proxy import RESET, FaultProxy
 
 
@@ -203,3 +215,56 @@ def test_run_identity(tmp_path: Path, settings: Settings) -> None:
     mine = run_identity(request_for(job, idempotency_key="mine"), model, None, None, settings)
     assert mine.idempotency_key({"model": "a" * 64}) == "mine"
     assert mine.idempotency_key({"model": "a" * 64}, generation=3) == "mine-g3"
+
+
+class _UnknownStatusOnPost(httpx.AsyncBaseTransport):
+    """Real HTTP to the registry; the POST's 2xx answer comes back with a status this client does
+    not know (a registry that added `QUEUED`, or a gateway that rewrote the body).  The registry
+    has accepted the registration all the same."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+        self.rewritten = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._real.handle_async_request(request)
+        if request.method != "POST":
+            return response
+        body = await response.aread()
+        await response.aclose()
+        if response.status_code < 300:
+            data = json.loads(body)
+            data["status"] = "QUEUED"
+            body = json.dumps(data).encode()
+            self.rewritten += 1
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+        return httpx.Response(response.status_code, headers=headers, content=body, request=request)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+async def test_an_accepted_post_with_an_unreadable_answer_keeps_the_artifacts(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """The registry answered the POST 2xx (it accepted) with a body this client cannot read (a
+    status it does not know): the run fails, but the artifacts the registration reads are kept."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-adv-unknown-status")
+    transport = _UnknownStatusOnPost()
+    with late_registry(stack) as registry:
+        async with (
+            httpx.AsyncClient(transport=transport) as http,
+            Registrar(on(settings, registry), http_client=http) as registrar,
+        ):
+            with pytest.raises(RegistryError, match="not a registration"):
+                await registrar.register(request)
+        assert transport.rewritten == 1
+        assert registry.registration_count == 1  # the registry has it: the point of no return is passed
+        (registration_id,) = registry.app.state.registry.records  # type: ignore[union-attr]
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    # What the accepted registration reads must have been kept: it was deleted, so it ends FAILED.
+    assert left, "the artifacts of an accepted registration were deleted"
+    assert status == "SUCCEEDED", status
