@@ -195,18 +195,27 @@ async def find_manifests(s3: S3Client, bucket: str, prefix: str) -> list[tuple[S
     return found
 
 
-async def read_manifest(s3: S3Client, location: S3Location) -> Manifest | None:
-    """The run manifest at `location`, or None (logged) if it cannot be read or is not one."""
+async def read_manifest(s3: S3Client, location: S3Location, *, problems: list[str] | None = None) -> Manifest | None:
+    """The run manifest at `location`, or None (logged, and why appended to `problems`) if it
+    cannot be read or is not one."""
     try:
         answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
         async with answer["Body"] as body:
             if answer["ContentLength"] > MAX_MANIFEST_BYTES:
-                log.warning("%s is too large to be a run manifest; skipped", location)
+                why = "too large to be a run manifest"
+                log.warning("%s is %s; skipped", location, why)
+                if problems is not None:
+                    problems.append(why)
                 return None
             data = await body.read()
         return Manifest.model_validate_json(data)
     except (ClientError, BotoCoreError) as exc:
-        log.warning("the run manifest %s cannot be read (%s); skipped", location, type(exc).__name__)
+        code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+        why = f"cannot be read: {code or type(exc).__name__}"
+        log.warning("the run manifest %s cannot be read (%s); skipped", location, code or type(exc).__name__)
     except ValidationError as exc:
-        log.warning("%s is not a run manifest this version reads (%d problem(s)); skipped", location, exc.error_count())
+        why = f"not a run manifest this version reads ({exc.error_count()} problem(s))"
+        log.warning("%s is %s; skipped", location, why)
+    if problems is not None:
+        problems.append(why)
     return None

@@ -20,6 +20,7 @@ touched, and an empty prefix is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -31,7 +32,7 @@ import anyio
 from ._concurrency import run_all
 from ._errors import ConfigurationError, RegistrarError, StorageError, redact
 from ._manifest import MANIFEST_NAME, read_manifest
-from ._mims_client import MimsClient
+from ._mims_client import NOT_FOUND_GRACE, MimsClient
 from ._mims_contract import TERMINAL_STATUSES
 from ._s3 import S3Client, S3Location, storage_errors
 
@@ -167,7 +168,9 @@ async def sweep(
             if age < older_than:
                 results[run.prefix] = swept(outcome="young")
                 return
-            spare = await _why_spare(s3, bucket, run, age, max_age, registry_for, endpoint_for, lookup_deadline)
+            spare = await _why_spare(
+                s3, bucket, run, age, max_age, registry_for, endpoint_for, lookup_deadline, now=now
+            )
             if spare is not None:
                 reason, registration_id, status = spare
                 log.info("sweep: spared s3://%s/%s: %s", bucket, run.prefix, reason)
@@ -180,6 +183,19 @@ async def sweep(
 
     await run_all(functools.partial(judge, run) for run in runs.values())
     if removable and not dry_run:
+        # Judging every run can take minutes; a re-run of a lineage may take a judged run's
+        # prefix over meanwhile (a new manifest, new artifacts, a new registration reading
+        # them).  A run that changed since it was listed is left to the next sweep.
+        changed = await _changed_since_listed(s3, bucket, prefix, removable)
+        for run in changed:
+            reason = (
+                "it changed while the sweep judged it, or could not be listed again (a re-run may have "
+                "taken it over); judged again next time"
+            )
+            log.info("sweep: spared s3://%s/%s: %s", bucket, run.prefix, reason)
+            results[run.prefix] = dataclasses.replace(results[run.prefix], outcome="spared", reason=reason)
+        spared = {id(run) for run in changed}
+        removable = [run for run in removable if id(run) not in spared]
         leftovers += await _remove(s3, bucket, removable)
         for run in removable:
             log.info("sweep: removed s3://%s/%s (%d object(s), %d upload(s))", bucket, run.prefix, *_counts(run))
@@ -204,6 +220,7 @@ def _run_prefix(prefix: str, key: str) -> str | None:
 
 
 async def _list_runs(s3: S3Client, bucket: str, prefix: str) -> tuple[dict[str, _Run], list[str]]:
+    """The runs under `prefix`, and the keys under it that are not in a run's layout."""
     runs: dict[str, _Run] = {}
     not_runs: list[str] = []
 
@@ -242,15 +259,22 @@ async def _why_spare(
     registry_for: RegistryFor,
     endpoint_for: Callable[[str], str],
     deadline: float,
+    *,
+    now: dt.datetime,
 ) -> tuple[str, str | None, str | None] | None:
     """Why the registry may still need this run (reason, registration id, status), or None."""
     old = age >= max_age
     for key, _ in run.objects:
         if not key.endswith("/" + MANIFEST_NAME):
             continue
-        manifest = await read_manifest(s3, S3Location(bucket, key))
+        problems: list[str] = []
+        manifest = await read_manifest(s3, S3Location(bucket, key), problems=problems)
         if manifest is None:
-            continue
+            # A manifest that is there but unreadable (denied, a newer version's) may well
+            # name a registration that still reads this run: only no manifest says none does.
+            if old:
+                continue
+            return (f"its manifest {problems[-1]}; spared until --max-age", None, None)
         configured = redact(endpoint_for(manifest.region))
         if manifest.registration is None:
             if old:
@@ -282,7 +306,35 @@ async def _why_spare(
             return (f"the registry cannot be asked ({why}); spared until --max-age", registration_id, None)
         if current is not None and current.status not in TERMINAL_STATUSES:
             return (f"the registry reports it {current.status}", registration_id, current.status)
+        since = (now - manifest.updated_at).total_seconds()
+        if current is None and since < NOT_FOUND_GRACE:  # as `MimsClient.look_up` allows
+            return (
+                f"the registry does not know it yet, {since:.0f} s after it accepted it (it has {NOT_FOUND_GRACE:g} s)",
+                registration_id,
+                None,
+            )
     return None
+
+
+async def _changed_since_listed(s3: S3Client, bucket: str, prefix: str, runs: Sequence[_Run]) -> list[_Run]:
+    """The runs whose objects or open uploads are no longer those listed (or are newer), from
+    one listing of the prefix again (as many requests as the first: not one per run).  If it
+    cannot be listed, none is known unchanged."""
+    try:
+        found, _ = await _list_runs(s3, bucket, prefix)
+    except StorageError as exc:
+        log.warning("sweep: s3://%s/%s cannot be listed again (%s); nothing removed", bucket, prefix, exc.message)
+        return list(runs)
+
+    def changed(run: _Run) -> bool:
+        now = found.get(run.prefix, _Run(run.prefix))
+        return (
+            sorted(now.objects) != sorted(run.objects)
+            or sorted(now.uploads) != sorted(run.uploads)
+            or (now.newest is not None and (run.newest is None or now.newest > run.newest))
+        )
+
+    return [run for run in runs if changed(run)]
 
 
 def _counts(run: _Run) -> tuple[int, int]:

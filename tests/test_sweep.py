@@ -23,8 +23,18 @@ from async_registrar import ConfigurationError, Registrar, Settings
 from async_registrar._lifecycle import rule_id
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, final_status, late_registry, leftovers, make_job, remove_all
-from .fault_proxy import FaultProxy, Stall
+from .conftest import (
+    MiB,
+    final_status,
+    kept_by_a_timeout,
+    late_registry,
+    leftovers,
+    make_job,
+    on,
+    remove_all,
+    request_for,
+)
+from .fault_proxy import FaultProxy, Reply, Stall, s3_error
 from .test_cli import environment, run
 from .test_signals import start
 
@@ -68,7 +78,9 @@ async def test_sigkill_leftovers_are_swept_and_a_running_registration_is_spared(
     and during the cleanup: `sweep --older-than 0s` removes the first and the last, spares the
     running one (naming it); once it is final, a second sweep removes it too."""
     prefix = settings.s3_prefix
-    with late_registry(stack, processing_delay=6) as registry:
+    # Held (late_registry), but for the registration of 2., which must finish by itself: 3.'s stays
+    # unfinished through its kill and the first sweep, however slow the machine.
+    with late_registry(stack) as registry:
         base = environment(stack, settings, make_job(tmp_path, model_bytes=12 * MiB))
         base["REGISTRAR_MIMS_ENDPOINT"] = registry.endpoint
 
@@ -87,8 +99,10 @@ async def test_sigkill_leftovers_are_swept_and_a_running_registration_is_spared(
         def slow_deletes(method: str, target: str) -> object:
             return Stall(30) if method == "DELETE" else None
 
+        registry.finish_processing()
         with FaultProxy(stack.s3_endpoint, slow_deletes) as stalled:
             kill_when(start({**base, "AWS_ENDPOINT_URL_S3": stalled.endpoint}), "cleaning up the temporary objects")
+        registry.hold_processing()  # that registration is SUCCEEDED (the run said so): the next one is held
         after_cleanup = await leftovers(s3, settings.s3_bucket, prefix)
         assert len(run_prefixes(after_cleanup, prefix)) == 2, after_cleanup
 
@@ -107,6 +121,7 @@ async def test_sigkill_leftovers_are_swept_and_a_running_registration_is_spared(
         left = await leftovers(s3, settings.s3_bucket, prefix)
         assert run_prefixes(left, prefix) == running, left
 
+        registry.finish_processing()
         assert await final_status(registry, registration_id, timeout=30) == "SUCCEEDED"
         again = run(base, "sweep", "--older-than", "0s")
         assert again.returncode == 0, again.stderr
@@ -248,3 +263,157 @@ def test_sweep_is_in_the_help() -> None:
     assert result.returncode == 0
     assert "--older-than" in result.stdout
     assert "--install-lifecycle" in result.stdout
+
+
+async def test_a_sweep_that_cannot_read_a_manifest_spares_the_run(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A kept run (registration unfinished) whose manifest the sweep cannot read (403 AccessDenied:
+    a cleanup role without s3:GetObject) is spared until --max-age, not taken for a run without
+    a manifest: the registration still reads it."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-adv-sweep-unreadable")
+
+    def manifest_denied(method: str, target: str) -> object:
+        return s3_error(403, "AccessDenied") if method == "GET" and "registration.json" in target else None
+
+    with late_registry(stack) as registry:
+        timed_out = await kept_by_a_timeout(on(settings, registry), request)
+        (kept,) = timed_out.kept
+        with FaultProxy(stack.s3_endpoint, manifest_denied) as proxy:
+            async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
+                report = await registrar.sweep(older_than=0)
+            assert proxy.count("GET", "registration.json") >= 1
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, kept.registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert status == "SUCCEEDED", (status, report.lines(), left)
+    assert [r.outcome for r in report.runs] == ["spared"], report.lines()
+    assert len(left) == 3, left
+
+
+async def test_a_sweep_does_not_remove_a_run_a_rerun_took_over_meanwhile(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A sweep judges a kept run whose registration ended FAILED (its question to the registry is
+    slow); meanwhile a re-run of the lineage makes a new registration (generation 2) from what
+    that run left.  The new registration must succeed: the sweep lists again before it removes,
+    and the re-run works in a prefix of its own."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-adv-sweep-race")
+    with late_registry(stack) as registry, FaultProxy(registry.endpoint, lambda m, t: None) as proxy:
+        # One endpoint for all (a sweep asks only the registry the manifest names); the proxy
+        # makes the sweep's question about the old registration slow, and nothing else.
+        through = on(settings, registry, mims_endpoint=proxy.endpoint)
+        timed_out = await kept_by_a_timeout(through, request)
+        (kept,) = timed_out.kept
+        model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # so that it ends FAILED
+        registry.finish_processing()
+        assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+        registry.hold_processing()  # the registrations to come are held again
+
+        stalled = [0]
+
+        def slow_first_lookup(method: str, target: str) -> object:
+            if method == "GET" and kept.registration_id in target and stalled[0] == 0:
+                stalled[0] += 1
+                return Stall(4)
+            return None
+
+        proxy.rule = slow_first_lookup
+        reports: list[Any] = []
+
+        async def sweep() -> None:
+            async with Registrar(through) as registrar:
+                reports.append(await registrar.sweep(older_than=0))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sweep)
+            with anyio.fail_after(20):  # the sweep has listed and read the manifest: it asks now
+                while stalled[0] == 0:
+                    await anyio.sleep(0.01)
+            async with Registrar(through) as registrar:
+                handle = await registrar.submit(request)  # resumes: generation 2 in the same prefix
+                (accepted,) = handle.accepted
+                await handle.aclose()  # kept: the registration is unfinished
+            resubmitted_before_the_sweep_ended = not reports
+        outcomes = [r.outcome for r in reports[0].runs]  # "removed": judged on the stale listing
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, accepted.registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert resubmitted_before_the_sweep_ended
+    assert accepted.registration_id != kept.registration_id
+    assert status == "SUCCEEDED", (status, outcomes, left)
+
+
+async def test_a_sweep_gives_a_just_accepted_registration_the_registrys_grace(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """`sweep --older-than 0s` right after a run was kept, against a registry that does not know a
+    registration for a moment after accepting it: within NOT_FOUND_GRACE of the acceptance the
+    run is spared (as `MimsClient.look_up` waits), and the registration succeeds."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-adv-sweep-404")
+    with late_registry(stack) as registry, FaultProxy(registry.endpoint, lambda m, t: None) as proxy:
+        through = on(settings, registry, mims_endpoint=proxy.endpoint)
+        timed_out = await kept_by_a_timeout(through, request)
+        (kept,) = timed_out.kept
+        not_found = [1]
+
+        def forgetful(method: str, target: str) -> object:
+            if method == "GET" and kept.registration_id in target and not_found[0] > 0:
+                not_found[0] -= 1
+                return Reply(404, b'{"message": "no such registration"}', "Not Found")
+            return None
+
+        proxy.rule = forgetful
+        async with Registrar(through) as registrar:
+            report = await registrar.sweep(older_than=0)
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, kept.registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert status == "SUCCEEDED", (status, [r.outcome for r in report.runs], left)
+
+
+async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A run the sweep would remove (its registration SUCCEEDED) gets a new object while the sweep
+    asks the registry about it (slow): the sweep lists again before it removes, sees the change
+    and spares the run for the next sweep, whatever wrote there."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-sweep-changed")
+    with late_registry(stack) as registry, FaultProxy(registry.endpoint, lambda m, t: None) as proxy:
+        through = on(settings, registry, mims_endpoint=proxy.endpoint)
+        timed_out = await kept_by_a_timeout(through, request)
+        (kept,) = timed_out.kept
+        registry.finish_processing()
+        assert await final_status(registry, kept.registration_id) == "SUCCEEDED"
+        asked = [0]
+
+        def slow_question(method: str, target: str) -> object:
+            if method == "GET" and kept.registration_id in target:
+                asked[0] += 1
+                return Stall(2)
+            return None
+
+        proxy.rule = slow_question
+        reports: list[Any] = []
+
+        async def sweep() -> None:
+            async with Registrar(through) as registrar:
+                reports.append(await registrar.sweep(older_than=0))
+
+        added = f"{kept.kept_prefix}late.json".removeprefix(f"s3://{settings.s3_bucket}/")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sweep)
+            with anyio.fail_after(20):
+                while asked[0] == 0:
+                    await anyio.sleep(0.01)
+            await s3.put_object(Bucket=settings.s3_bucket, Key=added, Body=b"{}")
+        (report,) = reports
+        (run,) = report.runs
+        assert run.outcome == "spared", report.lines()
+        assert "changed while the sweep judged it" in run.reason
+        assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 4
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
