@@ -70,7 +70,7 @@ from ._ranged_read import read_bound
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
-from ._s3_source import copy_to_all, digest_s3_archive, inspect_s3_archive, local_copy_of
+from ._s3_source import copy_inside, copy_to_all, digest_s3_archive, inspect_s3_archive, local_copy_of
 from ._settings import MAX_PARTS, Settings
 from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
 from ._threads import Workers
@@ -126,6 +126,12 @@ class _Region:
     status: str | None = None
     final: Registration | None = None
     resumed: bool = False
+    #: Artifacts of an earlier run whose registration is not alive, still whole in its
+    #: prefix: copied inside S3 into this region's own prefix instead of uploaded again.
+    carried: dict[str, S3Archive] = field(default_factory=dict)
+    carried_sha256: dict[str, str] = field(default_factory=dict)
+    #: That earlier run's prefix, removed at the end when its registration ended FAILED.
+    superseded: TemporaryPrefix | None = None
 
     @property
     def past_point_of_no_return(self) -> bool:
@@ -451,7 +457,7 @@ class Run:
             if region.prefix is None:  # nothing to resume: a fresh attempt
                 suffix = f"{region.region}/" if self._several else ""
                 self._use(region, f"{self.settings.s3_prefix}{identity.group}/{attempt}/{suffix}", attempt, own=True)
-                region.to_upload = set(self._sources)
+                region.to_upload = set(self._sources) - set(region.carried)
 
     @_phase("resume")
     async def _resume(
@@ -470,6 +476,7 @@ class Run:
             log.info("%s: the earlier run(s) of this lineage registered other inputs", region.region)
             return
         here = redact(region.mims.endpoint)
+        ended_failed: set[str] = set()  # the manifests whose registration the registry reports FAILED
         for where, manifest in same:
             if manifest.registration is None:
                 continue
@@ -489,6 +496,8 @@ class Run:
                     exc.message.splitlines()[0],
                 )
                 current = region.accepted
+            if current is not None and current.status == "FAILED":
+                ended_failed.add(where.key)
             if current is None or current.status == "FAILED":
                 log.info(
                     "%s: registration %s of an earlier run %s",
@@ -541,7 +550,7 @@ class Run:
         else:
             where, manifest = same[0]
             region.generation = max(m.generation for _, m in same) + 1
-            await self._take_over(region, where, manifest)
+            await self._carry_over(region, where, manifest, superseded=where.key in ended_failed)
             log.info(
                 "%s: no earlier registration of these inputs is alive; a new one (key generation %d)",
                 region.region,
@@ -552,6 +561,71 @@ class Run:
         """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
         self._enter(region, where, manifest)
         await self._check_artifacts(region, manifest)
+
+    async def _carry_over(self, region: _Region, where: S3Location, manifest: Manifest, *, superseded: bool) -> None:
+        """A new registration of inputs an earlier run uploaded, from a prefix of this run's own:
+        the artifacts still whole in the earlier prefix are copied inside S3 (see `_copy_carried`),
+        the others uploaded.  The earlier prefix is never written to nor used in place: its run
+        may still be alive, and remove it once its registration is final (as may a sweep).  This
+        run removes it at the end if its registration ended FAILED (not if the registry merely
+        did not know it: one it does know after all may still read it)."""
+        problems: dict[str, str | None] = {}
+
+        async def inspect(name: str, artifact: ManifestArtifact) -> None:
+            problems[name] = await artifact.problem(region.s3)
+
+        await run_all(functools.partial(inspect, n, a) for n, a in manifest.artifacts.items())
+        for name, artifact in manifest.artifacts.items():
+            if name not in self._sources:
+                continue
+            if problems[name] is None:
+                location = S3Location.parse(artifact.s3_uri, what="artifact in the run manifest")
+                region.carried[name] = S3Archive(location, artifact.size_bytes, artifact.etag)
+                region.carried_sha256[name] = artifact.sha256
+            else:
+                log.warning(
+                    "%s: %s is not whole (%s): uploading it again", region.region, artifact.s3_uri, problems[name]
+                )
+        if superseded:
+            prefix = where.key.removesuffix(MANIFEST_NAME)
+            region.superseded = TemporaryPrefix(
+                region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit
+            )
+
+    async def _copy_carried(self, region: _Region) -> None:
+        """Copy the carried artifacts into the region's own prefix, inside S3 (no byte through
+        this process); one that cannot be copied (its earlier run removed it meanwhile, say) is
+        uploaded instead."""
+
+        async def copy(name: str) -> None:
+            source = region.carried[name]
+            target = S3Location(region.bucket, _prefix(region).key(f"{name}.tar.gz"))
+            try:
+                parts, stored = await copy_inside(
+                    region.s3, source, target, self.settings, cleanup=self._cleanup, ledger=self._ledger
+                )
+            except StorageError as exc:
+                log.warning(
+                    "%s: %s could not be copied from %s (%s): uploading it again",
+                    region.region,
+                    name,
+                    source.location,
+                    exc.message.splitlines()[0],
+                )
+                region.to_upload.add(name)
+                return
+            log.info("%s: %s copied from %s to %s inside S3", region.region, name, source.location, target)
+            region.artifacts[name] = UploadedArtifact(
+                target,
+                source.size,
+                region.carried_sha256[name],
+                parts,
+                etag=stored.etag if stored else None,
+                integrity="server-copy",
+            )
+
+        names = [name for name in region.carried if name not in region.artifacts]
+        await run_all(functools.partial(copy, name) for name in names)
 
     def _enter(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
         """Make an earlier run's prefix (and the artifacts its manifest lists) this region's."""
@@ -604,6 +678,8 @@ class Run:
     async def _upload(self) -> None:
         """Upload each artifact once, to every region that needs it."""
         mark = anyio.current_time()
+        # First what an earlier run left whole: copied inside S3 (or, failing that, uploaded).
+        await run_all(functools.partial(self._copy_carried, r) for r in self.regions if r.carried)
         if self.settings.preflight:
             unprobed = [r for r in self.regions if r.to_upload and r.capabilities is None]
             await run_all(functools.partial(self._capabilities, r) for r in unprobed)
@@ -821,6 +897,7 @@ class Run:
         self._finalized = True
         kept = [r for r in self.regions if r.prefix is not None and r.past_point_of_no_return]
         removed = [_prefix(r) for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
+        removed += [r.superseded for r in self.regions if r.superseded is not None]
         found: list[tuple[str, ...]] = [() for _ in removed]
         with self._cleanup.shield():
 

@@ -38,7 +38,7 @@ from ._budget import MemoryBudget
 from ._capabilities import Integrity
 from ._concurrency import CleanupDeadline, run_all
 from ._errors import InputError, StorageError
-from ._multipart import MultipartUploads, OpenUploads, check_object
+from ._multipart import MultipartUploads, OpenUploads, StoredObject, check_object
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._ranged_read import ranged_reader
@@ -47,7 +47,15 @@ from ._settings import Settings, describe_field
 from ._threads import Workers
 from ._upload import DigestSink, UploadedArtifact, upload_to_all
 
-__all__ = ["COPY_PART_SIZE", "bucket_region", "copy_to_all", "digest_s3_archive", "inspect_s3_archive", "local_copy_of"]
+__all__ = [
+    "COPY_PART_SIZE",
+    "bucket_region",
+    "copy_inside",
+    "copy_to_all",
+    "digest_s3_archive",
+    "inspect_s3_archive",
+    "local_copy_of",
+]
 
 log = logging.getLogger("async_registrar.upload")
 
@@ -225,34 +233,12 @@ async def copy_to_all(
         digest.append((uploaded[0].size, uploaded[0].sha256))
 
     async def copy(index: int) -> None:
-        # Always a multipart copy, even of one part: a CopyObject cut off by a failure or a
-        # cancellation may still complete on the server, after the cleanup looked; a part copy
-        # that lands after the upload was aborted leaves nothing.
         client, target = targets[index]
         await opened.wait()
-        part_size = choose_part_size(source.size, max(settings.part_size, copy_part_size))
-        ranges = [(start, min(start + part_size, source.size) - 1) for start in range(0, source.size, part_size)]
-        limiter = anyio.CapacityLimiter(settings.upload_concurrency)
-        async with MultipartUploads([(client, target)], checksum=None, cleanup=cleanup, ledger=ledger) as uploads:
-            (upload,) = uploads
-
-            async def one(number: int, first: int, last: int) -> None:
-                async with limiter:
-                    await upload.copy_part(number, source.location, first, last, source.etag)
-
-            await run_all(functools.partial(one, n, first, last) for n, (first, last) in enumerate(ranges, 1))
-            await upload.complete()
-        problem, _ = await check_object(client, target, source.size, None)
-        if problem is not None:
-            with cleanup.shield(), storage_errors("DeleteObject", target.bucket, target.key):
-                await client.delete_object(Bucket=target.bucket, Key=target.key)
-            raise StorageError(
-                f"the copy of {source.location} at {target} is not whole: {problem}; it was deleted, run again",
-                operation="HeadObject",
-                bucket=target.bucket,
-                key=target.key,
-            )
-        results[index] = UploadedArtifact(target, source.size, "", len(ranges), integrity="server-copy")
+        parts, _ = await copy_inside(
+            client, source, target, settings, cleanup=cleanup, ledger=ledger, copy_part_size=copy_part_size
+        )
+        results[index] = UploadedArtifact(target, source.size, "", parts, integrity="server-copy")
 
     try:
         await run_all([stream if streamed else read, *(functools.partial(copy, index) for index in copied)])
@@ -288,6 +274,48 @@ async def copy_to_all(
             targets[index][1], size, sha256, results[index].parts, integrity="server-copy"
         )
     return [results[index] for index in range(len(targets))]
+
+
+async def copy_inside(
+    client: S3Client,
+    source: S3Archive,
+    target: S3Location,
+    settings: Settings,
+    *,
+    cleanup: CleanupDeadline,
+    ledger: OpenUploads | None = None,
+    copy_part_size: int = COPY_PART_SIZE,
+) -> tuple[int, StoredObject | None]:
+    """Copy `source` (pinned to its ETag) to `target` inside S3: UploadPartCopy parts of at
+    least `copy_part_size`, `upload_concurrency` at once; the part count, and what S3 reports
+    of the copy.  Aborted on any failure; a copy found other than the source (its size) is
+    deleted (`StorageError`)."""
+    # Always a multipart copy, even of one part: a CopyObject cut off by a failure or a
+    # cancellation may still complete on the server, after the cleanup looked; a part copy
+    # that lands after the upload was aborted leaves nothing.
+    part_size = choose_part_size(source.size, max(settings.part_size, copy_part_size))
+    ranges = [(start, min(start + part_size, source.size) - 1) for start in range(0, source.size, part_size)]
+    limiter = anyio.CapacityLimiter(settings.upload_concurrency)
+    async with MultipartUploads([(client, target)], checksum=None, cleanup=cleanup, ledger=ledger) as uploads:
+        (upload,) = uploads
+
+        async def one(number: int, first: int, last: int) -> None:
+            async with limiter:
+                await upload.copy_part(number, source.location, first, last, source.etag)
+
+        await run_all(functools.partial(one, n, first, last) for n, (first, last) in enumerate(ranges, 1))
+        await upload.complete()
+    problem, stored = await check_object(client, target, source.size, None)
+    if problem is not None:
+        with cleanup.shield(), storage_errors("DeleteObject", target.bucket, target.key):
+            await client.delete_object(Bucket=target.bucket, Key=target.key)
+        raise StorageError(
+            f"the copy of {source.location} at {target} is not whole: {problem}; it was deleted, run again",
+            operation="HeadObject",
+            bucket=target.bucket,
+            key=target.key,
+        )
+    return len(ranges), stored
 
 
 async def _regions(

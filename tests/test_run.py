@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from async_registrar import (
     UploadProgress,
 )
 from async_registrar._local import LocalStack
+from async_registrar.reference_mims import ThreadedMimsServer
 
 from .conftest import (
     MiB,
@@ -53,16 +53,20 @@ from .conftest import (
     names_under,
     on,
     registration_config,
+    release_when_submitted,
     remove_all,
     request_for,
 )
-from .fault_proxy import RESET, FaultProxy, Reply, Stall
+from .fault_proxy import RESET, FaultProxy, Reply, Stall, s3_error
 
 
-async def resume(settings: Settings, request: RegistrationRequest, registration_id: str) -> Recorder:
-    """Re-run with the same request: the kept registration is followed to SUCCEEDED, nothing uploaded."""
+async def resume(
+    settings: Settings, request: RegistrationRequest, registration_id: str, registry: ThreadedMimsServer
+) -> Recorder:
+    """Re-run with the same request: the kept registration is followed to SUCCEEDED, nothing uploaded
+    (held unfinished by `registry` until the re-run follows it, then let finish)."""
     seen = Recorder()
-    async with Registrar(settings, on_progress=seen) as registrar:
+    async with Registrar(settings, on_progress=release_when_submitted(registry, seen)) as registrar:
         result = await registrar.register(request)
     assert result.registration_id == registration_id
     assert result.registrations[0].resumed
@@ -110,7 +114,7 @@ async def test_a_wait_timeout_keeps_names_and_a_rerun_resumes(
         assert set(manifest["artifacts"]) == {"model", "payload"}
         assert manifest["artifacts"]["model"]["s3_uri"] == kept.kept_prefix + "model.tar.gz"
 
-        await resume(on(settings, registry), request, kept.registration_id)
+        await resume(on(settings, registry), request, kept.registration_id, registry)
         assert registry.registration_count == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -133,7 +137,7 @@ async def test_a_poll_failing_past_its_deadline_keeps_and_a_rerun_resumes(
             assert proxy.count("GET", "/v1/registrations/") > 1
         (kept,) = caught.value.kept
         assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3
-        await resume(on(settings, registry), request, kept.registration_id)
+        await resume(on(settings, registry), request, kept.registration_id, registry)
         assert registry.registration_count == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -161,7 +165,7 @@ async def test_a_library_cancellation_during_the_wait_keeps_and_a_rerun_resumes(
         assert event.reason == "cancelled"
         assert event.prefixes == (kept.kept_prefix,)
         assert seen.of(CleanupFinished) == []
-        await resume(on(settings, registry), request, kept.registration_id)
+        await resume(on(settings, registry), request, kept.registration_id, registry)
         assert registry.registration_count == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
@@ -187,8 +191,8 @@ async def test_a_post_cancelled_in_flight_is_kept_and_resubmitted(
         (prefix,) = event.prefixes
         assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
 
-        again = Recorder()
-        async with Registrar(on(settings, registry), on_progress=again) as registrar:
+        again = Recorder()  # held (late_registry) until the re-run has submitted it again
+        async with Registrar(on(settings, registry), on_progress=release_when_submitted(registry, again)) as registrar:
             result = await registrar.register(request)
         assert registry.registration_count == 1
         assert again.of(UploadProgress) == []
@@ -200,8 +204,9 @@ async def test_a_post_cancelled_in_flight_is_kept_and_resubmitted(
 async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
-    """A kept registration whose artifacts someone removed ends FAILED; the re-run uploads them again
-    and makes a new registration (key generation 2), which succeeds."""
+    """A kept registration whose artifacts someone removed ends FAILED; the re-run makes a new
+    registration (key generation 2) from a prefix of its own: the removed model uploaded again, the
+    payload, still whole, copied there inside S3; it succeeds and both prefixes are removed."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-generation")
     keys: list[str] = []
 
@@ -209,11 +214,13 @@ async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
         if outgoing.method == "POST":
             keys.append(outgoing.headers["Idempotency-Key"])
 
-    with late_registry(stack, processing_delay=1.0) as registry:
+    # Held unfinished through the timeout and the removal: it reads its artifacts only after both.
+    with late_registry(stack) as registry:
         timed_out = await kept_by_a_timeout(on(settings, registry), request)
         (kept,) = timed_out.kept
         model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
         await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # a lifecycle rule, a person
+        registry.finish_processing()
         assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
 
         async with (
@@ -225,8 +232,43 @@ async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
         assert result.registration_id != kept.registration_id
         assert registry.registration_count == 2
         assert [e.artifact for e in seen.of(UploadProgress) if e.done] == ["model"]  # the payload was whole
+        payload = result.payload_artifact
+        assert payload is not None
+        assert payload.integrity == "server-copy"
+        assert kept.kept_prefix is not None
+        for artifact in (result.model_artifact, payload):  # never the earlier run's prefix, used in place
+            assert not artifact.uri.startswith(kept.kept_prefix)
         assert len(keys) == 1
         assert keys[0].endswith("-g2")
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_an_artifact_that_cannot_be_copied_after_a_failed_registration_is_uploaded(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """After a FAILED registration, a whole artifact the re-run cannot copy inside S3 (the earlier
+    run removed it meanwhile, say: 404 on UploadPartCopy) is uploaded instead; the new registration
+    succeeds and nothing is left, the earlier prefix included."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-copy-fails")
+    with late_registry(stack) as registry:
+        timed_out = await kept_by_a_timeout(on(settings, registry), request)
+        (kept,) = timed_out.kept
+        model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
+        await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)
+        registry.finish_processing()
+        assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+
+        def no_copies(method: str, target: str, headers: dict[str, str]) -> object:
+            return s3_error(404, "NoSuchKey") if method == "PUT" and "x-amz-copy-source" in headers else None
+
+        with FaultProxy(stack.s3_endpoint, no_copies, with_headers=True) as proxy:
+            async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
+                seen = Recorder()
+                result = await registrar.register(request, on_progress=seen)
+            assert any("x-amz-copy-source" in h for h in proxy.headers)  # the copy was tried
+        assert sorted(e.artifact for e in seen.of(UploadProgress) if e.done) == ["model", "payload"]
+        assert result.registration_id != kept.registration_id
+        assert await final_status(registry, result.registration_id) == "SUCCEEDED"
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
@@ -307,6 +349,7 @@ async def test_a_callback_raising_when_artifacts_are_kept_changes_nothing(
         async with Registrar(on(settings, registry, wait_timeout=0.3), on_progress=broken) as registrar:
             with pytest.raises(RegistrationTimeout) as caught:
                 await registrar.register(request_for(make_job(tmp_path)))
+        registry.finish_processing()  # held (late_registry) past the timeout
         assert await final_status(registry, caught.value.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
@@ -321,7 +364,7 @@ async def test_two_models_of_the_same_shapes_in_one_lineage_are_two_registration
     while the first is kept; neither touches the other's artifacts, all succeed."""
     first = request_for(make_job(tmp_path / "a", model_bytes=5 * MiB), workflow_execution_id="wf-twins")
     second = request_for(make_job(tmp_path / "b", model_bytes=5 * MiB), workflow_execution_id="wf-twins")
-    with late_registry(stack, processing_delay=0.5) as registry:
+    with late_registry(stack, processing_delay=0.5) as registry:  # these two finish by themselves
         results = {}
         async with Registrar(on(settings, registry)) as registrar:
 
@@ -335,15 +378,19 @@ async def test_two_models_of_the_same_shapes_in_one_lineage_are_two_registration
         assert results["a"].model_artifact.sha256 != results["b"].model_artifact.sha256
         assert registry.registration_count == 2
 
-        first, second = (
-            request_for(make_job(tmp_path / name, model_bytes=5 * MiB), workflow_execution_id="wf-twins-again")
-            for name in ("c", "d")
-        )
+    first, second = (
+        request_for(make_job(tmp_path / name, model_bytes=5 * MiB), workflow_execution_id="wf-twins-again")
+        for name in ("c", "d")
+    )
+    # A registry of its own that holds the kept one unfinished through its timeout and the second
+    # run's look at the lineage, upload and submission; from there both may finish.
+    with late_registry(stack) as registry:
         timed_out = await kept_by_a_timeout(on(settings, registry), first)
-        async with Registrar(on(settings, registry)) as registrar:
+        async with Registrar(on(settings, registry), on_progress=release_when_submitted(registry)) as registrar:
             third = await registrar.register(second)  # the kept one is another model: not resumed
         assert not third.registrations[0].resumed
         assert third.registration_id != timed_out.registration_id
+        assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]  # the kept
         assert await final_status(registry, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
@@ -399,7 +446,8 @@ async def test_two_regions_interrupted_are_both_kept_and_resumed(
             with pytest.raises(RegistrationTimeout) as caught:
                 await registrar.register(request)
         assert sorted(k.region for k in caught.value.kept) == sorted(regions)
-        async with Registrar(regional) as registrar:
+        # Held (late_registry): both unfinished at the timeout, and until the re-run follows both.
+        async with Registrar(regional, on_progress=release_when_submitted(registry, count=2)) as registrar:
             result = await registrar.register(request)
         assert all(r.resumed for r in result.registrations)
         assert {r.registration_id for r in result.registrations} == {k.registration_id for k in caught.value.kept}
@@ -548,19 +596,25 @@ async def test_a_rerun_stopped_while_it_checks_kept_artifacts_keeps_them(
     """A re-run cancelled while it checks the kept artifacts (HeadObject) of an unfinished registration
     must not remove them: the registration, reading them late, succeeds."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-takeover")
-    with late_registry(stack, processing_delay=4.0) as registry:
+    # Held unfinished (late_registry) through the timeout and the cancelled re-run: a re-run that
+    # found it final would rightly remove the artifacts.
+    with late_registry(stack) as registry:
         timed_out = await kept_by_a_timeout(on(settings, registry), request)
-        slow_heads: Callable[[str, str], object] = lambda m, t: Stall(3) if m == "HEAD" else None  # noqa: E731
+
+        def slow_heads(method: str, target: str) -> object:  # not the preflight's HeadBucket, which comes first
+            return Stall(3) if method == "HEAD" and ".tar.gz" in target else None
+
         with FaultProxy(stack.s3_endpoint, slow_heads) as proxy:
             async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(registrar.register, request)
                         with anyio.fail_after(20):
-                            while proxy.count("HEAD", "") == 0:
+                            while proxy.count("HEAD", ".tar.gz") == 0:  # checking a kept artifact
                                 await anyio.sleep(0.01)
                         scope.cancel()
         assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
+        registry.finish_processing()
         assert await final_status(registry, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
@@ -572,7 +626,9 @@ async def test_a_rejected_resubmission_keeps_what_an_unanswered_post_may_use(
     secret): that says nothing of the earlier one, so its artifacts stay, and a later re-run with the
     right secret resumes it."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-403")
-    with late_registry(stack, stall_submissions=1, stall_seconds=1, processing_delay=3.0) as registry:
+    # Held (late_registry) until the last re-run has submitted it again: it reads the artifacts only
+    # after the refused re-run.
+    with late_registry(stack, stall_submissions=1, stall_seconds=1) as registry:
         async with Registrar(on(settings, registry)) as registrar:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
@@ -585,7 +641,7 @@ async def test_a_rejected_resubmission_keeps_what_an_unanswered_post_may_use(
             with pytest.raises(RegistrationRejected, match="403"):
                 await registrar.register(request)
         assert await names_under(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
-        async with Registrar(on(settings, registry)) as registrar:
+        async with Registrar(on(settings, registry), on_progress=release_when_submitted(registry)) as registrar:
             result = await registrar.register(request)
         assert registry.registration_count == 1
         assert await final_status(registry, result.registration_id) == "SUCCEEDED"
@@ -660,7 +716,7 @@ async def test_a_registry_that_does_not_know_a_registration_yet_is_given_time(
             return None
 
         proxy.rule = forgetful
-        await resume(through_proxy, request, caught.value.registration_id)
+        await resume(through_proxy, request, caught.value.registration_id, registry)
         assert registry.registration_count == 1
     assert not_found == [0]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
@@ -678,6 +734,7 @@ async def test_a_kept_run_of_another_registry_is_not_touched(
             result = await registrar.register(request)
         assert not result.registrations[0].resumed
         assert second.registration_count == 1
+        first.finish_processing()  # held (late_registry) until the other registry's run is over
         assert await final_status(first, timed_out.registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
@@ -709,5 +766,62 @@ async def test_a_rerun_with_nothing_to_follow_probes_the_registry_before_it_uplo
             assert watched.count("POST", "?uploads") == 0
             assert watched.count("GET", "registration.json") >= 1  # it did look for earlier runs
         assert await names_under(s3, settings) == kept
+        registry.finish_processing()  # held (late_registry) past the timeout and the refused re-run
         assert await final_status(registry, timeout.kept[0].registration_id) == "SUCCEEDED"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_a_run_that_saw_its_registration_fail_does_not_remove_a_concurrent_takeover(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Two runs of one lineage at once (an orchestrator's retry while the first still runs): run A's
+    registration ends FAILED and A cleans up (its listing slow); meanwhile run B resumes, finds
+    A's manifest and the registration FAILED, and makes a new one (generation 2).  B's
+    registration must succeed: B copies A's whole artifacts into a prefix of its own instead of
+    working in A's, which A empties."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-adv-concurrent-takeover")
+    with late_registry(stack) as registry, FaultProxy(stack.s3_endpoint, lambda m, t: None) as a_s3:
+        async with Registrar(on(settings, registry, s3_endpoint_url=a_s3.endpoint)) as a:
+            a_handle = await a.submit(request)
+            (first,) = a_handle.accepted
+            under = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+            (manifest_key,) = [k for k in under if k.endswith(".json")]
+            model_key = manifest_key.replace("registration.json", "model.tar.gz")
+            await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # so that it ends FAILED
+            listed = [0]
+
+            def slow_listing(method: str, target: str) -> object:
+                if method == "GET" and "?uploads" in target and listed[0] == 0:
+                    listed[0] += 1
+                    return Stall(5)
+                return None
+
+            a_s3.rule = slow_listing
+            registry.finish_processing()
+            assert (await final_status(registry, first.registration_id)).startswith("FAILED")
+            registry.hold_processing()  # B's registration is held
+            outcome: list[BaseException] = []
+
+            async def a_waits() -> None:
+                try:
+                    await a_handle.wait()
+                except Exception as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a_waits)
+                with anyio.fail_after(20):  # A saw FAILED and is cleaning up (its listing held)
+                    while listed[0] == 0:
+                        await anyio.sleep(0.01)
+                async with Registrar(on(settings, registry)) as b:
+                    b_handle = await b.submit(request)
+                    (second,) = b_handle.accepted
+                    await b_handle.aclose()  # kept: unfinished
+                b_done_before_a_listed = not outcome
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, second.registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert b_done_before_a_listed
+    assert second.registration_id != first.registration_id
+    assert status == "SUCCEEDED", (status, left)
