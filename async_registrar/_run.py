@@ -128,8 +128,7 @@ class _Region:
     resumed: bool = False
     #: Artifacts of an earlier run whose registration is not alive, still whole in its
     #: prefix: copied inside S3 into this region's own prefix instead of uploaded again.
-    carried: dict[str, S3Archive] = field(default_factory=dict)
-    carried_sha256: dict[str, str] = field(default_factory=dict)
+    carried: dict[str, ManifestArtifact] = field(default_factory=dict)
     #: That earlier run's prefix, removed at the end when its registration ended FAILED.
     superseded: TemporaryPrefix | None = None
 
@@ -569,22 +568,15 @@ class Run:
         may still be alive, and remove it once its registration is final (as may a sweep).  This
         run removes it at the end if its registration ended FAILED (not if the registry merely
         did not know it: one it does know after all may still read it)."""
-        problems: dict[str, str | None] = {}
-
-        async def inspect(name: str, artifact: ManifestArtifact) -> None:
-            problems[name] = await artifact.problem(region.s3)
-
-        await run_all(functools.partial(inspect, n, a) for n, a in manifest.artifacts.items())
-        for name, artifact in manifest.artifacts.items():
-            if name not in self._sources:
-                continue
-            if problems[name] is None:
-                location = S3Location.parse(artifact.s3_uri, what="artifact in the run manifest")
-                region.carried[name] = S3Archive(location, artifact.size_bytes, artifact.etag)
-                region.carried_sha256[name] = artifact.sha256
+        for name, problem in (await self._artifact_problems(region, manifest)).items():
+            if problem is None:
+                region.carried[name] = manifest.artifacts[name]
             else:
                 log.warning(
-                    "%s: %s is not whole (%s): uploading it again", region.region, artifact.s3_uri, problems[name]
+                    "%s: %s is not whole (%s): uploading it again",
+                    region.region,
+                    manifest.artifacts[name].s3_uri,
+                    problem,
                 )
         if superseded:
             prefix = where.key.removesuffix(MANIFEST_NAME)
@@ -597,8 +589,9 @@ class Run:
         this process); one that cannot be copied (its earlier run removed it meanwhile, say) is
         uploaded instead."""
 
-        async def copy(name: str) -> None:
-            source = region.carried[name]
+        async def copy(name: str, artifact: ManifestArtifact) -> None:
+            earlier = artifact.uploaded()
+            source = S3Archive(earlier.location, earlier.size, earlier.etag)
             target = S3Location(region.bucket, _prefix(region).key(f"{name}.tar.gz"))
             try:
                 parts, stored = await copy_inside(
@@ -618,14 +611,13 @@ class Run:
             region.artifacts[name] = UploadedArtifact(
                 target,
                 source.size,
-                region.carried_sha256[name],
+                artifact.sha256,
                 parts,
                 etag=stored.etag if stored else None,
                 integrity="server-copy",
             )
 
-        names = [name for name in region.carried if name not in region.artifacts]
-        await run_all(functools.partial(copy, name) for name in names)
+        await run_all(functools.partial(copy, name, artifact) for name, artifact in region.carried.items())
 
     def _enter(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
         """Make an earlier run's prefix (and the artifacts its manifest lists) this region's."""
@@ -651,13 +643,7 @@ class Run:
 
     async def _check_artifacts(self, region: _Region, manifest: Manifest) -> None:
         """Mark for upload the artifacts of the manifest that are gone or changed."""
-        problems: dict[str, str | None] = {}
-
-        async def inspect(name: str, artifact: ManifestArtifact) -> None:
-            problems[name] = await artifact.problem(region.s3)
-
-        await run_all(functools.partial(inspect, n, a) for n, a in manifest.artifacts.items())
-        for name, problem in problems.items():
+        for name, problem in (await self._artifact_problems(region, manifest)).items():
             if problem is not None:
                 log.warning(
                     "%s: %s is not whole (%s): uploading it again", region.region, artifact_uri(region, name), problem
@@ -665,6 +651,18 @@ class Run:
                 region.to_upload.add(name)
         if not region.to_upload:
             log.info("%s: the artifacts under %s are whole: nothing to upload", region.region, _prefix(region).uri)
+
+    @staticmethod
+    async def _artifact_problems(region: _Region, manifest: Manifest) -> dict[str, str | None]:
+        """Why each artifact of the manifest is not the one uploaded (see `problem`), or None;
+        all asked at once."""
+        problems: dict[str, str | None] = {}
+
+        async def inspect(name: str, artifact: ManifestArtifact) -> None:
+            problems[name] = await artifact.problem(region.s3)
+
+        await run_all(functools.partial(inspect, n, a) for n, a in manifest.artifacts.items())
+        return problems
 
     async def _look_up(
         self, region: _Region, registration_id: str, *, since: dt.datetime | None

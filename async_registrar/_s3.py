@@ -252,7 +252,7 @@ def _note_failed_attempt(
         http, parsed = response
         status = int(getattr(http, "status_code", 0) or 0)
         code = str(parsed.get("Error", {}).get("Code", "")) if isinstance(parsed, dict) else ""
-        if status < 400 or (status < 500 and status != 429 and code not in _TRANSIENT_CODES):
+        if status < 500 and status != 429 and code not in _TRANSIENT_CODES:
             return  # an answer: a success, or a refusal raised as it is
         problem = f"{status} {code}".strip()
     else:

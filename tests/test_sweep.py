@@ -312,15 +312,7 @@ async def test_a_sweep_does_not_remove_a_run_a_rerun_took_over_meanwhile(
         assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
         registry.hold_processing()  # the registrations to come are held again
 
-        stalled = [0]
-
-        def slow_first_lookup(method: str, target: str) -> object:
-            if method == "GET" and kept.registration_id in target and stalled[0] == 0:
-                stalled[0] += 1
-                return Stall(4)
-            return None
-
-        proxy.rule = slow_first_lookup
+        stalled = stall_first_question(proxy, kept.registration_id, 4)
         reports: list[Any] = []
 
         async def sweep() -> None:
@@ -333,11 +325,11 @@ async def test_a_sweep_does_not_remove_a_run_a_rerun_took_over_meanwhile(
                 while stalled[0] == 0:
                     await anyio.sleep(0.01)
             async with Registrar(through) as registrar:
-                handle = await registrar.submit(request)  # resumes: generation 2 in the same prefix
+                handle = await registrar.submit(request)  # resumes: generation 2, from the kept artifacts
                 (accepted,) = handle.accepted
                 await handle.aclose()  # kept: the registration is unfinished
             resubmitted_before_the_sweep_ended = not reports
-        outcomes = [r.outcome for r in reports[0].runs]  # "removed": judged on the stale listing
+        outcomes = [r.outcome for r in reports[0].runs]
         left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
         registry.finish_processing()
         status = await final_status(registry, accepted.registration_id)
@@ -389,15 +381,7 @@ async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
         (kept,) = timed_out.kept
         registry.finish_processing()
         assert await final_status(registry, kept.registration_id) == "SUCCEEDED"
-        asked = [0]
-
-        def slow_question(method: str, target: str) -> object:
-            if method == "GET" and kept.registration_id in target:
-                asked[0] += 1
-                return Stall(2)
-            return None
-
-        proxy.rule = slow_question
+        asked = stall_first_question(proxy, kept.registration_id, 2)
         reports: list[Any] = []
 
         async def sweep() -> None:
@@ -417,3 +401,18 @@ async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
         assert "changed while the sweep judged it" in run.reason
         assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 4
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+def stall_first_question(proxy: FaultProxy, registration_id: str, seconds: float) -> list[int]:
+    """Make the registry's first answer about `registration_id` (through `proxy`) late by
+    `seconds`; the returned counter says how many questions were stalled (0 or 1)."""
+    stalled = [0]
+
+    def rule(method: str, target: str) -> object:
+        if method == "GET" and registration_id in target and stalled[0] == 0:
+            stalled[0] += 1
+            return Stall(seconds)
+        return None
+
+    proxy.rule = rule
+    return stalled
