@@ -568,6 +568,12 @@ class Run:
         may still be alive, and remove it once its registration is final (as may a sweep).  This
         run removes it at the end if its registration ended FAILED (not if the registry merely
         did not know it: one it does know after all may still read it)."""
+        # Before any await: a run cancelled while it checks the artifacts still removes it.
+        if superseded:
+            prefix = where.key.removesuffix(MANIFEST_NAME)
+            region.superseded = TemporaryPrefix(
+                region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit
+            )
         for name, problem in (await self._artifact_problems(region, manifest)).items():
             if problem is None:
                 region.carried[name] = manifest.artifacts[name]
@@ -578,11 +584,6 @@ class Run:
                     manifest.artifacts[name].s3_uri,
                     problem,
                 )
-        if superseded:
-            prefix = where.key.removesuffix(MANIFEST_NAME)
-            region.superseded = TemporaryPrefix(
-                region.s3, region.bucket, prefix, cleanup=self._cleanup, on_progress=self._emit
-            )
 
     async def _copy_carried(self, region: _Region) -> None:
         """Copy the carried artifacts into the region's own prefix, inside S3 (no byte through

@@ -13,6 +13,8 @@ the request (method and target; and its headers, lower-cased, for a proxy made w
 - `Late(seconds)`: forward it whole, and hold the answer back that long (a server that took
   the request and answers late, or, past the client's read timeout, never).
 
+`HoldingProxy` holds the requests it picks not for a time but until the test releases them.
+
 A proxy made with a `body_rule` also reads each request's body before it forwards it, and
 lets the rule answer it or change it: `S3Server` makes one behave like the S3 servers that
 check what they receive (or not), and damages bodies on the way.
@@ -33,6 +35,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
+
+import anyio
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,67 @@ class FaultProxy:
                 pump.cancel()
         finally:
             up_writer.close()
+
+
+class HoldingProxy(FaultProxy):
+    """A fault proxy that holds the requests `holds(method, target, headers)` picks on their way to
+    S3, not for a time but until the test calls `release()`: then they go on (a request whose
+    client gave up meanwhile still reaches the server, late, as one held up on the network does).
+    `arrived` is set when the first is held, `answered` once every one held was answered by S3
+    after the release; `answers` has the status line S3 gave each.  Made inside the test's loop."""
+
+    def __init__(self, upstream: str, holds: Callable[[str, str, dict[str, str]], bool]) -> None:
+        super().__init__(upstream, lambda method, target, headers: None, with_headers=True)
+        self._holds = holds
+        self._released = threading.Event()
+        self._test_loop = asyncio.get_running_loop()
+        self.arrived = anyio.Event()
+        self.answered = anyio.Event()
+        self.answers: list[str] = []
+        self._held = self._done = 0
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()  # nothing stays held past the test
+        super().__exit__(*exc_info)
+
+    def _signal(self, event: anyio.Event) -> None:
+        self._test_loop.call_soon_threadsafe(event.set)
+
+    async def _forward(self, method: bytes, head: bytes, reader: Any, writer: Any, **options: Any) -> None:
+        verb, target = (part.decode() for part in head.split(b" ", 2)[:2])
+        if self._released.is_set() or not self._holds(verb, target, _headers(head)):
+            await super()._forward(method, head, reader, writer, **options)
+            return
+        self._held += 1
+        self._signal(self.arrived)
+        while not self._released.is_set():  # the proxy's own loop goes on serving the other requests
+            await asyncio.sleep(0.005)
+        try:
+            await super()._forward(method, head, reader, _FirstLine(writer, self.answers.append), **options)
+        finally:
+            self._done += 1
+            if self._done == self._held:
+                self._signal(self.answered)
+
+
+class _FirstLine:
+    """A stream writer that hands the first line written (the answer's status line) to `record`."""
+
+    def __init__(self, writer: Any, record: Callable[[str], None]) -> None:
+        self._writer = writer
+        self._record: Callable[[str], None] | None = record
+
+    def write(self, data: bytes) -> None:
+        if self._record is not None:
+            self._record(data.split(b"\r\n", 1)[0].decode())
+            self._record = None
+        self._writer.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
 
 
 def _content_length(head: bytes) -> int | None:

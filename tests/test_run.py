@@ -57,7 +57,7 @@ from .conftest import (
     remove_all,
     request_for,
 )
-from .fault_proxy import RESET, FaultProxy, Reply, Stall, s3_error
+from .fault_proxy import RESET, FaultProxy, HoldingProxy, Reply, Stall, s3_error
 
 
 async def resume(
@@ -74,6 +74,43 @@ async def resume(
     assert [e.resumed for e in seen.of(RegistrationSubmitted)] == [True]
     assert "digest" in result.timings
     return seen
+
+
+async def kept_then_failed(
+    settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest, s3: Any
+) -> tuple[str, str]:
+    """A registration kept by a wait timeout whose model someone then removed, so that it ends FAILED
+    (the payload stays whole in its prefix); its id and its prefix's key."""
+    timed_out = await kept_by_a_timeout(on(settings, registry), request)
+    (kept,) = timed_out.kept
+    assert kept.kept_prefix is not None
+    earlier = kept.kept_prefix.removeprefix(f"s3://{settings.s3_bucket}/")
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=f"{earlier}model.tar.gz")
+    registry.finish_processing()
+    assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+    return kept.registration_id, earlier
+
+
+async def rerun_cancelled_while_held(
+    settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest, proxy: HoldingProxy, s3: Any
+) -> tuple[Recorder, list[str]]:
+    """Re-run `request` with its S3 requests through `proxy`, cancel it from outside once `proxy` holds
+    one, then let the held requests reach S3 and wait for their answers.  The events, and what was
+    under the test's prefix at the moment of the cancellation."""
+    seen = Recorder()
+    async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint), on_progress=seen) as registrar:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(registrar.register, request)
+                with anyio.fail_after(30):
+                    await proxy.arrived.wait()
+                at_cancel = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+                scope.cancel()
+    assert scope.cancelled_caught
+    proxy.release()  # after the run's cleanup: what was held reaches S3 only now
+    with anyio.fail_after(30):
+        await proxy.answered.wait()
+    return seen, at_cancel
 
 
 # --- after the point of no return: kept, named, resumed --------------------------------------
@@ -269,6 +306,66 @@ async def test_an_artifact_that_cannot_be_copied_after_a_failed_registration_is_
         assert sorted(e.artifact for e in seen.of(UploadProgress) if e.done) == ["model", "payload"]
         assert result.registration_id != kept.registration_id
         assert await final_status(registry, result.registration_id) == "SUCCEEDED"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_rerun_cancelled_while_it_copies_inside_s3_leaves_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """After a FAILED registration, the re-run is cancelled while its copy of the whole payload inside
+    S3 (UploadPartCopy) is held on the way: no second registration, nothing kept; the multipart copy
+    is aborted and both prefixes (its own, the FAILED registration's) are removed; the part copy
+    that reaches S3 after the cleanup lands in no upload, and nothing is left."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-copy-cancelled")
+    with late_registry(stack) as registry:
+        failed, earlier = await kept_then_failed(settings, registry, request, s3)
+
+        def copies(method: str, target: str, headers: dict[str, str]) -> bool:
+            return method == "PUT" and "x-amz-copy-source" in headers
+
+        with HoldingProxy(stack.s3_endpoint, copies) as proxy:
+            seen, at_cancel = await rerun_cancelled_while_held(settings, registry, request, proxy, s3)
+            copied_from = {h["x-amz-copy-source"] for h in proxy.headers if "x-amz-copy-source" in h}
+        assert len(copied_from) == 1
+        assert f"{earlier}payload.tar.gz" in copied_from.pop()  # the earlier run's payload, whole
+        (copy,) = [key for key in at_cancel if key.startswith("upload:")]  # the copy in flight: open
+        assert copy.endswith("/payload.tar.gz")
+        assert not copy.startswith(f"upload:{earlier}")  # in the re-run's own prefix
+        own = copy.removeprefix("upload:").removesuffix("payload.tar.gz")
+        assert len(proxy.answers) == 1  # the held part copy reached S3, after the run's cleanup
+        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []  # objects and open uploads
+        # Taken by no upload (moto: 404 NoSuchKey, its source being removed already; or 500 for an
+        # aborted upload, where S3 answers 404 NoSuchUpload).
+        assert not proxy.answers[0].split()[1].startswith("2"), proxy.answers
+        assert seen.of(RegistrationKept) == []
+        assert seen.of(RegistrationSubmitted) == []
+        cleaned = {e.prefix_uri: e.leftovers for e in seen.of(CleanupFinished)}
+        assert cleaned == {f"s3://{settings.s3_bucket}/{own}": (), f"s3://{settings.s3_bucket}/{earlier}": ()}
+        assert registry.registration_count == 1
+        assert (await final_status(registry, failed)).startswith("FAILED")
+
+
+async def test_a_rerun_cancelled_while_it_checks_a_failed_registrations_artifacts_leaves_nothing(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """After a FAILED registration, the re-run is cancelled while it checks the earlier artifacts
+    (HeadObject, before it copies them): no second registration, nothing kept, and nothing left:
+    the FAILED registration's prefix is no registration's any more."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-check-cancelled")
+    with late_registry(stack) as registry:
+        failed, earlier = await kept_then_failed(settings, registry, request, s3)
+
+        def checks(method: str, target: str, headers: dict[str, str]) -> bool:
+            return method == "HEAD" and earlier in target
+
+        with HoldingProxy(stack.s3_endpoint, checks) as proxy:
+            seen, at_cancel = await rerun_cancelled_while_held(settings, registry, request, proxy, s3)
+            assert proxy.count("PUT", "") == proxy.count("POST", "?uploads") == 0  # nothing written yet
+        assert sorted(at_cancel) == [f"{earlier}payload.tar.gz", f"{earlier}registration.json"]
+        assert seen.of(RegistrationKept) == []
+        assert seen.of(RegistrationSubmitted) == []
+        assert registry.registration_count == 1
+        assert (await final_status(registry, failed)).startswith("FAILED")
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
