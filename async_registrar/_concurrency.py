@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import RegistrarError
 
@@ -109,3 +110,11 @@ class CleanupDeadline:
     def shield(self) -> anyio.CancelScope:
         """A scope shielded from outside cancellation that ends at the deadline."""
         return anyio.CancelScope(deadline=self.deadline, shield=True)
+
+    async def recovered(self) -> None:
+        """Say that the step which asked for the deadline failed and the work goes on (an
+        abort of a step the caller recovers from, not an exit): the clock stops, and the exit
+        gets its whole timeout.  A cancellation that arrived meanwhile is delivered first, so
+        an exit under way keeps the deadline it started."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._deadline = None

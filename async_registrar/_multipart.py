@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -109,9 +110,12 @@ class OpenUploads:
     def creating(self, bucket: str, key: str) -> None:
         self._unanswered.append((bucket, key))
 
-    def answered(self, bucket: str, key: str, upload_id: str | None) -> None:
-        """The creation was answered: with an upload id, or refused (None)."""
-        self._unanswered.remove((bucket, key))
+    def answered(self, bucket: str, key: str, upload_id: str | None, *, strays: bool = False) -> None:
+        """The creation was answered: with an upload id, or refused (None).  With `strays`,
+        an earlier attempt of it (whose answer was lost) may have opened another upload there
+        that no abort reached: the place stays among the unanswered."""
+        if not strays:
+            self._unanswered.remove((bucket, key))
         if upload_id is not None:
             self._open[upload_id] = (bucket, key)
 
@@ -164,18 +168,60 @@ class MultipartUpload:
         bucket, key = self.location.bucket, self.location.key
         if self._ledger is not None:
             self._ledger.creating(bucket, key)
+        started = anyio.current_time()
         try:
             with storage_errors("CreateMultipartUpload", bucket, key):
                 response = await self._s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)
         except StorageError as exc:
-            if self._ledger is not None and _refused(exc):  # a 4xx: S3 opened nothing
+            # A 4xx at the first attempt: S3 opened nothing.  At a later one, the attempt
+            # before it may have opened an upload and lost the answer: it stays unanswered.
+            if self._ledger is not None and _refused(exc) and not _retried(exc.__cause__):
                 self._ledger.answered(bucket, key, None)
             raise
         self.upload_id = response["UploadId"]
+        strays = False
+        if _retried(response):  # an attempt whose answer was lost may have opened another
+            strays = not await self._abort_strays(anyio.current_time() - started)
         if self._ledger is not None:
-            self._ledger.answered(bucket, key, self.upload_id)
+            self._ledger.answered(bucket, key, self.upload_id, strays=strays)
         log.debug("started multipart upload to %s", self.location)
         return self
+
+    async def _abort_strays(self, took: float) -> bool:
+        """Abort the uploads an earlier attempt of this creation opened (its answer lost, botocore
+        sent it again): those at this very key that S3 started in the `took` seconds before this
+        one (a margin on either side; another writer of the same key within them is a conflict
+        already).  Returns whether none can be left; if the listing or an abort fails, says so."""
+        bucket, key = self.location.bucket, self.location.key
+        try:
+            with storage_errors("ListMultipartUploads", bucket, key):
+                listed = await self._s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
+            uploads = [u for u in listed.get("Uploads", []) if u.get("Key") == key]
+            ours = next((u for u in uploads if u.get("UploadId") == self.upload_id), None)
+            if ours is None or listed.get("IsTruncated"):
+                raise StorageError(
+                    f"{self.location}: this upload is not among those listed", operation="ListMultipartUploads"
+                )
+            if not all(isinstance(u.get("Initiated"), datetime) for u in uploads):
+                raise StorageError(
+                    f"{self.location}: the listing says no start times", operation="ListMultipartUploads"
+                )
+            until = ours["Initiated"].timestamp()
+            since = until - took - 2.0
+            strays = [u["UploadId"] for u in uploads if u is not ours and since <= u["Initiated"].timestamp() <= until]
+            for stray in strays:
+                with storage_errors("AbortMultipartUpload", bucket, key):
+                    await self._s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=stray)
+                log.info("aborted an upload to %s that an earlier attempt of its creation opened", self.location)
+        except StorageError as exc:
+            log.warning(
+                "CreateMultipartUpload to %s was sent again after an answer was lost, and the upload that "
+                "attempt may have opened could not be looked for (%s); the cleanup names it",
+                self.location,
+                exc.message.splitlines()[0],
+            )
+            return False
+        return True
 
     async def upload_part(
         self,
@@ -423,6 +469,17 @@ def _has_length(value: str, algorithm: str) -> bool:
         return len(base64.b64decode(value, validate=True)) == _CHECKSUM_BYTES.get(algorithm, 0)
     except ValueError:
         return False
+
+
+def _retried(response: object) -> bool:
+    """Whether botocore sent the request more than once before this answer (a response or a
+    ClientError): an attempt whose answer was lost may have been carried out."""
+    if isinstance(response, ClientError):
+        response = response.response
+    if not isinstance(response, dict):
+        return False
+    attempts: int = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    return attempts > 0
 
 
 def _refused(error: StorageError) -> bool:

@@ -599,6 +599,7 @@ class Run:
                     region.s3, source, target, self.settings, cleanup=self._cleanup, ledger=self._ledger
                 )
             except StorageError as exc:
+                await self._cleanup.recovered()  # its abort was no exit: the run's gets its whole time
                 log.warning(
                     "%s: %s could not be copied from %s (%s): uploading it again",
                     region.region,
