@@ -181,7 +181,20 @@ class MultipartUpload:
         self.upload_id = response["UploadId"]
         strays = False
         if _retried(response):  # an attempt whose answer was lost may have opened another
-            strays = not await self._abort_strays(anyio.current_time() - started)
+            try:
+                strays = not await self._abort_strays(anyio.current_time() - started)
+            except BaseException:  # cancelled while it looked: no exit follows a failed entry
+                if self._ledger is not None:  # the cleanup lists the place
+                    self._ledger.answered(bucket, key, self.upload_id, strays=True)
+                else:
+                    log.warning(
+                        "stopped while looking for an upload to %s that a lost attempt of its creation may "
+                        "have opened; if one is there, abort it (aws s3api list-multipart-uploads) or let "
+                        "the bucket's lifecycle rule do it",
+                        self.location,
+                    )
+                await self.__aexit__(None, None, None)  # so this one is aborted here
+                raise
         if self._ledger is not None:
             self._ledger.answered(bucket, key, self.upload_id, strays=strays)
         log.debug("started multipart upload to %s", self.location)

@@ -336,6 +336,48 @@ async def test_an_upload_whose_creation_was_sent_again_leaves_no_open_upload(
     assert left == [key], left
 
 
+async def test_an_upload_cancelled_while_it_looks_for_a_lost_creations_upload_aborts_its_own(
+    tmp_path: Path, settings: Settings, stack: LocalStack, s3: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but cancelled while it lists the uploads at its key (held on the way): its own upload
+    is aborted all the same (a failed entry has no exit of its own), and the one the lost attempt
+    opened, which it had no time to find, is named in a warning with what to do."""
+    job = make_job(tmp_path)
+    key = f"{settings.s3_prefix}uploaded/model.tar.gz"
+    creations = [0]
+
+    def rule(method: str, target: str) -> object:
+        if is_creation(method, target):
+            creations[0] += 1
+            if creations[0] == 1:
+                return Cut(0)
+        return None
+
+    def listing(method: str, target: str, headers: dict[str, str]) -> bool:
+        return is_listing(method, target) and creations[0] == 2  # not the preflight's probe
+
+    with (
+        FaultProxy(stack.s3_endpoint, rule) as cutter,
+        HoldingProxy(cutter.endpoint, listing) as holder,
+    ):
+        async with Registrar(settings.model_copy(update={"s3_endpoint_url": holder.endpoint})) as registrar:
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(registrar.upload, job["model"], f"s3://{settings.s3_bucket}/{key}")
+                    with anyio.fail_after(30):
+                        await holder.arrived.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught
+        holder.release()
+        with anyio.fail_after(30):
+            await holder.answered.wait()
+    assert creations[0] == 2
+    still_open = await open_uploads(s3, settings)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert still_open == [key]  # the lost attempt's alone: its own was aborted
+    assert any("a lost attempt of its creation" in r.getMessage() and key in r.getMessage() for r in caplog.records)
+
+
 # --- a re-run of an unanswered POST, stopped before it knows anything -----------------------
 
 
