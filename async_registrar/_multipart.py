@@ -229,9 +229,13 @@ class MultipartUpload:
         except StorageError as exc:
             log.warning(
                 "CreateMultipartUpload to %s was sent again after an answer was lost, and the upload that "
-                "attempt may have opened could not be looked for (%s); the cleanup names it",
+                "attempt may have opened could not be looked for (%s); %s",
                 self.location,
                 exc.message.splitlines()[0],
+                "the cleanup names the place"
+                if self._ledger is not None
+                else "if one is there, abort it (aws s3api list-multipart-uploads) or let the bucket's "
+                "lifecycle rule do it",
             )
             return False
         return True
