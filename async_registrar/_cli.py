@@ -38,7 +38,7 @@ from ._errors import (
     ConfigurationError,
     InputError,
     RegistrarError,
-    RegistrationTimeout,
+    RegistrationInterrupted,
     RegistryError,
     StorageError,
     redact,
@@ -77,7 +77,7 @@ def exit_code(error: BaseException) -> int:
         (ConfigurationError, EXIT_USAGE),
         (InputError, EXIT_INPUT),
         (StorageError, EXIT_STORAGE),
-        (RegistrationTimeout, EXIT_TIMEOUT),
+        (RegistrationInterrupted, EXIT_TIMEOUT),  # accepted, not seen to finish: kept (a timeout is one)
         (RegistryError, EXIT_REGISTRY),
     ):
         if isinstance(error, kind):

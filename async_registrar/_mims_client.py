@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import logging
+import math
 import random
 import secrets
 import urllib.parse
@@ -173,7 +174,14 @@ class MimsClient:
         response = await self._request("GET", url, deadline=deadline, allow_not_found=True, failures=failures)
         if response.status_code == 404:
             return None
-        return self._parse(response, url)
+        registration = self._parse(response, url)
+        if registration.registration_id != registration_id:  # a proxy's or a cache's mix-up
+            raise RegistryError(
+                f"{redact(url)} answered with registration {registration.registration_id}, not the one asked "
+                "for; is something between this host and the registry (a cache, a proxy) answering for it?",
+                url=redact(url),
+            )
+        return registration
 
     async def look_up(
         self, registration_id: str, *, accepted_at: dt.datetime | None, deadline: float
@@ -337,7 +345,11 @@ class MimsClient:
             async for attempt in stamina.retry_context(on=backoff, attempts=None, timeout=None):
                 with attempt:
                     try:
-                        response = await self._http.request(method, url, auth=self._auth, **kwargs)
+                        # Never followed, whoever made the client: a signed request (its session
+                        # token, its body) goes to the registry's host and no other.
+                        response = await self._http.request(
+                            method, url, auth=self._auth, follow_redirects=False, **kwargs
+                        )
                         arrived = arrived or response.status_code in MAYBE_PROCESSED_STATUS
                         return self._check(response, shown, allow_not_found=allow_not_found)
                     except Exception as exc:
@@ -425,7 +437,8 @@ def _not_a_registry(shown: str, status: int | None) -> RegistrationRejected:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """`Retry-After` in seconds (a number or an HTTP date), capped; None if absent or unreadable."""
+    """`Retry-After` in seconds (a number or an HTTP date), capped; None if absent, unreadable,
+    not finite, or not in the future."""
     if not value:
         return None
     try:
@@ -438,7 +451,11 @@ def _retry_after(value: str | None) -> float | None:
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+    # "nan" would sleep forever; 0, a negative number or a date already past (a registry whose
+    # clock lags ours) would retry at once, again and again: the backoff's own delay applies.
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 def _error_details(response: httpx.Response) -> tuple[str, list[str], str | None]:

@@ -35,7 +35,7 @@ from async_registrar import Settings
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 
 from .conftest import ROOT, leftovers, make_job
-from .fault_proxy import FaultProxy, s3_error
+from .fault_proxy import FaultProxy, Late, Reply, s3_error
 
 CLI = ROOT / ".venv" / "bin" / "async-registrar"
 EXE = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "async_registrar"]
@@ -144,6 +144,14 @@ def model_gzip_not_tar(ctx: Ctx) -> Any:
     return ["register", "--model", str(path)], {}, [str(path / "model.tar.gz")]
 
 
+def model_named_tar_gz_not_gzip(ctx: Ctx) -> Any:
+    """One file named model.tar.gz that is not gzip. The README says the single file is "checked by
+    its bytes, not its name" (so a plain file to archive); docs/faults.md lists a prebuilt
+    `.tar.gz` that is "not gzip" as exit 3, which is what happens."""
+    path = model_dir(ctx, "not-gzip", {"model.tar.gz": b"this is not gzip at all\n" * 100})
+    return ["register", "--model", str(path)], {}, [str(path / "model.tar.gz")]
+
+
 def model_truncated_tar_gz(ctx: Ctx) -> Any:
     whole = tar_gz({"weights.bin": os.urandom(3 * 1024 * 1024)})
     path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: len(whole) // 2]})
@@ -208,7 +216,12 @@ def model_s3_not_tar_gz(ctx: Ctx) -> Any:
 
 def model_s3_missing_bucket(ctx: Ctx) -> Any:
     uri = "s3://no-such-source-bucket-bb/models/model.tar.gz"
-    return ["register", "--model", uri], {}, ["no-such-source-bucket-bb", "s3:GetObject"]
+    return ["register", "--model", uri], {}, [uri]
+
+
+def model_s3_missing_key(ctx: Ctx) -> Any:
+    uri = ctx.uri("no-such-model.tar.gz")
+    return ["register", "--model", uri], {}, [uri]
 
 
 # --- metadata and configuration -----------------------------------------------------------------
@@ -321,13 +334,27 @@ def bucket_missing(ctx: Ctx) -> Any:
     return ["register", "--bucket", "no-such-bucket-bb"], {}, ["no-such-bucket-bb", "NoSuchBucket"]
 
 
+def prefix_with_empty_segment(ctx: Ctx) -> Any:
+    prefix = ctx.settings.s3_prefix + "a//b/"
+    return ["register", "--prefix", prefix], {}, ["--prefix"]
+
+
+def bucket_as_uri(ctx: Ctx) -> Any:
+    return ["register", "--bucket", f"s3://{ctx.settings.s3_bucket}"], {}, ["--bucket"]
+
+
 def bucket_invalid_name(ctx: Ctx) -> Any:
     return ["register", "--bucket", "My_Bucket!"], {}, ["My_Bucket!"]
 
 
+def reject_credentials(method: str, target: str) -> Reply:
+    """S3's answer to an unknown access key: 403, with no body for a HEAD."""
+    return Reply(403, b"", "Forbidden") if method == "HEAD" else s3_error(403, "InvalidAccessKeyId")
+
+
 def credentials_rejected(ctx: Ctx) -> Any:
     """A proxy in front of moto answers every request as S3 does for an unknown access key."""
-    proxy = FaultProxy(ctx.stack.s3_endpoint, lambda method, target: s3_error(403, "InvalidAccessKeyId"))
+    proxy = FaultProxy(ctx.stack.s3_endpoint, reject_credentials)
     ctx.proxies.append(proxy)
     proxy.__enter__()
     return ["register"], {"AWS_ENDPOINT_URL_S3": proxy.endpoint}, [ctx.settings.s3_bucket, "403"]
@@ -370,9 +397,40 @@ def upload_fifo(ctx: Ctx) -> Any:
 
 
 def upload_truncated(ctx: Ctx) -> Any:
+    # Cut well past the first parts: found once the upload is under way (with a smaller archive,
+    # it is found while CreateMultipartUpload is in flight, as in the "create-answer-late" case).
+    whole = tar_gz({"weights.bin": os.urandom(24 * 1024 * 1024)})
+    path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: 20 * 1024 * 1024]})
+    return ["upload", str(path), ctx.uri("m.tar.gz")], {}, [str(path / "model.tar.gz")]
+
+
+def late_create(method: str, target: str) -> Late | None:
+    """CreateMultipartUpload reaches S3 at once; its answer comes back a second late."""
+    return Late(1.0) if method == "POST" and target.endswith("?uploads") else None
+
+
+def upload_truncated_create_late(ctx: Ctx) -> Any:
+    """The archive's fault is found while CreateMultipartUpload is in flight (S3 has opened it)."""
+    proxy = FaultProxy(ctx.stack.s3_endpoint, late_create)
+    ctx.proxies.append(proxy)
+    proxy.__enter__()
+    # Over one part (a multipart upload), cut just after the first: found while the creation is in flight.
     whole = tar_gz({"weights.bin": os.urandom(12 * 1024 * 1024)})
     path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: 9 * 1024 * 1024]})
-    return ["upload", str(path), ctx.uri("m.tar.gz")], {}, [str(path / "model.tar.gz")]
+    return (
+        ["upload", str(path), ctx.uri("m.tar.gz")],
+        {"AWS_ENDPOINT_URL_S3": proxy.endpoint},
+        [str(path / "model.tar.gz")],
+    )
+
+
+def register_truncated_create_late(ctx: Ctx) -> Any:
+    proxy = FaultProxy(ctx.stack.s3_endpoint, late_create)
+    ctx.proxies.append(proxy)
+    proxy.__enter__()
+    whole = tar_gz({"weights.bin": os.urandom(12 * 1024 * 1024)})
+    path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: 9 * 1024 * 1024]})
+    return ["register", "--model", str(path)], {"AWS_ENDPOINT_URL_S3": proxy.endpoint}, [str(path / "model.tar.gz")]
 
 
 def upload_missing_bucket(ctx: Ctx) -> Any:
@@ -381,7 +439,11 @@ def upload_missing_bucket(ctx: Ctx) -> Any:
 
 
 def upload_bad_part_size(ctx: Ctx) -> Any:
-    return ["upload", str(ctx.job["model"]), ctx.uri("m.tar.gz")], {"REGISTRAR_PART_SIZE": "1MiB"}, ["REGISTRAR_PART_SIZE"]
+    return (
+        ["upload", str(ctx.job["model"]), ctx.uri("m.tar.gz")],
+        {"REGISTRAR_PART_SIZE": "1MiB"},
+        ["REGISTRAR_PART_SIZE"],
+    )
 
 
 # --- sweep ----------------------------------------------------------------------------------------
@@ -395,9 +457,25 @@ def sweep(*args: str, needles: list[str], env: dict[str, str | None] | None = No
     return build
 
 
+def as_check(build: Build) -> Build:
+    """The same case through `check`, which must answer as `register` would."""
+
+    def checked(ctx: Ctx) -> Any:
+        args, changes, needles = build(ctx)
+        assert args[0] == "register"
+        return ["check", *args[1:]], changes, needles
+
+    return checked
+
+
 def xfail(reason: str) -> Any:
     return pytest.mark.xfail(strict=True, reason=reason)
 
+
+TARGET_EXIT_3 = xfail(
+    "a malformed upload target is a usage error (2 in the README's table), but exits 3, the code of "
+    "bad input artifacts or metadata (the message itself is clear)"
+)
 
 CASES = [
     # inputs: exit 3
@@ -406,6 +484,7 @@ CASES = [
     pytest.param(model_empty, 3, id="model-empty-dir"),
     pytest.param(model_only_directories, 3, id="model-only-directories"),
     pytest.param(model_gzip_not_tar, 3, id="model-gzip-not-tar"),
+    pytest.param(model_named_tar_gz_not_gzip, 3, id="model-named-tar-gz-not-gzip"),
     pytest.param(model_truncated_tar_gz, 3, id="model-truncated-tar-gz"),
     pytest.param(model_corrupt_tar_gz, 3, id="model-corrupt-tar-gz"),
     pytest.param(model_tar_gz_escaping, 3, id="model-tar-gz-member-escapes"),
@@ -418,6 +497,7 @@ CASES = [
     pytest.param(payload_fifo, 3, id="payload-fifo"),
     pytest.param(model_s3_not_tar_gz, 3, id="model-s3-key-not-tar-gz"),
     pytest.param(model_s3_missing_bucket, 4, id="model-s3-bucket-missing"),
+    pytest.param(model_s3_missing_key, 4, id="model-s3-key-missing"),
     pytest.param(metadata_malformed_json, 3, id="metadata-malformed-json"),
     pytest.param(metadata_not_an_object, 3, id="metadata-not-an-object"),
     pytest.param(metadata_dir_of_two, 3, id="metadata-dir-two-json"),
@@ -429,7 +509,12 @@ CASES = [
     pytest.param(config_wrong_schema, 2, id="config-wrong-schema"),
     pytest.param(config_missing, 2, id="config-missing"),
     # settings: exit 2
-    pytest.param(unknown_variable, 2, id="env-unknown-REGISTRAR-name"),
+    pytest.param(
+        unknown_variable,
+        2,
+        id="env-unknown-REGISTRAR-name",
+        marks=xfail("REGISTRAR_WAIT_TIMOUT=5 is silently ignored: exit 0, registered, no warning naming it"),
+    ),
     pytest.param(env_case("REGISTRAR_WAIT_TIMEOUT", "-5"), 2, id="wait-timeout-negative"),
     pytest.param(env_case("REGISTRAR_WAIT_TIMEOUT", "1h"), 2, id="wait-timeout-not-numeric"),
     pytest.param(wait_timeout_option_not_a_number, 2, id="wait-timeout-option-not-numeric"),
@@ -451,7 +536,17 @@ CASES = [
     pytest.param(env_case("REGISTRAR_LOG_FORMAT", "xml"), 2, id="log-format-env-bad"),
     pytest.param(log_level_option_bad, 2, id="log-level-option-bad"),
     pytest.param(env_case("SOURCE_DATE_EPOCH", "yesterday"), 2, id="source-date-epoch-bad"),
-    pytest.param(env_case("REGISTRAR_S3_PREFIX", "/abs//prefix"), 2, id="prefix-bad"),
+    pytest.param(
+        prefix_with_empty_segment,
+        2,
+        id="prefix-empty-segment",
+        marks=xfail(
+            "found only after the whole upload, as the registry's 400 (exit 5), naming neither "
+            "REGISTRAR_S3_PREFIX nor --prefix"
+        ),
+    ),
+    pytest.param(bucket_as_uri, 2, id="bucket-given-as-s3-uri"),
+    pytest.param(env_case("REGISTRAR_S3_BUCKET", "registrar-local-tmp/sub"), 2, id="bucket-with-slash"),
     pytest.param(model_local_copy_with_local_model, 2, id="model-local-copy-without-s3-model"),
     pytest.param(mims_endpoint_not_a_url, 2, id="mims-endpoint-not-a-url"),
     pytest.param(mims_endpoint_no_scheme, 2, id="mims-endpoint-no-scheme"),
@@ -464,13 +559,28 @@ CASES = [
     pytest.param(registry_nothing_listens, 5, id="registry-nothing-listens"),
     pytest.param(registry_not_mims, 5, id="registry-not-mims"),
     # upload
-    pytest.param(upload_to("s3://"), 2, id="upload-target-s3-empty"),
-    pytest.param(upload_to("s3:///key/m.tar.gz"), 2, id="upload-target-no-bucket"),
-    pytest.param(upload_to("s3:/registrar-local-tmp/x/m.tar.gz"), 2, id="upload-target-s3-one-slash"),
-    pytest.param(upload_to("s3:registrar-local-tmp/x/m.tar.gz"), 2, id="upload-target-s3-no-slash"),
-    pytest.param(upload_to("registrar-local-tmp/x/m.tar.gz"), 2, id="upload-target-no-scheme"),
-    pytest.param(upload_to("s3://registrar-local-tmp"), 2, id="upload-target-no-key"),
-    pytest.param(upload_to("s3://registrar-local-tmp/"), 2, id="upload-target-empty-key"),
+    pytest.param(upload_to("s3://"), 2, marks=TARGET_EXIT_3, id="upload-target-s3-empty"),
+    pytest.param(upload_to("s3:///key/m.tar.gz"), 2, marks=TARGET_EXIT_3, id="upload-target-no-bucket"),
+    pytest.param(
+        upload_to("s3:/registrar-local-tmp/x/m.tar.gz"), 2, marks=TARGET_EXIT_3, id="upload-target-s3-one-slash"
+    ),
+    pytest.param(
+        upload_to("s3:registrar-local-tmp/x/m.tar.gz"), 2, marks=TARGET_EXIT_3, id="upload-target-s3-no-slash"
+    ),
+    pytest.param(upload_to("registrar-local-tmp/x/m.tar.gz"), 2, marks=TARGET_EXIT_3, id="upload-target-no-scheme"),
+    pytest.param(upload_to("s3://registrar-local-tmp"), 2, marks=TARGET_EXIT_3, id="upload-target-no-key"),
+    pytest.param(upload_to("s3://registrar-local-tmp/"), 2, marks=TARGET_EXIT_3, id="upload-target-empty-key"),
+    pytest.param(
+        upload_truncated_create_late,
+        3,
+        id="upload-truncated-tar-gz-create-answer-late",
+        marks=xfail(
+            "exit 3 and a clear message, but the multipart upload S3 opened is left open: the abort is "
+            "never sent and the key is not listed (register's cleanup does find it); about 1 run in 8 "
+            "leaves it without any delay (a 12 MiB archive cut at 9 MiB)"
+        ),
+    ),
+    pytest.param(register_truncated_create_late, 3, id="register-truncated-tar-gz-create-answer-late"),
     pytest.param(upload_missing_bucket, 4, id="upload-bucket-missing"),
     pytest.param(upload_missing_path, 3, id="upload-path-missing"),
     pytest.param(upload_fifo, 3, id="upload-fifo"),
@@ -486,10 +596,18 @@ CASES = [
         4,
         id="sweep-bucket-missing",
     ),
-    pytest.param(sweep("--abort-after-days", "0", "--install-lifecycle", needles=["--abort-after-days"]), 2, id="sweep-lifecycle-days-0"),
+    pytest.param(
+        sweep("--abort-after-days", "0", "--install-lifecycle", needles=["--abort-after-days"]),
+        2,
+        id="sweep-lifecycle-days-0",
+        marks=xfail("'error: lifecycle days must be 1 or more' names neither --abort-after-days nor its value"),
+    ),
     # check: the same answers as register
-    pytest.param(lambda ctx: (["check", *model_missing(ctx)[0][1:]], {}, model_missing(ctx)[2]), 3, id="check-model-missing"),
-    pytest.param(lambda ctx: (["check", *bucket_missing(ctx)[0][1:]], {}, bucket_missing(ctx)[2]), 4, id="check-bucket-missing"),
+    pytest.param(as_check(model_missing), 3, id="check-model-missing"),
+    pytest.param(as_check(bucket_missing), 4, id="check-bucket-missing"),
+    pytest.param(as_check(model_symlink_outside), 3, id="check-model-symlink"),
+    pytest.param(as_check(config_wrong_schema), 2, id="check-config-wrong-schema"),
+    pytest.param(as_check(registry_nothing_listens), 5, id="check-registry-nothing-listens"),
 ]
 
 
@@ -512,6 +630,7 @@ async def test_bad_input_is_named_with_its_exit_code_and_leaves_nothing(
         for proxy in ctx.proxies:
             proxy.__exit__(None, None, None)
     shown = f"exit {result.returncode}\n--- stderr:\n{result.stderr}\n--- stdout:\n{result.stdout}"
+    print(shown)
     assert "Traceback" not in result.stderr, shown
     assert result.returncode in DOCUMENTED, shown
     assert result.returncode == code, shown
@@ -519,4 +638,30 @@ async def test_bad_input_is_named_with_its_exit_code_and_leaves_nothing(
     for needle in needles:
         assert needle in result.stderr, f"{needle!r} not named\n{shown}"
     assert result.stdout == "", shown
+    # Everything a case could write is under the test's own prefix (a changed prefix extends it).
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- what the README documents as accepted, though a user may expect an error ----------------------
+
+
+def two_archives(ctx: Ctx) -> Path:
+    """Two .tar.gz files: not "exactly one file", so the directory is archived as it is (README)."""
+    return model_dir(ctx, "two", {"a.tar.gz": tar_gz({"a": b"a"}), "b.tar.gz": tar_gz({"b": b"b"})})
+
+
+@pytest.mark.parametrize("build", [pytest.param(two_archives, id="two-tar-gz")])
+async def test_documented_as_a_directory_to_archive(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, build: Callable[[Ctx], Path]
+) -> None:
+    """`check` accepts it (exit 0, the plan on stdout) and writes nothing."""
+    job = make_job(tmp_path)
+    ctx = Ctx(tmp_path, job, stack, settings, environment(stack, settings, job))
+    model = build(ctx)
+    result = run(ctx.env, "check", "--model", str(model))
+    shown = f"exit {result.returncode}\n--- stderr:\n{result.stderr}\n--- stdout:\n{result.stdout}"
+    print(shown)
+    assert "Traceback" not in result.stderr, shown
+    assert result.returncode == 0, shown
+    assert f"model: {model} (" in result.stdout, shown
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []

@@ -153,14 +153,18 @@ async def test_retry_after_is_honoured() -> None:
 
 
 def test_retry_after_parsing() -> None:
-    """Seconds or an HTTP date, capped at a minute; garbage is ignored."""
+    """Seconds or an HTTP date, capped at a minute; garbage, "nan", zero, negative numbers and dates
+    already past are ignored (the backoff's own delay applies: never an endless sleep, never a
+    retry at once, again and again)."""
     assert _retry_after("2") == 2.0
     assert _retry_after("86400") == 60.0
     assert _retry_after("soon") is None
     assert _retry_after(None) is None
     in_ten = email.utils.formatdate(time.time() + 10, usegmt=True)
     assert 8 <= (_retry_after(in_ten) or 0) <= 10
-    assert _retry_after(email.utils.formatdate(time.time() - 10, usegmt=True)) == 0.0
+    assert _retry_after(email.utils.formatdate(time.time() - 10, usegmt=True)) is None
+    for ignored in ("nan", "inf", "-inf", "0", "-5"):
+        assert _retry_after(ignored) is None, ignored
 
 
 async def test_wait_reports_each_status_until_succeeded(no_backoff: None) -> None:
