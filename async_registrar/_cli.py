@@ -212,7 +212,10 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _upload(args: argparse.Namespace) -> int:
     from ._registrar import Registrar
 
-    target = S3Location.parse(args.target, what="upload target")
+    try:
+        target = S3Location.parse(args.target, what="upload target")
+    except InputError as exc:  # an argument of the command: a usage error (exit 2)
+        raise ConfigurationError(exc.message) from None
     # The engine alone: no registry, so no endpoint is needed.
     settings = Settings.from_env(s3_bucket=target.bucket, registry=False, dereference=args.dereference or None)
     async with Registrar(settings, on_progress=args.progress) as registrar:

@@ -27,8 +27,16 @@ async def install_lifecycle(
     """Add (or replace) our rule for `prefix` in the bucket's lifecycle configuration; return it."""
     if not prefix.strip("/"):
         raise ConfigurationError("a lifecycle rule for an empty prefix would expire the whole bucket; set --prefix")
-    if abort_after_days < 1 or expire_after_days < 1:
-        raise ConfigurationError("lifecycle days must be 1 or more")
+    problems = [
+        f"{option} ({name}) is {days}: must be 1 or more"
+        for option, name, days in (
+            ("--abort-after-days", "abort_after_days", abort_after_days),
+            ("--expire-after-days", "expire_after_days", expire_after_days),
+        )
+        if days < 1
+    ]
+    if problems:
+        raise ConfigurationError("invalid lifecycle rule; fix each and run again:", problems)
     rule: dict[str, Any] = {
         "ID": rule_id(prefix),
         "Filter": {"Prefix": prefix},

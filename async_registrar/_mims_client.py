@@ -396,8 +396,14 @@ class MimsClient:
                 errors=errors,
                 holder=holder,
             )
+        hint = ""
+        if status == 404 and response.request.method == "POST":  # no registrations at that URL
+            hint = (
+                "; is --mims-endpoint / REGISTRAR_MIMS_ENDPOINT the registry's base URL (the one "
+                f"{REGISTRATIONS_PATH} is under)?"
+            )
         raise RegistrationRejected(
-            f"{response.request.method} {shown} was rejected with {status}: {message}",
+            f"{response.request.method} {shown} was rejected with {status}: {message}{hint}",
             url=shown,
             status_code=status,
             errors=errors,

@@ -128,6 +128,11 @@ class OpenUploads:
         return not any(b == bucket and k.startswith(prefix) for b, k in places)
 
 
+#: How long a CreateMultipartUpload already sent is still waited for once its caller is
+#: cancelled (at most a fifth of the cleanup's time): the upload it opens is then aborted.
+CREATION_WAIT = 5.0
+
+
 class MultipartUpload:
     """A multipart upload to `location`: created on entry, aborted on exit unless completed.
 
@@ -170,8 +175,7 @@ class MultipartUpload:
             self._ledger.creating(bucket, key)
         started = anyio.current_time()
         try:
-            with storage_errors("CreateMultipartUpload", bucket, key):
-                response = await self._s3.create_multipart_upload(Bucket=bucket, Key=key, **extra)
+            response = await self._create(extra)
         except StorageError as exc:
             # A 4xx at the first attempt: S3 opened nothing.  At a later one, the attempt
             # before it may have opened an upload and lost the answer: it stays unanswered.
@@ -199,6 +203,45 @@ class MultipartUpload:
             self._ledger.answered(bucket, key, self.upload_id, strays=strays)
         log.debug("started multipart upload to %s", self.location)
         return self
+
+    async def _create(self, extra: dict[str, str]) -> dict[str, Any]:
+        """CreateMultipartUpload, seen through to its answer for a while (`CREATION_WAIT`) when
+        the caller is cancelled meanwhile: S3 opens the upload all the same, and only its id lets
+        it be aborted (where no listing of a prefix of the run's own will find it: `upload`)."""
+        bucket, key = self.location.bucket, self.location.key
+        outcome: list[dict[str, Any] | Exception] = []
+        answered = anyio.Event()
+        creation = anyio.CancelScope(shield=True)
+
+        async def create() -> None:
+            try:
+                with creation, storage_errors("CreateMultipartUpload", bucket, key):
+                    outcome.append(await self._s3.create_multipart_upload(Bucket=bucket, Key=key, **extra))
+            except Exception as exc:  # handed to the caller, as it is
+                outcome.append(exc)
+            finally:
+                answered.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(create)
+                try:
+                    await answered.wait()
+                except anyio.get_cancelled_exc_class():
+                    creation.deadline = anyio.current_time() + min(CREATION_WAIT, self._cleanup.timeout / 5)
+                    raise
+        except anyio.get_cancelled_exc_class():
+            if outcome and isinstance(outcome[0], dict):  # it came: abort what it opened
+                self.upload_id = outcome[0]["UploadId"]
+                if self._ledger is not None:
+                    self._ledger.answered(bucket, key, self.upload_id, strays=_retried(outcome[0]))
+                await self.__aexit__(None, None, None)
+            raise
+        if not outcome:  # cut off by the wait above, which only a cancellation starts
+            raise RuntimeError("CreateMultipartUpload ended without an answer")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     async def _abort_strays(self, took: float) -> bool:
         """Abort the uploads an earlier attempt of this creation opened (its answer lost, botocore

@@ -78,6 +78,12 @@ async def inspect_s3_archive(s3: S3Client, uri: str, *, role: str) -> S3Archive:
         with storage_errors("HeadObject", location.bucket, location.key):
             head = await s3.head_object(Bucket=location.bucket, Key=location.key)
     except StorageError as exc:
+        if exc.code in ("404", "NoSuchKey", "NoSuchBucket"):  # a HEAD's 404 has no body: no code says which
+            setting = describe_field("model_path") if role == "model" else f"the {role}'s setting"
+            raise exc.restated(
+                f"the {role} {uri} does not exist (HeadObject: 404; no such key, or no bucket "
+                f"{location.bucket}); fix {setting}, or upload the archive there first"
+            ) from exc
         raise exc.restated(f"the {role} {uri} cannot be read: {exc.message}") from exc
     size = int(head["ContentLength"])
     if size > MAX_OBJECT_SIZE:

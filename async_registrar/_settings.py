@@ -10,6 +10,7 @@ container paths of one registration job.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -59,7 +60,14 @@ def _http_url(value: str) -> str:
 
 def _prefix(value: str) -> str:
     value = value.lstrip("/")
-    return value if not value or value.endswith("/") else value + "/"
+    value = value if not value or value.endswith("/") else value + "/"
+    # The registry takes only plain keys: found here, not after the whole upload.
+    if any(segment in ("", ".", "..") for segment in value.split("/")[:-1]):
+        raise ValueError(
+            f"{value!r} has an empty, '.' or '..' segment, which the registry refuses in a key; "
+            "use plain names separated by single slashes, such as 'registrar-tmp/'"
+        )
+    return value
 
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -219,16 +227,20 @@ class Settings(BaseModel):
         `ConfigurationError` naming each bad variable (every one at once).
         """
         values = _gather(_ENVIRONMENT, environ, overrides)
-        missing = [f"{describe_field('mims_endpoint')}: required field is missing"]
-        if not registry or "mims_endpoint" in values:
-            return _validate(cls, values, describe_field)
+        missing = []
+        if registry and "mims_endpoint" not in values:
+            missing = [f"{describe_field('mims_endpoint')}: required field is missing"]
+        settings: Settings | None = None
+        found: tuple[str, ...] = ()
         try:
-            _validate(cls, values, describe_field)
+            settings = _validate(cls, values, describe_field)
         except ConfigurationError as exc:
-            bucket = 1 if exc.problems and exc.problems[0].startswith(describe_field("s3_bucket")) else 0
-            problems = [*exc.problems[:bucket], *missing, *exc.problems[bucket:]]
-            raise ConfigurationError("invalid settings; fix each and run again:", problems) from None
-        raise ConfigurationError("invalid settings; fix each and run again:", missing)
+            found = exc.problems
+        bucket = 1 if found and found[0].startswith(describe_field("s3_bucket")) else 0
+        problems = [*found[:bucket], *missing, *found[bucket:], *unknown_variables(environ)]
+        if problems or settings is None:
+            raise ConfigurationError("invalid settings; fix each and run again:", problems)
+        return settings
 
 
 #: Each setting's environment variables, first match wins.
@@ -276,6 +288,24 @@ OPTIONS: dict[str, str] = {
     "config_path": "--config",
     "metadata_path": "--metadata",
 }
+
+
+#: Variables of ours that the command line reads itself (not settings nor job inputs).
+_COMMAND_LINE_ENVIRONMENT = ("REGISTRAR_LOG_LEVEL", "REGISTRAR_LOG_FORMAT", "REGISTRAR_OUTPUT_DIR")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A problem for each `REGISTRAR_*` variable that names nothing (a typo would otherwise be
+    ignored without a word, and its setting left at the default), with the closest name."""
+    env = os.environ if environ is None else environ
+    known = {name for names in (*_ENVIRONMENT.values(), *_JOB_ENVIRONMENT.values()) for name in names}
+    known.update(_COMMAND_LINE_ENVIRONMENT)
+    problems = []
+    for name in sorted(n for n in env if n.startswith("REGISTRAR_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"did you mean {close[0]}?" if close else "the README lists the variables"
+        problems.append(f"{name}: not a variable of async-registrar ({hint}); rename or unset it")
+    return problems
 
 
 def environment_value(name: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -116,3 +116,33 @@ def test_job_inputs_read_lineage_and_metadata_uri() -> None:
     assert inputs.model_path == Path("/m")
     with pytest.raises(ConfigurationError, match="PERFORMANCE_METADATA_PATH"):
         JobInputs.from_env({"PERFORMANCE_METADATA_PATH": "/local/file.json"})
+
+
+def test_a_variable_of_ours_that_names_nothing_is_a_problem_with_the_closest_name() -> None:
+    """A typo would otherwise leave its setting at the default without a word; the variables the
+    command line reads itself and the job inputs' are known, and other programs' are not ours."""
+    env = {
+        "REGISTRAR_S3_BUCKET": "my-bucket",
+        "REGISTRAR_MIMS_ENDPOINT": "http://localhost:1",
+        "REGISTRAR_WAIT_TIMOUT": "5",
+        "REGISTRAR_LOG_LEVEL": "DEBUG",
+        "REGISTRAR_MODEL_PATH": "/opt/ml/processing/input/model",
+        "REGISTRAR_OUTPUT_DIR": "/tmp",
+        "OTHER_WAIT_TIMOUT": "5",
+    }
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env(env)
+    assert caught.value.problems == (
+        "REGISTRAR_WAIT_TIMOUT: not a variable of async-registrar (did you mean REGISTRAR_WAIT_TIMEOUT?); "
+        "rename or unset it",
+    )
+    del env["REGISTRAR_WAIT_TIMOUT"]
+    assert Settings.from_env(env).s3_bucket == "my-bucket"
+
+
+def test_a_prefix_with_an_empty_or_dot_segment_is_refused_before_anything_is_sent() -> None:
+    """The registry refuses such keys: found at the start (exit 2), not after the whole upload."""
+    for prefix in ("a//b/", "./x/", "a/../b"):
+        with pytest.raises(ConfigurationError, match=r"REGISTRAR_S3_PREFIX.*empty, '\.' or '\.\.' segment"):
+            Settings.from_env({"REGISTRAR_S3_BUCKET": "my-bucket", "REGISTRAR_S3_PREFIX": prefix}, registry=False)
+    assert Settings(s3_bucket="my-bucket", s3_prefix="/runs/x").s3_prefix == "runs/x/"
