@@ -347,9 +347,18 @@ class MimsClient:
                     try:
                         # Never followed, whoever made the client: a signed request (its session
                         # token, its body) goes to the registry's host and no other.
-                        response = await self._http.request(
-                            method, url, auth=self._auth, follow_redirects=False, **kwargs
-                        )
+                        try:
+                            response = await self._http.request(
+                                method, url, auth=self._auth, follow_redirects=False, **kwargs
+                            )
+                        except RuntimeError as closed:  # httpx: "Cannot send a request, as the client has been closed"
+                            if not self._http.is_closed:
+                                raise
+                            raise RegistryError(
+                                f"{method} {shown} was not sent: the HTTP client was closed (by whoever owns it) "
+                                "while the registrar still used it; close it only after the registrar",
+                                url=shown,
+                            ) from closed
                         arrived = arrived or response.status_code in MAYBE_PROCESSED_STATUS
                         return self._check(response, shown, allow_not_found=allow_not_found)
                     except Exception as exc:

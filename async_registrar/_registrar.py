@@ -87,7 +87,8 @@ class RegistrationHandle:
         `RegistrationInterrupted`) or another `RegistrarError`.
         """
         run = self._take()
-        return await run.finish()
+        with self._registrar._work():
+            return await run.finish()
 
     async def aclose(self) -> None:
         """Stop following the registration (see the class); raise `CleanupError` if objects that
@@ -104,6 +105,33 @@ class RegistrationHandle:
             raise RuntimeError("this registration was already waited for or closed")
         self._registrar._forget(self)
         return run
+
+
+class _Work:
+    """A registrar's work in flight: a cancel scope its exit cancels (then waits for the work to
+    clean up), which turns that cancellation into a `RuntimeError` for the caller."""
+
+    def __init__(self, registrar: Registrar) -> None:
+        self._registrar = registrar
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+        self._registrar._working.add(self._scope)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            stopped = self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._registrar._working.discard(self._scope)
+            self._registrar._work_ended.set()
+        if stopped:
+            raise RuntimeError(
+                "the Registrar was closed while this ran: leave its async with block only once the work "
+                "in it has ended; what a registration still reads was kept and named (RegistrationKept)"
+            )
 
 
 class Registrar:
@@ -142,6 +170,11 @@ class Registrar:
         self._handles: set[RegistrationHandle] = set()
         self._entered = False
         self._closed = False
+        #: Work in flight on this registrar, in its callers' tasks (a submission, a wait, an
+        #: upload, a sweep): its exit cancels it and waits for its cleanup, clients still open.
+        self._working: set[anyio.CancelScope] = set()
+        self._work_ended = anyio.Event()
+        self._closing = False
         self._swept_on_start = False
 
     async def __aenter__(self) -> Registrar:
@@ -166,6 +199,10 @@ class Registrar:
         what went wrong closing them (or, when leaving with an error, add it to that error)."""
         errors: list[Exception] = []
         with anyio.CancelScope(shield=True):
+            # What still runs on the registrar in other tasks is stopped, and cleans up (or keeps
+            # what a registration reads) while the clients still work.
+            self._closing = True
+            await self._stop_work()
             # Every handle gets closed (at once: each within its own cleanup deadline), and the
             # clients too, whatever fails on the way.
             errors += [e for e in await outcomes(h.aclose for h in list(self._handles)) if e is not None]
@@ -224,13 +261,14 @@ class Registrar:
         is cancelled) before the registry accepted, the temporary objects are removed.
         """
         self.settings.require_registry()
-        if self.settings.sweep_on_start and not self._swept_on_start:
-            self._swept_on_start = True
-            await self._sweep_on_start(request.config.regions)
-        run = self._run(request, on_progress)
-        await run.start()
-        handle = RegistrationHandle(self, run)
-        self._handles.add(handle)
+        with self._work():
+            if self.settings.sweep_on_start and not self._swept_on_start:
+                self._swept_on_start = True
+                await self._sweep_on_start(request.config.regions)
+            run = self._run(request, on_progress)
+            await run.start()
+            handle = RegistrationHandle(self, run)
+            self._handles.add(handle)
         return handle
 
     async def check(self, request: RegistrationRequest) -> RegistrationPlan:
@@ -239,7 +277,8 @@ class Registrar:
 
         Raises what `register` would raise for the same problem, before any upload."""
         self.settings.require_registry()
-        return await self._run(request, None).plan()
+        with self._work():
+            return await self._run(request, None).plan()
 
     async def sweep(
         self,
@@ -264,35 +303,36 @@ class Registrar:
             raise ConfigurationError(
                 "the bucket name holds {region}: name the regions whose buckets to sweep (--region)"
             )
-        names = list(regions) if template else [self.settings.aws_region or "us-east-1"]
-        reports = []
-        for region in names:
-            s3, _ = await self._region_clients(region, several=template)
-            reports.append(
-                await sweep(
-                    s3,
-                    self.settings.bucket_for(region),
-                    self.settings.s3_prefix,
-                    registry_for=self._registry_for,
-                    endpoint_for=self.settings.endpoint_for,
-                    older_than=older_than,
-                    max_age=max_age,
-                    dry_run=dry_run,
-                    lookup_deadline=min(30.0, self.settings.submit_timeout),
+        with self._work():
+            names = list(regions) if template else [self.settings.aws_region or "us-east-1"]
+            reports = []
+            for region in names:
+                s3, _ = await self._region_clients(region, several=template)
+                reports.append(
+                    await sweep(
+                        s3,
+                        self.settings.bucket_for(region),
+                        self.settings.s3_prefix,
+                        registry_for=self._registry_for,
+                        endpoint_for=self.settings.endpoint_for,
+                        older_than=older_than,
+                        max_age=max_age,
+                        dry_run=dry_run,
+                        lookup_deadline=min(30.0, self.settings.submit_timeout),
+                    )
                 )
+            if len(reports) == 1:
+                return reports[0]
+            first = reports[0]
+            return SweepReport(
+                buckets=tuple(b for r in reports for b in r.buckets),
+                prefix=first.prefix,
+                dry_run=dry_run,
+                runs=tuple(run for r in reports for run in r.runs),
+                not_runs=tuple(k for r in reports for k in r.not_runs),
+                leftovers=tuple(k for r in reports for k in r.leftovers),
+                seconds=sum(r.seconds for r in reports),
             )
-        if len(reports) == 1:
-            return reports[0]
-        first = reports[0]
-        return SweepReport(
-            buckets=tuple(b for r in reports for b in r.buckets),
-            prefix=first.prefix,
-            dry_run=dry_run,
-            runs=tuple(run for r in reports for run in r.runs),
-            not_runs=tuple(k for r in reports for k in r.not_runs),
-            leftovers=tuple(k for r in reports for k in r.leftovers),
-            seconds=sum(r.seconds for r in reports),
-        )
 
     async def upload(
         self, path: str | os.PathLike[str], uri: str, *, on_progress: ProgressCallback | None = None
@@ -306,39 +346,40 @@ class Registrar:
         cancellation, and the object is read back (size and checksum) before it is returned.
         It counts against `max_parallel_uploads` and runs on the registrar's own threads.
         """
-        s3 = self._s3_client()
-        target = S3Location.parse(uri, what="upload target")
-        source = Path(path)
-        follow = self.settings.dereference
-        scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
-        within = self.settings.preflight_timeout
-        await check_credentials(self._credentials, within=within)
-        await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
-        integrity: Integrity | None = None
-        if self.settings.preflight:
-            capabilities = await adapt_uploads(
-                s3,
-                target.bucket,
-                target.key,
-                self.settings,
-                where=target.uri,
-                removal_timeout=self.settings.cleanup_timeout,
-            )
-            integrity = capabilities.integrity
-        callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
-        async with self._uploads:
-            with log_fields(phase="upload", artifact=source.name or "upload"):
-                return await upload_artifact(
+        with self._work():
+            s3 = self._s3_client()
+            target = S3Location.parse(uri, what="upload target")
+            source = Path(path)
+            follow = self.settings.dereference
+            scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
+            within = self.settings.preflight_timeout
+            await check_credentials(self._credentials, within=within)
+            await check_bucket(s3, target.bucket, target.key, within=within, fix="fix the s3://bucket/key target")
+            integrity: Integrity | None = None
+            if self.settings.preflight:
+                capabilities = await adapt_uploads(
                     s3,
-                    scanned,
-                    target,
+                    target.bucket,
+                    target.key,
                     self.settings,
-                    artifact=source.name or "upload",
-                    on_progress=callbacks,
-                    workers=self._workers,
-                    budget=self._budget,
-                    integrity=integrity,
+                    where=target.uri,
+                    removal_timeout=self.settings.cleanup_timeout,
                 )
+                integrity = capabilities.integrity
+            callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
+            async with self._uploads:
+                with log_fields(phase="upload", artifact=source.name or "upload"):
+                    return await upload_artifact(
+                        s3,
+                        scanned,
+                        target,
+                        self.settings,
+                        artifact=source.name or "upload",
+                        on_progress=callbacks,
+                        workers=self._workers,
+                        budget=self._budget,
+                        integrity=integrity,
+                    )
 
     async def install_lifecycle(
         self, *, abort_after_days: int = 1, expire_after_days: int = 7, region: str | None = None
@@ -418,6 +459,23 @@ class Registrar:
             raise ConfigurationError(f"no usable AWS credentials (for S3 and the registry); {NO_CREDENTIALS}")
         frozen: ReadOnlyCredentials = await credentials.get_frozen_credentials()
         return frozen
+
+    def _work(self) -> _Work:
+        """One piece of work on the registrar (in the caller's task), which its exit may stop."""
+        if self._closing:
+            self._open_stack()  # before entry, or closed: the same usage errors
+            raise RuntimeError("this Registrar is closing (its async with block has ended); open a new one")
+        return _Work(self)
+
+    async def _stop_work(self) -> None:
+        """Cancel the work in flight and wait until it has cleaned up: each run's cleanup is
+        shielded and bounded by its own deadline, so this ends too."""
+        for scope in list(self._working):
+            scope.cancel()
+        with anyio.move_on_after(self.settings.cleanup_timeout + CLOSE_TIMEOUT):
+            while self._working:
+                self._work_ended = anyio.Event()
+                await self._work_ended.wait()
 
     def _open_stack(self) -> contextlib.AsyncExitStack:
         """Where the registrar's clients are closed at exit; a usage error before entry and
