@@ -69,9 +69,11 @@ class RegistrationHandle:
     """A submitted registration: uploaded, accepted by MIMS, not yet finished.
 
     `await handle.wait()` follows it to the end and then removes the temporary objects;
-    until then they stay (the registry reads them).  `aclose()` (or the registrar's exit)
-    stops following it: its objects are removed if it is final by then, and otherwise
-    kept for the registry and named (a re-run with the same lineage id resumes it).
+    until then they stay (the registry reads them).  `aclose()` on a handle nobody waits on
+    (or the registrar's exit) stops following it: its objects are removed if it is final by
+    then, and otherwise kept for the registry and named (a re-run with the same lineage id
+    resumes it).  Once `wait()` has begun, the wait owns the registration and `aclose()` does
+    nothing: cancel the task that waits (or leave the registrar) to stop it.
     """
 
     def __init__(self, registrar: Registrar, run: Run) -> None:
@@ -91,8 +93,8 @@ class RegistrationHandle:
             return await run.finish()
 
     async def aclose(self) -> None:
-        """Stop following the registration (see the class); raise `CleanupError` if objects that
-        nothing needs could not be removed."""
+        """Stop following the registration (see the class; nothing once `wait()` has begun); raise
+        `CleanupError` if objects that nothing needs could not be removed."""
         if self._run is None:
             return
         leftovers = await self._take().close()
