@@ -27,6 +27,7 @@ __all__ = [
     "Registration",
     "RegistrationStatus",
     "RegistrationSubmission",
+    "unsafe_key",
 ]
 
 REGISTRATIONS_PATH = "/v1/registrations"
@@ -39,6 +40,11 @@ S3Uri = Annotated[
     str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f]+$", max_length=1100)
 ]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def unsafe_key(key: str) -> bool:
+    """Whether an S3 key has an empty, `.` or `..` segment: the registry takes plain keys only."""
+    return any(segment in ("", ".", "..") for segment in key.split("/"))
 
 
 def _json_integer(value: Any) -> Any:

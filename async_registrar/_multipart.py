@@ -35,6 +35,7 @@ __all__ = [
     "StoredObject",
     "check_object",
     "put_object",
+    "uploads_at",
 ]
 
 log = logging.getLogger("async_registrar.upload")
@@ -250,11 +251,9 @@ class MultipartUpload:
         already).  Returns whether none can be left; if the listing or an abort fails, says so."""
         bucket, key = self.location.bucket, self.location.key
         try:
-            with storage_errors("ListMultipartUploads", bucket, key):
-                listed = await self._s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
-            uploads = [u for u in listed.get("Uploads", []) if u.get("Key") == key]
+            uploads = await uploads_at(self._s3, self.location)
             ours = next((u for u in uploads if u.get("UploadId") == self.upload_id), None)
-            if ours is None or listed.get("IsTruncated"):
+            if ours is None:
                 raise StorageError(
                     f"{self.location}: this upload is not among those listed", operation="ListMultipartUploads"
                 )
@@ -529,6 +528,17 @@ def _has_length(value: str, algorithm: str) -> bool:
         return len(base64.b64decode(value, validate=True)) == _CHECKSUM_BYTES.get(algorithm, 0)
     except ValueError:
         return False
+
+
+async def uploads_at(s3: S3Client, location: S3Location) -> list[dict[str, Any]]:
+    """The multipart uploads open at exactly `location`'s key, every page of them (a
+    `StorageError` if they cannot be listed)."""
+    found: list[dict[str, Any]] = []
+    with storage_errors("ListMultipartUploads", location.bucket, location.key):
+        paginator = s3.get_paginator("list_multipart_uploads")
+        async for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
+            found += [u for u in page.get("Uploads", []) if u.get("Key") == location.key]
+    return found
 
 
 def _retried(response: object) -> bool:

@@ -38,7 +38,7 @@ from ._budget import MemoryBudget
 from ._capabilities import Integrity
 from ._concurrency import CleanupDeadline, run_all
 from ._errors import InputError, StorageError
-from ._multipart import MultipartUploads, OpenUploads, StoredObject, check_object
+from ._multipart import MultipartUploads, OpenUploads, StoredObject, check_object, uploads_at
 from ._prebuilt import stream_prebuilt
 from ._progress import ProgressCallback, UploadProgress
 from ._ranged_read import ranged_reader
@@ -347,11 +347,8 @@ async def _remove(s3: S3Client, target: S3Location) -> None:
     try:
         with storage_errors("DeleteObject", target.bucket, target.key):
             await s3.delete_object(Bucket=target.bucket, Key=target.key)
-        with storage_errors("ListMultipartUploads", target.bucket, target.key):
-            listed = await s3.list_multipart_uploads(Bucket=target.bucket, Prefix=target.key)
-        for upload in listed.get("Uploads", []):
-            if upload.get("Key") == target.key:
-                with storage_errors("AbortMultipartUpload", target.bucket, target.key):
-                    await s3.abort_multipart_upload(Bucket=target.bucket, Key=target.key, UploadId=upload["UploadId"])
+        for upload in await uploads_at(s3, target):
+            with storage_errors("AbortMultipartUpload", target.bucket, target.key):
+                await s3.abort_multipart_upload(Bucket=target.bucket, Key=target.key, UploadId=upload["UploadId"])
     except StorageError as exc:
         log.warning("%s", exc.message)

@@ -32,6 +32,7 @@ from pydantic import (
 from ._checksums import ChecksumAlgorithm, crc64nvme_available
 from ._config import describe_validation_errors
 from ._errors import ConfigurationError
+from ._mims_contract import unsafe_key
 
 __all__ = ["JobInputs", "Settings", "describe_field", "describe_source", "environment_value"]
 
@@ -62,7 +63,7 @@ def _prefix(value: str) -> str:
     value = value.lstrip("/")
     value = value if not value or value.endswith("/") else value + "/"
     # The registry takes only plain keys: found here, not after the whole upload.
-    if any(segment in ("", ".", "..") for segment in value.split("/")[:-1]):
+    if value and unsafe_key(value.removesuffix("/")):
         raise ValueError(
             f"{value!r} has an empty, '.' or '..' segment, which the registry refuses in a key; "
             "use plain names separated by single slashes, such as 'registrar-tmp/'"

@@ -33,6 +33,7 @@ from .._mims_contract import (
     REGISTRATIONS_PATH,
     Registration,
     RegistrationSubmission,
+    unsafe_key,
 )
 from .._s3 import S3Client, S3Location, make_session, open_s3_client, storage_errors
 from .._sigv4 import AuthorizationHeader, verify_request
@@ -362,8 +363,7 @@ def _parse_json(body: bytes) -> Any:
 
 def _unsafe_key(uri: str) -> bool:
     """Whether the key of an s3:// URI has an empty, `.` or `..` segment."""
-    key = uri.split("/", 3)[3] if uri.count("/") >= 3 else ""
-    return any(segment in ("", ".", "..") for segment in key.split("/"))
+    return unsafe_key(uri.split("/", 3)[3] if uri.count("/") >= 3 else "")
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
