@@ -8,10 +8,12 @@ matters.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
 import shutil
+import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +246,64 @@ def request_for(job: dict[str, Path], **extra: Any) -> RegistrationRequest:
         metadata_path=job["metadata"],
         **extra,
     )
+
+
+async def kept_then_failed(
+    settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest, s3: Any
+) -> tuple[str, str]:
+    """A registration kept by a wait timeout whose model someone then removed, so that it ends FAILED
+    (the payload stays whole in its prefix); its id and its prefix's key."""
+    timed_out = await kept_by_a_timeout(on(settings, registry), request)
+    (kept,) = timed_out.kept
+    assert kept.kept_prefix is not None
+    earlier = kept.kept_prefix.removeprefix(f"s3://{settings.s3_bucket}/")
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=f"{earlier}model.tar.gz")
+    registry.finish_processing()
+    assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+    return kept.registration_id, earlier
+
+
+async def cancel_when(registrar: Registrar, request: Any, ready: Any) -> None:
+    """Run `registrar.register(request)` and cancel it from outside once `await ready()` returns."""
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(registrar.register, request)
+            with anyio.fail_after(30):
+                await ready()
+            scope.cancel()
+    assert scope.cancelled_caught
+
+
+def environment(stack: LocalStack, settings: Settings, job: dict[str, Path], **extra: str) -> dict[str, str]:
+    """A clean environment: only what a registration job would be given."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_REGION": REGION,
+        "AWS_ENDPOINT_URL_S3": stack.s3_endpoint,
+        "REGISTRAR_S3_BUCKET": settings.s3_bucket,
+        "REGISTRAR_S3_PREFIX": settings.s3_prefix,
+        "REGISTRAR_MIMS_ENDPOINT": stack.mims_endpoint,
+        "REGISTRAR_MODEL_PATH": str(job["model"]),
+        "REGISTRAR_PAYLOAD_PATH": str(job["payload"]),
+        "REGISTRAR_CONFIG_PATH": str(job["config"]),
+        "REGISTRAR_PART_SIZE": "5MiB",
+        "REGISTRAR_POLL_INITIAL": "0.05",
+        "REGISTRAR_POLL_MAX": "0.2",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        # A path the job names must exist; `make_job`'s metadata path may not (no metadata).
+        **({"REGISTRAR_METADATA_PATH": str(job["metadata"])} if job["metadata"].exists() else {}),
+        **extra,
+    }
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

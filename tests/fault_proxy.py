@@ -347,6 +347,22 @@ class _FirstLine:
         return getattr(self._writer, name)
 
 
+def refuse_copies(method: str, target: str, headers: dict[str, str]) -> Reply | None:
+    """A rule (`with_headers=True`) answering every UploadPartCopy and CopyObject 404 NoSuchKey, as
+    S3 does once the copy's source is gone."""
+    return s3_error(404, "NoSuchKey") if method == "PUT" and "x-amz-copy-source" in headers else None
+
+
+def is_listing(method: str, target: str) -> bool:
+    """ListMultipartUploads: `GET /bucket?uploads...` (not ListParts, which names an uploadId)."""
+    return method == "GET" and "uploads" in target and "uploadId=" not in target
+
+
+def is_creation(method: str, target: str) -> bool:
+    """CreateMultipartUpload: `POST /bucket/key?uploads`."""
+    return method == "POST" and target.endswith("?uploads")
+
+
 def _content_length(head: bytes) -> int | None:
     for line in head.split(b"\r\n"):
         name, _, value = line.partition(b":")

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import gzip
 import http.server
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,38 +32,15 @@ from typing import Any
 import pytest
 
 from async_registrar import Settings
-from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._local import LocalStack
 
-from .conftest import ROOT, leftovers, make_job
+from .conftest import ROOT, environment, leftovers, make_job, tar_gz
 from .fault_proxy import FaultProxy, Late, Reply, s3_error
 
 CLI = ROOT / ".venv" / "bin" / "async-registrar"
 EXE = [str(CLI)] if CLI.exists() else [sys.executable, "-m", "async_registrar"]
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 130, 143}
-
-
-def environment(stack: LocalStack, settings: Settings, job: dict[str, Path]) -> dict[str, str]:
-    """Only what a registration job would be given (as tests/test_cli.py does)."""
-    return {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_REGION": REGION,
-        "AWS_ENDPOINT_URL_S3": stack.s3_endpoint,
-        "REGISTRAR_S3_BUCKET": settings.s3_bucket,
-        "REGISTRAR_S3_PREFIX": settings.s3_prefix,
-        "REGISTRAR_MIMS_ENDPOINT": stack.mims_endpoint,
-        "REGISTRAR_MODEL_PATH": str(job["model"]),
-        "REGISTRAR_PAYLOAD_PATH": str(job["payload"]),
-        "REGISTRAR_CONFIG_PATH": str(job["config"]),
-        "REGISTRAR_PART_SIZE": "5MiB",
-        "REGISTRAR_POLL_INITIAL": "0.05",
-        "REGISTRAR_POLL_MAX": "0.2",
-        "REGISTRAR_PREFLIGHT_TIMEOUT": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -96,16 +71,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def model_dir(ctx: Ctx, name: str, files: dict[str, bytes]) -> Path:
@@ -466,28 +431,27 @@ def late_create(method: str, target: str) -> Late | None:
     return Late(1.0) if method == "POST" and target.endswith("?uploads") else None
 
 
-def upload_truncated_create_late(ctx: Ctx) -> Any:
-    """The archive's fault is found while CreateMultipartUpload is in flight (S3 has opened it)."""
+def truncated_with_late_create(ctx: Ctx) -> tuple[Path, dict[str, str | None]]:
+    """A model directory holding a truncated archive, and the environment that sends S3 requests
+    through a proxy answering CreateMultipartUpload a second late."""
     proxy = FaultProxy(ctx.stack.s3_endpoint, late_create)
     ctx.proxies.append(proxy)
     proxy.__enter__()
     # Over one part (a multipart upload), cut just after the first: found while the creation is in flight.
     whole = tar_gz({"weights.bin": os.urandom(12 * 1024 * 1024)})
     path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: 9 * 1024 * 1024]})
-    return (
-        ["upload", str(path), ctx.uri("m.tar.gz")],
-        {"AWS_ENDPOINT_URL_S3": proxy.endpoint},
-        [str(path / "model.tar.gz")],
-    )
+    return path, {"AWS_ENDPOINT_URL_S3": proxy.endpoint}
+
+
+def upload_truncated_create_late(ctx: Ctx) -> Any:
+    """The archive's fault is found while CreateMultipartUpload is in flight (S3 has opened it)."""
+    path, changes = truncated_with_late_create(ctx)
+    return ["upload", str(path), ctx.uri("m.tar.gz")], changes, [str(path / "model.tar.gz")]
 
 
 def register_truncated_create_late(ctx: Ctx) -> Any:
-    proxy = FaultProxy(ctx.stack.s3_endpoint, late_create)
-    ctx.proxies.append(proxy)
-    proxy.__enter__()
-    whole = tar_gz({"weights.bin": os.urandom(12 * 1024 * 1024)})
-    path = model_dir(ctx, "truncated", {"model.tar.gz": whole[: 9 * 1024 * 1024]})
-    return ["register", "--model", str(path)], {"AWS_ENDPOINT_URL_S3": proxy.endpoint}, [str(path / "model.tar.gz")]
+    path, changes = truncated_with_late_create(ctx)
+    return ["register", "--model", str(path)], changes, [str(path / "model.tar.gz")]
 
 
 def upload_missing_bucket(ctx: Ctx) -> Any:
@@ -653,7 +617,7 @@ async def test_bad_input_is_named_with_its_exit_code_and_leaves_nothing(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, build: Build, code: int
 ) -> None:
     job = make_job(tmp_path)
-    ctx = Ctx(tmp_path, job, stack, settings, environment(stack, settings, job))
+    ctx = Ctx(tmp_path, job, stack, settings, environment(stack, settings, job, REGISTRAR_PREFLIGHT_TIMEOUT="1"))
     try:
         args, changes, needles = build(ctx)
         env = dict(ctx.env)
@@ -693,7 +657,7 @@ async def test_documented_as_a_directory_to_archive(
 ) -> None:
     """`check` accepts it (exit 0, the plan on stdout) and writes nothing."""
     job = make_job(tmp_path)
-    ctx = Ctx(tmp_path, job, stack, settings, environment(stack, settings, job))
+    ctx = Ctx(tmp_path, job, stack, settings, environment(stack, settings, job, REGISTRAR_PREFLIGHT_TIMEOUT="1"))
     model = build(ctx)
     result = run(ctx.env, "check", "--model", str(model))
     shown = f"exit {result.returncode}\n--- stderr:\n{result.stderr}\n--- stdout:\n{result.stdout}"

@@ -28,7 +28,8 @@ from async_registrar._local import LocalStack
 
 from .conftest import (
     Recorder,
-    kept_by_a_timeout,
+    cancel_when,
+    kept_then_failed,
     late_registry,
     leftovers,
     make_job,
@@ -37,34 +38,13 @@ from .conftest import (
     remove_all,
     request_for,
 )
-from .fault_proxy import Cut, FaultProxy, HoldingProxy, Late, s3_error
-
-
-def is_listing(method: str, target: str) -> bool:
-    """ListMultipartUploads: `GET /bucket?uploads...` (not ListParts, which names an uploadId)."""
-    return method == "GET" and "uploads" in target and "uploadId=" not in target
-
-
-def is_creation(method: str, target: str) -> bool:
-    """CreateMultipartUpload: `POST /bucket/key?uploads`."""
-    return method == "POST" and target.endswith("?uploads")
+from .fault_proxy import Cut, FaultProxy, HoldingProxy, Late, is_creation, is_listing, refuse_copies, s3_error
 
 
 async def open_uploads(s3: Any, settings: Settings) -> list[str]:
     """The keys of the multipart uploads open under the test's prefix (one entry per upload)."""
     listed = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     return [u["Key"] for u in listed.get("Uploads", [])]
-
-
-async def cancel_when(registrar: Registrar, request: Any, ready: Any) -> None:
-    """Run `registrar.register(request)` and cancel it from outside once `await ready()` returns."""
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(registrar.register, request)
-            with anyio.fail_after(30):
-                await ready()
-            scope.cancel()
-    assert scope.cancelled_caught
 
 
 # --- the ledger vouches for a prefix whose uploads cannot be listed ---------------------------
@@ -276,21 +256,10 @@ async def test_a_failed_copy_the_run_recovers_from_does_not_start_the_cleanup_de
     succeed.  A success must leave nothing: its own prefix and the FAILED one's removed."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-copy-deadline")
     with late_registry(stack) as registry:
-        timed_out = await kept_by_a_timeout(on(settings, registry), request)
-        (kept,) = timed_out.kept
-        assert kept.kept_prefix is not None
-        earlier = kept.kept_prefix.removeprefix(f"s3://{settings.s3_bucket}/")
-        await s3.delete_object(Bucket=settings.s3_bucket, Key=f"{earlier}model.tar.gz")
-        registry.finish_processing()
-        with anyio.fail_after(15):
-            while (found := registry.registration(kept.registration_id)) is None or found.status != "FAILED":
-                await anyio.sleep(0.05)
+        failed, _ = await kept_then_failed(settings, registry, request, s3)
         registry.hold_processing()  # the re-run's registration stays unfinished until released below
 
-        def no_copies(method: str, target: str, headers: dict[str, str]) -> object:
-            return s3_error(404, "NoSuchKey") if method == "PUT" and "x-amz-copy-source" in headers else None
-
-        with FaultProxy(stack.s3_endpoint, no_copies, with_headers=True) as proxy:
+        with FaultProxy(stack.s3_endpoint, refuse_copies, with_headers=True) as proxy:
             rerun = on(settings, registry, s3_endpoint_url=proxy.endpoint, cleanup_timeout=1.0)
             async with Registrar(rerun) as registrar:
                 handle = await registrar.submit(request)
@@ -301,7 +270,7 @@ async def test_a_failed_copy_the_run_recovers_from_does_not_start_the_cleanup_de
                 result = await handle.wait()
     left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
-    assert result.registration_id != kept.registration_id
+    assert result.registration_id != failed
     assert result.leftovers == ()
     assert left == []
 

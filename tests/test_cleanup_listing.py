@@ -19,12 +19,7 @@ from async_registrar import Registrar, Settings
 from async_registrar._local import LocalStack
 
 from .conftest import MiB, leftovers, make_job, mims_server, on, remove_all, request_for
-from .fault_proxy import FaultProxy, Stall, s3_error
-
-
-def is_listing(method: str, target: str) -> bool:
-    """ListMultipartUploads: `GET /bucket?uploads...` (not ListParts, which names an uploadId)."""
-    return method == "GET" and "uploads" in target and "uploadId=" not in target
+from .fault_proxy import FaultProxy, Stall, is_listing, s3_error
 
 
 @pytest.mark.parametrize(

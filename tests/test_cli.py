@@ -20,36 +20,11 @@ import pytest
 from async_registrar import Settings
 from async_registrar._archive import stream_archive
 from async_registrar._artifacts import DirectorySource, inspect_artifact
-from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._local import LocalStack
 from async_registrar.reference_mims import ThreadedMimsServer
 
-from .conftest import HELD, MiB, leftovers, make_job, mims_server, registration_config, remove_all
+from .conftest import HELD, MiB, environment, leftovers, make_job, mims_server, registration_config, remove_all
 from .fault_proxy import FaultProxy, s3_error
-
-
-def environment(stack: LocalStack, settings: Settings, job: dict[str, Path], **extra: str) -> dict[str, str]:
-    """A clean environment: only what a registration job would be given."""
-    return {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_REGION": REGION,
-        "AWS_ENDPOINT_URL_S3": stack.s3_endpoint,
-        "REGISTRAR_S3_BUCKET": settings.s3_bucket,
-        "REGISTRAR_S3_PREFIX": settings.s3_prefix,
-        "REGISTRAR_MIMS_ENDPOINT": stack.mims_endpoint,
-        "REGISTRAR_MODEL_PATH": str(job["model"]),
-        "REGISTRAR_PAYLOAD_PATH": str(job["payload"]),
-        "REGISTRAR_CONFIG_PATH": str(job["config"]),
-        "REGISTRAR_PART_SIZE": "5MiB",
-        "REGISTRAR_POLL_INITIAL": "0.05",
-        "REGISTRAR_POLL_MAX": "0.2",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        # A path the job names must exist; `make_job`'s metadata path may not (no metadata).
-        **({"REGISTRAR_METADATA_PATH": str(job["metadata"])} if job["metadata"].exists() else {}),
-        **extra,
-    }
 
 
 def run(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

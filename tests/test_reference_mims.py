@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +17,7 @@ from openapi_spec_validator import validate
 from async_registrar._local import ACCESS_KEY, SECRET_KEY, LocalStack
 from async_registrar._sigv4 import SigV4
 
-from .conftest import registration_config
+from .conftest import registration_config, tar_gz
 
 
 async def credentials() -> ReadOnlyCredentials:
@@ -31,16 +29,6 @@ async def mims(stack: LocalStack) -> AsyncIterator[httpx.AsyncClient]:
     auth = SigV4(credentials, region="us-west-2", service="mims")
     async with httpx.AsyncClient(base_url=stack.mims_endpoint, auth=auth) as client:
         yield client
-
-
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 async def put_artifact(s3: Any, bucket: str, key: str, data: bytes) -> dict[str, Any]:

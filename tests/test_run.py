@@ -44,8 +44,10 @@ from async_registrar.reference_mims import ThreadedMimsServer
 from .conftest import (
     MiB,
     Recorder,
+    cancel_when,
     final_status,
     kept_by_a_timeout,
+    kept_then_failed,
     late_registry,
     leftovers,
     make_job,
@@ -57,7 +59,7 @@ from .conftest import (
     remove_all,
     request_for,
 )
-from .fault_proxy import RESET, FaultProxy, HoldingProxy, Reply, Stall, s3_error
+from .fault_proxy import RESET, FaultProxy, HoldingProxy, Reply, Stall, refuse_copies
 
 
 async def resume(
@@ -76,21 +78,6 @@ async def resume(
     return seen
 
 
-async def kept_then_failed(
-    settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest, s3: Any
-) -> tuple[str, str]:
-    """A registration kept by a wait timeout whose model someone then removed, so that it ends FAILED
-    (the payload stays whole in its prefix); its id and its prefix's key."""
-    timed_out = await kept_by_a_timeout(on(settings, registry), request)
-    (kept,) = timed_out.kept
-    assert kept.kept_prefix is not None
-    earlier = kept.kept_prefix.removeprefix(f"s3://{settings.s3_bucket}/")
-    await s3.delete_object(Bucket=settings.s3_bucket, Key=f"{earlier}model.tar.gz")
-    registry.finish_processing()
-    assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
-    return kept.registration_id, earlier
-
-
 async def rerun_cancelled_while_held(
     settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest, proxy: HoldingProxy, s3: Any
 ) -> tuple[Recorder, list[str]]:
@@ -98,15 +85,14 @@ async def rerun_cancelled_while_held(
     one, then let the held requests reach S3 and wait for their answers.  The events, and what was
     under the test's prefix at the moment of the cancellation."""
     seen = Recorder()
+    at_cancel: list[str] = []
+
+    async def held() -> None:
+        await proxy.arrived.wait()
+        at_cancel.extend(await leftovers(s3, settings.s3_bucket, settings.s3_prefix))
+
     async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint), on_progress=seen) as registrar:
-        with anyio.CancelScope() as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(registrar.register, request)
-                with anyio.fail_after(30):
-                    await proxy.arrived.wait()
-                at_cancel = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
-                scope.cancel()
-    assert scope.cancelled_caught
+        await cancel_when(registrar, request, held)
     proxy.release()  # after the run's cleanup: what was held reaches S3 only now
     with anyio.fail_after(30):
         await proxy.answered.wait()
@@ -253,12 +239,7 @@ async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
 
     # Held unfinished through the timeout and the removal: it reads its artifacts only after both.
     with late_registry(stack) as registry:
-        timed_out = await kept_by_a_timeout(on(settings, registry), request)
-        (kept,) = timed_out.kept
-        model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
-        await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # a lifecycle rule, a person
-        registry.finish_processing()
-        assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+        failed, earlier = await kept_then_failed(settings, registry, request, s3)  # the model removed
 
         async with (
             httpx.AsyncClient(event_hooks={"request": [record]}) as http,
@@ -266,15 +247,14 @@ async def test_a_registration_found_failed_is_tried_again_with_a_new_key(
         ):
             seen = Recorder()
             result = await registrar.register(request, on_progress=seen)
-        assert result.registration_id != kept.registration_id
+        assert result.registration_id != failed
         assert registry.registration_count == 2
         assert [e.artifact for e in seen.of(UploadProgress) if e.done] == ["model"]  # the payload was whole
         payload = result.payload_artifact
         assert payload is not None
         assert payload.integrity == "server-copy"
-        assert kept.kept_prefix is not None
         for artifact in (result.model_artifact, payload):  # never the earlier run's prefix, used in place
-            assert not artifact.uri.startswith(kept.kept_prefix)
+            assert not artifact.uri.startswith(f"s3://{settings.s3_bucket}/{earlier}")
         assert len(keys) == 1
         assert keys[0].endswith("-g2")
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
@@ -288,23 +268,15 @@ async def test_an_artifact_that_cannot_be_copied_after_a_failed_registration_is_
     succeeds and nothing is left, the earlier prefix included."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-copy-fails")
     with late_registry(stack) as registry:
-        timed_out = await kept_by_a_timeout(on(settings, registry), request)
-        (kept,) = timed_out.kept
-        model_key = f"{kept.kept_prefix}model.tar.gz".removeprefix(f"s3://{settings.s3_bucket}/")
-        await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)
-        registry.finish_processing()
-        assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
+        failed, _ = await kept_then_failed(settings, registry, request, s3)
 
-        def no_copies(method: str, target: str, headers: dict[str, str]) -> object:
-            return s3_error(404, "NoSuchKey") if method == "PUT" and "x-amz-copy-source" in headers else None
-
-        with FaultProxy(stack.s3_endpoint, no_copies, with_headers=True) as proxy:
+        with FaultProxy(stack.s3_endpoint, refuse_copies, with_headers=True) as proxy:
             async with Registrar(on(settings, registry, s3_endpoint_url=proxy.endpoint)) as registrar:
                 seen = Recorder()
                 result = await registrar.register(request, on_progress=seen)
             assert any("x-amz-copy-source" in h for h in proxy.headers)  # the copy was tried
         assert sorted(e.artifact for e in seen.of(UploadProgress) if e.done) == ["model", "payload"]
-        assert result.registration_id != kept.registration_id
+        assert result.registration_id != failed
         assert await final_status(registry, result.registration_id) == "SUCCEEDED"
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
