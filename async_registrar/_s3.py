@@ -86,7 +86,17 @@ def make_session(
             secret_access_key.get_secret_value(),
             session_token.get_secret_value() if session_token else None,
         )
-    return aioboto3.Session(botocore_session=session)
+    return _Session(botocore_session=session)
+
+
+class _Session(aioboto3.Session):  # type: ignore[misc]  # aioboto3 has no type hints
+    """An `aioboto3.Session` without the S3 transfer and resource methods aioboto3 adds to
+    its clients (`upload_fileobj` and the like): this project drives its multipart uploads
+    itself (see `_multipart`), and adding them imports s3transfer and multiprocessing, about
+    17 ms of every start."""
+
+    def _register_default_handlers(self) -> None:
+        pass
 
 
 @contextlib.asynccontextmanager
