@@ -54,10 +54,10 @@ def _end(code: int) -> None:
     atexit._run_exitfuncs()
     flushed = True
     for stream in (sys.stdout, sys.stderr):
-        if stream is None or stream.closed:
+        if stream is None or getattr(stream, "closed", False):  # a stand-in may have no `closed`
             continue
         try:
             stream.flush()
-        except OSError:
+        except (OSError, ValueError):
             flushed = False
     os._exit(code if flushed else code or 120)

@@ -447,7 +447,7 @@ def test_the_command_ends_its_process_with_its_code_output_and_exit_handlers(
     """The command ends its process itself, without the teardown of every module (~50 ms of
     each run): its exit code, what it printed on a pipe and the exit handlers' output are
     all still there; only the teardown is skipped.  It runs with a 1 ms switch interval."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRAR_", "AWS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRAR_", "AWS_", "PYTHONUNBUFFERED"))}
     env |= {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}
     env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # nothing listens: the input is refused first
     done = subprocess.run(
@@ -460,3 +460,27 @@ def test_the_command_ends_its_process_with_its_code_output_and_exit_handlers(
     assert done.returncode == code, done.stderr
     assert said in done.stderr
     assert done.stdout == "exit handler ran, switch interval 0.001\n"
+
+
+#: The entry point around a command that prints its result line and returns `argv[1]`.
+RESULT_LINE = """
+import sys
+import async_registrar._cli as cli
+cli.main = lambda: (print("the result line"), int(sys.argv[1]))[1]
+from async_registrar._entrypoint import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(("code", "ends"), [(0, 120), (5, 5)])
+def test_a_stdout_nobody_reads_any_more_ends_a_success_with_120_and_keeps_a_failure(code: int, ends: int) -> None:
+    """The result line cannot be written (the reader of the pipe is gone): a command that
+    succeeded ends with 120, as the interpreter's own exit does, not 0 with its line lost;
+    one that failed keeps its documented code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the line waits in the buffer
+    process = subprocess.Popen(
+        [sys.executable, "-c", RESULT_LINE, str(code)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # before the child, still importing, prints
+    assert process.wait(timeout=60) == ends
