@@ -15,8 +15,8 @@ CPU-s; with 1 ms, 3.63 s and 4.05 CPU-s (2 ms: 3.66 s; 0.2 ms no better).  So th
 asks for 1 ms.
 
 Tearing those objects down again at exit cost another ~50 ms of every run (of a 0.5 s
-upload of one small file): once the command has returned, the process flushes its
-output, runs its exit handlers and ends (`os._exit`) without unloading every module.
+upload of one small file): once the command has returned, the process runs its exit
+handlers, flushes its output and ends (`os._exit`) without unloading every module.
 These are the command's choices for its own process: the library never touches the
 collector or the switch interval, and never exits.
 """
@@ -27,13 +27,14 @@ import atexit
 import gc
 import os
 import sys
+from typing import NoReturn
 
 #: CPython's GIL switch interval for the command's process (see the module's docstring).
 SWITCH_INTERVAL = 0.001
 
 
-def main() -> int:
-    """Load the command line with the collector paused, run it, and end the process."""
+def main() -> NoReturn:
+    """Load the command line with the collector paused, run it, and end the process with its code."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     gc.disable()
     try:
@@ -41,12 +42,10 @@ def main() -> int:
     finally:
         gc.freeze()
         gc.enable()
-    code = run()
-    _end(code)
-    return code  # not reached
+    _end(run())
 
 
-def _end(code: int) -> None:
+def _end(code: int) -> NoReturn:
     """End the process with `code` now, as the interpreter would, minus the teardown of
     every module: run the `atexit` handlers (logging's flush among them), flush stdout and
     stderr, exit.  A stream that cannot be flushed (a closed pipe) ends it with 120, as the
