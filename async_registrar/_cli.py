@@ -34,6 +34,7 @@ import anyio.to_thread
 from ._concurrency import first_error
 from ._console import ProgressDisplay, configure_logging
 from ._errors import (
+    REMOVE_BY_HAND,
     AcceptedRegistration,
     ConfigurationError,
     InputError,
@@ -45,7 +46,6 @@ from ._errors import (
 )
 from ._s3 import S3Location
 from ._settings import OPTIONS, JobInputs, Settings, describe_source, environment_value
-from ._temporary import REMOVE_BY_HAND
 from ._version import __version__
 
 if TYPE_CHECKING:  # the registrar (HTTP client, retries) is imported by the commands that use it

@@ -16,6 +16,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: What the message of a failed cleanup tells an operator to do, before naming what was left.
+REMOVE_BY_HAND = "remove these by hand (aws s3 rm / aws s3api abort-multipart-upload):"
+
 __all__ = [
     "AcceptedRegistration",
     "CleanupError",

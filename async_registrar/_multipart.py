@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ._checksums import composite_crc32, is_full_object, multipart_etag
 from ._concurrency import CleanupDeadline
-from ._errors import StorageError
+from ._errors import REMOVE_BY_HAND, StorageError
 from ._s3 import S3Client, S3Location, error_code, storage_errors
 
 __all__ = [
@@ -162,6 +162,8 @@ class MultipartUpload:
         self._md5s: dict[int, str] = {}  # with Content-MD5: each part's (base64)
         self._whole: str | None = None
         self._completed = False
+        self._aborted = False
+        self._abort_failed = False
         self._entered = False
 
     async def __aenter__(self) -> MultipartUpload:
@@ -229,7 +231,10 @@ class MultipartUpload:
                 try:
                     await answered.wait()
                 except anyio.get_cancelled_exc_class():
-                    creation.deadline = anyio.current_time() + min(CREATION_WAIT, self._cleanup.timeout / 5)
+                    # This is the exit: the wait comes out of its cleanup deadline, which the
+                    # abort that follows shares, so the whole exit stays within its timeout.
+                    wait = anyio.current_time() + min(CREATION_WAIT, self._cleanup.timeout / 5)
+                    creation.deadline = min(wait, self._cleanup.deadline)
                     raise
         except anyio.get_cancelled_exc_class():
             if outcome and isinstance(outcome[0], dict):  # it came: abort what it opened
@@ -422,12 +427,44 @@ class MultipartUpload:
                 composite=not self._full_object,
                 etag=self.expected_etag,
             )
-            if problem is not None:
+            if problem is not None or not await self._closed_by_completion():
                 raise error from None
             log.warning("%s; but %s is whole (size and checksum), so the upload did complete", error, self.location)
         self._completed = True
         if self._ledger is not None and self.upload_id is not None:
             self._ledger.closed(self.upload_id)
+
+    async def _closed_by_completion(self) -> bool:
+        """After a completion that reported an error, with the object found whole: whether this
+        upload is the one that completed, told by aborting it.  NoSuchUpload says it is closed, so
+        a completion went through; an abort that succeeds says it was still open, so the object
+        found is an earlier one (the same bytes uploaded to the same key before) and this
+        completion failed.  An abort that fails tells nothing: the exit tries it again."""
+        assert self.upload_id is not None
+        try:
+            with storage_errors("AbortMultipartUpload", self.location.bucket, self.location.key):
+                await self._s3.abort_multipart_upload(
+                    Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
+                )
+        except StorageError as exc:
+            return exc.code == "NoSuchUpload"
+        log.debug("aborted multipart upload to %s: its completion had failed", self.location)
+        self._closed()
+        return False
+
+    def _closed(self) -> None:
+        """The upload is closed (aborted): its exit has nothing left to do."""
+        self._aborted = True
+        if self._ledger is not None and self.upload_id is not None:
+            self._ledger.closed(self.upload_id)
+
+    @property
+    def left_open(self) -> str | None:
+        """The upload, if its exit could not abort it and no cleanup will look for it (without a
+        ledger, no listing of a prefix of the run's own does): `s3://bucket/key (upload id ...)`."""
+        if not self._abort_failed or self._ledger is not None:
+            return None
+        return f"{self.location.uri} (upload id {self.upload_id})"
 
     async def __aexit__(
         self,
@@ -435,7 +472,7 @@ class MultipartUpload:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._completed or self.upload_id is None:
+        if self._completed or self._aborted or self.upload_id is None:
             return
         with self._cleanup.shield() as scope:
             try:
@@ -443,13 +480,18 @@ class MultipartUpload:
                     Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
                 )
                 log.debug("aborted multipart upload to %s", self.location)
-                if self._ledger is not None:
-                    self._ledger.closed(self.upload_id)
+                self._closed()
                 return
             except Exception as abort_error:  # the original error is the one to report
-                log.warning("could not abort the multipart upload to %s: %s", self.location, abort_error)
+                log.warning(
+                    "could not abort the multipart upload to %s (upload id %s): %s",
+                    self.location,
+                    self.upload_id,
+                    abort_error,
+                )
+        self._abort_failed = True
         if scope.cancelled_caught:
-            log.warning("aborting the multipart upload to %s timed out", self.location)
+            log.warning("aborting the multipart upload to %s (upload id %s) timed out", self.location, self.upload_id)
 
 
 class MultipartUploads:
@@ -487,6 +529,9 @@ class MultipartUploads:
         tb: TracebackType | None,
     ) -> None:
         await self._abort_all()
+        left = [upload.left_open for upload in self._entered if upload.left_open]
+        if left and isinstance(exc, Exception):  # said on the error the caller gets
+            exc.add_note(f"a multipart upload could not be aborted; {REMOVE_BY_HAND} {', '.join(left)}")
 
     async def _abort_all(self) -> None:
         unfinished = [upload for upload in self._entered if not upload.completed]

@@ -25,7 +25,7 @@ from ._artifacts import inspect_artifact
 from ._budget import MemoryBudget
 from ._capabilities import Integrity, adapt_uploads
 from ._concurrency import outcomes
-from ._errors import CleanupError, ConfigurationError, RegistrarError
+from ._errors import REMOVE_BY_HAND, CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
 from ._log_fields import log_fields
 from ._mims_client import MimsClient
@@ -40,7 +40,6 @@ from ._s3 import S3Client, S3Location, make_session, open_s3_client
 from ._settings import Settings
 from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
-from ._temporary import REMOVE_BY_HAND
 from ._threads import Workers
 from ._tracing import annotate, span
 from ._upload import UploadedArtifact, upload_artifact

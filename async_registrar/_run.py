@@ -46,6 +46,7 @@ from ._budget import MemoryBudget
 from ._capabilities import S3Capabilities, adapt_uploads, known_capabilities
 from ._concurrency import CleanupDeadline, outcomes, run_all
 from ._errors import (
+    REMOVE_BY_HAND,
     AcceptedRegistration,
     CleanupError,
     IdempotencyConflict,
@@ -72,7 +73,7 @@ from ._results import RegionRegistration, RegistrationResult
 from ._s3 import S3Client, S3Location
 from ._s3_source import copy_inside, copy_to_all, digest_s3_archive, inspect_s3_archive, local_copy_of
 from ._settings import MAX_PARTS, Settings
-from ._temporary import REMOVE_BY_HAND, TemporaryPrefix
+from ._temporary import TemporaryPrefix
 from ._threads import Workers
 from ._tracing import annotate, span
 from ._upload import UploadedArtifact, assumed_integrity, buffer_bound, digest_artifact, upload_to_all

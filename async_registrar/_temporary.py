@@ -19,7 +19,7 @@ import logging
 from types import TracebackType
 
 from ._concurrency import CleanupDeadline
-from ._errors import CleanupError, StorageError
+from ._errors import REMOVE_BY_HAND, CleanupError, StorageError
 from ._multipart import OpenUploads
 from ._progress import CleanupFinished, ProgressCallback
 from ._s3 import S3Client, storage_errors
@@ -27,9 +27,6 @@ from ._s3 import S3Client, storage_errors
 __all__ = ["TemporaryPrefix"]
 
 log = logging.getLogger("async_registrar.cleanup")
-
-#: What the message of a failed cleanup tells an operator to do.
-REMOVE_BY_HAND = "remove these by hand (aws s3 rm / aws s3api abort-multipart-upload):"
 
 
 class TemporaryPrefix:

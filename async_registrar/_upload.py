@@ -618,13 +618,23 @@ async def _confirm(
     )
     if problem is None:
         return found
-    with cleanup.shield(), storage_errors("DeleteObject", location.bucket, location.key):
-        await s3.delete_object(Bucket=location.bucket, Key=location.key)
-    if found is None:  # HeadObject itself failed: nothing was compared
-        fix = "add that permission and run again" if "needs s3:" in problem else "run again"
-        message = f"{location} was uploaded but could not be checked: {problem}; the object was deleted, {fix}"
+    not_deleted: str | None = f"no answer within the cleanup's {cleanup.timeout:g} s"
+    with cleanup.shield():
+        try:
+            with storage_errors("DeleteObject", location.bucket, location.key):
+                await s3.delete_object(Bucket=location.bucket, Key=location.key)
+            not_deleted = None
+        except StorageError as exc:  # the damage is still the error to report, with this
+            not_deleted = exc.message.splitlines()[0]
+    fix = "add that permission and run again" if found is None and "needs s3:" in problem else "run again"
+    if not_deleted is None:
+        outcome = f"the object was deleted, {fix}"
     else:
-        message = f"{location} is not what was uploaded: {problem}; the object was deleted, run again"
+        outcome = f"it could not be deleted ({not_deleted}): delete it by hand (aws s3 rm {location.uri}), then {fix}"
+    if found is None:  # HeadObject itself failed: nothing was compared
+        message = f"{location} was uploaded but could not be checked: {problem}; {outcome}"
+    else:
+        message = f"{location} is not what was uploaded: {problem}; {outcome}"
     raise StorageError(
         message,
         operation="HeadObject",

@@ -1,0 +1,193 @@
+"""What an upload that fails at its end leaves, and says: a completion that failed beside an
+identical object, a damaged object that cannot be deleted, an exit during a late creation,
+an abort that fails."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from botocore.exceptions import ClientError
+
+from async_registrar import Settings, StorageError
+from async_registrar._artifacts import inspect_artifact
+from async_registrar._s3 import S3Location
+from async_registrar._upload import upload_artifact
+
+from .conftest import MiB, leftovers
+
+
+def model_dir(root: Path, size: int) -> Path:
+    root.mkdir()
+    (root / "a-weights.bin").write_bytes(os.urandom(size))
+    (root / "b-config.json").write_text('{"dim": 3}')
+    return root
+
+
+def client_error(code: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
+
+
+def model_location(settings: Settings) -> S3Location:
+    return S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+
+
+async def open_uploads(s3: Any, settings: Settings) -> list[str]:
+    listed = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
+    return [f"{u['Key']} {u['UploadId']}" for u in listed.get("Uploads", [])]
+
+
+async def test_a_failed_completion_is_not_taken_for_done_because_an_identical_object_is_there(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """The same directory uploaded again to the same key (the archive is deterministic), and its
+    CompleteMultipartUpload really fails: HeadObject finds the earlier, identical object, so the
+    failure is taken for a completion whose answer was lost; the upload is never aborted."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    source = inspect_artifact(root, role="model")
+    location = model_location(settings)
+    await upload_artifact(s3, source, location, settings)  # the earlier upload: whole, at the key
+
+    def fail(**_: Any) -> None:  # before it is sent: S3 never completes this one
+        raise client_error("InternalError", "CompleteMultipartUpload")
+
+    s3.meta.events.register("before-call.s3.CompleteMultipartUpload", fail)
+    try:
+        with pytest.raises(StorageError, match=r"CompleteMultipartUpload failed .*InternalError"):
+            await upload_artifact(s3, source, location, settings)
+    finally:
+        s3.meta.events.unregister("before-call.s3.CompleteMultipartUpload", fail)
+    left = await open_uploads(s3, settings)
+    for entry in left:
+        key, upload_id = entry.split()
+        await s3.abort_multipart_upload(Bucket=settings.s3_bucket, Key=key, UploadId=upload_id)
+    assert left == [], f"an incomplete multipart upload was left behind: {left}"
+
+
+async def test_a_damaged_object_that_cannot_be_deleted_is_still_reported_as_damaged(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """The object is found not whole after completion, and deleting it fails (403): the error must
+    still say the object is damaged (and that it is still there), not only that a delete failed."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+
+    def corrupt(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["ContentLength"] = 17
+
+    def deny(**_: Any) -> None:
+        raise client_error("AccessDenied", "DeleteObject")
+
+    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
+    s3.meta.events.register("before-call.s3.DeleteObject", deny)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    finally:
+        s3.meta.events.unregister("after-call.s3.HeadObject", corrupt)
+        s3.meta.events.unregister("before-call.s3.DeleteObject", deny)
+        await s3.delete_object(Bucket=location.bucket, Key=location.key)
+    message = caught.value.message
+    assert "is not what was uploaded: it holds 17 bytes" in message, message
+    assert "it could not be deleted" in message, message
+
+
+async def test_a_damaged_object_whose_delete_times_out_is_not_said_to_be_deleted(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """The object is found not whole, and its DeleteObject is never answered within the cleanup
+    deadline: the object is still there, so the error must not say it was deleted."""
+    settings = settings.model_copy(update={"cleanup_timeout": 0.5})
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+
+    def corrupt(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["ContentLength"] = 17
+
+    async def hang(**_: Any) -> None:
+        await anyio.sleep(30)
+
+    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
+    s3.meta.events.register("before-call.s3.DeleteObject", hang)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    finally:
+        s3.meta.events.unregister("after-call.s3.HeadObject", corrupt)
+        s3.meta.events.unregister("before-call.s3.DeleteObject", hang)
+    still_there = location.key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    await s3.delete_object(Bucket=location.bucket, Key=location.key)
+    assert still_there  # the delete never happened
+    assert "the object was deleted" not in caught.value.message, caught.value.message
+
+
+async def test_an_exit_during_a_late_creation_stays_within_the_cleanup_timeout(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """Cancelled (SIGTERM) while CreateMultipartUpload is on its way and answered late, then the abort
+    hangs: the whole exit must end within REGISTRAR_CLEANUP_TIMEOUT (the container's grace period is
+    sized for it), not the creation's wait plus a whole cleanup timeout after it."""
+    timeout = 5.0
+    settings = settings.model_copy(update={"cleanup_timeout": timeout})
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+    cancelled_at: list[float] = []
+
+    with anyio.CancelScope() as scope:
+
+        async def late_creation(**_: Any) -> None:
+            scope.cancel()  # the caller is cancelled as the creation goes out
+            cancelled_at.append(anyio.current_time())
+            await anyio.sleep(0.95)  # answered within the creation's wait (a fifth of the timeout)
+
+        async def hang(**_: Any) -> None:
+            await anyio.sleep(60)
+
+        s3.meta.events.register("before-send.s3.CreateMultipartUpload", late_creation)
+        s3.meta.events.register("before-call.s3.AbortMultipartUpload", hang)
+        try:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        finally:
+            s3.meta.events.unregister("before-send.s3.CreateMultipartUpload", late_creation)
+            s3.meta.events.unregister("before-call.s3.AbortMultipartUpload", hang)
+    took = anyio.current_time() - cancelled_at[0]
+    for entry in await open_uploads(s3, settings):
+        key, upload_id = entry.split()
+        await s3.abort_multipart_upload(Bucket=settings.s3_bucket, Key=key, UploadId=upload_id)
+    assert scope.cancelled_caught
+    assert took <= timeout + 0.5, f"the exit took {took:.2f} s, past its cleanup timeout of {timeout:g} s"
+
+
+async def test_an_upload_whose_abort_failed_is_named_to_the_caller(tmp_path: Path, s3: Any, settings: Settings) -> None:
+    """A part fails and then the abort is refused: the multipart upload stays open at the caller's
+    key (`Registrar.upload` has no temporary prefix to sweep it), so the error raised must name it
+    (its upload id, as the temporary prefix's notes do), not only a log line."""
+    root = model_dir(tmp_path / "model", 16 * MiB)
+    location = model_location(settings)
+
+    def fail_part_two(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 2:
+            raise client_error("InternalError", "UploadPart")
+
+    def deny(**_: Any) -> None:
+        raise client_error("AccessDenied", "AbortMultipartUpload")
+
+    s3.meta.events.register("before-parameter-build.s3.UploadPart", fail_part_two)
+    s3.meta.events.register("before-call.s3.AbortMultipartUpload", deny)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    finally:
+        s3.meta.events.unregister("before-parameter-build.s3.UploadPart", fail_part_two)
+        s3.meta.events.unregister("before-call.s3.AbortMultipartUpload", deny)
+    left = await open_uploads(s3, settings)
+    for entry in left:
+        key, upload_id = entry.split()
+        await s3.abort_multipart_upload(Bucket=settings.s3_bucket, Key=key, UploadId=upload_id)
+    assert len(left) == 1
+    upload_id = left[0].split()[1]
+    told = str(caught.value) + "".join(getattr(caught.value, "__notes__", []))
+    assert upload_id in told, f"the open upload {upload_id} is not named: {told}"
