@@ -57,10 +57,21 @@ __all__ = ["MimsClient"]
 log = logging.getLogger("async_registrar.mims")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-#: Answers after which the request may have been processed: 429 and 503 mean it was not.
-MAYBE_PROCESSED_STATUS = frozenset({500, 502, 504})
-#: Failures after the whole request may have reached the server.
-_MAYBE_ARRIVED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+#: The 5xx answers that say the request was not processed: not implemented, unavailable (as
+#: 429 is), an HTTP version refused.  Any other 5xx, a gateway's own codes too (a CDN's 520
+#: to 524: the origin took the request and did not answer in time), may follow a request
+#: the registry processed.
+NOT_PROCESSED_5XX = frozenset({501, 503, 505})
+#: Failures after the whole request may have reached the server: no answer in time, a broken
+#: connection, or an answer whose body could not be decoded (it came, so the request arrived).
+_MAYBE_ARRIVED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError, httpx.DecodingError)
+
+
+def may_have_processed(status: int) -> bool:
+    """Whether a request answered `status` (an error) may have been processed all the same."""
+    return status >= 500 and status not in NOT_PROCESSED_5XX
+
+
 #: The longest `Retry-After` honoured; a server asking for more is waited on for this long.
 MAX_RETRY_AFTER = 60.0
 #: The longest wait between two attempts (without Retry-After).
@@ -80,9 +91,10 @@ class _Retryable(Exception):
 
 #: Every transport failure: timeouts (connect, read, write, pool), network errors (refused,
 #: reset, broken pipe, DNS), a peer that broke the protocol (closed without answering), a
-#: proxy that failed.  All may pass; a request sent twice is harmless (a submission carries
-#: an Idempotency-Key).  The endpoint's scheme is checked by the settings.
-_TRANSIENT_TRANSPORT = (httpx.TransportError,)
+#: proxy that failed; and an answer whose body could not be decoded (garbled on its way, a
+#: `Content-Encoding` it does not have).  All may pass; a request sent twice is harmless (a
+#: submission carries an Idempotency-Key).  The endpoint's scheme is checked by the settings.
+_TRANSIENT_TRANSPORT = (httpx.TransportError, httpx.DecodingError)
 
 
 class _Backoff:
@@ -359,7 +371,7 @@ class MimsClient:
                                 "while the registrar still used it; close it only after the registrar",
                                 url=shown,
                             ) from closed
-                        arrived = arrived or response.status_code in MAYBE_PROCESSED_STATUS
+                        arrived = arrived or may_have_processed(response.status_code)
                         return self._check(response, shown, allow_not_found=allow_not_found)
                     except Exception as exc:
                         arrived = arrived or isinstance(exc, _MAYBE_ARRIVED)
@@ -379,7 +391,7 @@ class MimsClient:
                 url=shown,
                 may_have_arrived=arrived,
             ) from None
-        except httpx.TransportError as exc:
+        except _TRANSIENT_TRANSPORT as exc:
             raise RegistryUnavailable(
                 f"{method} {shown} failed: {type(exc).__name__}; check --mims-endpoint / "
                 "REGISTRAR_MIMS_ENDPOINT and the network",

@@ -13,6 +13,7 @@ is a region name.  The reference service serves the full document at
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
@@ -32,6 +33,18 @@ __all__ = [
 
 REGISTRATIONS_PATH = "/v1/registrations"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def idempotency_key_problem(key: str) -> str | None:
+    """What is wrong with a caller-chosen Idempotency-Key, if anything: it goes in an HTTP
+    header as it is, so it must be visible ASCII (no spaces or accents), 1 to 256 characters."""
+    if not re.fullmatch(r"[!-~]{1,256}", key):
+        return (
+            "must be 1 to 256 visible ASCII characters (letters, digits, punctuation; no spaces or "
+            "accents): it is sent as the Idempotency-Key header as it is"
+        )
+    return None
+
 
 RegistrationStatus = Literal["PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"SUCCEEDED", "FAILED"})

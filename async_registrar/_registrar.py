@@ -87,8 +87,12 @@ class RegistrationHandle:
         Raises `RegistrationFailed`, `RegistrationTimeout` (its artifacts are kept: see
         `RegistrationInterrupted`) or another `RegistrarError`.
         """
-        run = self._take()
+        if self._run is None:
+            self._take()  # raises: already waited for or closed
+        # Refused while the registrar closes before the run is taken: the handle stays with the
+        # registrar, whose exit closes it (and names what it keeps).
         with self._registrar._work():
+            run = self._take()
             return await run.finish()
 
     async def aclose(self) -> None:

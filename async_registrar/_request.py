@@ -20,6 +20,7 @@ from typing import Any
 from ._artifacts import ArtifactSource, DirectorySource, S3Archive, is_s3_uri
 from ._config import RegistrationConfig, load_config
 from ._errors import ConfigurationError, InputError
+from ._mims_contract import idempotency_key_problem
 from ._settings import JobInputs, Settings, describe_field
 
 __all__ = ["RegistrationRequest", "RunIdentity", "new_run_id", "run_identity"]
@@ -52,6 +53,12 @@ class RegistrationRequest:
     idempotency_key: str | None = None
 
     def __post_init__(self) -> None:
+        problem = idempotency_key_problem(self.idempotency_key) if self.idempotency_key is not None else None
+        if problem is not None:
+            raise ConfigurationError(
+                "invalid settings; fix each and run again:",
+                [f"{describe_field('idempotency_key')}: {problem}"],
+            )
         if self.model_local_copy is not None and not is_s3_uri(self.model_path):
             raise ConfigurationError(
                 "invalid settings; fix each and run again:",

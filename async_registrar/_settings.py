@@ -32,7 +32,7 @@ from pydantic import (
 from ._checksums import ChecksumAlgorithm, crc64nvme_available
 from ._config import describe_validation_errors
 from ._errors import ConfigurationError
-from ._mims_contract import unsafe_key
+from ._mims_contract import idempotency_key_problem, unsafe_key
 
 __all__ = ["JobInputs", "Settings", "describe_field", "describe_source", "environment_value"]
 
@@ -78,6 +78,13 @@ def _bucket_template(value: str) -> str:
     """A bucket name, which may hold `{region}` (filled per region)."""
     if not _BUCKET.fullmatch(value.replace("{region}", "us-east-1")):
         raise ValueError("must be an S3 bucket name (3-63 of a-z 0-9 . -), optionally with {region} in it")
+    return value
+
+
+def _header_value(value: str) -> str:
+    problem = idempotency_key_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -347,7 +354,7 @@ class JobInputs(BaseModel):
     performance_metadata_uri: Annotated[str, AfterValidator(_s3_object_uri)] | None = None
     workflow_execution_id: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
     #: One logical registration's key, when the caller manages retries itself.
-    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    idempotency_key: Annotated[str, AfterValidator(_header_value)] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> JobInputs:
