@@ -158,6 +158,9 @@ class Manifest(BaseModel):
     registration: ManifestRegistration | None = None
     created_at: dt.datetime
     updated_at: dt.datetime
+    #: The attempt of the run that wrote it last: the prefix's own (`attempt`), or a later run's
+    #: that took it over (an earlier POST unanswered), which that earlier run then leaves alone.
+    owner: str | None = None
 
     def sha256s(self) -> dict[str, str]:
         """Each artifact's sha256: what tells whether a re-run registers the same inputs."""

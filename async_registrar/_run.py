@@ -59,7 +59,15 @@ from ._errors import (
     redact,
 )
 from ._log_fields import log_fields
-from ._manifest import MANIFEST_NAME, Manifest, ManifestArtifact, ManifestRegistration, find_manifests, write_manifest
+from ._manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestArtifact,
+    ManifestRegistration,
+    find_manifests,
+    read_manifest,
+    write_manifest,
+)
 from ._metadata import load_performance_metadata
 from ._mims_client import MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
@@ -130,6 +138,8 @@ class _Region:
     #: Artifacts of an earlier run whose registration is not alive, still whole in its
     #: prefix: copied inside S3 into this region's own prefix instead of uploaded again.
     carried: dict[str, ManifestArtifact] = field(default_factory=dict)
+    #: Whether this run wrote the prefix's manifest (a POST of it followed, or was about to).
+    wrote_manifest: bool = False
     #: That earlier run's prefix, removed at the end when its registration ended FAILED.
     superseded: TemporaryPrefix | None = None
 
@@ -558,8 +568,14 @@ class Run:
             )
 
     async def _take_over(self, region: _Region, where: S3Location, manifest: Manifest) -> None:
-        """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed."""
+        """Work in an earlier run's prefix: its artifacts stand unless they are gone or changed.
+
+        The manifest is written again first, as this run's: if the earlier run is still alive and
+        its POST turns out never to have reached the registry, it finds the prefix taken over
+        and leaves it (see `_taken_over`), instead of removing what this run's POST will have
+        the registry read."""
         self._enter(region, where, manifest)
+        await self._write_manifest(region, "submitting")
         await self._check_artifacts(region, manifest)
 
     async def _carry_over(self, region: _Region, where: S3Location, manifest: Manifest, *, superseded: bool) -> None:
@@ -897,10 +913,13 @@ class Run:
             return ()
         self._finalized = True
         kept = [r for r in self.regions if r.prefix is not None and r.past_point_of_no_return]
-        removed = [_prefix(r) for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
-        removed += [r.superseded for r in self.regions if r.superseded is not None]
-        found: list[tuple[str, ...]] = [() for _ in removed]
+        ended = [r for r in self.regions if r.prefix is not None and not r.past_point_of_no_return]
+        found: list[tuple[str, ...]] = []
         with self._cleanup.shield():
+            taken = await self._taken_over(ended)
+            removed = [_prefix(r) for r in ended if r not in taken]
+            removed += [r.superseded for r in self.regions if r.superseded is not None]
+            found = [() for _ in removed]
 
             async def remove(index: int) -> None:
                 found[index] = await removed[index].remove()
@@ -908,9 +927,32 @@ class Run:
             async with anyio.create_task_group() as tg:
                 for index in range(len(removed)):
                     tg.start_soon(remove, index)
+        for region in taken:
+            log.warning(
+                "%s: another run of the same inputs took %s over (this run's POST never reached the registry; "
+                "that run's may have): left to it",
+                region.region,
+                _prefix(region).uri,
+            )
         leftovers = tuple(item for items in found for item in items)
         self._report(exc, reason, kept, leftovers)
         return leftovers
+
+    async def _taken_over(self, regions: list[_Region]) -> list[_Region]:
+        """The regions whose prefix another run took over (see `_take_over`): those this run wrote
+        a manifest in, never accepted, whose manifest now names another run as its owner."""
+        asked = [r for r in regions if r.wrote_manifest and r.accepted is None]
+        owners: list[str | None] = [None] * len(asked)
+
+        async def read(index: int) -> None:
+            prefix = _prefix(asked[index])
+            manifest = await read_manifest(asked[index].s3, S3Location(prefix.bucket, prefix.key(MANIFEST_NAME)))
+            owners[index] = manifest.owner if manifest is not None else None
+
+        async with anyio.create_task_group() as tg:
+            for index in range(len(asked)):
+                tg.start_soon(read, index)
+        return [r for r, owner in zip(asked, owners, strict=True) if owner not in (None, self.attempt)]
 
     def _report(
         self, exc: BaseException | None, reason: str | None, kept: list[_Region], leftovers: tuple[str, ...]
@@ -1026,8 +1068,10 @@ class Run:
             registration=ManifestRegistration.of(accepted) if accepted is not None and state == "accepted" else None,
             created_at=region.created_at,
             updated_at=dt.datetime.now(dt.UTC),
+            owner=self.attempt,
         )
         prefix = _prefix(region)
+        region.wrote_manifest = True  # before the await: a write cut off may have landed
         await write_manifest(region.s3, S3Location(prefix.bucket, prefix.key(MANIFEST_NAME)), manifest)
 
     async def _inspect(self) -> tuple[ArtifactSource | S3Archive, ArtifactSource | S3Archive | None]:

@@ -1,5 +1,6 @@
-"""Edges of the registration path found by an adversarial review: a wait begun while the registrar
-closes, a gateway's 5xx after the POST arrived, a key that cannot be sent, a garbled poll."""
+"""Edges of the registration path found by an adversarial review: a run whose POST never arrived
+beside a re-run that took its prefix over, a wait begun while the registrar closes, a gateway's 5xx
+after the POST arrived, a key that cannot be sent, a garbled poll."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from async_registrar import (
     Registrar,
     RegistrationKept,
     RegistryError,
+    RegistryUnavailable,
     Settings,
 )
 from async_registrar._local import LocalStack
@@ -32,6 +34,71 @@ from .conftest import (
     remove_all,
     request_for,
 )
+
+
+class _GatedPost(httpx.AsyncBaseTransport):
+    """A real transport, except that the first POST is held until `go` is set and then answered 503
+    with a Retry-After past the submission's deadline: it never reached the registry."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+        self.arrived = anyio.Event()
+        self.go = anyio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.arrived.set()
+            await self.go.wait()
+            return httpx.Response(
+                503, headers={"retry-after": "60"}, json={"message": "busy", "errors": []}, request=request
+            )
+        return await self._real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
+
+
+async def test_a_run_whose_post_never_arrived_does_not_remove_a_concurrent_takeover(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Two runs of one lineage: A wrote its `submitting` manifest and its POST is in flight; B starts,
+    takes A's prefix over (an unanswered POST) and gets its registration accepted, reading A's prefix.
+    A's POST then ends without having reached the registry (503, Retry-After past the deadline) and A
+    removes its prefix: the artifacts B's accepted, unfinished registration reads must stay."""
+    request = request_for(make_job(tmp_path), workflow_execution_id="wf-review-takeover-race")
+    gate = _GatedPost()
+    outcome: list[BaseException] = []
+    with late_registry(stack) as registry:
+        async with (
+            httpx.AsyncClient(transport=gate) as http,
+            Registrar(on(settings, registry, submit_timeout=5), http_client=http) as a,
+        ):
+
+            async def a_registers() -> None:
+                try:
+                    await a.register(request)
+                except Exception as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a_registers)
+                with anyio.fail_after(30):
+                    await gate.arrived.wait()  # A's manifest says `submitting`; its POST is held
+                async with Registrar(on(settings, registry)) as b:
+                    b_handle = await b.submit(request)
+                    (accepted,) = b_handle.accepted
+                    gate.go.set()  # A's POST: 503, never reached the registry; A cleans up
+                    with anyio.fail_after(30):
+                        while not outcome:
+                            await anyio.sleep(0.02)
+                    await b_handle.aclose()  # kept: unfinished
+        assert isinstance(outcome[0], RegistryUnavailable), outcome
+        left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+        registry.finish_processing()
+        status = await final_status(registry, accepted.registration_id)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert registry.registration_count == 1
+    assert status == "SUCCEEDED", (status, left)
 
 
 async def test_a_wait_begun_while_the_registrar_closes_still_names_what_it_keeps(
