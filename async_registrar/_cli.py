@@ -63,6 +63,9 @@ EXIT_INPUT = 3
 EXIT_STORAGE = 4
 EXIT_REGISTRY = 5
 EXIT_TIMEOUT = 6
+#: The command did its work but could not write its result on stdout (the reader of the pipe
+#: went away, a full disk): Python's own exit code for an unwritable stdout.
+EXIT_RESULT_UNWRITTEN = 120
 
 #: Where SageMaker looks for a job's failure reason (its first 1 KB is shown).
 SAGEMAKER_OUTPUT = "/opt/ml/output"
@@ -116,7 +119,7 @@ async def _check(args: argparse.Namespace) -> int:
     settings, request = await _job(args)
     async with Registrar(settings) as registrar:
         plan = await registrar.check(request)
-    print(*plan.lines(), sep="\n", flush=True)
+    _write_result(*plan.lines())
     return EXIT_OK
 
 
@@ -132,12 +135,12 @@ async def _sweep(args: argparse.Namespace) -> int:
                 expire_after_days=args.expire_after_days,
                 region=(args.region or [None])[0],
             )
-            print(json.dumps(rule, indent=2))
+            _write_result(json.dumps(rule, indent=2))
             return EXIT_OK
         report = await registrar.sweep(
             older_than=args.older_than, max_age=args.max_age, dry_run=args.dry_run, regions=args.region or ()
         )
-    print(*report.lines(), sep="\n", flush=True)
+    _write_result(*report.lines())
     if report.leftovers:
         log.error("could not remove everything; %s", REMOVE_BY_HAND)
         return EXIT_STORAGE
@@ -220,7 +223,7 @@ async def _upload(args: argparse.Namespace) -> int:
     settings = Settings.from_env(s3_bucket=target.bucket, registry=False, dereference=args.dereference or None)
     async with Registrar(settings, on_progress=args.progress) as registrar:
         uploaded = await registrar.upload(args.path, args.target)
-    print(f"{uploaded.uri} {uploaded.size} {uploaded.sha256} {uploaded.integrity}")
+    _write_result(f"{uploaded.uri} {uploaded.size} {uploaded.sha256} {uploaded.integrity}")
     return EXIT_OK
 
 
@@ -269,6 +272,19 @@ async def _registration(settings: Settings, request: RegistrationRequest, progre
     return EXIT_OK
 
 
+class _ResultUnwritten(Exception):
+    """stdout refused the command's result lines: the work is done, its report is lost."""
+
+
+def _write_result(*lines: str) -> None:
+    """The command's result lines on stdout, flushed; a stdout that refuses them (a closed pipe,
+    a full disk, a closed stream) is `_ResultUnwritten`, exit 120, not a bug."""
+    try:
+        print(*lines, sep="\n", flush=True)
+    except (OSError, ValueError) as exc:
+        raise _ResultUnwritten(f"{type(exc).__name__}: {exc}") from exc
+
+
 def _print_result(result: RegistrationResult) -> None:
     """The original's two lines; with several regions, the two lines once per region, in order."""
     log.info(
@@ -278,9 +294,13 @@ def _print_result(result: RegistrationResult) -> None:
         result.timings.get("upload", 0.0),
         result.timings.get("register", 0.0),
     )
-    for registration in result.registrations:
-        print(ARN_LINE.format(registration.workflow_execution_arn))
-        print(MODEL_LINE.format(registration.model_id), flush=True)
+    _write_result(
+        *(
+            line
+            for registration in result.registrations
+            for line in (ARN_LINE.format(registration.workflow_execution_arn), MODEL_LINE.format(registration.model_id))
+        )
+    )
 
 
 # --- running, signals, exit codes -----------------------------------------------------
@@ -324,6 +344,14 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay, *, js
             code = anyio.run(guarded)
         finally:
             progress.close()  # a failed or interrupted upload leaves no progress line behind
+    except _ResultUnwritten as exc:
+        code = EXIT_RESULT_UNWRITTEN
+        _report(
+            f"done, but the result could not be written on stdout ({exc}): did its reader go away?",
+            exc,
+            code,
+            json_lines,
+        )
     except RegistrarError as exc:
         code = exit_code(exc)
         _report(exc.message, exc, code, json_lines, kept=_kept_summary(exc.kept, exc.resume_hint))
@@ -390,7 +418,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="async-registrar",
         description=_text("Register a trained model with MIMS: stream its artifacts to S3, submit, wait, clean up."),
         epilog="Exit codes: 0 registered; 2 usage or configuration; 3 input artifacts or metadata; "
-        "4 storage (S3); 5 registration rejected or failed; 6 timed out; 130 SIGINT; 143 SIGTERM.",
+        "4 storage (S3); 5 registration rejected or failed; 6 timed out; 120 done, but stdout closed; "
+        "130 SIGINT; 143 SIGTERM; 1 a bug.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -613,7 +642,8 @@ def _epilog(example: str, variables: str) -> str:
 
 _EXIT_CODES = (
     "exit codes: 0 done; 2 usage or configuration; 3 input artifacts or metadata; 4 storage (S3);\n"
-    "  5 registration rejected or failed; 6 timed out; 130 SIGINT; 143 SIGTERM; 1 a bug"
+    "  5 registration rejected or failed; 6 timed out; 120 done, but stdout closed; 130 SIGINT;\n"
+    "  143 SIGTERM; 1 a bug"
 )
 
 

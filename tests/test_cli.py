@@ -127,6 +127,33 @@ async def test_upload_streams_a_directory(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [key]
 
 
+@pytest.mark.parametrize("stdout", ["closed pipe", "/dev/full"])
+async def test_a_result_that_cannot_be_written_exits_120_without_a_traceback(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, stdout: str
+) -> None:
+    """The upload is done, but its result line cannot be written: the pipe's reader went away, or
+    the disk is full.  Exit 120 (as the README's table says), one `error:` line, no traceback:
+    not exit 1, "unexpected error", as if it were a bug."""
+    job = make_job(tmp_path, model_bytes=6 * MiB)
+    key = settings.s3_prefix + "unreported.tar.gz"
+    command = [sys.executable, "-m", "async_registrar", "upload", str(job["model"]), f"s3://{settings.s3_bucket}/{key}"]
+    env = environment(stack, settings, job)
+    if stdout == "closed pipe":
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout is not None
+        process.stdout.close()  # the reader goes away before the result comes
+        _, stderr = process.communicate(timeout=60)
+        code = process.returncode
+    else:
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        code, stderr = done.returncode, done.stderr
+    assert code == 120, stderr
+    assert "error: done, but the result could not be written on stdout" in stderr
+    assert "Traceback" not in stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [key]  # the upload itself is done
+
+
 def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
     """With stderr on a terminal (a pty here), upload progress is a bar redrawn in place."""
     job = make_job(tmp_path, model_bytes=12 * MiB)
