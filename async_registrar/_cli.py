@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], Awaitable[int]] = args.command
     args.progress = ProgressDisplay(console)
     json_lines = args.log_format == "json"
-    code = _run(lambda: command(args), args.progress, json_lines=json_lines)
+    stopped = _STOPPED_CLEAN.get(command, "no temporary object was left behind, run again to register")
+    code = _run(lambda: command(args), args.progress, json_lines=json_lines, clean=stopped)
     if json_lines:  # a log pipeline sees how the command ended, whatever it was
         log.info("exit %d", code, extra={"fields": {"event": "exit", "exit_code": code}})
     return code
@@ -227,6 +228,14 @@ async def _upload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: What a command other than a registration says when a signal stopped it cleanly.
+_STOPPED_CLEAN: dict[Callable[[argparse.Namespace], Awaitable[int]], str] = {
+    _upload: "the multipart upload was aborted (unless it had just completed: see the log); run it again",
+    _sweep: "the sweep was stopped before its end; run it again",
+    _check: "nothing was uploaded",
+}
+
+
 def _mims_server(args: argparse.Namespace) -> int:
     try:
         with _needs_extra("mims", "`async-registrar mims-server`"):
@@ -306,9 +315,16 @@ def _print_result(result: RegistrationResult) -> None:
 # --- running, signals, exit codes -----------------------------------------------------
 
 
-def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay, *, json_lines: bool = False) -> int:
+def _run(
+    command: Callable[[], Awaitable[int]],
+    progress: ProgressDisplay,
+    *,
+    json_lines: bool = False,
+    clean: str = "no temporary object was left behind, run again to register",
+) -> int:
     """Run `command` under signal handling; map its outcome to an exit code. The error is said
-    on stderr: `error: ...` lines, or (`json_lines`) one ERROR record with the exit code."""
+    on stderr: `error: ...` lines, or (`json_lines`) one ERROR record with the exit code.
+    `clean` says what a signal that stopped it cleanly left (nothing kept, nothing left over)."""
     received: list[int] = []
 
     async def guarded() -> int:
@@ -374,7 +390,7 @@ def _run(command: Callable[[], Awaitable[int]], progress: ProgressDisplay, *, js
             _say_error([left], code, json_lines)
             _write_exit_message(left)
         else:
-            done = f"{stopped}; no temporary object was left behind, run again to register"
+            done = f"{stopped}; {clean}"
             _say_error([done], code, json_lines)
             _write_exit_message(done)
     return code

@@ -129,9 +129,11 @@ class OpenUploads:
         return not any(b == bucket and k.startswith(prefix) for b, k in places)
 
 
-#: How long a CreateMultipartUpload already sent is still waited for once its caller is
-#: cancelled (at most a fifth of the cleanup's time): the upload it opens is then aborted.
-CREATION_WAIT = 5.0
+#: How long a CreateMultipartUpload or CompleteMultipartUpload already sent is still waited
+#: for once its caller is cancelled (at most a fifth of the cleanup's time, out of the exit's
+#: deadline): the upload a creation opens is then aborted; an object a completion made is
+#: then known to be there.
+ANSWER_WAIT = 5.0
 
 
 class MultipartUpload:
@@ -208,7 +210,7 @@ class MultipartUpload:
         return self
 
     async def _create(self, extra: dict[str, str]) -> dict[str, Any]:
-        """CreateMultipartUpload, seen through to its answer for a while (`CREATION_WAIT`) when
+        """CreateMultipartUpload, seen through to its answer for a while (`ANSWER_WAIT`) when
         the caller is cancelled meanwhile: S3 opens the upload all the same, and only its id lets
         it be aborted (where no listing of a prefix of the run's own will find it: `upload`)."""
         bucket, key = self.location.bucket, self.location.key
@@ -233,7 +235,7 @@ class MultipartUpload:
                 except anyio.get_cancelled_exc_class():
                     # This is the exit: the wait comes out of its cleanup deadline, which the
                     # abort that follows shares, so the whole exit stays within its timeout.
-                    wait = anyio.current_time() + min(CREATION_WAIT, self._cleanup.timeout / 5)
+                    wait = anyio.current_time() + min(ANSWER_WAIT, self._cleanup.timeout / 5)
                     creation.deadline = min(wait, self._cleanup.deadline)
                     raise
         except anyio.get_cancelled_exc_class():
@@ -409,14 +411,7 @@ class MultipartUpload:
             self._whole = whole
             extra = {f"Checksum{self._checksum}": whole, "ChecksumType": "FULL_OBJECT", "MpuObjectSize": self.size}
         try:
-            with storage_errors("CompleteMultipartUpload", self.location.bucket, self.location.key):
-                await self._s3.complete_multipart_upload(
-                    Bucket=self.location.bucket,
-                    Key=self.location.key,
-                    UploadId=self.upload_id,
-                    MultipartUpload={"Parts": parts},
-                    **extra,
-                )
+            await self._complete(parts, extra)
         except StorageError as error:
             problem, _ = await check_object(
                 self._s3,
@@ -433,6 +428,53 @@ class MultipartUpload:
         self._completed = True
         if self._ledger is not None and self.upload_id is not None:
             self._ledger.closed(self.upload_id)
+
+    async def _complete(self, parts: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+        """CompleteMultipartUpload, seen through to its answer for a while (as a creation is,
+        see `_create`) when the caller is cancelled meanwhile: S3 goes on completing it, and the
+        object may land only after the cleanup looked for it (an abort then finds NoSuchUpload,
+        and nothing else tells).  If it answers in time, the upload counts as completed: the
+        object is there for whoever cleans up the place (a run's temporary prefix removes it;
+        an `upload`'s target keeps it, logged)."""
+        bucket, key = self.location.bucket, self.location.key
+        outcome: list[Exception | None] = []
+        answered = anyio.Event()
+        completion = anyio.CancelScope(shield=True)
+
+        async def complete() -> None:
+            try:
+                with completion, storage_errors("CompleteMultipartUpload", bucket, key):
+                    await self._s3.complete_multipart_upload(
+                        Bucket=bucket, Key=key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}, **extra
+                    )
+                    outcome.append(None)
+            except Exception as exc:  # handed to the caller, as it is
+                outcome.append(exc)
+            finally:
+                answered.set()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(complete)
+                try:
+                    await answered.wait()
+                except anyio.get_cancelled_exc_class():
+                    # This is the exit: the wait comes out of its cleanup deadline, as the abort
+                    # that follows if no answer comes.
+                    wait = anyio.current_time() + min(ANSWER_WAIT, self._cleanup.timeout / 5)
+                    completion.deadline = min(wait, self._cleanup.deadline)
+                    raise
+        except anyio.get_cancelled_exc_class():
+            if outcome and outcome[0] is None:
+                self._completed = True
+                if self._ledger is not None and self.upload_id is not None:
+                    self._ledger.closed(self.upload_id)
+                log.warning("stopped as its upload completed: %s is there", self.location)
+            raise
+        if not outcome:  # cut off by the wait above, which only a cancellation starts
+            raise RuntimeError("CompleteMultipartUpload ended without an answer")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     async def _closed_by_completion(self) -> bool:
         """After a completion that reported an error, with the object found whole: whether this

@@ -10,6 +10,8 @@ it; and the exit's one cleanup deadline (`CleanupDeadline`).
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,51 @@ async def open_uploads(s3: Any, settings: Settings) -> list[str]:
     """The keys of the multipart uploads open under the test's prefix (one entry per upload)."""
     listed = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     return [u["Key"] for u in listed.get("Uploads", [])]
+
+
+# --- a completion under way when the run is stopped -----------------------------------------
+
+
+async def test_a_run_stopped_while_s3_commits_its_completion_leaves_nothing(
+    tmp_path: Path, settings: Settings, stack: LocalStack, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while S3 is completing an upload: the server has dropped the upload (an abort gets
+    NoSuchUpload) and commits the object a moment later, after the cleanup listed the prefix: the
+    object stayed, and the run said nothing was left.  The completion's answer is now waited for
+    (within the cleanup deadline), so the object is there to be removed.  moto commits at once, so
+    its commit is slowed down here: a large object's, or another server's, takes that long."""
+    from moto.s3.models import S3Backend
+
+    committing = threading.Event()
+    inside = threading.local()
+    complete, put = S3Backend.complete_multipart_upload, S3Backend.put_object
+
+    def slow_complete(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inside.completing = True
+        try:
+            return complete(self, *args, **kwargs)
+        finally:
+            inside.completing = False
+
+    def slow_put(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(inside, "completing", False):  # the upload is gone; the object is not there yet
+            committing.set()
+            time.sleep(1.0)
+        return put(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "complete_multipart_upload", slow_complete)
+    monkeypatch.setattr(S3Backend, "put_object", slow_put)
+
+    async def commit_under_way() -> None:
+        while not committing.is_set():
+            await anyio.sleep(0.005)
+
+    with mims_server(stack) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            await cancel_when(registrar, request_for(make_job(tmp_path)), commit_under_way)
+    await anyio.sleep(1.5)  # any commit still under way has landed
+    assert await open_uploads(s3, settings) == []
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
 # --- the ledger vouches for a prefix whose uploads cannot be listed ---------------------------

@@ -59,6 +59,33 @@ async def test_sigterm_during_the_upload(tmp_path: Path, stack: LocalStack, sett
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+async def test_sigterm_during_an_upload_command_says_what_an_upload_leaves(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """`upload` stopped by SIGTERM: its message speaks of its multipart upload, not of a
+    registration's temporary objects and a re-run "to register"."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    slow_parts = lambda method, target: Stall(30) if method == "PUT" and "partNumber=" in target else None  # noqa: E731
+    target = f"s3://{settings.s3_bucket}/{settings.s3_prefix}up.tar.gz"
+    with FaultProxy(stack.s3_endpoint, slow_parts) as proxy:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "async_registrar", "upload", str(job["model"]), target],
+            env=environment(stack, settings, job, AWS_ENDPOINT_URL_S3=proxy.endpoint),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        seen: list[str] = []
+        wait_for(process, "uploading", seen)
+        time.sleep(0.5)  # the parts are on their way (and stuck)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 143, "".join(seen) + stderr
+    assert "error: terminated by SIGTERM; the multipart upload was aborted" in stderr
+    assert "to register" not in stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
 async def test_signals_during_the_cleanup_do_not_stop_it(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
