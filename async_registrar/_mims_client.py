@@ -256,6 +256,8 @@ class MimsClient:
             )
         if response.status_code != 404:
             raise _not_a_registry(shown, response.status_code)
+        if not _is_error_body(response):  # any web server answers 404 to a path it does not have
+            raise _not_a_registry(shown, 404, 'without a MIMS error body (a JSON object with a "message")')
         log.debug("%s answers and accepts our signature", shown)
 
     async def wait(
@@ -453,14 +455,25 @@ def _last(failures: list[str]) -> str:
     return f"the last: {failures[-1]}" if failures else "no attempt finished"
 
 
-def _not_a_registry(shown: str, status: int | None) -> RegistrationRejected:
+def _not_a_registry(shown: str, status: int | None, how: str = "") -> RegistrationRejected:
     return RegistrationRejected(
-        f"GET {shown}{REGISTRATIONS_PATH}/<an id that cannot exist> answered {status}, where a MIMS "
-        "registry answers 404; is --mims-endpoint / REGISTRAR_MIMS_ENDPOINT a MIMS endpoint? "
-        "(REGISTRAR_PREFLIGHT=false skips this check)",
+        f"GET {shown}{REGISTRATIONS_PATH}/<an id that cannot exist> answered {status}{' ' + how if how else ''}, "
+        "where a MIMS registry answers 404 with its error body; is --mims-endpoint / REGISTRAR_MIMS_ENDPOINT "
+        "a MIMS endpoint, its base URL (the one /v1/registrations is under)? (REGISTRAR_PREFLIGHT=false skips "
+        "this check)",
         url=shown,
         status_code=status,
     )
+
+
+def _is_error_body(response: httpx.Response) -> bool:
+    """Whether `response` carries the contract's error body, a JSON object with a `message`
+    string (a web server's own 404 page, text or HTML, does not)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("message"), str)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -163,6 +163,7 @@ FAULTS = [
     "registry-refusing",
     "registry-unresolvable",
     "registry-stalling",
+    "registry-path-typo",
     "signature-rejected",
     "bucket-missing",
     "bucket-denied",
@@ -188,6 +189,15 @@ def arranged(kind: str, stack: LocalStack, settings: Settings, tmp_path: Path) -
             yield Fault(
                 5, RegistryUnavailable, (endpoint,), {"mims_endpoint": endpoint}, {"REGISTRAR_MIMS_ENDPOINT": endpoint}
             )
+    elif kind == "registry-path-typo":  # a registry's host with a wrong path: 404 for everything
+        endpoint = f"{stack.mims_endpoint}/typo"
+        yield Fault(
+            5,
+            RegistrationRejected,
+            ("/typo", "base URL"),
+            {"mims_endpoint": endpoint},
+            {"REGISTRAR_MIMS_ENDPOINT": endpoint},
+        )
     elif kind == "signature-rejected":
         with mims_server(stack, signing_secrets={ACCESS_KEY: SecretStr("another-secret")}) as strict:
             yield Fault(

@@ -339,6 +339,25 @@ async def test_the_probe_takes_a_404_as_proof() -> None:
     assert "Signature=" in request.headers["authorization"]
 
 
+@pytest.mark.parametrize(
+    "page",
+    [
+        httpx.Response(404, text="Not Found"),
+        httpx.Response(404, html="<html><body>404 Not Found</body></html>"),
+        httpx.Response(404, json={"detail": "Not Found"}),
+    ],
+)
+async def test_the_probe_does_not_take_a_web_servers_own_404_for_a_registrys(page: httpx.Response) -> None:
+    """A path with a typo on a registry's host (or any web server) answers 404 to everything: only
+    a 404 with the contract's error body proves a registry; otherwise a whole upload would go before
+    the POST found out."""
+    script = Script(page)
+    client, http = script.client()
+    async with http:
+        with pytest.raises(RegistrationRejected, match=r"without a MIMS error body.*base URL"):
+            await client.probe(region="us-west-2", within=5)
+
+
 @pytest.mark.parametrize("status", [401, 403])
 async def test_the_probe_names_what_to_check_when_the_signature_is_refused(status: int, no_backoff: None) -> None:
     script = Script(httpx.Response(status, json={"message": "unknown access key"}))
@@ -366,7 +385,7 @@ async def test_the_probe_refuses_an_endpoint_that_is_not_a_registry(status: int,
 async def test_the_probe_retries_transient_failures_within_its_bound() -> None:
     """Refused, then 503, then 404: passes.  Refused throughout: RegistryUnavailable naming the
     endpoint and the last failure, after `within` seconds, not later."""
-    script = Script(httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(404))
+    script = Script(httpx.ConnectError("refused"), httpx.Response(503), httpx.Response(404, json={"message": "no"}))
     client, http = script.client()
     async with http:
         await client.probe(region="us-west-2", within=5)
