@@ -135,6 +135,7 @@ async def _sweep(args: argparse.Namespace) -> int:
                 abort_after_days=args.abort_after_days,
                 expire_after_days=args.expire_after_days,
                 region=(args.region or [None])[0],
+                dry_run=args.dry_run,
             )
             _write_result(json.dumps(rule, indent=2))
             return EXIT_OK
@@ -511,7 +512,7 @@ def _parser() -> argparse.ArgumentParser:
             "registry reports their registration PENDING or IN_PROGRESS; a run whose registry cannot be asked "
             "is spared until --max-age. Prints what it saw, removed and spared. Nothing outside the prefix is "
             "touched. With --install-lifecycle: add (or replace) the bucket lifecycle rule for the prefix "
-            "instead, keeping the bucket's other rules, and print it."
+            "instead, keeping the bucket's other rules, and print it (with --dry-run: print it, write nothing)."
         ),
         epilog=(
             "async-registrar sweep --bucket my-tmp-bucket --mims-endpoint https://mims.example.com --older-than 24h",
@@ -532,7 +533,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="a run whose registry cannot be asked is spared until this old (default 7d)",
     )
-    sweep.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="report what would be removed (or the lifecycle rule that would be installed); change nothing",
+    )
     sweep.add_argument(
         "--region", action="append", metavar="REGION", help="with a {region} bucket name: a region to sweep"
     )

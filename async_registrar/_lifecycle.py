@@ -3,17 +3,23 @@
 S3 itself aborts incomplete multipart uploads and expires objects under the
 prefix after a number of days, even if no sweep ever runs.  The rule is merged
 into the bucket's configuration: other rules are kept as they are, and a rule
-of ours for the same prefix is replaced (so installing twice leaves one).
+of ours for the same prefix is replaced (so installing twice leaves one).  A dry
+run reads the configuration, logs the rule it would add or replace, and writes
+nothing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
 from ._errors import ConfigurationError, StorageError
 from ._s3 import S3Client, storage_errors
 
 __all__ = ["install_lifecycle", "rule_id"]
+
+log = logging.getLogger("async_registrar.lifecycle")
 
 
 def rule_id(prefix: str) -> str:
@@ -22,9 +28,16 @@ def rule_id(prefix: str) -> str:
 
 
 async def install_lifecycle(
-    s3: S3Client, bucket: str, prefix: str, *, abort_after_days: int = 1, expire_after_days: int = 7
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    *,
+    abort_after_days: int = 1,
+    expire_after_days: int = 7,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Add (or replace) our rule for `prefix` in the bucket's lifecycle configuration; return it."""
+    """Add (or replace) our rule for `prefix` in the bucket's lifecycle configuration; return it.
+    With `dry_run`, write nothing: log what would be added or replaced, and return the rule."""
     if not prefix.strip("/"):
         raise ConfigurationError("a lifecycle rule for an empty prefix would expire the whole bucket; set --prefix")
     problems = [
@@ -52,7 +65,15 @@ async def install_lifecycle(
         if exc.code != "NoSuchLifecycleConfiguration":  # none yet: an error code, not a failure
             raise
         rules = []
+    replaced = next((r for r in rules if r.get("ID") == rule["ID"]), None)
     rules = [r for r in rules if r.get("ID") != rule["ID"]] + [rule]
+    where = f"s3://{bucket}/{prefix}"
+    if dry_run:
+        what = f"replace {json.dumps(replaced, default=str)}" if replaced else "be added"
+        log.info("dry run: nothing written; the lifecycle rule for %s would %s", where, what)
+        return rule
     with storage_errors("PutBucketLifecycleConfiguration", bucket):
         await s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
+    what = f"replaced {json.dumps(replaced, default=str)}" if replaced else "added"
+    log.info("the lifecycle rule for %s: %s", where, what)
     return rule

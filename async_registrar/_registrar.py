@@ -387,11 +387,17 @@ class Registrar:
                     )
 
     async def install_lifecycle(
-        self, *, abort_after_days: int = 1, expire_after_days: int = 7, region: str | None = None
+        self,
+        *,
+        abort_after_days: int = 1,
+        expire_after_days: int = 7,
+        region: str | None = None,
+        dry_run: bool = False,
     ) -> dict[str, Any]:
         """Add (or replace) the bucket lifecycle rule for the prefix, keeping the bucket's other
         rules: incomplete multipart uploads aborted, objects expired, after so many days.
-        Returns the rule."""
+        Returns the rule.  With `dry_run`, nothing is written: the rule it would add (and the
+        one it would replace) is logged and returned."""
         name = region or self.settings.aws_region or "us-east-1"
         s3, _ = await self._region_clients(name, several="{region}" in self.settings.s3_bucket)
         return await install_lifecycle(
@@ -400,6 +406,7 @@ class Registrar:
             self.settings.s3_prefix,
             abort_after_days=abort_after_days,
             expire_after_days=expire_after_days,
+            dry_run=dry_run,
         )
 
     async def _registry_for(self, region: str) -> MimsClient:

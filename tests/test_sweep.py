@@ -7,6 +7,8 @@ uses ListObjectsV2 and ListMultipartUploads (`leftovers`).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -416,3 +418,38 @@ def stall_first_question(proxy: FaultProxy, registration_id: str, seconds: float
 
     proxy.rule = rule
     return stalled
+
+
+async def test_the_lifecycle_rule_dry_run_writes_nothing(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """`sweep --install-lifecycle --dry-run` prints the rule it would install and names the rule it
+    would replace, exit 0, and leaves the bucket's lifecycle configuration as it was (none, or
+    the old one)."""
+    bucket = f"lifecycle-dry-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    await s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    env = environment(stack, settings, make_job(tmp_path), REGISTRAR_S3_BUCKET=bucket)
+    try:
+        fresh = run(env, "sweep", "--install-lifecycle", "--dry-run")
+        assert fresh.returncode == 0, fresh.stderr
+        with pytest.raises(s3.exceptions.ClientError, match="NoSuchLifecycleConfiguration"):
+            await s3.get_bucket_lifecycle_configuration(Bucket=bucket)
+        assert '"DaysAfterInitiation": 1' in fresh.stdout
+        said = f"dry run: nothing written; the lifecycle rule for s3://{bucket}/{settings.s3_prefix} would be added"
+        assert said in fresh.stderr, fresh.stderr
+
+        installed = run(env, "sweep", "--install-lifecycle")
+        assert installed.returncode == 0, installed.stderr
+        before = (await s3.get_bucket_lifecycle_configuration(Bucket=bucket))["Rules"]
+        changed = run(env, "sweep", "--install-lifecycle", "--dry-run", "--abort-after-days", "3")
+        assert changed.returncode == 0, changed.stderr
+        assert (await s3.get_bucket_lifecycle_configuration(Bucket=bucket))["Rules"] == before
+        assert '"DaysAfterInitiation": 3' in changed.stdout
+        (replacing,) = [line for line in changed.stderr.splitlines() if "dry run: nothing written" in line]
+        (ours,) = [r for r in before if r["ID"] == rule_id(settings.s3_prefix)]
+        assert json.loads(replacing.split(" would replace ", 1)[1]) == ours, replacing
+        assert ours["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    finally:
+        with contextlib.suppress(Exception):
+            await s3.delete_bucket_lifecycle(Bucket=bucket)
+        await s3.delete_bucket(Bucket=bucket)
