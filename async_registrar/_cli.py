@@ -507,12 +507,13 @@ def _parser() -> argparse.ArgumentParser:
         "sweep",
         help="remove what killed runs left under the prefix (or install the bucket's lifecycle rule)",
         description=(
-            "Remove the runs under {bucket}/{prefix} older than --older-than (by their newest object or "
-            "open multipart upload): their open uploads are aborted and their objects deleted, unless the "
-            "registry reports their registration PENDING or IN_PROGRESS; a run whose registry cannot be asked "
-            "is spared until --max-age. Prints what it saw, removed and spared. Nothing outside the prefix is "
-            "touched. With --install-lifecycle: add (or replace) the bucket lifecycle rule for the prefix "
-            "instead, keeping the bucket's other rules, and print it (with --dry-run: print it, write nothing)."
+            "Remove the runs under {bucket}/{prefix} older than --older-than (by their newest object, open "
+            "multipart upload or the start time in their attempt's name): their open uploads are aborted and "
+            "their objects deleted, unless the registry reports their registration PENDING or IN_PROGRESS; a "
+            "run whose registry cannot be asked is spared until --max-age. Prints what it saw, removed and "
+            "spared. Nothing outside the prefix is touched. With --install-lifecycle: add (or replace) the "
+            "bucket lifecycle rule for the prefix instead, keeping the bucket's other rules, and print it "
+            "(with --dry-run: print it, write nothing)."
         ),
         epilog=(
             "async-registrar sweep --bucket my-tmp-bucket --mims-endpoint https://mims.example.com --older-than 24h",

@@ -295,7 +295,8 @@ class Registrar:
     ) -> SweepReport:
         """Remove what runs that could not clean up (SIGKILL, OOM) left under the prefix.
 
-        A run older than `older_than` seconds (by its newest object or open upload) is removed,
+        A run older than `older_than` seconds (by its youngest evidence: its newest object or
+        open upload, or the start time in its attempt's name) is removed,
         unless the configured registry reports its registration PENDING or IN_PROGRESS (or cannot
         be asked, or a POST may have gone unanswered: then it is spared until `max_age`).
         With a bucket name holding `{region}`, `regions` names the buckets to sweep.  Raises

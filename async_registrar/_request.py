@@ -23,7 +23,7 @@ from ._errors import ConfigurationError, InputError
 from ._mims_contract import idempotency_key_problem
 from ._settings import JobInputs, Settings, describe_field
 
-__all__ = ["RegistrationRequest", "RunIdentity", "new_run_id", "run_identity"]
+__all__ = ["RUN_ID_TIME", "RegistrationRequest", "RunIdentity", "new_run_id", "run_id_time", "run_identity"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +186,21 @@ def _listing(source: ArtifactSource | S3Archive | None) -> list[tuple[str, int, 
     return [(source.path.name, source.size, False)]
 
 
+#: The UTC start time a run id begins with.
+RUN_ID_TIME = "%Y%m%dT%H%M%SZ"
+
+
 def new_run_id() -> str:
     """A run id that sorts by time and is unique: `20261126T065650Z-3f2a9c1b7d4e`."""
-    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(6)
+    return dt.datetime.now(dt.UTC).strftime(RUN_ID_TIME) + "-" + secrets.token_hex(6)
+
+
+def run_id_time(run_id: str) -> dt.datetime | None:
+    """The UTC time (to the second) a run id of `new_run_id` was made at; None for another name."""
+    stamp, dash, _ = run_id.partition("-")
+    if not dash or len(stamp) != 16:
+        return None
+    try:
+        return dt.datetime.strptime(stamp, RUN_ID_TIME).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None

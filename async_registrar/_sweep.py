@@ -4,8 +4,12 @@ SIGKILL, an OOM kill, a node failure or a SageMaker stop after its grace period
 end a run with no chance to clean up: its objects and open multipart uploads stay
 under `{prefix}{group}/{attempt}/`.  `sweep` lists the prefix (objects and open
 multipart uploads, paginated), groups them into runs, and removes each run older
-than a threshold (by its newest object or upload) - unless the registry still
-needs it:
+than a threshold - unless the registry still needs it.  A run's age is that of
+its youngest evidence: its newest object, its newest open upload, and the start
+time its attempt's name carries (`new_run_id`; a time in the future counts as
+young).  The name matters because a server may report any `Initiated` for an
+upload (moto reports 2010-11-10 for every one): a run whose only trace is the
+upload in flight must not look old.  The registry may still need an old run:
 
 - a run whose manifest names a registration the registry reports PENDING or
   IN_PROGRESS is spared (the registry reads its artifacts);
@@ -34,6 +38,7 @@ from ._errors import ConfigurationError, RegistrarError, StorageError, redact
 from ._manifest import MANIFEST_NAME, read_manifest
 from ._mims_client import NOT_FOUND_GRACE, MimsClient
 from ._mims_contract import TERMINAL_STATUSES
+from ._request import run_id_time
 from ._s3 import S3Client, S3Location, storage_errors
 
 __all__ = ["RunSwept", "SweepReport", "sweep"]
@@ -125,6 +130,7 @@ class _Run:
     prefix: str  # the key prefix {prefix}{group}/{attempt}/
     objects: list[tuple[str, int]] = field(default_factory=list)  # key, size
     uploads: list[tuple[str, str]] = field(default_factory=list)  # key, upload id
+    #: The youngest evidence of the run: its newest object or upload, or its attempt's start.
     newest: dt.datetime | None = None
 
     def saw(self, when: dt.datetime) -> None:
@@ -160,6 +166,7 @@ async def sweep(
 
     async def judge(run: _Run) -> None:
         async with limiter:
+            # Negative for a start time in the future (clock skew): young even to `older_than=0`.
             age = (now - run.newest).total_seconds() if run.newest else 0.0
             size = sum(s for _, s in run.objects)
             swept = functools.partial(
@@ -229,7 +236,14 @@ async def _list_runs(s3: S3Client, bucket: str, prefix: str) -> tuple[dict[str, 
         if where is None:
             not_runs.append(key)
             return None
-        return runs.setdefault(where, _Run(where))
+        if where not in runs:
+            runs[where] = _Run(where)
+            # The attempt's start time, from its name (`{group}/{attempt}/`): whatever a server
+            # says of an upload's Initiated, a run is no older than its attempt.
+            started = run_id_time(where.rstrip("/").rsplit("/", 1)[1])
+            if started is not None:
+                runs[where].saw(started)
+        return runs[where]
 
     with storage_errors("ListObjectsV2", bucket, prefix):
         paginator = s3.get_paginator("list_objects_v2")

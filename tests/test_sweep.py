@@ -8,9 +8,11 @@ uses ListObjectsV2 and ListMultipartUploads (`leftovers`).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import time
@@ -24,6 +26,7 @@ import pytest
 from async_registrar import ConfigurationError, Registrar, Settings
 from async_registrar._lifecycle import rule_id
 from async_registrar._local import LocalStack
+from async_registrar._request import new_run_id
 
 from .conftest import (
     MiB,
@@ -453,3 +456,43 @@ async def test_the_lifecycle_rule_dry_run_writes_nothing(
         with contextlib.suppress(Exception):
             await s3.delete_bucket_lifecycle(Bucket=bucket)
         await s3.delete_bucket(Bucket=bucket)
+
+
+async def test_a_default_sweep_spares_a_just_started_run_whatever_its_uploads_initiated_says(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """moto says every multipart upload was initiated on 2010-11-10: a run with nothing but an
+    open upload under a fresh attempt prefix (its first part in flight) must still be young to a
+    default (24 h) sweep, by the start time in its prefix name; so must one whose name is in the
+    future (clock skew).  A run whose name and upload are old is removed; an old-named run with
+    a new object is young, as before.  The sweep before a registration spares the fresh one too."""
+    bucket, prefix = settings.s3_bucket, settings.s3_prefix
+    now = dt.datetime.now(dt.UTC)
+
+    def attempt(at: dt.datetime) -> str:
+        return f"{at:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}"
+
+    fresh = f"{prefix}run-{secrets.token_hex(4)}/{new_run_id()}/"
+    future = f"{prefix}run-{secrets.token_hex(4)}/{attempt(now + dt.timedelta(hours=1))}/"
+    stale = f"{prefix}run-{secrets.token_hex(4)}/{attempt(now - dt.timedelta(days=3))}/"
+    touched = f"{prefix}run-{secrets.token_hex(4)}/{attempt(now - dt.timedelta(days=3))}/"
+    try:
+        for run_prefix in (fresh, future, stale):
+            await s3.create_multipart_upload(Bucket=bucket, Key=f"{run_prefix}model.tar.gz")
+        await s3.put_object(Bucket=bucket, Key=f"{touched}model.tar.gz", Body=b"x")
+        uploads = (await s3.list_multipart_uploads(Bucket=bucket, Prefix=fresh))["Uploads"]
+        # What this reproduces: the server reports the fresh upload as older than the threshold.
+        assert [now - u["Initiated"] > dt.timedelta(days=1) for u in uploads] == [True], uploads
+        async with Registrar(settings) as registrar:
+            report = await registrar.sweep()
+        outcomes = {r.prefix.removeprefix(f"s3://{bucket}/"): r.outcome for r in report.runs}
+        assert outcomes == {fresh: "young", future: "young", stale: "removed", touched: "young"}, report.lines()
+        assert {"upload:" + k for k in (f"{fresh}model.tar.gz", f"{future}model.tar.gz")} <= set(
+            await leftovers(s3, bucket, prefix)
+        )
+
+        async with Registrar(settings.model_copy(update={"sweep_on_start": True})) as registrar:
+            await registrar.register(request_for(make_job(tmp_path)))
+        assert f"upload:{fresh}model.tar.gz" in await leftovers(s3, bucket, prefix)
+    finally:
+        await remove_all(s3, bucket, prefix)
