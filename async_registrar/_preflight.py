@@ -27,9 +27,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from ._concurrency import run_all
+from ._credentials import CREDENTIAL_ERRORS, NO_CREDENTIALS, credential_problem
 from ._errors import ConfigurationError, StorageError, redact
 from ._mims_client import MimsClient
 from ._s3 import S3Client, error_code, storage_errors
@@ -47,11 +48,6 @@ log = logging.getLogger("async_registrar")
 
 #: Resolves the AWS credentials (raises `ConfigurationError` when there are none).
 CredentialsCheck = Callable[[], Awaitable[object]]
-
-NO_CREDENTIALS = (
-    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run with an IAM role "
-    "(a SageMaker job's execution role, an instance profile, a task role)"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +85,9 @@ async def check_credentials(credentials: CredentialsCheck, *, within: float) -> 
             f"the AWS credentials did not resolve within {within:g} s (an instance metadata service "
             f"that does not answer?); {NO_CREDENTIALS}"
         ) from None
-    except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise ConfigurationError(f"no usable AWS credentials ({exc}); {NO_CREDENTIALS}") from None
-    except BotoCoreError as exc:  # a broken config file, a credential process that failed, ...
+    except CREDENTIAL_ERRORS as exc:  # a half-set pair, an unknown profile, a broken config file, ...
+        raise credential_problem(exc) from None
+    except BotoCoreError as exc:  # anything else botocore raises while resolving them
         raise ConfigurationError(
             f"the AWS credentials could not be resolved: {type(exc).__name__}: {redact(str(exc))}; "
             "check AWS_PROFILE, AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE"
@@ -107,8 +103,8 @@ async def check_bucket(
     with anyio.move_on_after(within) as scope:
         try:
             await s3.head_bucket(Bucket=bucket)
-        except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise ConfigurationError(f"no usable AWS credentials for S3 ({exc}); {NO_CREDENTIALS}") from None
+        except CREDENTIAL_ERRORS as exc:
+            raise credential_problem(exc) from None
         except ClientError as exc:
             code = error_code(exc)
             if code in ("404", "NoSuchBucket"):

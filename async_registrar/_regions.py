@@ -19,7 +19,7 @@ import logging
 import re
 from typing import Any
 
-import botocore.session
+import botocore.loaders
 
 __all__ = ["check_region", "known_regions", "region_pattern"]
 
@@ -35,8 +35,13 @@ _WORDS = frozenset(
 
 @functools.cache
 def _partitions() -> list[dict[str, Any]]:
-    """botocore's partition data (offline), loaded once for the names and the pattern."""
-    partitions: list[dict[str, Any]] = botocore.session.get_session().get_data("endpoints")["partitions"]
+    """botocore's partition data (offline), loaded once for the names and the pattern.
+
+    Read by a loader of its own, not through a session: a session reads the AWS profile and
+    config file first, so an unknown AWS_PROFILE or a config file that is not INI made the
+    validation of a region name fail with a traceback; they are the registrar's session's to
+    report, as a `ConfigurationError` (see `_credentials`)."""
+    partitions: list[dict[str, Any]] = botocore.loaders.create_loader().load_data("endpoints")["partitions"]
     return partitions
 
 

@@ -310,6 +310,9 @@ class Registrar:
                 "the bucket name holds {region}: name the regions whose buckets to sweep (--region)"
             )
         with self._work():
+            # As a registration's preflight does: missing or broken credentials are a
+            # configuration error (exit 2) here, not a failed listing (exit 4).
+            await check_credentials(self._credentials, within=self.settings.preflight_timeout)
             names = list(regions) if template else [self.settings.aws_region or "us-east-1"]
             reports = []
             for region in names:
@@ -400,6 +403,7 @@ class Registrar:
         Returns the rule.  With `dry_run`, nothing is written: the rule it would add (and the
         one it would replace) is logged and returned."""
         name = region or self.settings.aws_region or "us-east-1"
+        await check_credentials(self._credentials, within=self.settings.preflight_timeout)
         s3, _ = await self._region_clients(name, several="{region}" in self.settings.s3_bucket)
         return await install_lifecycle(
             s3,

@@ -21,6 +21,7 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
+from ._credentials import credential_errors
 from ._errors import InputError, StorageError, redact
 
 __all__ = [
@@ -77,7 +78,8 @@ def make_session(
     """One session for all clients: explicit credentials if given, else the standard AWS chain.
 
     Make clients from one `aioboto3.Session` only: a second one over the same botocore
-    session injects aioboto3's client methods twice and fails.
+    session injects aioboto3's client methods twice and fails.  An unknown `AWS_PROFILE` or an
+    AWS config file that cannot be parsed is a `ConfigurationError` (the session reads them).
     """
     session = AioSession()
     if access_key_id and secret_access_key:
@@ -86,7 +88,8 @@ def make_session(
             secret_access_key.get_secret_value(),
             session_token.get_secret_value() if session_token else None,
         )
-    return _Session(botocore_session=session)
+    with credential_errors():
+        return _Session(botocore_session=session)
 
 
 class _Session(aioboto3.Session):  # type: ignore[misc]  # aioboto3 has no type hints
@@ -127,12 +130,18 @@ async def open_s3_client(
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
     )
-    async with session.client(
-        "s3",
-        region_name=region or session.region_name or "us-east-1",
-        endpoint_url=endpoint_url,
-        config=config,
-    ) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        # botocore resolves the credentials as it makes the client: a half-set pair of
+        # variables fails here, before any request (only the making is mapped, not the block).
+        with credential_errors():
+            client = await stack.enter_async_context(
+                session.client(
+                    "s3",
+                    region_name=region or session.region_name or "us-east-1",
+                    endpoint_url=endpoint_url,
+                    config=config,
+                )
+            )
         if checksums == "when_required":
             content_md5_where_required(client)
         sign_known_payloads(client)

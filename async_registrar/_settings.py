@@ -61,9 +61,18 @@ def _http_url(value: str) -> str:
 
 def _prefix(value: str) -> str:
     value = value.lstrip("/")
-    value = value if not value or value.endswith("/") else value + "/"
+    # Runs need a prefix of their own: at the bucket root, `sweep` (which would judge the
+    # whole bucket) and the lifecycle rule (which would expire it) must refuse it, so what a
+    # killed run left there could be removed only by hand.  Refused here, before any upload.
+    if not value:
+        raise ValueError(
+            "is empty (or only '/'): the runs need a prefix of their own, which sweep and the lifecycle "
+            "rule can clean without touching the rest of the bucket; give one such as 'registrar-tmp/' "
+            "(the default)"
+        )
+    value = value if value.endswith("/") else value + "/"
     # The registry takes only plain keys: found here, not after the whole upload.
-    if value and unsafe_key(value.removesuffix("/")):
+    if unsafe_key(value.removesuffix("/")):
         raise ValueError(
             f"{value!r} has an empty, '.' or '..' segment, which the registry refuses in a key; "
             "use plain names separated by single slashes, such as 'registrar-tmp/'"

@@ -300,11 +300,65 @@ def no_credentials(ctx: Ctx) -> Any:
     )
 
 
+def aws_config(ctx: Ctx, **changes: str | None) -> dict[str, str | None]:
+    """No AWS credentials nor config files (HOME is the test's directory), then `changes`."""
+    return {
+        "AWS_ACCESS_KEY_ID": None,
+        "AWS_SECRET_ACCESS_KEY": None,
+        "HOME": str(ctx.tmp),
+        "AWS_CONFIG_FILE": str(ctx.tmp / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(ctx.tmp / "no-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        **changes,
+    }
+
+
+def secret_key_missing(ctx: Ctx) -> Any:
+    """AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY: botocore's PartialCredentialsError."""
+    return ["register"], aws_config(ctx, AWS_ACCESS_KEY_ID="AKIDEXAMPLE"), ["AWS_SECRET_ACCESS_KEY"]
+
+
+def profile_unknown(ctx: Ctx) -> Any:
+    """AWS_PROFILE naming no profile: botocore's ProfileNotFound, raised as the session is made."""
+    return ["register"], aws_config(ctx, AWS_PROFILE="nosuchprofile"), ["nosuchprofile", "AWS_PROFILE"]
+
+
+def config_file_not_ini(ctx: Ctx) -> Any:
+    """~/.aws/config that is not INI: botocore's ConfigParseError, raised as the session is made."""
+    path = ctx.tmp / ".aws" / "config"
+    path.parent.mkdir()
+    path.write_text("region: us-west-2\n[[profile\n= nothing\n")
+    return ["register"], aws_config(ctx, AWS_CONFIG_FILE=None), [str(path), "AWS_CONFIG_FILE"]
+
+
+def as_command(build: Build, *command: str) -> Build:
+    """The same `register` case through another command (`upload`, `sweep`, ...), same exit."""
+
+    def other(ctx: Ctx) -> Any:
+        args, changes, needles = build(ctx)
+        assert args == ["register"]
+        if command[0] == "upload":
+            return ["upload", str(ctx.job["model"]), ctx.uri("m.tar.gz")], changes, needles
+        return list(command), changes, needles
+
+    return other
+
+
 # --- S3 and the registry ------------------------------------------------------------------------
 
 
 def bucket_missing(ctx: Ctx) -> Any:
     return ["register", "--bucket", "no-such-bucket-bb"], {}, ["no-such-bucket-bb", "NoSuchBucket"]
+
+
+def prefix_empty(*args: str, env: str | None = None) -> Build:
+    """A prefix that normalises to nothing (the bucket root): refused by every command."""
+
+    def build(ctx: Ctx) -> Any:
+        changes: dict[str, str | None] = {} if env is None else {"REGISTRAR_S3_PREFIX": env}
+        return list(args), changes, ["--prefix / REGISTRAR_S3_PREFIX", "is empty", "sweep", "registrar-tmp/"]
+
+    return build
 
 
 def prefix_with_empty_segment(ctx: Ctx) -> Any:
@@ -553,12 +607,33 @@ CASES = [
         2,
         id="prefix-empty-segment",
     ),
+    pytest.param(prefix_empty("register", "--prefix", "/"), 2, id="prefix-slash"),
+    pytest.param(prefix_empty("register", "--prefix", ""), 2, id="prefix-empty"),
+    pytest.param(prefix_empty("register", env="/"), 2, id="prefix-env-slash"),
+    pytest.param(prefix_empty("check", "--prefix", "/"), 2, id="check-prefix-slash"),
+    pytest.param(prefix_empty("sweep", "--prefix", "/"), 2, id="sweep-prefix-slash"),
+    pytest.param(prefix_empty("sweep", "--install-lifecycle", "--prefix", "/"), 2, id="lifecycle-prefix-slash"),
     pytest.param(bucket_as_uri, 2, id="bucket-given-as-s3-uri"),
     pytest.param(env_case("REGISTRAR_S3_BUCKET", "registrar-local-tmp/sub"), 2, id="bucket-with-slash"),
     pytest.param(model_local_copy_with_local_model, 2, id="model-local-copy-without-s3-model"),
     pytest.param(mims_endpoint_not_a_url, 2, id="mims-endpoint-not-a-url"),
     pytest.param(mims_endpoint_no_scheme, 2, id="mims-endpoint-no-scheme"),
     pytest.param(no_credentials, 2, id="no-credentials"),
+    pytest.param(as_command(no_credentials, "upload"), 2, id="upload-no-credentials"),
+    pytest.param(as_command(no_credentials, "sweep"), 2, id="sweep-no-credentials"),
+    pytest.param(as_command(no_credentials, "sweep", "--install-lifecycle"), 2, id="lifecycle-no-credentials"),
+    pytest.param(secret_key_missing, 2, id="secret-key-missing"),
+    pytest.param(as_command(secret_key_missing, "check"), 2, id="check-secret-key-missing"),
+    pytest.param(as_command(secret_key_missing, "upload"), 2, id="upload-secret-key-missing"),
+    pytest.param(as_command(secret_key_missing, "sweep"), 2, id="sweep-secret-key-missing"),
+    pytest.param(profile_unknown, 2, id="profile-unknown"),
+    pytest.param(as_command(profile_unknown, "check"), 2, id="check-profile-unknown"),
+    pytest.param(as_command(profile_unknown, "upload"), 2, id="upload-profile-unknown"),
+    pytest.param(as_command(profile_unknown, "sweep"), 2, id="sweep-profile-unknown"),
+    pytest.param(config_file_not_ini, 2, id="aws-config-not-ini"),
+    pytest.param(as_command(config_file_not_ini, "check"), 2, id="check-aws-config-not-ini"),
+    pytest.param(as_command(config_file_not_ini, "upload"), 2, id="upload-aws-config-not-ini"),
+    pytest.param(as_command(config_file_not_ini, "sweep", "--install-lifecycle"), 2, id="lifecycle-aws-config-not-ini"),
     # S3 and the registry
     pytest.param(bucket_missing, 4, id="bucket-missing"),
     pytest.param(bucket_invalid_name, 2, id="bucket-invalid-name"),

@@ -146,3 +146,24 @@ def test_a_prefix_with_an_empty_or_dot_segment_is_refused_before_anything_is_sen
         with pytest.raises(ConfigurationError, match=r"REGISTRAR_S3_PREFIX.*empty, '\.' or '\.\.' segment"):
             Settings.from_env({"REGISTRAR_S3_BUCKET": "my-bucket", "REGISTRAR_S3_PREFIX": prefix}, registry=False)
     assert Settings(s3_bucket="my-bucket", s3_prefix="/runs/x").s3_prefix == "runs/x/"
+
+
+def test_a_prefix_that_normalises_to_nothing_is_refused() -> None:
+    """The bucket root is no prefix of the runs' own (sweep and the lifecycle rule refuse it): exit 2,
+    naming the option and the variable, whether it came from either or from the library."""
+    env = {"REGISTRAR_S3_BUCKET": "my-bucket"}
+    for given in ({"s3_prefix": ""}, {"s3_prefix": "/"}, {"s3_prefix": "//"}):
+        with pytest.raises(ConfigurationError, match=r"--prefix / REGISTRAR_S3_PREFIX: is empty .*registrar-tmp/"):
+            Settings.from_env(env, registry=False, **given)
+    with pytest.raises(ConfigurationError, match=r"--prefix / REGISTRAR_S3_PREFIX: is empty"):
+        Settings.from_env({**env, "REGISTRAR_S3_PREFIX": "/"}, registry=False)
+    with pytest.raises(ConfigurationError, match=r"s3_prefix: is empty"):
+        Settings(s3_bucket="my-bucket", s3_prefix="")
+
+
+def test_an_empty_variable_is_unset_for_the_prefix_as_for_every_variable() -> None:
+    """REGISTRAR_S3_PREFIX="" is not set (the default applies), as every empty variable is;
+    an explicit `--prefix ""` is a value, and is refused."""
+    settings = Settings.from_env({**REQUIRED, "REGISTRAR_S3_PREFIX": "", "REGISTRAR_WAIT_TIMEOUT": ""})
+    assert settings.s3_prefix == "registrar-tmp/"
+    assert settings.wait_timeout == 3600

@@ -1,0 +1,125 @@
+"""AWS credentials: what goes wrong resolving them, said as what to do about it.
+
+botocore reads the AWS configuration in three places a run goes through before it sends
+anything: making the session (the profile, the config file), making a client (the
+credentials, resolved there and then) and the preflight's own resolution.  A half-set
+pair of variables, a profile that does not exist or a config file that is not INI raise
+botocore's own exceptions there, which used to end the run as an "unexpected error"
+(exit 1) with a traceback.  `credential_errors` turns each into a `ConfigurationError`
+(exit 2) that names the variable, profile or file and how to fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ConfigNotFound,
+    ConfigParseError,
+    CredentialRetrievalError,
+    InvalidConfigError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    RefreshWithMFAUnsupportedError,
+    SSOError,
+    TokenRetrievalError,
+    UnknownCredentialError,
+)
+
+from ._errors import ConfigurationError, redact
+
+__all__ = ["CREDENTIAL_ERRORS", "NO_CREDENTIALS", "credential_errors", "credential_problem"]
+
+NO_CREDENTIALS = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run with an IAM role "
+    "(a SageMaker job's execution role, an instance profile, a task role)"
+)
+
+_CONFIG_FILE = "the AWS config file (AWS_CONFIG_FILE, default ~/.aws/config)"
+_CREDENTIALS_FILE = "the AWS credentials file (AWS_SHARED_CREDENTIALS_FILE, default ~/.aws/credentials)"
+
+#: Where botocore's providers (by their `METHOD`) found what they found.
+_PROVIDERS = {
+    "env": "the environment",
+    "shared-credentials-file": _CREDENTIALS_FILE,
+    "config-file": _CONFIG_FILE,
+    "custom-process": "the profile's credential_process",
+    "container-role": "the container credentials endpoint (AWS_CONTAINER_CREDENTIALS_*_URI)",
+    "iam-role": "the instance metadata service",
+}
+
+#: The botocore exceptions that mean the AWS configuration or credentials need fixing.
+CREDENTIAL_ERRORS: tuple[type[BotoCoreError], ...] = (
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ConfigParseError,
+    ConfigNotFound,
+    InvalidConfigError,
+    CredentialRetrievalError,
+    UnknownCredentialError,
+    RefreshWithMFAUnsupportedError,
+    SSOError,
+    TokenRetrievalError,
+)
+
+
+def credential_problem(exc: BotoCoreError) -> ConfigurationError:
+    """The `ConfigurationError` of one of `CREDENTIAL_ERRORS`, naming what to fix."""
+    kwargs = getattr(exc, "kwargs", {})
+    if isinstance(exc, NoCredentialsError):
+        return ConfigurationError(f"no usable AWS credentials (none found); {NO_CREDENTIALS}")
+    if isinstance(exc, PartialCredentialsError):
+        provider, missing = kwargs.get("provider", ""), kwargs.get("cred_var", "a key")
+        if provider == "env":
+            return ConfigurationError(
+                f"incomplete AWS credentials in the environment: {missing} is not set; set it too, or unset "
+                "AWS_ACCESS_KEY_ID (and AWS_SESSION_TOKEN) to use a profile or an IAM role instead"
+            )
+        where = _PROVIDERS.get(provider, provider or "the AWS configuration")
+        return ConfigurationError(
+            f"incomplete AWS credentials in {where}: {missing} is missing; add it there, or remove the "
+            f"incomplete entry; {NO_CREDENTIALS}"
+        )
+    if isinstance(exc, ProfileNotFound):
+        profile = kwargs.get("profile", "?")
+        return ConfigurationError(
+            f"the AWS profile {profile!r} (AWS_PROFILE or AWS_DEFAULT_PROFILE) is defined in neither "
+            f"{_CONFIG_FILE} nor {_CREDENTIALS_FILE}; fix its name, add it to one of them, or unset "
+            "AWS_PROFILE to use the default credentials"
+        )
+    if isinstance(exc, ConfigParseError):
+        path = kwargs.get("path", "?")
+        return ConfigurationError(
+            f"the AWS configuration file {path} cannot be parsed (it must be INI: [profile name] sections "
+            "of key = value lines); fix it, or point AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE at a "
+            "valid file"
+        )
+    if isinstance(exc, ConfigNotFound):
+        path = kwargs.get("path", "?")
+        return ConfigurationError(
+            f"the AWS configuration file {path} does not exist; fix AWS_CONFIG_FILE / "
+            "AWS_SHARED_CREDENTIALS_FILE, or unset them to use ~/.aws/config and ~/.aws/credentials"
+        )
+    if isinstance(exc, SSOError | TokenRetrievalError):
+        return ConfigurationError(
+            f"the AWS SSO session of the profile cannot give credentials ({redact(str(exc))}); run "
+            "`aws sso login` with that profile, or use another source of credentials"
+        )
+    return ConfigurationError(
+        f"the AWS credentials could not be resolved: {type(exc).__name__}: {redact(str(exc))}; check "
+        f"AWS_PROFILE and the profile's settings in {_CONFIG_FILE} and {_CREDENTIALS_FILE}"
+    )
+
+
+@contextlib.contextmanager
+def credential_errors() -> Iterator[None]:
+    """Turn botocore's credential and configuration exceptions raised inside the block into a
+    `ConfigurationError` (exit 2) saying what to fix; others pass through."""
+    try:
+        yield
+    except CREDENTIAL_ERRORS as exc:
+        raise credential_problem(exc) from None
