@@ -128,7 +128,13 @@ async def _sweep(args: argparse.Namespace) -> int:
     """Remove stale runs under the prefix (or, with --install-lifecycle, add the bucket rule)."""
     from ._registrar import Registrar
 
-    settings = Settings.from_env(s3_bucket=args.bucket, s3_prefix=args.prefix, mims_endpoint=args.mims_endpoint)
+    # The lifecycle rule is the bucket's alone: no registry is asked, none is needed.
+    settings = Settings.from_env(
+        s3_bucket=args.bucket,
+        s3_prefix=args.prefix,
+        mims_endpoint=args.mims_endpoint,
+        registry=not args.install_lifecycle,
+    )
     async with Registrar(settings) as registrar:
         if args.install_lifecycle:
             rule = await registrar.install_lifecycle(
@@ -218,7 +224,7 @@ async def _upload(args: argparse.Namespace) -> int:
     from ._registrar import Registrar
 
     try:
-        target = S3Location.parse(args.target, what="upload target")
+        target = S3Location.parse_object(args.target, what="upload target")
     except InputError as exc:  # an argument of the command: a usage error (exit 2)
         raise ConfigurationError(exc.message) from None
     # The engine alone: no registry, so no endpoint is needed.

@@ -196,6 +196,7 @@ _PATTERN_HINTS = {
     "source_model_inference_content_types": "a MIME type such as 'text/csv'",
     "source_model_inference_response_types": "a MIME type such as 'application/json'",
     "source_model_environment_variable_map": "an environment variable name (letters, digits, '_')",
+    "aws_region": "an AWS region such as 'us-west-2'",
 }
 
 

@@ -36,13 +36,18 @@ SWITCH_INTERVAL = 0.001
 def main() -> NoReturn:
     """Load the command line with the collector paused, run it, and end the process with its code."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    gc.disable()
     try:
-        from ._cli import main as run
-    finally:
-        gc.freeze()
-        gc.enable()
-    _end(run())
+        gc.disable()
+        try:
+            from ._cli import main as run
+        finally:
+            gc.freeze()
+            gc.enable()
+        code = run()
+    except KeyboardInterrupt:  # SIGINT before the command handles signals itself (while it loads)
+        print("error: interrupted by SIGINT before anything started", file=sys.stderr)
+        code = 130
+    _end(code)
 
 
 def _end(code: int) -> NoReturn:

@@ -357,7 +357,7 @@ class Registrar:
         """
         with self._work():
             s3 = self._s3_client()
-            target = S3Location.parse(uri, what="upload target")
+            target = S3Location.parse_object(uri, what="upload target")
             source = Path(path)
             follow = self.settings.dereference
             scanned = await self._workers.stream(lambda: inspect_artifact(source, role="upload", dereference=follow))
@@ -404,7 +404,7 @@ class Registrar:
         one it would replace) is logged and returned."""
         name = region or self.settings.aws_region or "us-east-1"
         await check_credentials(self._credentials, within=self.settings.preflight_timeout)
-        s3, _ = await self._region_clients(name, several="{region}" in self.settings.s3_bucket)
+        s3 = await self._region_s3(name, several="{region}" in self.settings.s3_bucket)
         return await install_lifecycle(
             s3,
             self.settings.bucket_for(name),
@@ -452,14 +452,19 @@ class Registrar:
 
     async def _region_clients(self, region: str, *, several: bool) -> tuple[S3Client, MimsClient]:
         """The S3 client (the shared one, or one of that region's, opened once) and a MIMS client."""
-        s3, http = self._s3_client(), await self._http_client()
+        s3, http = await self._region_s3(region, several=several), await self._http_client()
+        auth = SigV4(self._credentials, region=region, service=self.settings.mims_service_name)
+        return s3, MimsClient(http, self.settings.endpoint_for(region), self.settings, auth=auth)
+
+    async def _region_s3(self, region: str, *, several: bool) -> S3Client:
+        """The S3 client for `region`: the shared one, or one of that region's, opened once."""
+        s3 = self._s3_client()
         if not (self._shared_s3 or not several):
             async with self._client_lock:
                 if region not in self._regional_s3:
                     self._regional_s3[region] = await self._open_stack().enter_async_context(self._open_s3(region))
                 s3 = self._regional_s3[region]
-        auth = SigV4(self._credentials, region=region, service=self.settings.mims_service_name)
-        return s3, MimsClient(http, self.settings.endpoint_for(region), self.settings, auth=auth)
+        return s3
 
     def _open_s3(self, region: str | None) -> contextlib.AbstractAsyncContextManager[S3Client]:
         return open_s3_client(

@@ -60,11 +60,30 @@ class S3Location:
         """Parse `s3://bucket/key`; raise `InputError` naming `what` otherwise."""
         match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)", uri)
         if not match:
+            named = re.fullmatch(r"s3://([^/]+)/(.+)", uri)
+            if named:  # the form is right: the bucket's name is not one
+                raise InputError(
+                    f"{what} {uri!r}: {named.group(1)!r} is not an S3 bucket name (3 to 63 lowercase letters, "
+                    "digits, dots and hyphens, beginning and ending with a letter or digit)",
+                    [uri],
+                )
             raise InputError(
                 f"{what} {uri!r} is not of the form s3://bucket/key; give one such as s3://my-bucket/models/model.tar.gz",
                 [uri],
             )
         return cls(match.group(1), match.group(2))
+
+    @classmethod
+    def parse_object(cls, uri: str, *, what: str = "S3 URI") -> S3Location:
+        """Parse the `s3://bucket/key` of an object to write: a key ending in `/` names a folder
+        (S3 would make an object of that name, which no tool shows as a file): `InputError`."""
+        location = cls.parse(uri, what=what)
+        if location.key.endswith("/"):
+            raise InputError(
+                f"{what} {uri!r} ends with '/', a folder; name the object, such as {uri}model.tar.gz",
+                [uri],
+            )
+        return location
 
     def __str__(self) -> str:
         return self.uri

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pty
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -152,6 +154,65 @@ async def test_a_result_that_cannot_be_written_exits_120_without_a_traceback(
     assert "error: done, but the result could not be written on stdout" in stderr
     assert "Traceback" not in stderr
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [key]  # the upload itself is done
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("s3://{bucket}/{prefix}dir/", "ends with '/', a folder; name the object"),
+        ("s3://Bad_Bucket/model.tar.gz", "'Bad_Bucket' is not an S3 bucket name"),
+    ],
+)
+async def test_an_upload_target_that_names_no_object_is_exit_2(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, target: str, says: str
+) -> None:
+    """A target ending in '/' made an object named `dir/`; a bucket name S3 refuses was said to be
+    "not of the form s3://bucket/key".  Both are usage errors (exit 2) saying what is wrong."""
+    job = make_job(tmp_path, model_bytes=MiB)
+    uri = target.format(bucket=settings.s3_bucket, prefix=settings.s3_prefix)
+    result = run(environment(stack, settings, job), "upload", str(job["model"]), uri)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_the_lifecycle_rule_needs_no_registry_endpoint(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """`sweep --install-lifecycle` asks no registry: it needs no --mims-endpoint (it was exit 2)."""
+    bucket = f"lifecycle-{secrets.token_hex(4)}"
+    await s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    env = environment(stack, settings, make_job(tmp_path))
+    env.pop("REGISTRAR_MIMS_ENDPOINT")
+    result = run(env, "sweep", "--install-lifecycle", "--bucket", bucket, "--prefix", "runs/")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Filter"]["Prefix"] == "runs/"
+    await s3.delete_bucket_lifecycle(Bucket=bucket)
+    await s3.delete_bucket(Bucket=bucket)
+
+
+def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Path) -> None:
+    """SIGINT in the first few hundred milliseconds (the command still importing, before it handles
+    signals itself) printed Python's KeyboardInterrupt traceback; it is one `error:` line, 130."""
+    # -X importtime says on stderr when each module is loaded: the entry point's is the last
+    # before the command's own (a quarter of a second of botocore and the rest).
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "async_registrar", "upload", str(tmp_path), "s3://bucket/key"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.rstrip().endswith("async_registrar._entrypoint"):
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted by SIGINT" in stderr
 
 
 def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:

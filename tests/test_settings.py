@@ -167,3 +167,11 @@ def test_an_empty_variable_is_unset_for_the_prefix_as_for_every_variable() -> No
     settings = Settings.from_env({**REQUIRED, "REGISTRAR_S3_PREFIX": "", "REGISTRAR_WAIT_TIMEOUT": ""})
     assert settings.s3_prefix == "registrar-tmp/"
     assert settings.wait_timeout == 3600
+
+
+def test_a_region_that_is_not_one_is_said_so() -> None:
+    """AWS_REGION=us_west_2 was said to need to be "free of control characters"."""
+    with pytest.raises(ConfigurationError, match=r"AWS_REGION / AWS_DEFAULT_REGION: must be an AWS region such as"):
+        Settings.from_env(
+            {"AWS_REGION": "us_west_2", "REGISTRAR_S3_BUCKET": "bucket", "REGISTRAR_MIMS_ENDPOINT": "http://mims.test"}
+        )
