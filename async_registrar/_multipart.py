@@ -425,6 +425,10 @@ class MultipartUpload:
             if problem is not None or not await self._closed_by_completion():
                 raise error from None
             log.warning("%s; but %s is whole (size and checksum), so the upload did complete", error, self.location)
+        self._done()
+
+    def _done(self) -> None:
+        """The upload is completed: its exit aborts nothing."""
         self._completed = True
         if self._ledger is not None and self.upload_id is not None:
             self._ledger.closed(self.upload_id)
@@ -466,9 +470,7 @@ class MultipartUpload:
                     raise
         except anyio.get_cancelled_exc_class():
             if outcome and outcome[0] is None:
-                self._completed = True
-                if self._ledger is not None and self.upload_id is not None:
-                    self._ledger.closed(self.upload_id)
+                self._done()
                 log.warning("stopped as its upload completed: %s is there", self.location)
             raise
         if not outcome:  # cut off by the wait above, which only a cancellation starts
