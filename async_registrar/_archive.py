@@ -316,8 +316,14 @@ def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, int]:
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise changed(path, "it was removed") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot open for reading ({exc.strerror})", [str(path)]) from None
+        raise InputError(
+            f"{path}: cannot open for reading ({exc.strerror}); make it readable by the user the job runs as "
+            "(chmod a+r), or remove it",
+            [str(path)],
+        ) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)

@@ -24,7 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
-from ._errors import ConfigurationError, InputError
+from ._errors import ConfigurationError
 from ._regions import check_region
 
 __all__ = ["RegistrationConfig", "VariableType", "load_config"]
@@ -180,7 +180,10 @@ async def load_config(path: Path) -> RegistrationConfig:
     except IsADirectoryError:
         raise ConfigurationError(f"{path}: is a directory; the configuration must be a JSON file") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read the configuration file ({exc.strerror})", [str(path)]) from None
+        raise ConfigurationError(
+            f"{path}: cannot read the configuration file ({exc.strerror}); make it readable by the user the "
+            "job runs as (chmod a+r)"
+        ) from None
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigurationError(
             f"{path}: the configuration file is larger than {MAX_CONFIG_BYTES // 1024} KiB; "

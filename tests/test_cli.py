@@ -10,6 +10,7 @@ import pty
 import re
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,62 @@ def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Pat
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted by SIGINT" in stderr
+
+
+@pytest.mark.parametrize("command", ["check", "register"])
+async def test_an_unreadable_file_is_found_before_any_upload(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, command: str
+) -> None:
+    """A file the job cannot read was found only when the archive reached it, the upload under
+    way (and `check` said 0): it is an input problem (exit 3) of the scan now, named with the fix.
+    Root reads anything: then the command runs without its capabilities (setpriv)."""
+    job = make_job(tmp_path)
+    secret = job["model"] / "secret.bin"
+    secret.write_bytes(b"x" * 1000)
+    secret.chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: nothing stops root's reads")
+        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "async_registrar", command],
+        env=environment(stack, settings, job),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert f"{secret}: cannot be read by this process" in done.stderr
+    assert "chmod a+r" in done.stderr
+    assert "uploading" not in done.stderr
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+def test_an_unreadable_configuration_file_is_exit_2_like_a_missing_one(
+    tmp_path: Path, stack: LocalStack, settings: Settings
+) -> None:
+    """A configuration file the job cannot read was exit 3 (an input), a missing one exit 2: both are
+    configuration problems (exit 2), the file named with the fix."""
+    job = make_job(tmp_path)
+    job["config"].chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: nothing stops root's reads")
+        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "async_registrar", "check"],
+        env=environment(stack, settings, job),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"{job['config']}: cannot read the configuration file" in done.stderr
+    assert "chmod a+r" in done.stderr
 
 
 def test_upload_on_a_terminal_draws_a_live_progress_line(tmp_path: Path, stack: LocalStack, settings: Settings) -> None:
