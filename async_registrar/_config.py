@@ -66,7 +66,11 @@ def _unique_names(value: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _listify(value: Any) -> Any:
     """Accept one region as well as a list of them."""
-    return [value] if isinstance(value, str) else value
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):  # pydantic would say "a valid list", though one string is fine
+        raise ValueError("must be a region name such as 'us-west-2', or a list of them")
+    return value
 
 
 def _unique_regions(value: list[str]) -> list[str]:
@@ -223,6 +227,8 @@ def describe_validation_errors(exc: ValidationError, *, known: list[str], data: 
             if kind == "string_pattern_mismatch":
                 field = str(error["loc"][0])
                 message = f"must be {_PATTERN_HINTS.get(field, 'free of control characters')}"
+            elif kind in ("byte_size", "byte_size_unit"):  # pydantic's words for it are its parser's
+                message = "must be a size such as 16MiB, 64MB or 8388608 (bytes)"
             problems.append(f"{loc}: {message} (got {_preview(error.get('input'))})")
     return problems
 

@@ -106,9 +106,13 @@ def _s3_object_uri(value: str) -> str:
     return value
 
 
-def _s3_archive_uri(value: str) -> str:
-    if not value.startswith("s3://"):
-        raise ValueError("not an s3:// URI")  # a local path then
+def _input_path(value: object) -> object:
+    """An `s3://` URI of a prebuilt .tar.gz, as it is, or a local path: a string that begins
+    like a URI (`s3:/` too) is never taken for a path (`s3://bucket/` would be `s3:/bucket`)."""
+    if not isinstance(value, str):
+        return value
+    if not value.startswith("s3:/"):
+        return Path(value)
     if not re.fullmatch(r"s3://[^/\s]+/\S.*", value):
         raise ValueError("must be s3://bucket/key of a prebuilt .tar.gz, or a local path")
     return value
@@ -352,11 +356,11 @@ class JobInputs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: A local directory (or one holding a .tar.gz), or the `s3://` URI of a prebuilt .tar.gz.
-    model_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/input/model")
+    model_path: Annotated[str | Path, BeforeValidator(_input_path)] = Path("/opt/ml/processing/input/model")
     #: A local copy of a model given by its `s3://` URI (a mounted file, or a directory
     #: holding it): its sha256 is read from here instead of from S3.
     model_local_copy: Path | None = None
-    payload_path: Annotated[str, AfterValidator(_s3_archive_uri)] | Path = Path("/opt/ml/processing/mims_payload")
+    payload_path: Annotated[str | Path, BeforeValidator(_input_path)] = Path("/opt/ml/processing/mims_payload")
     config_path: Path = Path("/opt/ml/processing/config/config")
     metadata_path: Path = Path("/opt/ml/processing/input/metadata")
     #: An `s3://` URI of a JSON performance-metadata object (PERFORMANCE_METADATA_PATH).

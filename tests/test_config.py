@@ -197,3 +197,9 @@ def test_every_known_region_fits_the_region_pattern() -> None:
     names, _ = known_regions()
     fitting = {n for n in names if re.fullmatch(region_pattern(), n)}
     assert names == fitting
+
+
+def test_a_region_that_is_neither_a_name_nor_a_list_says_what_it_may_be() -> None:
+    """A number for the region said "Input should be a valid list", though one name is fine."""
+    with pytest.raises(ConfigurationError, match=r"model_registration_region: must be a region name such as"):
+        RegistrationConfig.from_mapping({**registration_config(), "model_registration_region": 5})

@@ -175,3 +175,18 @@ def test_a_region_that_is_not_one_is_said_so() -> None:
         Settings.from_env(
             {"AWS_REGION": "us_west_2", "REGISTRAR_S3_BUCKET": "bucket", "REGISTRAR_MIMS_ENDPOINT": "http://mims.test"}
         )
+
+
+@pytest.mark.parametrize("uri", ["s3://source-bucket/", "s3://source-bucket", "s3:/source-bucket/model.tar.gz"])
+def test_an_s3_uri_without_a_key_is_not_taken_for_a_local_path(uri: str) -> None:
+    """`--model s3://bucket/` was taken for the local path `s3:/bucket` ("does not exist")."""
+    with pytest.raises(ConfigurationError, match=r"REGISTRAR_MODEL_PATH: must be s3://bucket/key of a prebuilt"):
+        JobInputs.from_env({"REGISTRAR_MODEL_PATH": uri})
+    with pytest.raises(ConfigurationError, match=r"REGISTRAR_PAYLOAD_PATH: must be s3://bucket/key of a prebuilt"):
+        JobInputs.from_env({"REGISTRAR_PAYLOAD_PATH": uri})
+
+
+def test_a_size_that_is_not_one_says_what_a_size_looks_like() -> None:
+    """REGISTRAR_PART_SIZE=abc said "could not parse value and unit from byte string"."""
+    with pytest.raises(ConfigurationError, match=r"REGISTRAR_PART_SIZE: must be a size such as 16MiB"):
+        Settings.from_env({"REGISTRAR_PART_SIZE": "abc", "REGISTRAR_S3_BUCKET": "bucket"}, registry=False)
