@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
@@ -85,6 +86,19 @@ async def outcomes(calls: Iterable[Callable[[], Coroutine[Any, Any, object]]]) -
         for index in range(len(calls)):
             tg.start_soon(run, index)
     return results
+
+
+def require_asyncio(what: str) -> None:
+    """Raise `RuntimeError` naming `what` unless it runs in an asyncio event loop: aiobotocore and
+    aiofiles work on asyncio only, and under trio they would fail deep inside ("no running event
+    loop"), half-way through a run."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{what} runs on asyncio only (aiobotocore and aiofiles need it), not on another event loop "
+            "(trio): run it with asyncio.run, or anyio.run(..., backend='asyncio')"
+        ) from None
 
 
 class CleanupDeadline:

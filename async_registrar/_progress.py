@@ -8,6 +8,7 @@ outcome (see `notify_all`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ __all__ = [
     "RegistrationStatusChanged",
     "RegistrationSubmitted",
     "UploadProgress",
+    "check_callback",
     "notify_all",
 ]
 
@@ -118,26 +120,48 @@ ProgressEvent = UploadProgress | RegistrationSubmitted | RegistrationStatusChang
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+def check_callback(callback: object) -> None:
+    """Raise `TypeError` for a progress callback that cannot work: an async function (its
+    coroutine would never run).  Callbacks are called on the event loop's thread, in turn,
+    and must return at once; async work goes in a task the callback starts (or behind a
+    memory stream it sends the event on)."""
+    call = getattr(callback, "__call__", None)  # noqa: B004  (a callable object's own method)
+    if inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(call):
+        raise TypeError(
+            f"the progress callback {callback!r} is an async function: callbacks are called on the event "
+            "loop, synchronously, and must return at once; pass a plain function (one that starts a task "
+            "or sends the event on a memory stream, for async work)"
+        )
+
+
 def notify_all(callbacks: Sequence[ProgressCallback]) -> ProgressCallback:
     """One callback that calls each of `callbacks` in turn and isolates them.
 
     A callback that raises is logged (a warning the first time, its traceback at DEBUG)
     and the others still get the event: a broken progress bar must never fail, or
-    worse half-fail, a registration.
+    worse half-fail, a registration.  An async function is a `TypeError` at once (see
+    `check_callback`); a callback that returns an awaitable anyway is warned about once.
     """
+    for callback in callbacks:
+        check_callback(callback)
     failed: set[int] = set()
 
     def emit(event: ProgressEvent) -> None:
         for callback in callbacks:
             try:
-                callback(event)
+                result: object = callback(event)
+                if inspect.isawaitable(result):
+                    if inspect.iscoroutine(result):
+                        result.close()  # never run: no "never awaited" warning at garbage collection
+                    raise TypeError("it returned an awaitable, which is never awaited: pass a plain function")
             except Exception as exc:
                 if id(callback) not in failed:
                     failed.add(id(callback))
                     log.warning(
-                        "the progress callback %r raised %s on %s; ignored, the registration goes on",
+                        "the progress callback %r raised %s (%s) on %s; ignored, the registration goes on",
                         callback,
                         type(exc).__name__,
+                        exc,
                         type(event).__name__,
                     )
                 log.debug("progress callback %r failed on %r", callback, event, exc_info=True)

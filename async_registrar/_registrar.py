@@ -9,6 +9,7 @@ registry accepted it, and `wait()` on the handle follows it to the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from botocore.credentials import ReadOnlyCredentials
 from ._artifacts import inspect_artifact
 from ._budget import MemoryBudget
 from ._capabilities import Integrity, adapt_uploads
-from ._concurrency import outcomes
+from ._concurrency import outcomes, require_asyncio
 from ._errors import REMOVE_BY_HAND, CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
 from ._log_fields import log_fields
@@ -32,11 +33,11 @@ from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
 from ._preflight import NO_CREDENTIALS, check_bucket, check_credentials
-from ._progress import ProgressCallback, notify_all
+from ._progress import ProgressCallback, check_callback, notify_all
 from ._request import RegistrationRequest
 from ._results import RegionRegistration, RegistrationResult
 from ._run import Run
-from ._s3 import S3Client, S3Location, make_session, open_s3_client
+from ._s3 import S3Client, S3Location, load_s3_models, make_session, open_s3_client
 from ._settings import Settings
 from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
@@ -170,6 +171,8 @@ class Registrar:
         #: One pool of part-buffer memory for all of this registrar's uploads.
         self._budget = MemoryBudget(settings.memory_limit)
         self._http = http_client
+        if on_progress is not None:
+            check_callback(on_progress)
         self._on_progress = on_progress
         self._stack: contextlib.AsyncExitStack | None = None
         self._handles: set[RegistrationHandle] = set()
@@ -185,9 +188,12 @@ class Registrar:
     async def __aenter__(self) -> Registrar:
         if self._entered:
             raise RuntimeError("a Registrar can be entered only once")
+        require_asyncio("async-registrar's Registrar")
         self._entered = True
         async with contextlib.AsyncExitStack() as stack:
             if self._s3 is None:
+                # botocore's data files are read in a thread, not on the caller's event loop.
+                await self._workers.compute(functools.partial(load_s3_models, self._session))
                 self._s3 = await stack.enter_async_context(self._open_s3(self.settings.aws_region))
             # The HTTP client for the registry is opened when a registry is first used (an
             # upload alone needs none: its TLS setup and imports cost ~40 ms of every start).
@@ -355,6 +361,7 @@ class Registrar:
         cancellation, and the object is read back (size and checksum) before it is returned.
         It counts against `max_parallel_uploads` and runs on the registrar's own threads.
         """
+        callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
         with self._work():
             s3 = self._s3_client()
             target = S3Location.parse_object(uri, what="upload target")
@@ -375,7 +382,6 @@ class Registrar:
                     removal_timeout=self.settings.cleanup_timeout,
                 )
                 integrity = capabilities.integrity
-            callbacks = notify_all([c for c in (self._on_progress, on_progress) if c is not None])
             async with self._uploads:
                 with log_fields(phase="upload", artifact=source.name or "upload"):
                     return await upload_artifact(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._artifacts import ArtifactSource, DirectorySource, S3Archive, is_s3_uri
+from ._concurrency import require_asyncio
 from ._config import RegistrationConfig, load_config
 from ._errors import ConfigurationError, InputError
 from ._mims_contract import idempotency_key_problem
@@ -72,8 +73,14 @@ class RegistrationRequest:
     async def from_files(
         cls, config: Path, model: Path, *, payload: Path | None = None, **options: Any
     ) -> RegistrationRequest:
-        """A request from a configuration JSON file and the input paths (`options`: the other fields)."""
-        return cls(config=await load_config(config), model_path=model, payload_path=payload, **options)
+        """A request from a configuration JSON file and the input paths (`options`: the other
+        fields; the payload as `payload` or, by its field's name, `payload_path`)."""
+        require_asyncio("RegistrationRequest.from_files")
+        named = options.pop("payload_path", None)
+        if payload is not None and named is not None:
+            raise TypeError("from_files() takes the payload once: as payload= or as payload_path=")
+        payload_path = named if named is not None else payload
+        return cls(config=await load_config(config), model_path=model, payload_path=payload_path, **options)
 
     @classmethod
     async def from_job(cls, inputs: JobInputs) -> RegistrationRequest:

@@ -30,6 +30,7 @@ __all__ = [
     "content_md5_where_required",
     "drop_request_checksum",
     "error_code",
+    "load_s3_models",
     "log_failed_attempts",
     "make_session",
     "open_s3_client",
@@ -109,6 +110,20 @@ def make_session(
         )
     with credential_errors():
         return _Session(botocore_session=session)
+
+
+def load_s3_models(session: aioboto3.Session) -> None:
+    """Load the data files botocore reads to make an S3 client (the service model, its endpoint
+    rules, the partitions and defaults) into `session`'s loader, which keeps them: blocking file
+    reads and JSON parsing, ~40 ms, for a worker thread.  Made on the event loop without them,
+    every S3 client of a new session stalled the loop that long (a service that opens a
+    `Registrar` per request); what is left on the loop is a few milliseconds."""
+    botocore_session = session._session
+    loader = botocore_session.get_component("data_loader")
+    loader.load_service_model("s3", "service-2")
+    loader.load_service_model("s3", "endpoint-rule-set-1")
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        loader.load_data(name)
 
 
 class _Session(aioboto3.Session):  # type: ignore[misc]  # aioboto3 has no type hints

@@ -27,6 +27,8 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from ._checksums import ChecksumAlgorithm, crc64nvme_available
@@ -204,6 +206,15 @@ class Settings(BaseModel):
     #: (with jitter) up to `poll_max`.
     poll_initial: Seconds = 0.25
     poll_max: Seconds = 30.0
+
+    @field_validator("poll_max")
+    @classmethod
+    def _not_below_poll_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("poll_initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least the first poll's delay, poll_initial ({initial:g} s)")
+        return value
+
     #: Before anything is uploaded: check the credentials, every bucket and every registry
     #: endpoint (a signed GET of a registration that cannot exist must be a 404).
     preflight: bool = True

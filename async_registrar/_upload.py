@@ -432,16 +432,41 @@ async def _upload_to_all(
         await send_cut.aclose()
 
     log.info("uploading %s to %s (parts of %d MiB)", artifact, location, part_size >> 20)
-    # The send side is closed early on success only; on failure it is closed here, once
-    # the task group has cancelled and collected every task.
-    with send_cut, first_error():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce)
-            async with receive_cut:
-                parts, expected, etag = await _consume(
-                    receive_cut, targets, settings, checksummer, tracker, pool, cleanup, ledger
-                )
+    stored_all = False  # from when every target holds the whole object
+    try:
+        # The send side is closed early on success only; on failure it is closed here, once
+        # the task group has cancelled and collected every task.
+        with send_cut, first_error():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                async with receive_cut:
+                    parts, expected, etag = await _consume(
+                        receive_cut, targets, settings, checksummer, tracker, pool, cleanup, ledger
+                    )
+                    stored_all = True
+        return await _confirm_all(
+            targets, cutter, checksummer, parts, expected, etag, levels, tracker, artifact, cleanup
+        )
+    except anyio.get_cancelled_exc_class():
+        if stored_all:  # its cleanup (a run's prefix) removes it; an upload's target keeps it
+            uris = ", ".join(target.uri for _, target in targets)
+            log.warning("stopped after %s was uploaded, before it was read back: %s is there", artifact, uris)
+        raise
 
+
+async def _confirm_all(
+    targets: Sequence[tuple[S3Client, S3Location]],
+    cutter: _PartCutter,
+    checksummer: Checksummer | None,
+    parts: int,
+    expected: str | None,
+    etag: str | None,
+    levels: list[Integrity],
+    tracker: _Tracker,
+    artifact: str,
+    cleanup: CleanupDeadline,
+) -> list[UploadedArtifact]:
+    """Read every target's object back (size, checksum) and say what was uploaded."""
     size, digest = cutter.size, cutter.sha256.hexdigest()
     algorithm = checksummer.algorithm if checksummer is not None else None
     composite = parts > 1 and not is_full_object(algorithm)  # a single PutObject's is the whole object's

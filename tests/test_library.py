@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from async_registrar import (
+    ConfigurationError,
     ProgressEvent,
     Registrar,
     RegistrationFailed,
@@ -268,3 +269,96 @@ async def test_an_upload_opens_no_http_client_and_a_registration_opens_one_once(
         assert not opened[0].is_closed
     assert opened[0].is_closed
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- papercuts an embedding service met (black-box trial) -------------------------------------
+
+
+async def test_an_async_progress_callback_is_refused_at_once(settings: Settings) -> None:
+    """An `async def` callback was called, its coroutine never run, the registration none the
+    wiser: it is a TypeError where it is given (the Registrar, or the call)."""
+
+    async def callback(event: object) -> None:
+        pass  # pragma: no cover
+
+    class Handler:
+        async def __call__(self, event: object) -> None:
+            pass  # pragma: no cover
+
+    for wrong in (callback, Handler()):
+        with pytest.raises(TypeError, match="is an async function"):
+            Registrar(settings, on_progress=wrong)
+    async with Registrar(settings) as registrar:
+        with pytest.raises(TypeError, match="is an async function"):
+            await registrar.upload("/nonexistent", f"s3://{settings.s3_bucket}/x.tar.gz", on_progress=callback)
+
+
+async def test_a_callback_that_returns_an_awaitable_is_warned_about_once(
+    tmp_path: Path, settings: Settings, s3: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain function returning a coroutine (a lambda around an async function) cannot be told
+    beforehand: its coroutine is closed (no "never awaited" warning) and it is said once."""
+
+    async def later(event: object) -> None:
+        pass  # pragma: no cover
+
+    job = make_job(tmp_path, model_bytes=MiB)
+    async with Registrar(settings, on_progress=lambda event: later(event)) as registrar:
+        await registrar.upload(job["model"], f"s3://{settings.s3_bucket}/{settings.s3_prefix}m.tar.gz")
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert caplog.text.count("returned an awaitable, which is never awaited") == 1
+
+
+async def test_from_files_takes_the_payload_by_its_fields_name_too(tmp_path: Path) -> None:
+    """`from_files(..., payload_path=...)` was a TypeError ("multiple values"): options are the
+    other fields, and payload_path is one."""
+    job = make_job(tmp_path)
+    by_field = await RegistrationRequest.from_files(job["config"], job["model"], payload_path=job["payload"])
+    by_argument = await RegistrationRequest.from_files(job["config"], job["model"], payload=job["payload"])
+    assert by_field.payload_path == by_argument.payload_path == job["payload"]
+    with pytest.raises(TypeError, match="takes the payload once"):
+        await RegistrationRequest.from_files(
+            job["config"], job["model"], payload=job["payload"], payload_path=job["payload"]
+        )
+
+
+def test_a_first_poll_later_than_the_longest_wait_is_refused() -> None:
+    """poll_initial=20 with poll_max=0.5 was accepted, and the first poll came after 20 s."""
+    with pytest.raises(
+        ConfigurationError, match=r"poll_max: must be at least the first poll's delay, poll_initial \(20 s\)"
+    ):
+        Settings(s3_bucket="bucket", poll_initial=20, poll_max=0.5)
+
+
+def test_the_library_says_it_needs_asyncio() -> None:
+    """Under trio, aiofiles and aiobotocore failed deep inside with "no running event loop"; the
+    library says what it needs where it is entered (here: no asyncio loop at all)."""
+    from async_registrar._concurrency import require_asyncio
+
+    with pytest.raises(RuntimeError, match="runs on asyncio only"):
+        require_asyncio("the Registrar")
+
+
+async def test_botocores_data_files_are_read_off_the_event_loop(settings: Settings) -> None:
+    """Entering a Registrar made its S3 client on the event loop, reading and parsing botocore's
+    JSON there: 40-100 ms of a stalled loop for a service that opens one per request.  The files
+    are read on the registrar's threads now; what stays on the loop finds them loaded."""
+    import threading
+
+    from botocore.loaders import Loader
+
+    loop_thread = threading.get_ident()
+    readers: list[tuple[str, bool]] = []
+    load = Loader.load_service_model
+
+    def recording(self: Loader, service_name: str, type_name: str, api_version: str | None = None) -> Any:
+        readers.append((type_name, threading.get_ident() == loop_thread))
+        return load(self, service_name, type_name, api_version)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Loader, "load_service_model", recording)
+        async with Registrar(settings):
+            pass
+    first = dict(reversed(readers))  # the first read of each file
+    assert first["service-2"] is False
+    assert first["endpoint-rule-set-1"] is False

@@ -191,3 +191,28 @@ async def test_an_upload_whose_abort_failed_is_named_to_the_caller(tmp_path: Pat
     upload_id = left[0].split()[1]
     told = str(caught.value) + "".join(getattr(caught.value, "__notes__", []))
     assert upload_id in told, f"the open upload {upload_id} is not named: {told}"
+
+
+async def test_an_upload_stopped_after_it_completed_says_the_object_is_there(
+    tmp_path: Path, s3: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled once S3 holds the whole object, while it is read back: the caller gets the
+    cancellation and the object stays at its target (for `upload`, nothing removes it); that was
+    said nowhere, neither as done nor as stopped."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+    with anyio.CancelScope() as scope:
+
+        def stop(**_: Any) -> None:  # the read-back: the object is complete by now
+            scope.cancel()
+
+        s3.meta.events.register("before-call.s3.HeadObject", stop)
+        try:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+        finally:
+            s3.meta.events.unregister("before-call.s3.HeadObject", stop)
+    assert scope.cancelled_caught
+    assert await open_uploads(s3, settings) == []
+    assert location.key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    await s3.delete_object(Bucket=location.bucket, Key=location.key)
+    assert f"before it was read back: {location.uri} is there" in caplog.text
