@@ -44,6 +44,9 @@ log = logging.getLogger("async_registrar.upload")
 DAMAGED_PART_CODES = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch")
 #: How many times a part found damaged is sent.
 DAMAGED_PART_ATTEMPTS = 3
+#: How long a part answered NoSuchUpload waits for a sibling's answer to say it arrived damaged
+#: (see `MultipartUpload.upload_part`): only the error reported depends on it.
+DAMAGE_SETTLE = 0.2
 
 
 class PartBody(io.BytesIO):
@@ -162,6 +165,7 @@ class MultipartUpload:
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
         self._md5s: dict[int, str] = {}  # with Content-MD5: each part's (base64)
+        self._damaged: set[int] = set()  # the parts S3 found damaged on their way
         self._whole: str | None = None
         self._completed = False
         self._aborted = False
@@ -314,6 +318,10 @@ class MultipartUpload:
                     )
                 break
             except StorageError as exc:
+                if exc.code in DAMAGED_PART_CODES:
+                    self._damaged.add(number)
+                elif exc.code == "NoSuchUpload" and attempt == 1:
+                    await self._explain_dropped(number, exc)
                 if attempt > 1 and exc.code not in DAMAGED_PART_CODES:
                     # `rclone serve s3` drops the whole upload with a damaged part: the part sent
                     # again gets NoSuchUpload (or, answered before its body was read, a reset).
@@ -341,6 +349,21 @@ class MultipartUpload:
                 part[f"Checksum{self._checksum}"] = value
         self._parts[number] = part
         self._sizes[number] = size
+
+    async def _explain_dropped(self, number: int, exc: StorageError) -> None:
+        """Part `number` got NoSuchUpload: if another part of this upload arrived damaged, the
+        server dropped the whole upload for it (`rclone serve s3` does), and that is the error to
+        report, whichever part's answer came first.  The damaged part's answer was sent first
+        but may be read a moment later, on its own connection: it is given `DAMAGE_SETTLE`."""
+        if not self._damaged:
+            await anyio.sleep(DAMAGE_SETTLE)
+        if self._damaged:
+            damaged = min(self._damaged)
+            raise exc.restated(
+                f"part {damaged} of {self.location} arrived damaged, and the server dropped the whole multipart "
+                f"upload (part {number} then got NoSuchUpload). Some servers (`rclone serve s3`) do so when a part "
+                "arrives damaged; nothing damaged was kept: run again",
+            ) from exc
 
     async def copy_part(self, number: int, source: S3Location, first: int, last: int, etag: str | None) -> None:
         """Make part `number` (1-based) a server-side copy of bytes `first`..`last` (inclusive) of

@@ -216,3 +216,35 @@ async def test_an_upload_stopped_after_it_completed_says_the_object_is_there(
     assert location.key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
     await s3.delete_object(Bucket=location.bucket, Key=location.key)
     assert f"before it was read back: {location.uri} is there" in caplog.text
+
+
+async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_the_damage(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """`rclone serve s3` drops the whole upload when a part arrives damaged: another part still on
+    its way then gets NoSuchUpload, and when its answer was read first the run said only "UploadPart
+    (part 3) failed: NoSuchUpload" (a compat cell failed on it).  The damage is what is reported."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+
+    sent: list[int] = []
+
+    async def rclone_like(params: dict[str, Any], **_: Any) -> None:
+        number = params.get("PartNumber")
+        sent.append(number)
+        if number == 2 and sent.count(2) == 1:
+            await anyio.sleep(0.05)  # its answer is read after the other part's
+            raise client_error("BadDigest", "UploadPart")
+        if number == 2:  # sent again: its whole body on the way first, then the same answer
+            await anyio.sleep(2)
+        if number in (2, 3):
+            raise client_error("NoSuchUpload", "UploadPart")
+
+    s3.meta.events.register("before-parameter-build.s3.UploadPart", rclone_like)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    finally:
+        s3.meta.events.unregister("before-parameter-build.s3.UploadPart", rclone_like)
+    assert await open_uploads(s3, settings) == []
+    assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
