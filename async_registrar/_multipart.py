@@ -10,10 +10,11 @@ shielded from cancellation and bounded by the exit's cleanup deadline.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -214,18 +215,42 @@ class MultipartUpload:
         return self
 
     async def _create(self, extra: dict[str, str]) -> dict[str, Any]:
-        """CreateMultipartUpload, seen through to its answer for a while (`ANSWER_WAIT`) when
-        the caller is cancelled meanwhile: S3 opens the upload all the same, and only its id lets
-        it be aborted (where no listing of a prefix of the run's own will find it: `upload`)."""
+        """CreateMultipartUpload, seen through to its answer (see `_seen_through`): S3 opens the
+        upload all the same, and only its id lets it be aborted (where no listing of a prefix of
+        the run's own will find it: `upload`)."""
+        bucket, key = self.location.bucket, self.location.key
+
+        async def opened(response: dict[str, Any]) -> None:  # after a cancellation: abort it
+            self.upload_id = response["UploadId"]
+            if self._ledger is not None:
+                self._ledger.answered(bucket, key, self.upload_id, strays=_retried(response))
+            await self.__aexit__(None, None, None)
+
+        return await self._seen_through(
+            "CreateMultipartUpload",
+            functools.partial(self._s3.create_multipart_upload, Bucket=bucket, Key=key, **extra),
+            opened,
+        )
+
+    async def _seen_through(
+        self,
+        operation: str,
+        request: Callable[[], Awaitable[dict[str, Any]]],
+        answered_late: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> dict[str, Any]:
+        """Send `request` (S3's `operation`) and return its answer.  If the caller is cancelled
+        meanwhile, the request is seen through to its answer for a while (`ANSWER_WAIT`, out of
+        the exit's cleanup deadline): S3 acts on it all the same, and only its answer tells what
+        it did; a success that comes then goes to `answered_late` before the cancellation goes on."""
         bucket, key = self.location.bucket, self.location.key
         outcome: list[dict[str, Any] | Exception] = []
         answered = anyio.Event()
-        creation = anyio.CancelScope(shield=True)
+        sent = anyio.CancelScope(shield=True)
 
-        async def create() -> None:
+        async def send() -> None:
             try:
-                with creation, storage_errors("CreateMultipartUpload", bucket, key):
-                    outcome.append(await self._s3.create_multipart_upload(Bucket=bucket, Key=key, **extra))
+                with sent, storage_errors(operation, bucket, key):
+                    outcome.append(await request())
             except Exception as exc:  # handed to the caller, as it is
                 outcome.append(exc)
             finally:
@@ -233,24 +258,21 @@ class MultipartUpload:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(create)
+                tg.start_soon(send)
                 try:
                     await answered.wait()
                 except anyio.get_cancelled_exc_class():
                     # This is the exit: the wait comes out of its cleanup deadline, which the
-                    # abort that follows shares, so the whole exit stays within its timeout.
+                    # abort that may follow shares, so the whole exit stays within its timeout.
                     wait = anyio.current_time() + min(ANSWER_WAIT, self._cleanup.timeout / 5)
-                    creation.deadline = min(wait, self._cleanup.deadline)
+                    sent.deadline = min(wait, self._cleanup.deadline)
                     raise
         except anyio.get_cancelled_exc_class():
-            if outcome and isinstance(outcome[0], dict):  # it came: abort what it opened
-                self.upload_id = outcome[0]["UploadId"]
-                if self._ledger is not None:
-                    self._ledger.answered(bucket, key, self.upload_id, strays=_retried(outcome[0]))
-                await self.__aexit__(None, None, None)
+            if outcome and isinstance(outcome[0], dict):
+                await answered_late(outcome[0])
             raise
         if not outcome:  # cut off by the wait above, which only a cancellation starts
-            raise RuntimeError("CreateMultipartUpload ended without an answer")
+            raise RuntimeError(f"{operation} ended without an answer")
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
@@ -457,49 +479,28 @@ class MultipartUpload:
             self._ledger.closed(self.upload_id)
 
     async def _complete(self, parts: list[dict[str, Any]], extra: dict[str, Any]) -> None:
-        """CompleteMultipartUpload, seen through to its answer for a while (as a creation is,
-        see `_create`) when the caller is cancelled meanwhile: S3 goes on completing it, and the
-        object may land only after the cleanup looked for it (an abort then finds NoSuchUpload,
-        and nothing else tells).  If it answers in time, the upload counts as completed: the
-        object is there for whoever cleans up the place (a run's temporary prefix removes it;
-        an `upload`'s target keeps it, logged)."""
-        bucket, key = self.location.bucket, self.location.key
-        outcome: list[Exception | None] = []
-        answered = anyio.Event()
-        completion = anyio.CancelScope(shield=True)
+        """CompleteMultipartUpload, seen through to its answer (see `_seen_through`): S3 goes on
+        completing it, and the object may land only after the cleanup looked for it (an abort then
+        finds NoSuchUpload, and nothing else tells).  If it answers in time, the upload counts as
+        completed: the object is there for whoever cleans up the place (a run's temporary prefix
+        removes it; an `upload`'s target keeps it, logged)."""
 
-        async def complete() -> None:
-            try:
-                with completion, storage_errors("CompleteMultipartUpload", bucket, key):
-                    await self._s3.complete_multipart_upload(
-                        Bucket=bucket, Key=key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}, **extra
-                    )
-                    outcome.append(None)
-            except Exception as exc:  # handed to the caller, as it is
-                outcome.append(exc)
-            finally:
-                answered.set()
+        async def completed(_: dict[str, Any]) -> None:  # after a cancellation
+            self._done()
+            log.warning("stopped as its upload completed: %s is there", self.location)
 
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(complete)
-                try:
-                    await answered.wait()
-                except anyio.get_cancelled_exc_class():
-                    # This is the exit: the wait comes out of its cleanup deadline, as the abort
-                    # that follows if no answer comes.
-                    wait = anyio.current_time() + min(ANSWER_WAIT, self._cleanup.timeout / 5)
-                    completion.deadline = min(wait, self._cleanup.deadline)
-                    raise
-        except anyio.get_cancelled_exc_class():
-            if outcome and outcome[0] is None:
-                self._done()
-                log.warning("stopped as its upload completed: %s is there", self.location)
-            raise
-        if not outcome:  # cut off by the wait above, which only a cancellation starts
-            raise RuntimeError("CompleteMultipartUpload ended without an answer")
-        if outcome[0] is not None:
-            raise outcome[0]
+        await self._seen_through(
+            "CompleteMultipartUpload",
+            functools.partial(
+                self._s3.complete_multipart_upload,
+                Bucket=self.location.bucket,
+                Key=self.location.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts},
+                **extra,
+            ),
+            completed,
+        )
 
     async def _closed_by_completion(self) -> bool:
         """After a completion that reported an error, with the object found whole: whether this
