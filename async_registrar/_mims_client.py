@@ -94,7 +94,7 @@ class _Retryable(Exception):
 #: proxy that failed; and an answer whose body could not be decoded (garbled on its way, a
 #: `Content-Encoding` it does not have).  All may pass; a request sent twice is harmless (a
 #: submission carries an Idempotency-Key).  The endpoint's scheme is checked by the settings.
-_TRANSIENT_TRANSPORT = (httpx.TransportError, httpx.DecodingError)
+_TRANSIENT_FAILURES = (httpx.TransportError, httpx.DecodingError)
 
 
 class _Backoff:
@@ -117,7 +117,7 @@ class _Backoff:
         self.asked_past_deadline: float | None = None
 
     def __call__(self, exc: Exception) -> bool | float:
-        if not isinstance(exc, (_Retryable, *_TRANSIENT_TRANSPORT)):
+        if not isinstance(exc, (_Retryable, *_TRANSIENT_FAILURES)):
             return False
         remaining = self._deadline - anyio.current_time()
         if remaining <= 0:
@@ -393,7 +393,7 @@ class MimsClient:
                 url=shown,
                 may_have_arrived=arrived,
             ) from None
-        except _TRANSIENT_TRANSPORT as exc:
+        except _TRANSIENT_FAILURES as exc:
             raise RegistryUnavailable(
                 f"{method} {shown} failed: {type(exc).__name__}; check --mims-endpoint / "
                 "REGISTRAR_MIMS_ENDPOINT and the network",

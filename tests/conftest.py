@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import stamina
 from pydantic import SecretStr
@@ -178,6 +179,33 @@ def release_when_submitted(
 def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:
     """`settings` pointed at `registry`, with `changes`."""
     return settings.model_copy(update={"mims_endpoint": registry.endpoint, **changes})
+
+
+@contextlib.contextmanager
+def hooked(client: Any, *hooks: tuple[str, Callable[..., Any]]) -> Iterator[None]:
+    """`client`'s botocore events (`("before-call.s3.HeadObject", handler)`, ...) handled by
+    the given handlers for the block, and by nothing of the test's after it."""
+    for event, handler in hooks:
+        client.meta.events.register(event, handler)
+    try:
+        yield
+    finally:
+        for event, handler in hooks:
+            client.meta.events.unregister(event, handler)
+
+
+class ForwardingTransport(httpx.AsyncBaseTransport):
+    """Real HTTP, for an `httpx.AsyncClient` given to a registrar: a subclass answers some
+    requests itself (a fault) and forwards the rest with `self._real`."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._real.aclose()
 
 
 class Recorder:

@@ -216,30 +216,35 @@ def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Pat
     assert "interrupted by SIGINT" in stderr
 
 
-@pytest.mark.parametrize("command", ["check", "register"])
-async def test_an_unreadable_file_is_found_before_any_upload(
-    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, command: str
-) -> None:
-    """A file the job cannot read was found only when the archive reached it, the upload under
-    way (and `check` said 0): it is an input problem (exit 3) of the scan now, named with the fix.
-    Root reads anything: then the command runs without its capabilities (setpriv)."""
-    job = make_job(tmp_path)
-    secret = job["model"] / "secret.bin"
-    secret.write_bytes(b"x" * 1000)
-    secret.chmod(0)
+def run_unprivileged(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user whom file modes bind: root reads anything, so as root it runs
+    without its capabilities (setpriv); the test is skipped where setpriv is missing."""
     prefix: list[str] = []
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             pytest.skip("running as root without setpriv: nothing stops root's reads")
         prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
-    done = subprocess.run(
-        [*prefix, sys.executable, "-m", "async_registrar", command],
-        env=environment(stack, settings, job),
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "async_registrar", *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("command", ["check", "register"])
+async def test_an_unreadable_file_is_found_before_any_upload(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, command: str
+) -> None:
+    """A file the job cannot read was found only when the archive reached it, the upload under
+    way (and `check` said 0): it is an input problem (exit 3) of the scan now, named with the fix."""
+    job = make_job(tmp_path)
+    secret = job["model"] / "secret.bin"
+    secret.write_bytes(b"x" * 1000)
+    secret.chmod(0)
+    done = run_unprivileged(environment(stack, settings, job), command)
     assert done.returncode == 3, done.stderr
     assert f"{secret}: cannot be read by this process" in done.stderr
     assert "chmod a+r" in done.stderr
@@ -254,19 +259,7 @@ def test_an_unreadable_configuration_file_is_exit_2_like_a_missing_one(
     configuration problems (exit 2), the file named with the fix."""
     job = make_job(tmp_path)
     job["config"].chmod(0)
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root without setpriv: nothing stops root's reads")
-        prefix = [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
-    done = subprocess.run(
-        [*prefix, sys.executable, "-m", "async_registrar", "check"],
-        env=environment(stack, settings, job),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_unprivileged(environment(stack, settings, job), "check")
     assert done.returncode == 2, done.stderr
     assert f"{job['config']}: cannot read the configuration file" in done.stderr
     assert "chmod a+r" in done.stderr

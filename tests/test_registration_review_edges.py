@@ -24,6 +24,7 @@ from async_registrar import (
 from async_registrar._local import LocalStack
 
 from .conftest import (
+    ForwardingTransport,
     Recorder,
     final_status,
     late_registry,
@@ -36,12 +37,12 @@ from .conftest import (
 )
 
 
-class _GatedPost(httpx.AsyncBaseTransport):
+class _GatedPost(ForwardingTransport):
     """A real transport, except that the first POST is held until `go` is set and then answered 503
     with a Retry-After past the submission's deadline: it never reached the registry."""
 
     def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.arrived = anyio.Event()
         self.go = anyio.Event()
 
@@ -53,9 +54,6 @@ class _GatedPost(httpx.AsyncBaseTransport):
                 503, headers={"retry-after": "60"}, json={"message": "busy", "errors": []}, request=request
             )
         return await self._real.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_a_run_whose_post_never_arrived_does_not_remove_a_concurrent_takeover(
@@ -141,12 +139,12 @@ async def test_a_wait_begun_while_the_registrar_closes_still_names_what_it_keeps
     assert accepted.registration_id in named, (accepted.registration_id, named)
 
 
-class _GatewayTimeoutAfterForwarding(httpx.AsyncBaseTransport):
+class _GatewayTimeoutAfterForwarding(ForwardingTransport):
     """Real HTTP to the registry; the POST reaches it (and is accepted), but a CDN in front answers
     524 "A timeout occurred" (Cloudflare: the origin took the request and did not answer in time)."""
 
     def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.forwarded = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -157,9 +155,6 @@ class _GatewayTimeoutAfterForwarding(httpx.AsyncBaseTransport):
         await response.aclose()
         self.forwarded += 1
         return httpx.Response(524, text="<html>A timeout occurred</html>", request=request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_a_5xx_from_a_gateway_after_the_post_reached_the_registry_keeps_the_artifacts(
@@ -203,12 +198,12 @@ def test_a_key_that_cannot_be_sent_is_refused_before_anything_is_uploaded(tmp_pa
     assert request_for(job, idempotency_key="job-42/retry_1:ok").idempotency_key == "job-42/retry_1:ok"
 
 
-class _OnePollGarbled(httpx.AsyncBaseTransport):
+class _OnePollGarbled(ForwardingTransport):
     """Real HTTP to the registry; the first poll of a registration comes back `Content-Encoding: gzip`
     with a body that is not gzip (a proxy that mangled it): a malformed answer."""
 
     def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.garbled = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -224,9 +219,6 @@ class _OnePollGarbled(httpx.AsyncBaseTransport):
             content=b"{not gzip",
             request=request,
         )
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_one_poll_with_a_garbled_encoding_is_ridden_out(

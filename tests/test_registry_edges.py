@@ -35,6 +35,7 @@ from async_registrar._cli import EXIT_TIMEOUT, exit_code
 from async_registrar._local import LocalStack
 
 from .conftest import (
+    ForwardingTransport,
     Recorder,
     final_status,
     late_registry,
@@ -62,12 +63,12 @@ def _json_reply(status: int, body: dict[str, Any], reason: str = "Error") -> Rep
     return Reply(status, json.dumps(body).encode(), reason)
 
 
-class _RewrittenRetryAfter(httpx.AsyncBaseTransport):
+class _RewrittenRetryAfter(ForwardingTransport):
     """Real HTTP to the registry; the `Retry-After` of its 503 answers is replaced with `value` (a
     gateway or another registry implementation writing what the reference MIMS never does)."""
 
     def __init__(self, value: str) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self._value = value
         self.rewritten = 0
         self.posts = 0
@@ -82,9 +83,6 @@ class _RewrittenRetryAfter(httpx.AsyncBaseTransport):
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("retry-after", "content-length")]
         self.rewritten += 1
         return httpx.Response(503, headers=[*headers, ("Retry-After", self._value)], content=body, request=request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_a_retry_after_that_is_not_a_number_does_not_hang_the_submission(
@@ -130,12 +128,12 @@ async def test_a_retry_after_dated_in_the_past_does_not_turn_the_backoff_off(
     assert transport.posts <= 30, f"{transport.posts} POSTs in the 2 s submit deadline"
 
 
-class _RedirectFirstPost(httpx.AsyncBaseTransport):
+class _RedirectFirstPost(ForwardingTransport):
     """Real HTTP, except that the first POST is answered `307` to `location` (a misconfigured load
     balancer, or a compromised front end, pointing the registrar at another host)."""
 
     def __init__(self, location: str) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self._location = location
         self.redirected = 0
 
@@ -144,9 +142,6 @@ class _RedirectFirstPost(httpx.AsyncBaseTransport):
             self.redirected += 1
             return httpx.Response(307, headers={"Location": self._location}, request=request)
         return await self._real.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_an_injected_client_that_follows_redirects_sends_nothing_to_another_host(

@@ -25,6 +25,7 @@ from async_registrar._local import ACCESS_KEY, LocalStack
 from async_registrar._request import run_identity
 
 from .conftest import (
+    ForwardingTransport,
     final_status,
     late_registry,
     leftovers,
@@ -123,13 +124,13 @@ async def test_connection_resets_on_the_first_polls_are_ridden_out(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-class _FailingPosts(httpx.AsyncBaseTransport):
+class _FailingPosts(ForwardingTransport):
     """Real HTTP to the registry, but the first POSTs fail as a network can make them fail:
     the answer lost after the request arrived (ReadError), the request broken on its way
     (WriteError), no connection free in time (PoolTimeout).  No server produces these on cue."""
 
     def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.faults: list[str] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -144,9 +145,6 @@ class _FailingPosts(httpx.AsyncBaseTransport):
                 raise httpx.WriteError("broken pipe", request=request)
             raise httpx.PoolTimeout("no connection available", request=request)
         return await self._real.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_a_post_failing_with_read_write_and_pool_errors_makes_one_registration(
@@ -217,13 +215,13 @@ def test_run_identity(tmp_path: Path, settings: Settings) -> None:
     assert mine.idempotency_key({"model": "a" * 64}, generation=3) == "mine-g3"
 
 
-class _UnknownStatusOnPost(httpx.AsyncBaseTransport):
+class _UnknownStatusOnPost(ForwardingTransport):
     """Real HTTP to the registry; the POST's 2xx answer comes back with a status this client does
     not know (a registry that added `QUEUED`, or a gateway that rewrote the body).  The registry
     has accepted the registration all the same."""
 
     def __init__(self) -> None:
-        self._real = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.rewritten = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -239,9 +237,6 @@ class _UnknownStatusOnPost(httpx.AsyncBaseTransport):
             self.rewritten += 1
         headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
         return httpx.Response(response.status_code, headers=headers, content=body, request=request)
-
-    async def aclose(self) -> None:
-        await self._real.aclose()
 
 
 async def test_an_accepted_post_with_an_unreadable_answer_keeps_the_artifacts(

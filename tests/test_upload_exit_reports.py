@@ -4,35 +4,18 @@ an abort that fails."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from botocore.exceptions import ClientError
 
 from async_registrar import Settings, StorageError
 from async_registrar._artifacts import inspect_artifact
-from async_registrar._s3 import S3Location
 from async_registrar._upload import upload_artifact
 
-from .conftest import MiB, leftovers
-
-
-def model_dir(root: Path, size: int) -> Path:
-    root.mkdir()
-    (root / "a-weights.bin").write_bytes(os.urandom(size))
-    (root / "b-config.json").write_text('{"dim": 3}')
-    return root
-
-
-def client_error(code: str, operation: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "injected"}}, operation)
-
-
-def model_location(settings: Settings) -> S3Location:
-    return S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+from .conftest import MiB, hooked, leftovers
+from .test_upload import client_error, model_dir, model_location
 
 
 async def open_uploads(s3: Any, settings: Settings) -> list[str]:
@@ -54,12 +37,11 @@ async def test_a_failed_completion_is_not_taken_for_done_because_an_identical_ob
     def fail(**_: Any) -> None:  # before it is sent: S3 never completes this one
         raise client_error("InternalError", "CompleteMultipartUpload")
 
-    s3.meta.events.register("before-call.s3.CompleteMultipartUpload", fail)
-    try:
-        with pytest.raises(StorageError, match=r"CompleteMultipartUpload failed .*InternalError"):
-            await upload_artifact(s3, source, location, settings)
-    finally:
-        s3.meta.events.unregister("before-call.s3.CompleteMultipartUpload", fail)
+    with (
+        hooked(s3, ("before-call.s3.CompleteMultipartUpload", fail)),
+        pytest.raises(StorageError, match=r"CompleteMultipartUpload failed .*InternalError"),
+    ):
+        await upload_artifact(s3, source, location, settings)
     left = await open_uploads(s3, settings)
     for entry in left:
         key, upload_id = entry.split()
@@ -81,14 +63,13 @@ async def test_a_damaged_object_that_cannot_be_deleted_is_still_reported_as_dama
     def deny(**_: Any) -> None:
         raise client_error("AccessDenied", "DeleteObject")
 
-    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
-    s3.meta.events.register("before-call.s3.DeleteObject", deny)
     try:
-        with pytest.raises(StorageError) as caught:
+        with (
+            hooked(s3, ("after-call.s3.HeadObject", corrupt), ("before-call.s3.DeleteObject", deny)),
+            pytest.raises(StorageError) as caught,
+        ):
             await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    finally:
-        s3.meta.events.unregister("after-call.s3.HeadObject", corrupt)
-        s3.meta.events.unregister("before-call.s3.DeleteObject", deny)
+    finally:  # the hooks are gone: the object goes
         await s3.delete_object(Bucket=location.bucket, Key=location.key)
     message = caught.value.message
     assert "is not what was uploaded: it holds 17 bytes" in message, message
@@ -110,14 +91,11 @@ async def test_a_damaged_object_whose_delete_times_out_is_not_said_to_be_deleted
     async def hang(**_: Any) -> None:
         await anyio.sleep(30)
 
-    s3.meta.events.register("after-call.s3.HeadObject", corrupt)
-    s3.meta.events.register("before-call.s3.DeleteObject", hang)
-    try:
-        with pytest.raises(StorageError) as caught:
-            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    finally:
-        s3.meta.events.unregister("after-call.s3.HeadObject", corrupt)
-        s3.meta.events.unregister("before-call.s3.DeleteObject", hang)
+    with (
+        hooked(s3, ("after-call.s3.HeadObject", corrupt), ("before-call.s3.DeleteObject", hang)),
+        pytest.raises(StorageError) as caught,
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
     still_there = location.key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
     await s3.delete_object(Bucket=location.bucket, Key=location.key)
     assert still_there  # the delete never happened
@@ -146,13 +124,12 @@ async def test_an_exit_during_a_late_creation_stays_within_the_cleanup_timeout(
         async def hang(**_: Any) -> None:
             await anyio.sleep(60)
 
-        s3.meta.events.register("before-send.s3.CreateMultipartUpload", late_creation)
-        s3.meta.events.register("before-call.s3.AbortMultipartUpload", hang)
-        try:
+        with hooked(
+            s3,
+            ("before-send.s3.CreateMultipartUpload", late_creation),
+            ("before-call.s3.AbortMultipartUpload", hang),
+        ):
             await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-        finally:
-            s3.meta.events.unregister("before-send.s3.CreateMultipartUpload", late_creation)
-            s3.meta.events.unregister("before-call.s3.AbortMultipartUpload", hang)
     took = anyio.current_time() - cancelled_at[0]
     for entry in await open_uploads(s3, settings):
         key, upload_id = entry.split()
@@ -175,14 +152,13 @@ async def test_an_upload_whose_abort_failed_is_named_to_the_caller(tmp_path: Pat
     def deny(**_: Any) -> None:
         raise client_error("AccessDenied", "AbortMultipartUpload")
 
-    s3.meta.events.register("before-parameter-build.s3.UploadPart", fail_part_two)
-    s3.meta.events.register("before-call.s3.AbortMultipartUpload", deny)
-    try:
-        with pytest.raises(StorageError) as caught:
-            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    finally:
-        s3.meta.events.unregister("before-parameter-build.s3.UploadPart", fail_part_two)
-        s3.meta.events.unregister("before-call.s3.AbortMultipartUpload", deny)
+    with (
+        hooked(
+            s3, ("before-parameter-build.s3.UploadPart", fail_part_two), ("before-call.s3.AbortMultipartUpload", deny)
+        ),
+        pytest.raises(StorageError) as caught,
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
     left = await open_uploads(s3, settings)
     for entry in left:
         key, upload_id = entry.split()
@@ -206,11 +182,8 @@ async def test_an_upload_stopped_after_it_completed_says_the_object_is_there(
         def stop(**_: Any) -> None:  # the read-back: the object is complete by now
             scope.cancel()
 
-        s3.meta.events.register("before-call.s3.HeadObject", stop)
-        try:
+        with hooked(s3, ("before-call.s3.HeadObject", stop)):
             await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-        finally:
-            s3.meta.events.unregister("before-call.s3.HeadObject", stop)
     assert scope.cancelled_caught
     assert await open_uploads(s3, settings) == []
     assert location.key in await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
@@ -240,11 +213,10 @@ async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_th
         if number in (2, 3):
             raise client_error("NoSuchUpload", "UploadPart")
 
-    s3.meta.events.register("before-parameter-build.s3.UploadPart", rclone_like)
-    try:
-        with pytest.raises(StorageError) as caught:
-            await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    finally:
-        s3.meta.events.unregister("before-parameter-build.s3.UploadPart", rclone_like)
+    with (
+        hooked(s3, ("before-parameter-build.s3.UploadPart", rclone_like)),
+        pytest.raises(StorageError) as caught,
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
     assert await open_uploads(s3, settings) == []
     assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
