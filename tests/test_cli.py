@@ -216,6 +216,37 @@ def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Pat
     assert "interrupted by SIGINT" in stderr
 
 
+#: The console script's two steps (import the entry point, call it), with SIGINT sent at
+#: the moment `main` is entered: between two statements no `try` of the command covers.
+SIGINT_ENTERING_MAIN = """
+import os, signal, sys
+from async_registrar._entrypoint import main
+def trace(frame, event, arg):
+    if event == "call" and frame.f_code is main.__code__:
+        sys.settrace(None)
+        os.kill(os.getpid(), signal.SIGINT)
+sys.settrace(trace)
+sys.exit(main())
+"""
+
+
+def test_sigint_as_the_entry_point_is_entered_is_130_without_a_traceback(tmp_path: Path) -> None:
+    """A SIGINT landing as `main` is entered, after its module was imported and before its
+    `try`, ended the process with Python's KeyboardInterrupt traceback (-2; CI met it once
+    in the test above); it is the same one line and 130 as a SIGINT during the imports."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_ENTERING_MAIN, "upload", str(tmp_path), "s3://bucket/key"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "interrupted by SIGINT before anything started" in done.stderr
+
+
 def run_unprivileged(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """The command as a user whom file modes bind: root reads anything, so as root it runs
     without its capabilities (setpriv); the test is skipped where setpriv is missing."""
