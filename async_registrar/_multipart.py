@@ -551,6 +551,17 @@ class MultipartUpload:
                 self._closed()
                 return
             except Exception as abort_error:  # the original error is the one to report
+                if isinstance(abort_error, ClientError) and error_code(abort_error) == "NoSuchUpload":
+                    # No longer open, nothing left to abort: the server dropped it (`rclone
+                    # serve s3` does with a damaged part), or a completion went through.
+                    log.info(
+                        "the multipart upload to %s (upload id %s) was no longer open: the server dropped it, "
+                        "or it completed and the object is there",
+                        self.location,
+                        self.upload_id,
+                    )
+                    self._closed()
+                    return
                 log.warning(
                     "could not abort the multipart upload to %s (upload id %s): %s",
                     self.location,

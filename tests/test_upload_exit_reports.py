@@ -220,3 +220,27 @@ async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_th
         await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
     assert await open_uploads(s3, settings) == []
     assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
+
+
+async def test_an_upload_the_server_dropped_is_not_named_as_left_open(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """The server drops the multipart upload under a running upload (`rclone serve s3` does when
+    a part arrives damaged): the parts get NoSuchUpload, and so does the exit's abort.  That abort
+    was counted as failed, and the error told the caller to remove "by hand" an upload id that no
+    longer exists; nothing is open, and nothing must be asked of the caller."""
+    root = model_dir(tmp_path / "model", 16 * MiB)
+    location = model_location(settings)
+
+    async def drop(params: dict[str, Any], **_: Any) -> None:
+        if params.get("PartNumber") == 2:  # the server drops the upload as part 2 arrives
+            await s3.abort_multipart_upload(Bucket=location.bucket, Key=location.key, UploadId=params["UploadId"])
+
+    with (
+        hooked(s3, ("before-parameter-build.s3.UploadPart", drop)),
+        pytest.raises(StorageError) as caught,  # NoSuchUpload on S3; moto answers a 500
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await open_uploads(s3, settings) == []
+    told = str(caught.value) + "".join(getattr(caught.value, "__notes__", []))
+    assert "could not be aborted" not in told, told
