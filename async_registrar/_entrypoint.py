@@ -17,6 +17,11 @@ asks for 1 ms.
 Tearing those objects down again at exit cost another ~50 ms of every run (of a 0.5 s
 upload of one small file): once the command has returned, the process runs its exit
 handlers, flushes its output and ends (`os._exit`) without unloading every module.
+httpx imports its own command line (click, rich and pygments, ~40 ms of the start-up)
+whenever those are installed, as they are in many a data-science environment; the command
+never runs it, so the entry point keeps it out (`httpx.main` is then httpx's stand-in that
+says to install `httpx[cli]`).
+
 SIGINT while the command still loads (its first few hundred milliseconds: imports) ends it
 with 130 and one line, from a handler this module installs as it is imported: a
 `KeyboardInterrupt` could land between two statements no `try` covers (entering `main`,
@@ -59,6 +64,9 @@ def main() -> NoReturn:
     try:
         gc.disable()
         try:
+            # httpx loads its own command line (click, rich, pygments: ~40 ms) as it is
+            # imported, wherever those are installed; this command never runs it.
+            sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
             from ._cli import main as run
         finally:
             gc.freeze()

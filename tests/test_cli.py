@@ -641,6 +641,35 @@ def test_the_command_ends_its_process_with_its_code_output_and_exit_handlers(
     assert done.stdout == "exit handler ran, switch interval 0.001\n"
 
 
+#: The entry point, with an exit handler that says which of httpx's command-line
+#: dependencies the command loaded.
+LOADED = """
+import atexit, sys
+atexit.register(lambda: print(sorted({m.split(".")[0] for m in sys.modules} & {"click", "rich", "pygments"})))
+from async_registrar._entrypoint import main
+sys.exit(main())
+"""
+
+
+def test_the_command_does_not_load_httpx_s_command_line(tmp_path: Path) -> None:
+    """httpx imports its command line (click, rich, pygments: ~40 ms of a 0.45 s start-up)
+    wherever those are installed, as they are here; the command never runs it."""
+    for package in ("click", "rich", "pygments"):
+        pytest.importorskip(package)  # installed, or there is nothing to keep out
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRAR_", "AWS_"))}
+    env |= {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1"}
+    env["AWS_ENDPOINT_URL_S3"] = "http://127.0.0.1:9"  # nothing listens: the input is refused first
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED, "upload", str(tmp_path / "missing"), "s3://bucket/model.tar.gz"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "[]\n"
+
+
 #: The entry point around a command that prints its result line and returns `argv[1]`.
 RESULT_LINE = """
 import sys
