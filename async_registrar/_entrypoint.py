@@ -52,7 +52,11 @@ def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
     os._exit(130)
 
 
-signal.signal(signal.SIGINT, _interrupted_while_loading)
+#: Python's own SIGINT handling, unless the process was started with SIGINT ignored (a
+#: background job of a script, `nohup`): then it stays ignored while the command loads.
+_PYTHONS_HANDLER = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if _PYTHONS_HANDLER:
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 #: CPython's GIL switch interval for the command's process (see the module's docstring).
 SWITCH_INTERVAL = 0.001
@@ -71,7 +75,8 @@ def main() -> NoReturn:
         finally:
             gc.freeze()
             gc.enable()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's cleanup needs the exception
+        if _PYTHONS_HANDLER:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's cleanup needs the exception
         code = run()
     except KeyboardInterrupt:  # SIGINT before the command handles signals itself
         print(INTERRUPTED_LOADING, file=sys.stderr)

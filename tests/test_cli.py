@@ -226,6 +226,23 @@ def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Pat
     assert "interrupted by SIGINT" in done.stderr
 
 
+def test_a_command_started_with_sigint_ignored_still_ignores_it_while_it_loads(tmp_path: Path) -> None:
+    """A background job of a script (or `nohup`) starts with SIGINT ignored, so that the
+    terminal's Ctrl-C is not for it: the handler for SIGINT while loading must not take that
+    over.  The command goes on and ends with its own code (here: no credentials, 2)."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGINT_WHILE_LOADING, "upload", str(tmp_path), "s3://bucket/key"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # before exec only
+    )
+    assert "interrupted by SIGINT" not in done.stderr
+    assert done.returncode not in (130, -signal.SIGINT), done.stderr
+
+
 #: The console script's two steps (import the entry point, call it), with SIGINT sent at
 #: the moment `main` is entered: between two statements no `try` of the command covers.
 SIGINT_ENTERING_MAIN = """
