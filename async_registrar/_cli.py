@@ -322,6 +322,15 @@ def _print_result(result: RegistrationResult) -> None:
 # --- running, signals, exit codes -----------------------------------------------------
 
 
+def _stopping_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the command: SIGTERM, and SIGINT unless the process started with it
+    ignored (a background job of a script: the terminal's Ctrl-C is not for it), as Python and
+    POSIX tools keep it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return (signal.SIGTERM,)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
 def _run(
     command: Callable[[], Awaitable[int]],
     progress: ProgressDisplay,
@@ -344,7 +353,7 @@ def _run(
             work = anyio.CancelScope()
 
             async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with anyio.open_signal_receiver(*_stopping_signals()) as signals:
                     async for signum in signals:
                         name = signal.Signals(signum).name
                         if not received:

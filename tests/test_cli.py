@@ -520,6 +520,40 @@ async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+async def test_a_command_started_with_sigint_ignored_runs_on_through_one(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """A background job of a script starts with SIGINT ignored (the terminal's Ctrl-C is for the
+    script, not for it), as Python and POSIX tools keep it: the command took SIGINT over for its
+    run and stopped on it.  It runs on, registers and cleans up; SIGTERM still stops it."""
+    job = make_job(tmp_path)
+    with mims_server(stack, read_artifacts="at_finish", processing_delay=HELD) as late:
+        env = environment(
+            stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-ignored"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "async_registrar", "register"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # before exec only
+        )
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if "submitted:" in line:
+                process.send_signal(signal.SIGINT)
+                break
+        late.finish_processing()
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, "".join(seen) + stderr
+    assert "SIGINT received" not in stderr
+    assert len(stdout.splitlines()) == 2
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
 async def test_cleanup_denied_after_success_exits_0(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
