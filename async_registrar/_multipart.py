@@ -45,9 +45,10 @@ log = logging.getLogger("async_registrar.upload")
 DAMAGED_PART_CODES = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch")
 #: How many times a part found damaged is sent.
 DAMAGED_PART_ATTEMPTS = 3
-#: How long a part answered NoSuchUpload waits for a sibling's answer to say it arrived damaged
-#: (see `MultipartUpload.upload_part`): only the error reported depends on it.
-DAMAGE_SETTLE = 0.2
+#: How long at most a part answered NoSuchUpload waits for the parts still on their way to
+#: answer, one of them perhaps that it arrived damaged (see `MultipartUpload.upload_part`):
+#: only the error reported depends on it.
+DAMAGE_SETTLE = 5.0
 
 
 class PartBody(io.BytesIO):
@@ -167,6 +168,8 @@ class MultipartUpload:
         self._sizes: dict[int, int] = {}
         self._md5s: dict[int, str] = {}  # with Content-MD5: each part's (base64)
         self._damaged: set[int] = set()  # the parts S3 found damaged on their way
+        self._sending: set[int] = set()  # the parts on their way, not answered yet
+        self._answer: anyio.Event | None = None  # set as a part answers, for `_explain_dropped`
         self._whole: str | None = None
         self._completed = False
         self._aborted = False
@@ -328,6 +331,7 @@ class MultipartUpload:
         extra = _checksum_args(self._checksum, checksum)
         size = len(data)
         for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
+            self._sending.add(number)
             try:
                 with storage_errors(f"UploadPart (part {number})", self.location.bucket, self.location.key):
                     response = await self._s3.upload_part(
@@ -340,6 +344,7 @@ class MultipartUpload:
                     )
                 break
             except StorageError as exc:
+                self._sending.discard(number)
                 if exc.code in DAMAGED_PART_CODES:
                     self._damaged.add(number)
                 elif exc.code == "NoSuchUpload" and attempt == 1:
@@ -362,6 +367,10 @@ class MultipartUpload:
                         "the way alters it (a proxy, faulty memory or network card)",
                     ) from exc
                 log.info("part %d of %s arrived damaged (%s); sending it again", number, self.location, exc.code)
+            finally:
+                self._sending.discard(number)
+                if self._answer is not None:
+                    self._answer.set()
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         if self._checksum == "MD5" and checksum:
             self._md5s[number] = checksum
@@ -376,9 +385,12 @@ class MultipartUpload:
         """Part `number` got NoSuchUpload: if another part of this upload arrived damaged, the
         server dropped the whole upload for it (`rclone serve s3` does), and that is the error to
         report, whichever part's answer came first.  The damaged part's answer was sent first
-        but may be read a moment later, on its own connection: it is given `DAMAGE_SETTLE`."""
-        if not self._damaged:
-            await anyio.sleep(DAMAGE_SETTLE)
+        but may be read later, on its own connection: the parts still on their way are given
+        up to `DAMAGE_SETTLE` to answer (they do at once, the upload being gone)."""
+        with anyio.move_on_after(DAMAGE_SETTLE):
+            while not self._damaged and self._sending:
+                self._answer = anyio.Event()
+                await self._answer.wait()
         if self._damaged:
             damaged = min(self._damaged)
             raise exc.restated(

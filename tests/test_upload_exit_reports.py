@@ -222,6 +222,33 @@ async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_th
     assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
 
 
+async def test_a_damaged_answer_read_a_second_after_a_siblings_no_such_upload_is_still_reported(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """The same as above, with the damaged part's answer read a second after its sibling's
+    NoSuchUpload (a loaded machine, a bigger part still on its way): a fixed 0.2 s wait for it
+    was past, and the run said only "UploadPart (part 3) failed: NoSuchUpload".  The parts still
+    on their way are waited for."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+
+    async def rclone_like(params: dict[str, Any], **_: Any) -> None:
+        number = params.get("PartNumber")
+        if number == 2:
+            await anyio.sleep(1)  # its answer is read a second after the other part's
+            raise client_error("BadDigest", "UploadPart")
+        if number == 3:
+            raise client_error("NoSuchUpload", "UploadPart")
+
+    with (
+        hooked(s3, ("before-parameter-build.s3.UploadPart", rclone_like)),
+        pytest.raises(StorageError) as caught,
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await open_uploads(s3, settings) == []
+    assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
+
+
 async def test_an_upload_the_server_dropped_is_not_named_as_left_open(
     tmp_path: Path, s3: Any, settings: Settings
 ) -> None:
