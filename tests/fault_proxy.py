@@ -9,6 +9,8 @@ the request (method and target; and its headers, lower-cased, for a proxy made w
 - `Reply(status, body)`: answer it here with a canned response (S3's XML errors);
 - `RESET`: drop the connection with a TCP reset, as a broken network does;
 - `Stall(seconds)`: forward it after a delay, as a slow or congested link does;
+- `Hold(release)`: forward it once the test sets `release` (a `threading.Event`): a link stuck
+  for exactly as long as the test needs, however slow the machine;
 - `Cut(after)`: forward it, and break the answer off (a reset) after `after` bytes of its body;
 - `Late(seconds)`: forward it whole, and hold the answer back that long (a server that took
   the request and answers late, or, past the client's read timeout, never).
@@ -66,8 +68,15 @@ class Late:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Hold:
+    """Forward the request once the test sets `release` (a threading.Event), not after a time."""
+
+    release: threading.Event
+
+
 RESET = object()
-Rule = Callable[..., "Reply | Stall | Late | object | None"]  # (method, target[, headers])
+Rule = Callable[..., "Reply | Stall | Hold | Late | object | None"]  # (method, target[, headers])
 #: Sees a request's whole body: answers it (a `Reply`) or gives the body to forward.
 BodyRule = Callable[[str, str, dict[str, str], bytes], "Reply | bytes"]
 
@@ -182,6 +191,9 @@ class FaultProxy:
                 return
             if isinstance(action, Stall):
                 await asyncio.sleep(action.seconds)
+            if isinstance(action, Hold):
+                while not action.release.is_set():  # the proxy's loop goes on serving the other requests
+                    await asyncio.sleep(0.005)
             length = _content_length(head)
             if self._body_rule is not None and length:
                 if b"expect: 100-continue" in head.lower():  # answered here: the body is read here
