@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from .conftest import (
     remove_all,
     request_for,
 )
-from .fault_proxy import FaultProxy, Reply, Stall, s3_error
+from .fault_proxy import FaultProxy, Hold, Reply, Stall, s3_error
 from .test_cli import environment, run
 from .test_signals import start
 
@@ -317,7 +318,7 @@ async def test_a_sweep_does_not_remove_a_run_a_rerun_took_over_meanwhile(
         assert (await final_status(registry, kept.registration_id)).startswith("FAILED")
         registry.hold_processing()  # the registrations to come are held again
 
-        stalled = stall_first_question(proxy, kept.registration_id, 4)
+        held, release = hold_first_question(proxy, kept.registration_id)
         reports: list[Any] = []
 
         async def sweep() -> None:
@@ -326,14 +327,17 @@ async def test_a_sweep_does_not_remove_a_run_a_rerun_took_over_meanwhile(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(sweep)
-            with anyio.fail_after(20):  # the sweep has listed and read the manifest: it asks now
-                while stalled[0] == 0:
-                    await anyio.sleep(0.01)
-            async with Registrar(through) as registrar:
-                handle = await registrar.submit(request)  # resumes: generation 2, from the kept artifacts
-                (accepted,) = handle.accepted
-                await handle.aclose()  # kept: the registration is unfinished
-            resubmitted_before_the_sweep_ended = not reports
+            try:
+                with anyio.fail_after(20):  # the sweep has listed and read the manifest: it asks now
+                    while held[0] == 0:
+                        await anyio.sleep(0.01)
+                async with Registrar(through) as registrar:
+                    handle = await registrar.submit(request)  # resumes: generation 2, from the kept artifacts
+                    (accepted,) = handle.accepted
+                    await handle.aclose()  # kept: the registration is unfinished
+                resubmitted_before_the_sweep_ended = not reports
+            finally:
+                release.set()  # the sweep's question goes on (well within its 30 s look-up deadline)
         outcomes = [r.outcome for r in reports[0].runs]
         left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
         registry.finish_processing()
@@ -386,7 +390,7 @@ async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
         (kept,) = timed_out.kept
         registry.finish_processing()
         assert await final_status(registry, kept.registration_id) == "SUCCEEDED"
-        asked = stall_first_question(proxy, kept.registration_id, 2)
+        asked, release = hold_first_question(proxy, kept.registration_id)
         reports: list[Any] = []
 
         async def sweep() -> None:
@@ -396,10 +400,13 @@ async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
         added = f"{kept.kept_prefix}late.json".removeprefix(f"s3://{settings.s3_bucket}/")
         async with anyio.create_task_group() as tg:
             tg.start_soon(sweep)
-            with anyio.fail_after(20):
-                while asked[0] == 0:
-                    await anyio.sleep(0.01)
-            await s3.put_object(Bucket=settings.s3_bucket, Key=added, Body=b"{}")
+            try:
+                with anyio.fail_after(20):
+                    while asked[0] == 0:
+                        await anyio.sleep(0.01)
+                await s3.put_object(Bucket=settings.s3_bucket, Key=added, Body=b"{}")
+            finally:
+                release.set()  # the sweep gets its answer only once the object was added
         (report,) = reports
         (run,) = report.runs
         assert run.outcome == "spared", report.lines()
@@ -408,19 +415,22 @@ async def test_a_run_that_changes_while_the_sweep_judges_it_is_spared(
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-def stall_first_question(proxy: FaultProxy, registration_id: str, seconds: float) -> list[int]:
-    """Make the registry's first answer about `registration_id` (through `proxy`) late by
-    `seconds`; the returned counter says how many questions were stalled (0 or 1)."""
-    stalled = [0]
+def hold_first_question(proxy: FaultProxy, registration_id: str) -> tuple[list[int], threading.Event]:
+    """Hold the first question about `registration_id` (through `proxy`) on its way to the
+    registry until the test sets the returned event; the returned counter says how many questions
+    were held (0 or 1).  Held, not stalled for a time: the test does what it must do meanwhile
+    however slow the machine, then releases it."""
+    held = [0]
+    release = threading.Event()
 
     def rule(method: str, target: str) -> object:
-        if method == "GET" and registration_id in target and stalled[0] == 0:
-            stalled[0] += 1
-            return Stall(seconds)
+        if method == "GET" and registration_id in target and held[0] == 0:
+            held[0] += 1
+            return Hold(release)
         return None
 
     proxy.rule = rule
-    return stalled
+    return held, release
 
 
 async def test_the_lifecycle_rule_dry_run_writes_nothing(
