@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ from .conftest import (
     remove_all,
     request_for,
 )
-from .fault_proxy import RESET, FaultProxy, HoldingProxy, Reply, Stall, refuse_copies
+from .fault_proxy import RESET, FaultProxy, Hold, HoldingProxy, Reply, Stall, refuse_copies
 
 
 async def resume(
@@ -858,14 +859,15 @@ async def test_a_run_that_saw_its_registration_fail_does_not_remove_a_concurrent
             model_key = manifest_key.replace("registration.json", "model.tar.gz")
             await s3.delete_object(Bucket=settings.s3_bucket, Key=model_key)  # so that it ends FAILED
             listed = [0]
+            release = threading.Event()
 
-            def slow_listing(method: str, target: str) -> object:
+            def held_listing(method: str, target: str) -> object:
                 if method == "GET" and "?uploads" in target and listed[0] == 0:
                     listed[0] += 1
-                    return Stall(5)
+                    return Hold(release)  # until B is done, however long that takes
                 return None
 
-            a_s3.rule = slow_listing
+            a_s3.rule = held_listing
             registry.finish_processing()
             assert (await final_status(registry, first.registration_id)).startswith("FAILED")
             registry.hold_processing()  # B's registration is held
@@ -879,14 +881,17 @@ async def test_a_run_that_saw_its_registration_fail_does_not_remove_a_concurrent
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(a_waits)
-                with anyio.fail_after(20):  # A saw FAILED and is cleaning up (its listing held)
-                    while listed[0] == 0:
-                        await anyio.sleep(0.01)
-                async with Registrar(on(settings, registry)) as b:
-                    b_handle = await b.submit(request)
-                    (second,) = b_handle.accepted
-                    await b_handle.aclose()  # kept: unfinished
-                b_done_before_a_listed = not outcome
+                try:
+                    with anyio.fail_after(20):  # A saw FAILED and is cleaning up (its listing held)
+                        while listed[0] == 0:
+                            await anyio.sleep(0.01)
+                    async with Registrar(on(settings, registry)) as b:
+                        b_handle = await b.submit(request)
+                        (second,) = b_handle.accepted
+                        await b_handle.aclose()  # kept: unfinished
+                    b_done_before_a_listed = not outcome
+                finally:
+                    release.set()  # A's listing goes on (well within its S3 client's 120 s read timeout)
         left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
         registry.finish_processing()
         status = await final_status(registry, second.registration_id)
