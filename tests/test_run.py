@@ -733,10 +733,13 @@ async def test_a_replayed_failed_registration_is_not_a_success(
     """The key of an unanswered POST turns out to hold a registration that ended FAILED: the re-run
     tries a new one (generation 2) and reports its outcome; it never returns the FAILED one."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-replayed")
+    seen = Recorder()
+    # The first POST's answer is late by 5 s (as in the sister tests): the run is cancelled well
+    # before it, however loaded the machine, so the POST stays unanswered.
     with late_registry(
-        stack, stall_submissions=1, stall_seconds=1, processing_delay=0.1, fail_registrations="bad model"
+        stack, stall_submissions=1, stall_seconds=5, processing_delay=0.1, fail_registrations="bad model"
     ) as registry:
-        async with Registrar(on(settings, registry)) as registrar:
+        async with Registrar(on(settings, registry), on_progress=seen) as registrar:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(registrar.register, request)
@@ -744,6 +747,8 @@ async def test_a_replayed_failed_registration_is_not_a_success(
                         while registry.registration_count == 0:
                             await anyio.sleep(0.02)
                     scope.cancel()
+        (event,) = seen.of(RegistrationKept)
+        assert event.registrations == ()  # the POST went unanswered: no registration id known
         (first,) = registry.app.state.registry.records  # type: ignore[union-attr]
         assert (await final_status(registry, first)).startswith("FAILED")
         async with Registrar(on(settings, registry)) as registrar:
