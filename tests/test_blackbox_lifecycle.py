@@ -94,6 +94,10 @@ def cli_environment(stack: LocalStack, settings: Settings, job: dict[str, Path],
     return environment(stack, settings, job, **extra)
 
 
+#: The time a log line starts with (HH:MM:SS).
+STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d) ", re.MULTILINE)
+
+
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return run(env, "register", *args, timeout=timeout)
 
@@ -553,11 +557,23 @@ async def test_cli_a_rerun_while_the_registry_is_unreachable_exits_6_at_its_wait
             registration_id = await named_as_kept(first.stderr, registry, "bb-cli-away", s3, settings)
             with FaultProxy(registry.endpoint, lambda method, target: RESET) as away:
                 env["REGISTRAR_MIMS_ENDPOINT"] = away.endpoint
+                # A hang guard, not the measure: the whole subprocess (interpreter start-up, S3
+                # look-ups, then the 1 s wait) on a loaded machine. That it stopped at the wait's
+                # deadline is what its stderr says; a re-run retrying an unreachable registry
+                # without a deadline never ends, and hits this.
                 try:
-                    again = cli(env, "--wait-timeout", "1", timeout=8)
+                    again = cli(env, "--wait-timeout", "1", timeout=60)
                 except subprocess.TimeoutExpired:
-                    pytest.fail("the re-run was still retrying the registry 8 s in, with --wait-timeout 1")
+                    pytest.fail("the re-run was still retrying the registry 60 s in, with --wait-timeout 1")
             assert again.returncode == 6, again.stderr
+            said = f"error: registration {registration_id} did not finish within 1 s (last status: PENDING); "
+            assert said + "the registry stayed unreachable until then" in again.stderr, again.stderr
+            # From its first log line to its last, on its own clock (to the second; start-up not
+            # counted): the look-up and the wait, each bounded by --wait-timeout 1, take ~2 s. 15 s
+            # is slack for a loaded machine, still below any other deadline a regression would
+            # apply (the 30 s preflight and request timeouts, the 300 s submit timeout).
+            stamps = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in STAMP.findall(again.stderr)]
+            assert (stamps[-1] - stamps[0]) % 86400 <= 15, again.stderr
             assert registration_id == await named_as_kept(again.stderr, registry, "bb-cli-away", s3, settings)
             registry.finish_processing()
             assert await final_status(registry, registration_id) == "SUCCEEDED"
