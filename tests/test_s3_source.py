@@ -29,7 +29,7 @@ from async_registrar._threads import Workers
 from async_registrar._upload import DigestSink
 
 from .conftest import MiB, leftovers, make_job
-from .fault_proxy import Cut, FaultProxy, Reply, Stall, s3_error
+from .fault_proxy import Cut, FaultProxy, HoldingProxy, Reply, Stall, s3_error
 from .test_cli import environment, run
 
 TRAINING = "training-output"
@@ -207,20 +207,22 @@ async def test_a_copy_cancelled_while_a_part_is_copied_leaves_nothing(
     nothing stays at the target (the part that lands later lands in no upload)."""
     uri = await put_training_output(s3, f"{tmp_path.name}/m.tar.gz", model_archive(1 * MiB))
 
-    def stall(method: str, target: str) -> Any:
-        return Stall(2.0) if method == "PUT" and "partNumber=" in target else None
+    def part_copies(method: str, target: str, headers: dict[str, str]) -> bool:
+        return method == "PUT" and "partNumber=" in target
 
-    with FaultProxy(stack.s3_endpoint, stall) as proxy:
+    with HoldingProxy(stack.s3_endpoint, part_copies) as proxy:
         session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
         async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as proxied:
             source = await inspect_s3_archive(proxied, uri, role="model")
             target = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
-            with anyio.move_on_after(0.5) as scope:
-                await copy_model(proxied, source, target, settings)
-        assert scope.cancelled_caught
+            # Cancelled once the part copy is held on its way (not after a time it may not reach).
+            await cancelled_once(proxy.arrived.is_set, copy_model(proxied, source, target, settings))
         assert proxy.count("PUT", "partNumber=1") == 1  # the part copy was on its way
         assert proxy.count("DELETE", "uploadId=") == 1  # the abort
-    await anyio.sleep(2.5)  # the held-back part copy reaches the server after the abort
+        proxy.release()  # the held-back part copy reaches the server after the abort
+        with anyio.fail_after(30):
+            await proxy.answered.wait()
+    assert len(proxy.answers) == 1  # the late part copy did reach S3 before the check below
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
