@@ -172,7 +172,7 @@ _GEOGRAPHIES = ["us", "eu", "ap", "cn", "il", "mx", "xx", "eusc", "u"]
 _NAME_WORDS = [*sorted(_WORDS), "wst", "middle", "isoc", "de2"]
 
 
-@settings(max_examples=2000)
+@settings(max_examples=2000, deadline=None)
 @given(
     geography=st.sampled_from(_GEOGRAPHIES) | st.from_regex(r"[a-z]{1,3}", fullmatch=True),
     words=st.lists(st.sampled_from(_NAME_WORDS) | st.from_regex(r"[a-z]{1,4}", fullmatch=True), max_size=3),

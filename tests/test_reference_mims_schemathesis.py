@@ -234,7 +234,7 @@ KEYS = itertools.count()
 READ_BACK: Counter[str] = Counter()
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(st.sampled_from(["a", ".", "..", "", "...", ".a", "a.", "ab", "/", "\x01"]), min_size=1, max_size=5))
 def test_the_documented_uri_pattern_is_what_the_service_takes(parts: list[str]) -> None:
     """The document's s3_uri pattern: the contract's form with a plain key, no more, no less."""
@@ -246,7 +246,7 @@ def test_the_documented_uri_pattern_is_what_the_service_takes(parts: list[str]) 
 _TEXT_CHARS = st.sampled_from(["a", " ", "\t", "\x1c", "\x85", "\u3000", "\ufeff", "\x7f", "\u200b"])
 
 
-@settings(max_examples=1500)
+@settings(max_examples=1500, deadline=None)
 @given(st.lists(_TEXT_CHARS, max_size=6).map("".join))
 def test_the_documented_text_pattern_is_what_the_service_takes(text: str) -> None:
     """The document's pattern for text fields (with their length bounds) against a submission."""
