@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         RegistrationKept,
         RegistrationStatusChanged,
         RegistrationSubmitted,
+        RegistrationSucceeded,
         UploadProgress,
     )
     from ._registrar import Registrar, RegistrationHandle
@@ -80,6 +81,7 @@ _MODULES = {
     "RegistrationResult": "._results",
     "RegistrationStatusChanged": "._progress",
     "RegistrationSubmitted": "._progress",
+    "RegistrationSucceeded": "._progress",
     "RegistrationTimeout": "._errors",
     "RegistryError": "._errors",
     "RegistryUnavailable": "._errors",
@@ -136,6 +138,7 @@ __all__ = [
     "RegistrationResult",
     "RegistrationStatusChanged",
     "RegistrationSubmitted",
+    "RegistrationSucceeded",
     "RegistrationTimeout",
     "RegistryError",
     "RegistryUnavailable",

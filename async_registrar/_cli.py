@@ -49,8 +49,10 @@ from ._settings import OPTIONS, JobInputs, Settings, describe_source, environmen
 from ._version import __version__
 
 if TYPE_CHECKING:  # the registrar (HTTP client, retries) is imported by the commands that use it
+    from ._progress import ProgressEvent
     from ._registrar import RegistrationResult
     from ._request import RegistrationRequest
+    from ._results import RegionRegistration
 
 __all__ = ["main"]
 
@@ -278,13 +280,30 @@ def _needs_extra(extra: str, what: str) -> Iterator[None]:
 
 
 async def _registration(settings: Settings, request: RegistrationRequest, progress: ProgressDisplay) -> int:
+    from ._progress import RegistrationSucceeded
     from ._registrar import Registrar
 
+    # The two lines go out as soon as the registration is SUCCEEDED, before the cleanup: a
+    # process killed while it removes the temporary objects has printed its result.
+    printed: list[_ResultUnwritten | None] = []
+
+    def print_when_succeeded(event: ProgressEvent) -> None:
+        if isinstance(event, RegistrationSucceeded) and not printed:
+            try:
+                _write_registrations(event.registrations)
+                printed.append(None)
+            except _ResultUnwritten as exc:
+                printed.append(exc)
+
     async with Registrar(settings, on_progress=progress) as registrar:
-        result = await registrar.register(request)
+        result = await registrar.register(request, on_progress=print_when_succeeded)
     # Registered: that stands even if some temporary objects could not be removed (the run
     # logged each one as a warning).
-    _print_result(result)
+    _log_result(result)
+    if not printed:
+        _write_registrations(result.registrations)
+    elif printed[0] is not None:
+        raise printed[0]
     return EXIT_OK
 
 
@@ -301,8 +320,8 @@ def _write_result(*lines: str) -> None:
         raise _ResultUnwritten(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _print_result(result: RegistrationResult) -> None:
-    """The original's two lines; with several regions, the two lines once per region, in order."""
+def _log_result(result: RegistrationResult) -> None:
+    """One log line for a registration done: what, and how long each phase took."""
     log.info(
         "registered %s in %.1f s (upload %.1f s, registry %.1f s)",
         ", ".join(f"{r.model_id} ({r.region})" for r in result.registrations),
@@ -310,10 +329,14 @@ def _print_result(result: RegistrationResult) -> None:
         result.timings.get("upload", 0.0),
         result.timings.get("register", 0.0),
     )
+
+
+def _write_registrations(registrations: Sequence[RegionRegistration]) -> None:
+    """The original's two lines; with several regions, the two lines once per region, in order."""
     _write_result(
         *(
             line
-            for registration in result.registrations
+            for registration in registrations
             for line in (ARN_LINE.format(registration.workflow_execution_arn), MODEL_LINE.format(registration.model_id))
         )
     )

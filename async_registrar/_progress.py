@@ -12,8 +12,12 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._errors import AcceptedRegistration
+
+if TYPE_CHECKING:
+    from ._results import RegionRegistration
 
 __all__ = [
     "CleanupFinished",
@@ -22,6 +26,7 @@ __all__ = [
     "RegistrationKept",
     "RegistrationStatusChanged",
     "RegistrationSubmitted",
+    "RegistrationSucceeded",
     "UploadProgress",
     "check_callback",
     "notify_all",
@@ -92,6 +97,15 @@ class RegistrationStatusChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistrationSucceeded:
+    """Every region's registration is SUCCEEDED.  Sent before the temporary objects are removed,
+    so that the result can be reported even if the cleanup is cut short (the process killed
+    during it); the registration then returns it once the cleanup is over."""
+
+    registrations: tuple[RegionRegistration, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CleanupFinished:
     """The temporary objects were removed (or could not all be: `leftovers` names them)."""
 
@@ -116,7 +130,14 @@ class RegistrationKept:
     resume_hint: str
 
 
-ProgressEvent = UploadProgress | RegistrationSubmitted | RegistrationStatusChanged | CleanupFinished | RegistrationKept
+ProgressEvent = (
+    UploadProgress
+    | RegistrationSubmitted
+    | RegistrationStatusChanged
+    | RegistrationSucceeded
+    | CleanupFinished
+    | RegistrationKept
+)
 ProgressCallback = Callable[[ProgressEvent], None]
 
 

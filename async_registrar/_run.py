@@ -74,7 +74,13 @@ from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, Regist
 from ._multipart import OpenUploads
 from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
 from ._preflight import CredentialsCheck, PreflightTarget, check_registries, check_storage
-from ._progress import ProgressCallback, RegistrationKept, RegistrationStatusChanged, RegistrationSubmitted
+from ._progress import (
+    ProgressCallback,
+    RegistrationKept,
+    RegistrationStatusChanged,
+    RegistrationSubmitted,
+    RegistrationSucceeded,
+)
 from ._ranged_read import read_bound
 from ._request import RegistrationRequest, RunIdentity, new_run_id, run_identity
 from ._results import RegionRegistration, RegistrationResult
@@ -275,6 +281,8 @@ class Run:
             errors = await self._wait()
             if errors:
                 raise self._chosen(errors)
+            # Before the cleanup, which may be cut short: the result is known.
+            self._emit(RegistrationSucceeded(self._result(()).registrations))
         except BaseException as exc:
             await self._finalize(exc)
             raise

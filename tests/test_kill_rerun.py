@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 
 from async_registrar import Settings
 from async_registrar._local import LocalStack
@@ -415,19 +414,13 @@ async def test_killed_during_the_cleanup_after_success_then_rerun(
         assert "uploading model" not in result[2], result[2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="README 'What a run does' orders it 'print; delete the temporary objects', but the two lines "
-    "come only after the cleanup: a run killed while its cleanup stalls (up to REGISTRAR_CLEANUP_TIMEOUT, "
-    "25 s) after SUCCEEDED has printed nothing on stdout (observed with PYTHONUNBUFFERED=1 too); "
-    "a re-run recovers them",
-)
 async def test_the_two_lines_are_out_before_the_cleanup(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
     """README, What a run does: "wait with backoff until SUCCEEDED ...; print; delete the temporary
-    objects".  So once the cleanup has started (its deletes held), the registration's two lines are on stdout already,
-    so a kill during a slow cleanup does not take the job's result with it."""
+    objects".  So once the cleanup has started (its deletes held), the registration's two lines are
+    on stdout already, and a kill during a slow cleanup does not take the job's result with it.
+    (They came only after the cleanup: a run killed in a stalled cleanup had printed nothing.)"""
     deletes = DeletesHeld()
     with late_registry(stack) as registry, FaultProxy(stack.s3_endpoint, deletes) as proxy:
         job = a_job(tmp_path, stack, settings, registry, "printed", AWS_ENDPOINT_URL_S3=proxy.endpoint)

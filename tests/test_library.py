@@ -10,12 +10,14 @@ import anyio
 import pytest
 
 from async_registrar import (
+    CleanupFinished,
     ConfigurationError,
     ProgressEvent,
     Registrar,
     RegistrationFailed,
     RegistrationRequest,
     RegistrationResult,
+    RegistrationSucceeded,
     Settings,
     UploadProgress,
 )
@@ -41,6 +43,19 @@ async def test_submit_returns_a_handle_to_wait_on(tmp_path: Path, settings: Sett
         with pytest.raises(RuntimeError, match="already waited"):
             await handle.wait()
     assert result.registration_id == accepted.registration_id
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_the_result_is_sent_before_the_cleanup(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """`RegistrationSucceeded` carries the result's registrations before the temporary objects are
+    removed (a process killed during a slow cleanup has its result), then `CleanupFinished`."""
+    events: list[ProgressEvent] = []
+    async with Registrar(settings) as registrar:
+        result = await registrar.register(await request_for(make_job(tmp_path)), on_progress=events.append)
+    kinds = [type(e) for e in events if isinstance(e, RegistrationSucceeded | CleanupFinished)]
+    assert kinds == [RegistrationSucceeded, CleanupFinished]
+    (succeeded,) = [e for e in events if isinstance(e, RegistrationSucceeded)]
+    assert succeeded.registrations == result.registrations
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
