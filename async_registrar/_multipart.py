@@ -172,6 +172,7 @@ class MultipartUpload:
         self._answer: anyio.Event | None = None  # set as a part answers, for `_explain_dropped`
         self._whole: str | None = None
         self._completed = False
+        self._completion_sent = False
         self._aborted = False
         self._abort_failed = False
         self._entered = False
@@ -371,6 +372,7 @@ class MultipartUpload:
                 self._sending.discard(number)
                 if self._answer is not None:
                     self._answer.set()
+        self._damaged.discard(number)  # sent again whole: no longer a reason for a NoSuchUpload
         part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         if self._checksum == "MD5" and checksum:
             self._md5s[number] = checksum
@@ -389,7 +391,8 @@ class MultipartUpload:
         up to `DAMAGE_SETTLE` to answer (they do at once, the upload being gone)."""
         with anyio.move_on_after(DAMAGE_SETTLE):
             while not self._damaged and self._sending:
-                self._answer = anyio.Event()
+                if self._answer is None or self._answer.is_set():  # one event for every part waiting
+                    self._answer = anyio.Event()
                 await self._answer.wait()
         if self._damaged:
             damaged = min(self._damaged)
@@ -467,6 +470,7 @@ class MultipartUpload:
         if self._full_object and whole:
             self._whole = whole
             extra = {f"Checksum{self._checksum}": whole, "ChecksumType": "FULL_OBJECT", "MpuObjectSize": self.size}
+        self._completion_sent = True
         try:
             await self._complete(parts, extra)
         except StorageError as error:
@@ -566,12 +570,19 @@ class MultipartUpload:
                 if isinstance(abort_error, ClientError) and error_code(abort_error) == "NoSuchUpload":
                     # No longer open, nothing left to abort: the server dropped it (`rclone
                     # serve s3` does with a damaged part), or a completion went through.
-                    log.info(
-                        "the multipart upload to %s (upload id %s) was no longer open: the server dropped it, "
-                        "or it completed and the object is there",
-                        self.location,
-                        self.upload_id,
-                    )
+                    if self._completion_sent:  # unanswered: the object may have landed
+                        log.warning(
+                            "the multipart upload to %s (upload id %s) was no longer open: its completion, sent "
+                            "as it stopped, may have gone through, and the object may be there",
+                            self.location,
+                            self.upload_id,
+                        )
+                    else:
+                        log.info(
+                            "the multipart upload to %s (upload id %s) was no longer open: the server dropped it",
+                            self.location,
+                            self.upload_id,
+                        )
                     self._closed()
                     return
                 log.warning(
