@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -292,6 +293,7 @@ async def _registration(settings: Settings, request: RegistrationRequest, progre
             try:
                 _write_registrations(event.registrations)
                 printed.append(None)
+                progress.registered = True
             except _ResultUnwritten as exc:
                 printed.append(exc)
 
@@ -399,6 +401,8 @@ def _run(
             code = anyio.run(guarded)
         finally:
             progress.close()  # a failed or interrupted upload leaves no progress line behind
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is over: what is left is to report it
     except _ResultUnwritten as exc:
         code = EXIT_RESULT_UNWRITTEN
         _report(
@@ -408,6 +412,9 @@ def _run(
             json_lines,
         )
     except RegistrarError as exc:
+        if progress.registered:  # registered stands: what went wrong after is a warning
+            log.warning("registered (its lines are on stdout), but then: %s", exc.message)
+            return EXIT_OK
         code = exit_code(exc)
         _report(exc.message, exc, code, json_lines, kept=_kept_summary(exc.kept, exc.resume_hint))
     except Exception as exc:
@@ -416,8 +423,17 @@ def _run(
         _report(f"unexpected error: {type(exc).__name__}: {exc}", exc, code, json_lines)
     if received:
         signum = received[0]
-        code = 128 + signum
         name = signal.Signals(signum).name
+        if progress.registered:  # the signal came during the cleanup, which ran to its end (shielded)
+            left = f"; could not remove everything, {REMOVE_BY_HAND} {', '.join(progress.leftovers)}"
+            log.warning(
+                "%s received once the registration had succeeded (its lines are on stdout): the cleanup ran to "
+                "its end%s",
+                name,
+                left if progress.leftovers else "",
+            )
+            return EXIT_OK
+        code = 128 + signum
         stopped = f"{'interrupted' if signum == signal.SIGINT else 'terminated'} by {name}"
         if progress.kept:
             kept = progress.kept[-1]

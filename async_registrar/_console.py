@@ -110,6 +110,9 @@ class ProgressDisplay:
         self.leftovers: tuple[str, ...] = ()
         #: What was kept for a registration the registry had accepted, for the exit message.
         self.kept: list[RegistrationKept] = []
+        #: The registration succeeded and its result lines are out: a signal after that
+        #: (during the cleanup) stops nothing the command reports.
+        self.registered = False
 
     def __call__(self, event: ProgressEvent) -> None:
         if isinstance(event, UploadProgress):

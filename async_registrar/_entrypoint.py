@@ -39,6 +39,7 @@ import gc
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 from typing import NoReturn
 
@@ -54,7 +55,10 @@ def _interrupted_while_loading(signum: int, frame: FrameType | None) -> None:
 
 #: Python's own SIGINT handling, unless the process was started with SIGINT ignored (a
 #: background job of a script, `nohup`): then it stays ignored while the command loads.
-_PYTHONS_HANDLER = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+_PYTHONS_HANDLER = (
+    threading.current_thread() is threading.main_thread()  # where handlers can be set at all
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
 if _PYTHONS_HANDLER:
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
@@ -78,8 +82,8 @@ def main() -> NoReturn:
         if _PYTHONS_HANDLER:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's cleanup needs the exception
         code = run()
-    except KeyboardInterrupt:  # SIGINT before the command handles signals itself
-        print(INTERRUPTED_LOADING, file=sys.stderr)
+    except KeyboardInterrupt:  # SIGINT before the command handles signals itself (or as it hands them back)
+        print("error: interrupted by SIGINT", file=sys.stderr)
         code = 130
     _end(code)
 

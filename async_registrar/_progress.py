@@ -100,7 +100,8 @@ class RegistrationStatusChanged:
 class RegistrationSucceeded:
     """Every region's registration is SUCCEEDED.  Sent before the temporary objects are removed,
     so that the result can be reported even if the cleanup is cut short (the process killed
-    during it); the registration then returns it once the cleanup is over."""
+    during it); the registration then returns it once the cleanup is over, unless the call is
+    cancelled meanwhile (the cleanup still runs to its end, shielded)."""
 
     registrations: tuple[RegionRegistration, ...]
 

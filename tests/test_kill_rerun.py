@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from async_registrar import Settings
 from async_registrar._local import LocalStack
 from async_registrar.reference_mims import ThreadedMimsServer
 
 from .conftest import MiB, environment, final_status, late_registry, leftovers, make_job, remove_all
-from .fault_proxy import FaultProxy, Late, Stall
+from .fault_proxy import FaultProxy, Hold, Late, Stall
 from .test_cli import expected_archive, run
 
 #: Long enough to outlast any test: a held request is never forwarded (the proxy cancels it when it closes).
@@ -432,6 +433,51 @@ async def test_the_two_lines_are_out_before_the_cleanup(
     assert len(lines) == 2, stdout
     assert lines[0].startswith(ARN_LINE)
     assert lines[0].endswith(registration_id)
+
+
+class DeletesHeldUntil(DeletesHeld):
+    """`DeletesHeld`, the deletes held until the test sets `release` (then forwarded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def __call__(self, method: str, target: str) -> object:
+        if super().__call__(method, target) is None:
+            return None
+        return Hold(self.release)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_during_the_cleanup_after_success_is_a_success(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, signum: int
+) -> None:
+    """SUCCEEDED, the two lines out, then SIGTERM (a SageMaker stop) or SIGINT while the cleanup's
+    deletes are slow: the cleanup runs to its end, shielded.  The run exited 143 and said "no
+    temporary object was left behind, run again to register" beside the lines saying it had
+    registered; registered stands (as after a cleanup that cannot delete): exit 0, a warning."""
+    deletes = DeletesHeldUntil()
+    name = signal.Signals(signum).name
+    with late_registry(stack) as registry, FaultProxy(stack.s3_endpoint, deletes) as proxy:
+        job = a_job(tmp_path, stack, settings, registry, f"signal-{name}", AWS_ENDPOINT_URL_S3=proxy.endpoint)
+        try:
+            cli = Cli(job.env)
+            cli.expect("submitted: registration")
+            deletes.holding = True
+            job.registry.finish_processing()
+            cli.expect("cleaning up the temporary objects")
+            await until(lambda: deletes.held >= 1, "a delete of the cleanup held")
+            cli.process.send_signal(signum)
+            cli.expect(f"{name} received")
+            deletes.release.set()
+            code, stdout, stderr = cli.finish()
+        finally:
+            deletes.release.set()
+        assert code == 0, stderr
+        assert len(stdout.splitlines()) == 2, stdout
+        assert "run again to register" not in stderr
+        assert "received once the registration had succeeded" in stderr
+        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
 # --- no re-run: sweep ---------------------------------------------------------------------------
