@@ -706,8 +706,9 @@ async def test_a_rejected_resubmission_keeps_what_an_unanswered_post_may_use(
     right secret resumes it."""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-403")
     # Held (late_registry) until the last re-run has submitted it again: it reads the artifacts only
-    # after the refused re-run.
-    with late_registry(stack, stall_submissions=1, stall_seconds=1) as registry:
+    # after the refused re-run.  The first POST's answer is late by 5 s (as in the sister tests):
+    # the run is cancelled well before it, however loaded the machine, so the POST stays unanswered.
+    with late_registry(stack, stall_submissions=1, stall_seconds=5) as registry:
         async with Registrar(on(settings, registry)) as registrar:
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
