@@ -453,12 +453,15 @@ async def test_a_stream_from_another_region_cancelled_mid_part_leaves_nothing(
         regional_s3["eu-west-1"], "eu-west-1", f"{tmp_path.name}/m.tar.gz", model_archive(40 * MiB)
     )
 
-    def stall(method: str, target: str) -> Any:
-        return Stall(2.0) if method == "PUT" and "partNumber=" in target else None
+    def parts(method: str, target: str, headers: dict[str, str]) -> bool:
+        return method == "PUT" and "partNumber=" in target
 
-    with FaultProxy(stack.s3_endpoint, stall) as proxy:
-        await cancelled_once(lambda: proxy.count("PUT", "partNumber=") >= 1, copy_through(proxy, uri, settings))
-    await anyio.sleep(2.5)  # held-back parts reach the server after the abort
+    with HoldingProxy(stack.s3_endpoint, parts) as proxy:
+        await cancelled_once(proxy.arrived.is_set, copy_through(proxy, uri, settings))
+        assert proxy.count("DELETE", "uploadId=") >= 1  # the abort, while the parts are held
+        proxy.release()  # the held-back parts reach the server after the abort
+        with anyio.fail_after(30):
+            await proxy.answered.wait()
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
     uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=settings.s3_prefix)
     assert uploads.get("Uploads", []) == []
