@@ -100,8 +100,10 @@ class RegistrationStatusChanged:
 class RegistrationSucceeded:
     """Every region's registration is SUCCEEDED.  Sent before the temporary objects are removed,
     so that the result can be reported even if the cleanup is cut short (the process killed
-    during it); the registration then returns it once the cleanup is over, unless the call is
-    cancelled meanwhile (the cleanup still runs to its end, shielded)."""
+    during it); the registration then returns it once the cleanup is over.  The cleanup is
+    shielded: a cancellation that comes during it lets it run to its end, and the call then
+    either raises the cancellation or returns the result (the cancellation then lands at the
+    caller's next checkpoint)."""
 
     registrations: tuple[RegionRegistration, ...]
 
