@@ -286,26 +286,26 @@ async def _registration(settings: Settings, request: RegistrationRequest, progre
 
     # The two lines go out as soon as the registration is SUCCEEDED, before the cleanup: a
     # process killed while it removes the temporary objects has printed its result.
-    printed: list[_ResultUnwritten | None] = []
+    unwritten: list[_ResultUnwritten] = []  # stdout refused them: exit 120 once the run is over
 
     def print_when_succeeded(event: ProgressEvent) -> None:
-        if isinstance(event, RegistrationSucceeded) and not printed:
+        if isinstance(event, RegistrationSucceeded) and not (progress.registered or unwritten):
             try:
                 _write_registrations(event.registrations)
-                printed.append(None)
-                progress.registered = True
             except _ResultUnwritten as exc:
-                printed.append(exc)
+                unwritten.append(exc)
+            else:
+                progress.registered = True
 
     async with Registrar(settings, on_progress=progress) as registrar:
         result = await registrar.register(request, on_progress=print_when_succeeded)
     # Registered: that stands even if some temporary objects could not be removed (the run
     # logged each one as a warning).
     _log_result(result)
-    if not printed:
+    if unwritten:
+        raise unwritten[0]
+    if not progress.registered:  # should the event not have come, the result still says it
         _write_registrations(result.registrations)
-    elif printed[0] is not None:
-        raise printed[0]
     return EXIT_OK
 
 

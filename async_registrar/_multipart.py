@@ -345,7 +345,7 @@ class MultipartUpload:
                     )
                 break
             except StorageError as exc:
-                self._sending.discard(number)
+                self._sending.discard(number)  # answered: `_explain_dropped` waits on the others only
                 if exc.code in DAMAGED_PART_CODES:
                     self._damaged.add(number)
                 elif exc.code == "NoSuchUpload" and attempt == 1:

@@ -99,8 +99,13 @@ def _header_value(value: str) -> str:
     return value
 
 
+#: An `s3://bucket/key` URI of an object, as the settings take it (the bucket's name is checked
+#: where it is used).
+_S3_OBJECT_URI = re.compile(r"s3://[^/\s]+/\S.*")
+
+
 def _s3_object_uri(value: str) -> str:
-    if not re.fullmatch(r"s3://[^/\s]+/\S.*", value):
+    if not _S3_OBJECT_URI.fullmatch(value):
         raise ValueError(
             "must be the s3:// URI of a JSON object (s3://bucket/key); a local file goes in "
             "--metadata / REGISTRAR_METADATA_PATH"
@@ -115,7 +120,7 @@ def _input_path(value: object) -> object:
         return value
     if not value.startswith("s3:/"):
         return Path(value)
-    if not re.fullmatch(r"s3://[^/\s]+/\S.*", value):
+    if not _S3_OBJECT_URI.fullmatch(value):
         raise ValueError("must be s3://bucket/key of a prebuilt .tar.gz, or a local path")
     return value
 
