@@ -208,19 +208,25 @@ runpy.run_module("async_registrar", run_name="__main__", alter_sys=True)
 """
 
 
+def upload_interrupted(script: str, tmp_path: Path, **options: Any) -> subprocess.CompletedProcess[str]:
+    """`upload` of `tmp_path` run by `script` (which sends the process SIGINT at some point of its
+    start), with nothing but PATH and HOME in its environment."""
+    return subprocess.run(
+        [sys.executable, "-c", script, "upload", str(tmp_path), "s3://bucket/key"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **options,
+    )
+
+
 def test_sigint_while_the_command_loads_is_130_without_a_traceback(tmp_path: Path) -> None:
     """SIGINT in the first few hundred milliseconds (the command still importing, before it handles
     signals itself) printed Python's KeyboardInterrupt traceback; it is one `error:` line, 130.
     The signal is sent from inside the process as botocore starts to load: a signal sent from
     here, on seeing some import, could land anywhere on a loaded machine."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", SIGINT_WHILE_LOADING, "upload", str(tmp_path), "s3://bucket/key"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = upload_interrupted(SIGINT_WHILE_LOADING, tmp_path)
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr
     assert "interrupted by SIGINT" in done.stderr
@@ -230,13 +236,9 @@ def test_a_command_started_with_sigint_ignored_still_ignores_it_while_it_loads(t
     """A background job of a script (or `nohup`) starts with SIGINT ignored, so that the
     terminal's Ctrl-C is not for it: the handler for SIGINT while loading must not take that
     over.  The command goes on and ends with its own code (here: no credentials, 2)."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", SIGINT_WHILE_LOADING, "upload", str(tmp_path), "s3://bucket/key"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = upload_interrupted(
+        SIGINT_WHILE_LOADING,
+        tmp_path,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # before exec only
     )
     assert "interrupted by SIGINT" not in done.stderr
@@ -261,14 +263,7 @@ def test_sigint_as_the_entry_point_is_entered_is_130_without_a_traceback(tmp_pat
     """A SIGINT landing as `main` is entered, after its module was imported and before its
     `try`, ended the process with Python's KeyboardInterrupt traceback (-2; CI met it once
     in the test above); it is the same one line and 130 as a SIGINT during the imports."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", SIGINT_ENTERING_MAIN, "upload", str(tmp_path), "s3://bucket/key"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = upload_interrupted(SIGINT_ENTERING_MAIN, tmp_path)
     assert done.returncode == 130, done.stderr
     assert "Traceback" not in done.stderr
     assert "interrupted by SIGINT before anything started" in done.stderr
@@ -482,6 +477,29 @@ async def test_wait_timeout_exits_6_keeps_and_a_rerun_resumes(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+def register_signalled_once_submitted(
+    env: dict[str, str], signum: int, **options: Any
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """`register` in a subprocess, sent `signum` once it says the registry accepted (its
+    "submitted:" line); the process, and the stderr lines read so far."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "async_registrar", "register"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **options,
+    )
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "submitted:" in line:
+            process.send_signal(signum)
+            break
+    return process, seen
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, signum: int, code: int
@@ -494,20 +512,7 @@ async def test_a_signal_during_the_wait_keeps_and_a_rerun_resumes(
         env = environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-cli"
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "async_registrar", "register"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stderr is not None
-        seen = []
-        for line in process.stderr:
-            seen.append(line)
-            if "submitted:" in line:
-                process.send_signal(signum)
-                break
+        process, seen = register_signalled_once_submitted(env, signum)
         stdout, stderr = process.communicate(timeout=30)
         assert process.returncode == code, "".join(seen) + stderr
         assert f"{signal.Signals(signum).name} received: stopping and cleaning up" in stderr
@@ -531,21 +536,11 @@ async def test_a_command_started_with_sigint_ignored_runs_on_through_one(
         env = environment(
             stack, settings, job, REGISTRAR_MIMS_ENDPOINT=late.endpoint, MODS_WORKFLOW_EXECUTION_ID="wf-ignored"
         )
-        process = subprocess.Popen(
-            [sys.executable, "-m", "async_registrar", "register"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        process, seen = register_signalled_once_submitted(
+            env,
+            signal.SIGINT,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # before exec only
         )
-        assert process.stderr is not None
-        seen = []
-        for line in process.stderr:
-            seen.append(line)
-            if "submitted:" in line:
-                process.send_signal(signal.SIGINT)
-                break
         late.finish_processing()
         stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, "".join(seen) + stderr

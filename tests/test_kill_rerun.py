@@ -107,6 +107,12 @@ class Cli:
         assert line is not None, f"{needle!r} never appeared:\n{self.stderr}"
         return line
 
+    def submitted(self) -> str:
+        """Wait until the run says the registry accepted; the registration's id."""
+        line = self.expect("submitted: registration")
+        (registration_id,) = re.findall(r"submitted: registration (reg-\w+)", line)
+        return registration_id
+
     def kill(self) -> str:
         """SIGKILL, as the kernel's OOM killer or a node failure does; what it had printed on stdout."""
         self.process.send_signal(signal.SIGKILL)
@@ -350,9 +356,8 @@ async def test_killed_during_the_wait_then_rerun(
     with late_registry(stack) as registry:
         job = a_job(tmp_path, stack, settings, registry, "wait")
         killed = Cli(job.env)
-        line = killed.expect("submitted: registration")
+        registration_id = killed.submitted()
         killed.kill()
-        (registration_id,) = re.findall(r"submitted: registration (reg-\w+)", line)
         assert await names_left(s3, settings) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
 
         result = rerun(job)
@@ -384,8 +389,7 @@ async def killed_in_the_cleanup(job: Job, deletes: DeletesHeld, s3: Any) -> tupl
     and let the registration finish; SIGKILL once the cleanup's first delete is held.  The
     registration id, and what the run had written on stdout."""
     killed = Cli(job.env)
-    line = killed.expect("submitted: registration")
-    (registration_id,) = re.findall(r"submitted: registration (reg-\w+)", line)
+    registration_id = killed.submitted()
     deletes.holding = True  # from here on, the only deletes are the cleanup's
     job.registry.finish_processing()
     killed.expect("cleaning up the temporary objects")
@@ -492,9 +496,8 @@ async def test_killed_during_the_wait_then_swept_not_rerun(
     with late_registry(stack) as registry:
         job = a_job(tmp_path, stack, settings, registry, "sweep")
         killed = Cli(job.env)
-        line = killed.expect("submitted: registration")
+        registration_id = killed.submitted()
         killed.kill()
-        (registration_id,) = re.findall(r"submitted: registration (reg-\w+)", line)
         kept = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
         assert sorted(k.rsplit("/", 1)[1] for k in kept) == ["model.tar.gz", "payload.tar.gz", "registration.json"]
 

@@ -4,6 +4,7 @@ an abort that fails."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,15 +192,28 @@ async def test_an_upload_stopped_after_it_completed_says_the_object_is_there(
     assert f"before it was read back: {location.uri} is there" in caplog.text
 
 
+async def assert_the_damage_is_reported(
+    tmp_path: Path, s3: Any, settings: Settings, upload_part_hook: Callable[..., Awaitable[None]]
+) -> None:
+    """Upload a 12 MiB model with `upload_part_hook` answering its parts as a server that drops the
+    upload for a damaged part 2 would: the error names the damage, and nothing stays open."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+    with (
+        hooked(s3, ("before-parameter-build.s3.UploadPart", upload_part_hook)),
+        pytest.raises(StorageError) as caught,
+    ):
+        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+    assert await open_uploads(s3, settings) == []
+    assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
+
+
 async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_the_damage(
     tmp_path: Path, s3: Any, settings: Settings
 ) -> None:
     """`rclone serve s3` drops the whole upload when a part arrives damaged: another part still on
     its way then gets NoSuchUpload, and when its answer was read first the run said only "UploadPart
     (part 3) failed: NoSuchUpload" (a compat cell failed on it).  The damage is what is reported."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
-    location = model_location(settings)
-
     sent: list[int] = []
 
     async def rclone_like(params: dict[str, Any], **_: Any) -> None:
@@ -213,13 +227,7 @@ async def test_a_part_that_meets_an_upload_dropped_for_a_damaged_part_reports_th
         if number in (2, 3):
             raise client_error("NoSuchUpload", "UploadPart")
 
-    with (
-        hooked(s3, ("before-parameter-build.s3.UploadPart", rclone_like)),
-        pytest.raises(StorageError) as caught,
-    ):
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    assert await open_uploads(s3, settings) == []
-    assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
+    await assert_the_damage_is_reported(tmp_path, s3, settings, rclone_like)
 
 
 async def test_a_damaged_answer_read_a_second_after_a_siblings_no_such_upload_is_still_reported(
@@ -229,8 +237,6 @@ async def test_a_damaged_answer_read_a_second_after_a_siblings_no_such_upload_is
     NoSuchUpload (a loaded machine, a bigger part still on its way): a fixed 0.2 s wait for it
     was past, and the run said only "UploadPart (part 3) failed: NoSuchUpload".  The parts still
     on their way are waited for."""
-    root = model_dir(tmp_path / "model", 12 * MiB)
-    location = model_location(settings)
 
     async def rclone_like(params: dict[str, Any], **_: Any) -> None:
         number = params.get("PartNumber")
@@ -240,13 +246,7 @@ async def test_a_damaged_answer_read_a_second_after_a_siblings_no_such_upload_is
         if number == 3:
             raise client_error("NoSuchUpload", "UploadPart")
 
-    with (
-        hooked(s3, ("before-parameter-build.s3.UploadPart", rclone_like)),
-        pytest.raises(StorageError) as caught,
-    ):
-        await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
-    assert await open_uploads(s3, settings) == []
-    assert f"part 2 of {location} arrived damaged, and the server dropped" in caught.value.message
+    await assert_the_damage_is_reported(tmp_path, s3, settings, rclone_like)
 
 
 async def test_an_upload_the_server_dropped_is_not_named_as_left_open(
