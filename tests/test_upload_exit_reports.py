@@ -13,6 +13,7 @@ import pytest
 
 from async_registrar import Settings, StorageError
 from async_registrar._artifacts import inspect_artifact
+from async_registrar._multipart import DAMAGE_SETTLE
 from async_registrar._upload import upload_artifact
 
 from .conftest import MiB, hooked, leftovers
@@ -271,3 +272,36 @@ async def test_an_upload_the_server_dropped_is_not_named_as_left_open(
     assert await open_uploads(s3, settings) == []
     told = str(caught.value) + "".join(getattr(caught.value, "__notes__", []))
     assert "could not be aborted" not in told, told
+
+
+async def test_an_upload_cancelled_while_a_part_waits_on_its_siblings_leaves_nothing(
+    tmp_path: Path, s3: Any, settings: Settings
+) -> None:
+    """Part 3 got NoSuchUpload and waits for part 2, still on its way, to say whether it arrived
+    damaged (up to DAMAGE_SETTLE): cancelled there, the upload is aborted at once and nothing
+    stays open; the cancellation is not held up by that wait."""
+    root = model_dir(tmp_path / "model", 12 * MiB)
+    location = model_location(settings)
+    waiting = anyio.Event()
+
+    async def rclone_like(params: dict[str, Any], **_: Any) -> None:
+        number = params.get("PartNumber")
+        if number == 2:
+            await anyio.sleep(60)  # on its way, not answered
+        if number == 3:
+            waiting.set()
+            raise client_error("NoSuchUpload", "UploadPart")
+
+    with hooked(s3, ("before-parameter-build.s3.UploadPart", rclone_like)), anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+
+            async def upload() -> None:
+                await upload_artifact(s3, inspect_artifact(root, role="model"), location, settings)
+
+            tg.start_soon(upload)
+            await waiting.wait()
+            await anyio.sleep(0.1)  # part 3 is in its wait by now (it has nothing else to await)
+            cancelled_at = anyio.current_time()
+            tg.cancel_scope.cancel()
+    assert anyio.current_time() - cancelled_at < DAMAGE_SETTLE  # the wait gave way (part 2 holds 60 s)
+    assert await open_uploads(s3, settings) == []
