@@ -31,6 +31,7 @@ import functools
 import hashlib
 import logging
 import secrets
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -301,7 +302,10 @@ async def _remove(s3: S3Client, bucket: str, keys: list[str]) -> None:
 
 
 def _matches(url: str, keys: set[str]) -> bool:
-    path = url.split("?", 1)[0]
+    """Whether `url` is a request to one of `keys`.  botocore has percent-encoded the key in
+    it (`=`, `;`, spaces, non-ASCII letters): compared encoded, a key with one never matched,
+    so the probe's damage was never made and every server seemed to check nothing."""
+    path = urllib.parse.unquote(url.split("?", 1)[0])
     return any(path.endswith("/" + key) for key in keys)
 
 

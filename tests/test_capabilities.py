@@ -263,3 +263,28 @@ async def test_a_probe_that_gets_no_answer_is_not_cached_and_the_settings_level_
             assert found.integrity == "crc32"
             assert _capabilities.known_capabilities(client, settings) is None
     assert "did not answer the capability probe within 1 s" in caplog.text
+
+
+#: Keys with characters botocore percent-encodes in the request's URL (Hive-style partitions,
+#: a semicolon, a space, a plus, a non-ASCII letter).
+ENCODED_PREFIXES = ["models/date=2026-11-30/", "runs/a;b/", "my models/v1+2/", "modèles/"]
+
+
+@pytest.mark.parametrize("where", ENCODED_PREFIXES)
+@pytest.mark.parametrize(("checks", "integrity"), [(frozenset({"md5", "sha256"}), "sigv4-payload"), *LADDER[:1]])
+async def test_the_probe_finds_what_the_server_checks_whatever_the_key_is_made_of(
+    stack: LocalStack, s3: Any, settings: Settings, where: str, checks: frozenset[str], integrity: str
+) -> None:
+    """The probe's damaged requests are picked out by their key in the request's URL, where
+    botocore has percent-encoded it: a key with `=` or `;` found a server that checks signed
+    payloads to check nothing (and the uploads went out unchecked, `size-only`)."""
+    async with emulated(stack, S3Server(checks)) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as client:
+            found = await probe_capabilities(
+                client, settings.s3_bucket, settings.s3_prefix + where, checksums="when_supported", algorithm="CRC32"
+            )
+            assert await leftovers(client, settings.s3_bucket, settings.s3_prefix) == []
+    assert found.integrity == integrity
+    assert found.verifies_payload_hash is ("sha256" in checks)
+    assert found.verifies_md5 is ("md5" in checks)
