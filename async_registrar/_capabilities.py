@@ -66,6 +66,8 @@ _BODY = b"async-registrar capability probe\n"
 _DAMAGE_CODES = frozenset(
     {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch", "InvalidRequest"}
 )
+#: 4xx answers that judge nothing of the request (botocore retries them as throttling).
+_UNJUDGED = frozenset({"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling", "RequestLimitExceeded"})
 #: How long the probe may take in all (each request is small).
 PROBE_TIMEOUT = 30.0
 #: How long the listing of multipart uploads may take (it is only reported).
@@ -162,8 +164,13 @@ async def probe_capabilities(
     `bucket` (removed again, within `removal_timeout`; `covered`: a cleanup removes what is
     left under `prefix` anyway), once per endpoint and process; logged at INFO the first time.
 
-    A probe that fails for another reason than the damage (a denied permission, a server
-    error) counts as "not checked": the upload then fails or warns on its own terms."""
+    A damaged request refused for another reason than the damage (a denied permission)
+    counts as "not checked": the upload then fails or warns on its own terms.  One that gets
+    no answer at all, or a server error once botocore's retries are spent, says nothing of
+    what the server checks: the probe is then inconclusive, like one that times out (the
+    settings' level, unverified, a warning; not cached, so the next upload asks again).
+    Taken as "not checked", a server unwell for a minute weakened, for the life of the
+    process, the check of every upload a service made after it."""
     endpoint = str(s3.meta.endpoint_url)
     cache_key = _cache_key(s3, checksums, algorithm)
     if (found := _FOUND.get(cache_key)) is not None:
@@ -171,6 +178,8 @@ async def probe_capabilities(
     base = f"{prefix}.capabilities-{secrets.token_hex(6)}"
     keys = {name: f"{base}-{name}" for name in ("crc", "crc-damaged", "md5-damaged", "sha256-damaged")}
     results: dict[str, bool | None] = {}
+    #: The probe's requests that got no answer to judge by (a server error, no connection).
+    failed: list[str] = []
     with anyio.move_on_after(PROBE_TIMEOUT) as overall:
         damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
         only = {keys["md5-damaged"], keys["sha256-damaged"]}  # each probes one check alone
@@ -180,10 +189,12 @@ async def probe_capabilities(
                 if checksums != "when_supported":
                     results.update(headers=None, verifies=False, reports=False)
                     return
-                accepted, reported = await _put_and_report(s3, bucket, keys["crc"], algorithm)
+                accepted, reported = await _put_and_report(s3, bucket, keys["crc"], algorithm, failed)
                 results.update(headers=accepted, reports=reported)
                 results["verifies"] = accepted and await _refused(
-                    s3.put_object(Bucket=bucket, Key=keys["crc-damaged"], Body=_BODY, ChecksumAlgorithm=algorithm)
+                    s3.put_object(Bucket=bucket, Key=keys["crc-damaged"], Body=_BODY, ChecksumAlgorithm=algorithm),
+                    failed,
+                    "a damaged body with a CRC header",
                 )
 
             async def md5() -> None:
@@ -192,11 +203,17 @@ async def probe_capabilities(
                     return
                 value = base64.b64encode(hashlib.md5(_BODY).digest()).decode()  # noqa: S324 (S3's own check)
                 results["md5"] = await _refused(
-                    s3.put_object(Bucket=bucket, Key=keys["md5-damaged"], Body=_BODY, ContentMD5=value)
+                    s3.put_object(Bucket=bucket, Key=keys["md5-damaged"], Body=_BODY, ContentMD5=value),
+                    failed,
+                    "a damaged body with a Content-MD5",
                 )
 
             async def sha256() -> None:
-                results["sha256"] = await _refused(s3.put_object(Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY))
+                results["sha256"] = await _refused(
+                    s3.put_object(Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY),
+                    failed,
+                    "a damaged body with a signed payload",
+                )
 
             async def uploads() -> None:
                 results["lists"] = False
@@ -220,15 +237,14 @@ async def probe_capabilities(
                         removal_timeout,
                         "; the run's cleanup removes them" if covered else "; remove them by hand if they stay",
                     )
-    if overall.cancelled_caught:  # not cached: the next upload asks again
+    if overall.cancelled_caught or failed:  # not cached: the next upload asks again
         assumed = settings_integrity(checksums, algorithm)
-        log.warning(
-            "S3 at %s did not answer the capability probe within %g s; the uploads carry what the settings "
-            "ask for (%s), unverified",
-            endpoint,
-            PROBE_TIMEOUT,
-            assumed,
+        why = (
+            f"did not answer the capability probe within {PROBE_TIMEOUT:g} s"
+            if overall.cancelled_caught
+            else (f"gave the capability probe no answer to judge by ({'; '.join(failed)})")
         )
+        log.warning("S3 at %s %s; the uploads carry what the settings ask for (%s), unverified", endpoint, why, assumed)
         return S3Capabilities(endpoint, None, False, False, None, False, False, assumed)
     partial = S3Capabilities(
         endpoint=endpoint,
@@ -250,11 +266,14 @@ def _fields(capabilities: S3Capabilities) -> dict[str, Any]:
     return {name: getattr(capabilities, name) for name in S3Capabilities.__slots__}
 
 
-async def _put_and_report(s3: S3Client, bucket: str, key: str, algorithm: str) -> tuple[bool, bool]:
-    """Put `_BODY` with a checksum header: whether it was taken, and whether HeadObject reports it."""
+async def _put_and_report(s3: S3Client, bucket: str, key: str, algorithm: str, failed: list[str]) -> tuple[bool, bool]:
+    """Put `_BODY` with a checksum header: whether it was taken, and whether HeadObject reports
+    it.  A put that got no answer to judge by is added to `failed`."""
     try:
         await s3.put_object(Bucket=bucket, Key=key, Body=_BODY, ChecksumAlgorithm=algorithm)
-    except ClientError:
+    except (ClientError, BotoCoreError) as exc:
+        if not _answered(exc):
+            failed.append(f"a body with a CRC header: {_describe(exc)}")
         return False, False
     expected = _expected(algorithm)
     try:
@@ -270,16 +289,35 @@ def _expected(algorithm: str) -> str | None:
     return None  # CRC64NVME needs the CRT; "reports" stays unknown (False) without it
 
 
-async def _refused(request: Any) -> bool:
-    """Whether the server refused a damaged request as damaged (a 4xx saying so)."""
+async def _refused(request: Any, failed: list[str], what: str) -> bool:
+    """Whether the server refused a damaged request as damaged (a 4xx saying so).  One that
+    got no answer to judge by (a server error, no connection) is added to `failed`."""
     try:
         await request
     except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-        return error_code(exc) in _DAMAGE_CODES or (status == 400 and error_code(exc) != "InvalidArgument")
-    except BotoCoreError:
-        return False
+        if _answered(exc):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            return error_code(exc) in _DAMAGE_CODES or (status == 400 and error_code(exc) != "InvalidArgument")
+        failed.append(f"{what}: {_describe(exc)}")
+    except BotoCoreError as exc:
+        failed.append(f"{what}: {_describe(exc)}")
     return False
+
+
+def _answered(exc: ClientError | BotoCoreError) -> bool:
+    """Whether the server judged the request (a 4xx), rather than failing to (a 5xx, a
+    throttling, no connection or answer: what botocore retried and gave up on)."""
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+    return 400 <= status < 500 and status != 429 and error_code(exc) not in _UNJUDGED
+
+
+def _describe(exc: ClientError | BotoCoreError) -> str:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"{status} {error_code(exc)}"
+    return type(exc).__name__
 
 
 async def _remove(s3: S3Client, bucket: str, keys: list[str]) -> None:

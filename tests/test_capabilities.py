@@ -288,3 +288,59 @@ async def test_the_probe_finds_what_the_server_checks_whatever_the_key_is_made_o
     assert found.integrity == integrity
     assert found.verifies_payload_hash is ("sha256" in checks)
     assert found.verifies_md5 is ("md5" in checks)
+
+
+@pytest.mark.parametrize("failing", ["sha256-damaged", "md5-damaged", "crc-damaged", "crc"])
+async def test_a_probe_request_that_fails_for_another_reason_is_not_taken_as_no_check(
+    stack: LocalStack,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failing: str,
+) -> None:
+    """A server error (after botocore's retries) on one of the probe's requests says nothing
+    of what the server checks.  Taken as "not checked", it was cached for the process: every
+    later upload of a service went out with a weaker check (or none, with a warning that the
+    server checks nothing), though the server was only briefly unwell.  Now the probe is
+    inconclusive: the settings' level is used, unverified, with a warning naming the request,
+    and the next upload asks again."""
+    import botocore.retries.standard
+
+    from async_registrar import _capabilities
+
+    from .fault_proxy import s3_error
+
+    monkeypatch.setattr(botocore.retries.standard.ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+    server = S3Server(frozenset({"md5", "sha256"}))
+    unwell = [True]
+
+    def rule(method: str, target: str) -> object:
+        if unwell[0] and method == "PUT" and target.split("?")[0].endswith("-" + failing):
+            return s3_error(500, "InternalError")
+        return None
+
+    with FaultProxy(stack.s3_endpoint, rule, body_rule=server) as proxy:
+        session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+        async with open_s3_client(session, region=REGION, endpoint_url=proxy.endpoint) as client:
+
+            async def probe() -> Any:
+                return await probe_capabilities(
+                    client, settings.s3_bucket, settings.s3_prefix, checksums="when_supported", algorithm="CRC32"
+                )
+
+            with caplog.at_level(logging.WARNING, logger="async_registrar"):
+                found = await probe()
+            assert found.integrity == "crc32"  # what the settings ask for
+            assert _capabilities.known_capabilities(client, settings) is None
+            (warning,) = [
+                r.getMessage() for r in caplog.records if r.name == "async_registrar" and r.levelno >= logging.WARNING
+            ]
+            assert "InternalError" in warning
+            assert "the uploads carry what the settings ask for (crc32), unverified" in warning
+            assert "checks no CRC, Content-MD5 or signed payload" not in caplog.text
+
+            unwell[0] = False
+            again = await probe()
+            assert again.integrity == "sigv4-payload"
+            assert _capabilities.known_capabilities(client, settings) is again
+            assert await leftovers(client, settings.s3_bucket, settings.s3_prefix) == []
