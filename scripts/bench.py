@@ -52,6 +52,9 @@ class Sample:
     input_bytes: int
     object_bytes: int
     server_cpu: float = 0.0  # the server's CPU seconds during the run: it shares the machine
+    #: What the server checked of ours's upload (the last word `upload` prints): runs
+    #: compared side by side must be checked alike (a variant once ran unchecked, unseen).
+    integrity: str = ""
 
 
 # --- tools ---------------------------------------------------------------------------
@@ -520,17 +523,21 @@ LAUNCHER = textwrap.dedent(
     import json, os, subprocess, sys, time
     command = json.loads(sys.argv[1])
     started = time.perf_counter()
-    process = subprocess.Popen(command, shell=isinstance(command, str), stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, shell=isinstance(command, str), stdout=subprocess.PIPE)
+    out = process.stdout.read().decode(errors="replace").split()
     _, status, usage = os.wait4(process.pid, 0)
     print(json.dumps({"wall": time.perf_counter() - started, "code": os.waitstatus_to_exitcode(status),
                       "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss,
-                      "written": usage.ru_oublock * 512}))
+                      "written": usage.ru_oublock * 512, "last_word": out[-1] if out else ""}))
     """
 )
 
 
-def run_once(command: list[str] | str, env: dict[str, str], *, retry: bool = True) -> tuple[float, float, float, float]:
-    """Wall seconds, CPU seconds, peak RSS MiB and disk writes MiB of one run."""
+def run_once(
+    command: list[str] | str, env: dict[str, str], *, retry: bool = True
+) -> tuple[float, float, float, float, str]:
+    """Wall seconds, CPU seconds, peak RSS MiB and disk writes MiB of one run, and the last
+    word it printed (for `upload`: the integrity)."""
     out = subprocess.run(
         [sys.executable, "-c", LAUNCHER, json.dumps(command)], env=env, capture_output=True, text=True, check=True
     )
@@ -541,7 +548,7 @@ def run_once(command: list[str] | str, env: dict[str, str], *, retry: bool = Tru
         return run_once(command, env, retry=False)
     if result["code"] != 0:
         raise RuntimeError(f"{command!r} exited with {result['code']}: {out.stderr[-2000:]}")
-    return result["wall"], result["cpu"], result["maxrss_kib"] / 1024, result["written"] / MiB
+    return result["wall"], result["cpu"], result["maxrss_kib"] / 1024, result["written"] / MiB, result["last_word"]
 
 
 # --- many registrations in one process --------------------------------------------------
@@ -759,7 +766,7 @@ def run_contender(
     server.settle()
     stored = server.stored_bytes()
     server_before = server.cpu_seconds()
-    wall, cpu, rss, written = run_once(command, {**server.env(), **extra})
+    wall, cpu, rss, written, last_word = run_once(command, {**server.env(), **extra})
     server_cpu = server.cpu_seconds() - server_before
     s3 = server.s3()
     head = s3.head_object(Bucket=BUCKET, Key=key)
@@ -771,7 +778,10 @@ def run_contender(
         f"(server {server_cpu:6.2f}) {rss:6.0f} MiB {written:6.0f} MiB written",
         file=sys.stderr,
     )
-    return Sample(contender, dataset.name, run, wall, cpu, rss, written, size, head["ContentLength"], server_cpu)
+    integrity = last_word if base == "ours" else ""
+    return Sample(
+        contender, dataset.name, run, wall, cpu, rss, written, size, head["ContentLength"], server_cpu, integrity
+    )
 
 
 def summarise(samples: list[Sample]) -> list[dict[str, object]]:
@@ -801,6 +811,7 @@ def summarise(samples: list[Sample]) -> list[dict[str, object]]:
                 "server_cpu_s": round(statistics.median(s.server_cpu for s in group), 2),
                 "disk_write_mib": round(max(s.disk_write_mib for s in group)),
                 "x_s5cmd_cp": round(wall / ceiling[dataset], 2) if dataset in ceiling else None,
+                "integrity": ",".join(sorted({s.integrity for s in group if s.integrity})),
             }
         )
     return rows
@@ -833,6 +844,18 @@ def dataset_checks(rows: list[dict[str, Any]], names: list[str]) -> list[dict[st
             checks.append(
                 _check(f"{row['dataset']}/{row['contender']}: disk writes MiB", row["disk_write_mib"], limit, "<")
             )
+    # Ours and its variants are compared as equals only if the server checked them alike.
+    for name in dict.fromkeys(row["dataset"] for row in rows):
+        levels = {row["integrity"] for row in rows if row["dataset"] == name and row["contender"].startswith("ours")}
+        if len(levels) > 1 or any("," in level for level in levels):
+            checks.append(
+                {
+                    "check": f"{name}: ours's runs checked alike",
+                    "value": " / ".join(sorted(levels)),
+                    "target": "one",
+                    "ok": False,
+                }
+            )
     return checks
 
 
@@ -849,8 +872,9 @@ def dataset_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         per_gib = "" if r["cpu_s_per_gib"] is None else r["cpu_s_per_gib"]  # none for the 1 KiB input
+        checked = f", checked by {r['integrity']}" if r.get("integrity") else ""
         lines.append(
-            f"| {r['dataset']} ({r['input_mib']} MiB) | {DESCRIPTIONS.get(r['contender'], r['contender'])} "
+            f"| {r['dataset']} ({r['input_mib']} MiB) | {DESCRIPTIONS.get(r['contender'], r['contender'])}{checked} "
             f"| {r['median_wall_s']} | {r['throughput_mb_s']} | {r['peak_rss_mib']} | {r['cpu_s']} "
             f"| {per_gib} | {r['server_cpu_s']} | {r['disk_write_mib']} | {r['x_s5cmd_cp'] or ''} |"
         )
@@ -996,7 +1020,7 @@ def many_members(target: str, work: Path, members: int) -> dict[str, Any]:
                 os.rename(f"{archive}.part", archive)
             registrar = str(Path(sys.executable).parent / "async-registrar")
             command = [registrar, "--log-level", "WARNING", "upload", str(folder), f"s3://{BUCKET}/members-{count}"]
-            wall, cpu, rss, _ = run_once(command, env)
+            wall, cpu, rss, _, _ = run_once(command, env)
             results[count] = {"wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1), "cpu_s": round(cpu, 2)}
             print(f"bench: {count} members: {results[count]}", file=sys.stderr)
     return {

@@ -90,3 +90,23 @@ def test_the_order_turns_each_run_so_no_contender_always_follows_the_same_one(
         ["s5cmd-cp", "original", "ours"],
         ["original", "ours", "s5cmd-cp"],
     ]
+
+
+def test_ours_and_its_variants_checked_differently_is_a_missed_check(bench: ModuleType) -> None:
+    """A variant whose upload the server checked less (once: `size-only`, from a key the
+    capability probe mis-read) is no fair comparison: the report says so, and each row
+    names what the server checked."""
+    gib = 1 << 30
+
+    def checked(contender: str, wall: float, integrity: str) -> object:
+        return bench.Sample(contender, "model 1 GiB", 1, wall, 2.0, 150.0, 0.0, gib, gib, 3.0, integrity)
+
+    alike = [checked("ours", 3.1, "sigv4-payload"), checked("ours@REGISTRAR_PART_SIZE=24MiB", 3.0, "sigv4-payload")]
+    rows = bench.summarise([*alike, bench.Sample("s5cmd-cp", "model 1 GiB", 1, 2.5, 2.0, 20.0, 0.0, gib, gib, 3.0)])
+    assert not [c for c in bench.dataset_checks(rows, ["model 1 GiB"]) if "checked alike" in c["check"]]
+    assert any("checked by sigv4-payload" in line for line in bench.dataset_table(rows))
+    assert not any("s5cmd" in line and "checked by" in line for line in bench.dataset_table(rows))
+
+    rows = bench.summarise([alike[0], checked("ours@REGISTRAR_PART_SIZE=24MiB", 2.6, "size-only")])
+    (missed,) = [c for c in bench.dataset_checks(rows, ["model 1 GiB"]) if "checked alike" in c["check"]]
+    assert (missed["value"], missed["ok"]) == ("sigv4-payload / size-only", False)
