@@ -32,6 +32,7 @@ import hashlib
 import logging
 import secrets
 import urllib.parse
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,15 +176,45 @@ async def probe_capabilities(
     cache_key = _cache_key(s3, checksums, algorithm)
     if (found := _FOUND.get(cache_key)) is not None:
         return found
+    # One probe at a time on a client: a probe that ended makes the client's PutObjects carry
+    # what it found (`prepare_uploads`: a signed payload, no CRC header), and another probe's
+    # requests sent after that were judged by it (a CRC probe sent signed and without its CRC
+    # was refused by the sha256 check: 'verifies CRC headers', cached for the endpoint).
+    lock = _LOCKS.get(s3)
+    if lock is None:
+        lock = _LOCKS[s3] = anyio.Lock()
+    async with lock:
+        if (found := _FOUND.get(cache_key)) is not None:
+            return found
+        return await _probe(s3, bucket, prefix, checksums, algorithm, removal_timeout, covered, endpoint, cache_key)
+
+
+#: One lock per client (see `probe_capabilities`).
+_LOCKS: weakref.WeakKeyDictionary[Any, anyio.Lock] = weakref.WeakKeyDictionary()
+
+
+async def _probe(
+    s3: S3Client,
+    bucket: str,
+    prefix: str,
+    checksums: str,
+    algorithm: str,
+    removal_timeout: float,
+    covered: bool,
+    endpoint: str,
+    cache_key: tuple[str, str, str, str],
+) -> S3Capabilities:
     base = f"{prefix}.capabilities-{secrets.token_hex(6)}"
-    keys = {name: f"{base}-{name}" for name in ("crc", "crc-damaged", "md5-damaged", "sha256-damaged")}
+    names = ("crc", "crc-damaged", "md5", "md5-damaged", "sha256", "sha256-damaged")
+    keys = {name: f"{base}-{name}" for name in names}
     results: dict[str, bool | None] = {}
     #: The probe's requests that got no answer to judge by (a server error, no connection).
     failed: list[str] = []
     with anyio.move_on_after(PROBE_TIMEOUT) as overall:
         damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
-        only = {keys["md5-damaged"], keys["sha256-damaged"]}  # each probes one check alone
-        with _damaging(s3, damaged), _signing(s3, {keys["sha256-damaged"]}), _without_crc(s3, only):
+        only = {keys[name] for name in ("md5", "md5-damaged", "sha256", "sha256-damaged")}  # one check alone
+        signed = {keys["sha256"], keys["sha256-damaged"]}
+        with _damaging(s3, damaged), _signing(s3, signed), _without_crc(s3, only):
 
             async def crc() -> None:
                 if checksums != "when_supported":
