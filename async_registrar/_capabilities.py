@@ -34,7 +34,7 @@ import secrets
 import urllib.parse
 import weakref
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -233,17 +233,21 @@ async def _probe(
                     results["md5"] = None
                     return
                 value = base64.b64encode(hashlib.md5(_BODY).digest()).decode()  # noqa: S324 (S3's own check)
-                results["md5"] = await _refused(
-                    s3.put_object(Bucket=bucket, Key=keys["md5-damaged"], Body=_BODY, ContentMD5=value),
+                results["md5"] = await _refused_alone(
+                    functools.partial(s3.put_object, Bucket=bucket, Key=keys["md5"], Body=_BODY, ContentMD5=value),
+                    functools.partial(
+                        s3.put_object, Bucket=bucket, Key=keys["md5-damaged"], Body=_BODY, ContentMD5=value
+                    ),
                     failed,
-                    "a damaged body with a Content-MD5",
+                    "a body with a Content-MD5",
                 )
 
             async def sha256() -> None:
-                results["sha256"] = await _refused(
-                    s3.put_object(Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY),
+                results["sha256"] = await _refused_alone(
+                    functools.partial(s3.put_object, Bucket=bucket, Key=keys["sha256"], Body=_BODY),
+                    functools.partial(s3.put_object, Bucket=bucket, Key=keys["sha256-damaged"], Body=_BODY),
                     failed,
-                    "a damaged body with a signed payload",
+                    "a body with a signed payload",
                 )
 
             async def uploads() -> None:
@@ -318,6 +322,32 @@ def _expected(algorithm: str) -> str | None:
     if algorithm == "CRC32":
         return base64.b64encode(zlib.crc32(_BODY).to_bytes(4, "big")).decode()
     return None  # CRC64NVME needs the CRT; "reports" stays unknown (False) without it
+
+
+async def _refused_alone(
+    control: Callable[[], Awaitable[Any]], request: Callable[[], Awaitable[Any]], failed: list[str], what: str
+) -> bool:
+    """Whether the server refused the damaged `request` as damaged and took `control`, the
+    same request undamaged.  Without the control, a server that refuses every such request
+    (a key too long for it, a header it will not take, any 400) was found to check it: the
+    uploads were said to be checked by it, and a part damaged on the way was taken.  A
+    control refused says nothing of the check: added to `failed` (the probe is inconclusive)."""
+    outcome: dict[str, bool] = {}
+
+    async def take() -> None:
+        try:
+            await control()
+        except (ClientError, BotoCoreError) as exc:
+            failed.append(f"{what}, undamaged: {_describe(exc)}")
+            outcome["control"] = False
+        else:
+            outcome["control"] = True
+
+    async def damaged() -> None:
+        outcome["refused"] = await _refused(request(), failed, f"{what}, damaged")
+
+    await run_all([take, damaged])
+    return outcome["control"] and outcome["refused"]
 
 
 async def _refused(request: Any, failed: list[str], what: str) -> bool:

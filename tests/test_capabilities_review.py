@@ -4,18 +4,21 @@ silently.  A real moto server behind `FaultProxy`/`S3Server`, as in test_capabil
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from pydantic import SecretStr
 
-from async_registrar import Settings, _capabilities
+from async_registrar import Registrar, Settings, StorageError, _capabilities
 from async_registrar._capabilities import adapt_uploads
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
 
 from .conftest import leftovers
-from .fault_proxy import FaultProxy, Hold, S3Server
+from .fault_proxy import FaultProxy, Hold, S3Server, s3_error
+from .test_capabilities import through, weights
 
 
 async def test_two_uploads_probing_one_client_at_once_cache_what_the_server_checks(
@@ -60,3 +63,37 @@ async def test_two_uploads_probing_one_client_at_once_cache_what_the_server_chec
     assert found["b"].integrity == "sigv4-payload", found["b"].describe()
     assert known is not None
     assert known.integrity == "sigv4-payload", known.describe()
+
+
+async def test_a_server_that_refuses_every_probe_request_is_not_found_to_check_signed_payloads(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings
+) -> None:
+    """AWS refuses a key longer than 1024 bytes with 400 KeyTooLongError.  `upload` probes
+    under the target's key, so a target key of ~1000 bytes made every probe request (the
+    undamaged one too) too long: each damaged request was 'refused', so the server 'checks
+    Content-MD5 and signed payloads'.  Here the server checks nothing: the upload said
+    'sigv4-payload', and a part damaged on the way was taken without a word.  (A server
+    that refuses every PutObject with a 400 for any reason gets the same.)"""
+    server = S3Server()  # checks nothing
+
+    def aws_key_limit(method: str, target: str) -> object:
+        path = target.split("?")[0]
+        key = path.split("/", 2)[2] if path.count("/") >= 2 else ""
+        if method == "PUT" and len(key.encode()) > 1024:  # percent-encoded: only ASCII letters here
+            return s3_error(400, "KeyTooLongError")
+        return None
+
+    key = f"{settings.s3_prefix}{'m' * (1000 - len(settings.s3_prefix) - 7)}.tar.gz"
+    assert len(key) == 1000
+    with FaultProxy(stack.s3_endpoint, aws_key_limit, body_rule=server) as proxy:
+        server.damage("partNumber=2", times=1)
+        async with Registrar(through(settings, proxy)) as registrar:
+            # Inconclusive now: the uploads carry the settings' CRC32, and the object read back
+            # (moto reports the CRC of what it stored) is found damaged.  Before: 'sigv4-payload',
+            # the upload returned, the damaged object was left in place.
+            with pytest.raises(StorageError, match="is not what was uploaded"):
+                await registrar.upload(weights(tmp_path / "m"), f"s3://{settings.s3_bucket}/{key}")
+        known = [c for k, c in _capabilities._FOUND.items() if k[0] == proxy.endpoint]
+    assert server.damaged == 1
+    assert known == [], [c.describe() for c in known]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
