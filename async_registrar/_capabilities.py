@@ -42,6 +42,7 @@ import anyio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from ._checksums import Checksummer, crc64nvme_available
 from ._concurrency import run_all
 from ._s3 import S3Client, content_md5_where_required, drop_request_checksum, error_code, sign_known_payloads
 
@@ -223,7 +224,7 @@ async def _probe(
                 accepted, reported = await _put_and_report(s3, bucket, keys["crc"], algorithm, failed)
                 results.update(headers=accepted, reports=reported)
                 results["verifies"] = accepted and await _refused(
-                    s3.put_object(Bucket=bucket, Key=keys["crc-damaged"], Body=_BODY, ChecksumAlgorithm=algorithm),
+                    s3.put_object(Bucket=bucket, Key=keys["crc-damaged"], Body=_BODY, **_crc_header(algorithm)),
                     failed,
                     "a damaged body with a CRC header",
                 )
@@ -305,7 +306,7 @@ async def _put_and_report(s3: S3Client, bucket: str, key: str, algorithm: str, f
     """Put `_BODY` with a checksum header: whether it was taken, and whether HeadObject reports
     it.  A put that got no answer to judge by is added to `failed`."""
     try:
-        await s3.put_object(Bucket=bucket, Key=key, Body=_BODY, ChecksumAlgorithm=algorithm)
+        await s3.put_object(Bucket=bucket, Key=key, Body=_BODY, **_crc_header(algorithm))
     except (ClientError, BotoCoreError) as exc:
         if not _answered(exc):
             failed.append(f"a body with a CRC header: {_describe(exc)}")
@@ -318,9 +319,24 @@ async def _put_and_report(s3: S3Client, bucket: str, key: str, algorithm: str, f
     return True, expected is not None and head.get(f"Checksum{algorithm}") == expected
 
 
+def _crc_header(algorithm: str) -> dict[str, str]:
+    """The CRC of `_BODY` as a header value, as the uploads' parts carry theirs.  Left to
+    botocore, over HTTPS it goes in an aws-chunked trailer, not a header: what was probed was
+    not what the uploads send, and the body (an async stream) could not be damaged: the
+    probe, and so every upload to an HTTPS endpoint, failed with a TypeError."""
+    value = _expected(algorithm)
+    if value is None:
+        return {"ChecksumAlgorithm": algorithm}  # botocore computes it (it needs the CRT too)
+    return {"ChecksumAlgorithm": algorithm, f"Checksum{algorithm}": value}
+
+
 def _expected(algorithm: str) -> str | None:
     if algorithm == "CRC32":
         return base64.b64encode(zlib.crc32(_BODY).to_bytes(4, "big")).decode()
+    if algorithm == "CRC64NVME" and crc64nvme_available():
+        checksummer = Checksummer("CRC64NVME")
+        checksummer.update(_BODY)
+        return checksummer.part_done()
     return None  # CRC64NVME needs the CRT; "reports" stays unknown (False) without it
 
 

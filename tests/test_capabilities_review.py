@@ -97,3 +97,55 @@ async def test_a_server_that_refuses_every_probe_request_is_not_found_to_check_s
     assert server.damaged == 1
     assert known == [], [c.describe() for c in known]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+class _Answer:
+    """A response body for `_https_server`'s answers."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+
+def _https_server(checks: frozenset[str], seen: list[tuple[str, dict[str, str]]]) -> Any:
+    """A before-send handler answering in place of an HTTPS S3 (the loopback moto speaks no
+    TLS): like `S3Server`, it checks what `checks` names, and takes everything else."""
+    import base64
+    import zlib
+
+    from aiobotocore.awsrequest import AioAWSResponse
+
+    def answer(request: Any, **_: Any) -> Any:
+        headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        seen.append((f"{request.method} {request.url}", headers))
+        body = request.body
+        if not isinstance(body, bytes | bytearray):
+            body = body.getvalue() if hasattr(body, "getvalue") else b""
+        crc = headers.get("x-amz-checksum-crc32")
+        if "crc" in checks and crc and crc != base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode():
+            error = b"<Error><Code>BadDigest</Code><Message>crc</Message></Error>"
+            return AioAWSResponse(request.url, 400, {}, _Answer(error))
+        return AioAWSResponse(request.url, 200, {}, _Answer(b""))
+
+    return answer
+
+
+async def test_the_probe_works_over_https_and_probes_the_crc_header_the_uploads_send() -> None:
+    """Over HTTPS botocore puts a CRC it computes in an aws-chunked trailer, and the body is an
+    async stream: the probe's damage hook called its `read()` and got a coroutine, and the
+    probe (so every upload and registration to an HTTPS endpoint, AWS's included, with the
+    default REGISTRAR_S3_CHECKSUMS) failed with a TypeError.  The uploads' parts carry their
+    CRC as a header; the probe now does the same."""
+    seen: list[tuple[str, dict[str, str]]] = []
+    session = make_session(SecretStr(ACCESS_KEY), SecretStr(SECRET_KEY))
+    async with open_s3_client(session, region=REGION, endpoint_url="https://s3.tls.invalid") as client:
+        client.meta.events.register_last("before-send.s3", _https_server(frozenset({"crc"}), seen))
+        found = await _capabilities.probe_capabilities(
+            client, "bucket", "p/", checksums="when_supported", algorithm="CRC32", removal_timeout=5
+        )
+    assert found.integrity == "crc32", found.describe()
+    (damaged,) = [h for url, h in seen if url.startswith("PUT ") and url.endswith("-crc-damaged")]
+    assert "x-amz-checksum-crc32" in damaged
+    assert "x-amz-trailer" not in damaged
