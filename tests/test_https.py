@@ -1,0 +1,81 @@
+"""Uploads and registrations to an S3 endpoint over HTTPS, as AWS S3 is always reached.
+
+Every other test talks plain HTTP to moto, and botocore behaves differently over TLS: it
+stops signing payloads, and a CRC it computes itself goes in an aws-chunked trailer, the body
+wrapped in an async stream.  The capability probe's damage hook read that body as bytes and
+failed with a TypeError, so every upload and registration to an HTTPS endpoint failed before
+its first part, unseen by the suite.  Here a TLS relay (`tls_relay`) stands in front of moto
+(and, for an AWS-like server, of `S3Server` checking CRC headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_registrar import Registrar, Settings
+from async_registrar._local import LocalStack
+
+from .conftest import MiB, leftovers, make_job, mims_server, on, request_for
+from .fault_proxy import FaultProxy, S3Server
+from .test_capabilities import forward
+from .tls_relay import TlsRelay
+
+
+def over_tls(settings: Settings, relay: TlsRelay, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """`settings` pointed at `relay`, whose certificate botocore trusts (AWS_CA_BUNDLE)."""
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(relay.ca_file))
+    return settings.model_copy(update={"s3_endpoint_url": relay.endpoint, "part_size": 5 * MiB})
+
+
+async def test_an_upload_over_https_is_probed_checked_and_read_back(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS-like (the CRC header checked): the probe finds it, a part damaged on the way is
+    refused and sent again, and the object read back is what was uploaded."""
+    server = S3Server(frozenset({"crc", "md5", "sha256"}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(os.urandom(12 * MiB))
+    key = f"{settings.s3_prefix}model.tar.gz"
+    with (
+        FaultProxy(stack.s3_endpoint, forward, body_rule=server) as proxy,
+        TlsRelay(proxy.endpoint, tmp_path) as relay,
+    ):
+        server.damage("partNumber=2", times=1)
+        async with Registrar(over_tls(settings, relay, monkeypatch)) as registrar:
+            uploaded = await registrar.upload(model, f"s3://{settings.s3_bucket}/{key}")
+        assert proxy.count("PUT", "partNumber=2") == 2  # refused damaged, sent again
+    assert uploaded.integrity == "crc32"
+    assert server.damaged == 1
+    body = await s3.get_object(Bucket=settings.s3_bucket, Key=key)
+    async with body["Body"] as stream:
+        assert hashlib.sha256(await stream.read()).hexdigest() == uploaded.sha256
+    await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize("checksums", ["when_supported", "when_required"])
+async def test_a_registration_over_https_succeeds_and_leaves_nothing(
+    tmp_path: Path,
+    stack: LocalStack,
+    s3: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    checksums: str,
+) -> None:
+    """The whole flow with S3 over TLS (moto behind the relay; the registry reads the
+    artifacts back from S3 itself): SUCCEEDED, the registry's copies are the archives."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    with TlsRelay(stack.s3_endpoint, tmp_path) as relay, mims_server(stack) as registry:
+        tls = over_tls(settings, relay, monkeypatch).model_copy(update={"s3_checksums": checksums})
+        async with Registrar(on(tls, registry)) as registrar:
+            result = await registrar.register(request_for(job, workflow_execution_id=f"https-{checksums}"))
+        assert registry.registration(result.registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
+    assert result.model_id.startswith("model-")
+    assert result.model_artifact.parts >= 2
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
