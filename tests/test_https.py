@@ -79,3 +79,25 @@ async def test_a_registration_over_https_succeeds_and_leaves_nothing(
     assert result.model_id.startswith("model-")
     assert result.model_artifact.parts >= 2
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registration_with_the_registry_over_https_too(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MIMS over TLS as well (httpx trusts the relay's certificate through SSL_CERT_FILE):
+    the SigV4 signature names the relay's host, the registry verifies it, and the run ends
+    SUCCEEDED with nothing left."""
+    job = make_job(tmp_path, model_bytes=6 * MiB)
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "mims").mkdir()
+    with (
+        TlsRelay(stack.s3_endpoint, tmp_path / "s3") as s3_relay,
+        mims_server(stack) as registry,
+        TlsRelay(registry.endpoint, tmp_path / "mims") as mims_relay,
+    ):
+        monkeypatch.setenv("SSL_CERT_FILE", str(mims_relay.ca_file))
+        tls = over_tls(settings, s3_relay, monkeypatch).model_copy(update={"mims_endpoint": mims_relay.endpoint})
+        async with Registrar(tls) as registrar:
+            result = await registrar.register(request_for(job, workflow_execution_id="https-mims"))
+        assert registry.registration(result.registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
