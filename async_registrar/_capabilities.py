@@ -209,7 +209,8 @@ async def _probe(
     names = ("crc", "crc-damaged", "md5", "md5-damaged", "sha256", "sha256-damaged")
     keys = {name: f"{base}-{name}" for name in names}
     results: dict[str, bool | None] = {}
-    #: The probe's requests that got no answer to judge by (a server error, no connection).
+    #: The probe's requests whose answer tells nothing of the checks (a server error, no
+    #: connection, an undamaged control refused).
     failed: list[str] = []
     with anyio.move_on_after(PROBE_TIMEOUT) as overall:
         damaged = {keys["crc-damaged"], keys["md5-damaged"], keys["sha256-damaged"]}
@@ -278,7 +279,7 @@ async def _probe(
         why = (
             f"did not answer the capability probe within {PROBE_TIMEOUT:g} s"
             if overall.cancelled_caught
-            else (f"gave the capability probe no answer to judge by ({'; '.join(failed)})")
+            else (f"gave the capability probe no answer that tells what it checks ({'; '.join(failed)})")
         )
         log.warning("S3 at %s %s; the uploads carry what the settings ask for (%s), unverified", endpoint, why, assumed)
         return S3Capabilities(endpoint, None, False, False, None, False, False, assumed)
