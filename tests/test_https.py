@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from async_registrar import Registrar, Settings
+from async_registrar import ProgressEvent, Registrar, Settings, UploadProgress
 from async_registrar._local import LocalStack
 
 from .conftest import MiB, leftovers, make_job, mims_server, on, request_for
@@ -100,4 +101,21 @@ async def test_a_registration_with_the_registry_over_https_too(
         async with Registrar(tls) as registrar:
             result = await registrar.register(request_for(job, workflow_execution_id="https-mims"))
         assert registry.registration(result.registration_id).status == "SUCCEEDED"  # type: ignore[union-attr]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registration_cancelled_mid_upload_over_https_leaves_nothing(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The abort and the cleanup's deletes go over TLS as well: nothing is left."""
+    job = make_job(tmp_path, model_bytes=20 * MiB)
+    with TlsRelay(stack.s3_endpoint, tmp_path) as relay, anyio.CancelScope() as scope:
+
+        def on_progress(event: ProgressEvent) -> None:
+            if isinstance(event, UploadProgress) and event.artifact == "model":
+                scope.cancel()
+
+        async with Registrar(over_tls(settings, relay, monkeypatch), on_progress=on_progress) as registrar:
+            await registrar.register(request_for(job))
+    assert scope.cancelled_caught
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
