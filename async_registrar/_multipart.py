@@ -655,11 +655,25 @@ async def put_object(
     payload_sha256: str | None = None,
 ) -> None:
     """Upload a small artifact in one request, with its `checksum` algorithm's `value` if computed
-    (and its sha256, for a signed payload, if known)."""
+    (and its sha256, for a signed payload, if known).  Refused as damaged on its way (its
+    checksum, Content-MD5 or signed sha256 did not match), it is sent again, as a part is
+    (`DAMAGED_PART_ATTEMPTS` in all): a one-off corruption in transit did not fail the run."""
     extra = _checksum_args(checksum, value)
-    body = PartBody(data, payload_sha256) if payload_sha256 is not None else data
-    with storage_errors("PutObject", location.bucket, location.key):
-        await s3.put_object(Bucket=location.bucket, Key=location.key, Body=body, **extra)
+    for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
+        body = PartBody(data, payload_sha256) if payload_sha256 is not None else data
+        try:
+            with storage_errors("PutObject", location.bucket, location.key):
+                await s3.put_object(Bucket=location.bucket, Key=location.key, Body=body, **extra)
+            return
+        except StorageError as exc:
+            if exc.code not in DAMAGED_PART_CODES:
+                raise
+            if attempt == DAMAGED_PART_ATTEMPTS:
+                raise exc.restated(
+                    f"{exc}; {location} arrived damaged {attempt} times in a row: something on the way "
+                    "alters it (a proxy, faulty memory or network card)",
+                ) from exc
+            log.info("%s arrived damaged (%s); sending it again", location, exc.code)
 
 
 #: The algorithms sent as an x-amz-checksum-* header (MD5 goes as Content-MD5).
