@@ -27,6 +27,7 @@ from ._errors import InputError, StorageError, redact
 __all__ = [
     "S3Client",
     "S3Location",
+    "checksums_in_headers",
     "content_md5_where_required",
     "drop_request_checksum",
     "error_code",
@@ -178,9 +179,31 @@ async def open_s3_client(
             )
         if checksums == "when_required":
             content_md5_where_required(client)
+        checksums_in_headers(client)
         sign_known_payloads(client)
         log_failed_attempts(client)
         yield client
+
+
+def checksums_in_headers(client: S3Client) -> None:
+    """Make `client` send the CRC botocore computes itself for a PutObject or an UploadPart (a
+    run manifest, a probe object: where no value was given) as an x-amz-checksum-* header, as
+    the parts' own CRCs go, not in an aws-chunked trailer, where botocore puts it over HTTPS.
+    The capability probe checks the header form only: a server that takes and checks the
+    header but refuses the trailer (400 "Unsupported header 'x-amz-trailer'", as S3-compatible
+    servers older than the trailers do) was found to check CRCs, and then every registration
+    over HTTPS failed at its manifest.  The bodies are small or already in memory, so hashing
+    one before it is sent costs nothing.  Registered once per client."""
+    for operation in ("PutObject", "UploadPart"):
+        client.meta.events.register(
+            f"before-call.s3.{operation}", _checksum_in_header, unique_id=f"async-registrar-checksum-header-{operation}"
+        )
+
+
+def _checksum_in_header(params: dict[str, Any], **_: Any) -> None:
+    algorithm = params.get("context", {}).get("checksum", {}).get("request_algorithm")
+    if isinstance(algorithm, dict) and algorithm.get("in") == "trailer":
+        algorithm["in"] = "header"
 
 
 #: The signature version of the uploads whose body knows its own sha256 (see `sign_known_payloads`).
