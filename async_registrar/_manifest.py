@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._mims_contract import Registration, RegistrationStatus
-from ._s3 import S3Client, S3Location, error_code, storage_errors
+from ._s3 import S3Client, S3Location, error_code, storage_errors, without_checksum_mode
 from ._upload import UploadedArtifact
 
 __all__ = [
@@ -202,7 +202,14 @@ async def read_manifest(s3: S3Client, location: S3Location, *, problems: list[st
     """The run manifest at `location`, or None (logged, and why appended to `problems`) if it
     cannot be read or is not one."""
     try:
-        answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
+        try:
+            answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as exc:
+            if error_code(exc) != "InvalidArgument" or "checksum" not in str(exc).lower():
+                raise
+            # A server that refuses the checksum mode botocore asks for (B2): read it without.
+            with without_checksum_mode():
+                answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
         async with answer["Body"] as body:
             if answer["ContentLength"] > MAX_MANIFEST_BYTES:
                 why = "too large to be a run manifest"

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "open_s3_client",
     "sign_known_payloads",
     "storage_errors",
+    "without_checksum_mode",
 ]
 
 #: aiobotocore's clients are untyped; this alias marks where one is expected.
@@ -180,9 +182,36 @@ async def open_s3_client(
         if checksums == "when_required":
             content_md5_where_required(client)
         checksums_in_headers(client)
+        # After botocore's handler, which sits on the bare event name (one on
+        # "before-parameter-build.s3.GetObject" would run before it).
+        client.meta.events.register_last(
+            "before-parameter-build", _checksum_mode_unless_refused, unique_id="async-registrar-mode"
+        )
         sign_known_payloads(client)
         log_failed_attempts(client)
         yield client
+
+
+#: Set for a GetObject that must not ask for the object's checksum (see `without_checksum_mode`).
+_NO_CHECKSUM_MODE: ContextVar[bool] = ContextVar("async_registrar_no_checksum_mode", default=False)
+
+
+@contextlib.contextmanager
+def without_checksum_mode() -> Iterator[None]:
+    """The GetObjects of the block (in this task) ask for no checksum: with the default
+    `when_supported`, botocore adds `x-amz-checksum-mode: ENABLED` to every GetObject, which a
+    server refusing the flexible-checksum headers (Backblaze B2: 400 InvalidArgument) refuses;
+    a re-run or a sweep could then read no run manifest, and left the kept runs there."""
+    token = _NO_CHECKSUM_MODE.set(True)
+    try:
+        yield
+    finally:
+        _NO_CHECKSUM_MODE.reset(token)
+
+
+def _checksum_mode_unless_refused(params: dict[str, Any], **_: Any) -> None:
+    if _NO_CHECKSUM_MODE.get():
+        params.pop("ChecksumMode", None)
 
 
 def checksums_in_headers(client: S3Client) -> None:

@@ -18,10 +18,21 @@ from typing import Any
 
 import pytest
 
-from async_registrar import Registrar, Settings
+from async_registrar import Registrar, RegistrationTimeout, Settings, UploadProgress
 from async_registrar._local import LocalStack
 
-from .conftest import MiB, final_status, leftovers, make_job, mims_server, on, request_for
+from .conftest import (
+    MiB,
+    Recorder,
+    final_status,
+    late_registry,
+    leftovers,
+    make_job,
+    mims_server,
+    on,
+    release_when_submitted,
+    request_for,
+)
 from .fault_proxy import FaultProxy, b2_rule
 
 FLEXIBLE = ("x-amz-checksum-", "x-amz-sdk-checksum-", "x-amz-trailer")
@@ -108,4 +119,28 @@ async def test_the_default_settings_find_out_and_send_no_checksum_header_after_t
     assert report.objects_removed == 1
     assert len([h for h in b2.headers if any(n.startswith(FLEXIBLE) for n in h)]) == 1
     await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.parametrize("checksums", ["when_supported", "when_required"])
+async def test_a_kept_run_is_resumed_and_swept_on_a_server_refusing_checksum_headers(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, checksums: str
+) -> None:
+    """With the default `when_supported`, botocore asks every GetObject for the object's
+    checksum (`x-amz-checksum-mode`), which B2 refuses: a re-run could read no run manifest
+    (it uploaded everything again, and left the kept run there), and neither could a sweep.
+    The manifest is read again without it (a sweep reads it the same way)."""
+    with FaultProxy(stack.s3_endpoint, b2_rule, with_headers=True) as proxy:
+        b2 = settings.model_copy(update={"s3_endpoint_url": proxy.endpoint, "s3_checksums": checksums})
+        request = request_for(make_job(tmp_path), workflow_execution_id=f"b2-resume-{checksums}")
+        with late_registry(stack) as registry:
+            async with Registrar(on(b2, registry, wait_timeout=0.3)) as registrar:
+                with pytest.raises(RegistrationTimeout):
+                    await registrar.register(request)
+            seen = Recorder()
+            async with Registrar(on(b2, registry), on_progress=release_when_submitted(registry, seen)) as registrar:
+                result = await registrar.register(request)
+            assert all(r.resumed for r in result.registrations)
+            assert seen.of(UploadProgress) == []  # resumed from the manifest: nothing uploaded again
+            assert registry.registration_count == 1
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
