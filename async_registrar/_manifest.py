@@ -21,7 +21,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._mims_contract import Registration, RegistrationStatus
-from ._s3 import S3Client, S3Location, error_code, storage_errors, without_checksum_mode
+from ._s3 import (
+    S3Client,
+    S3Location,
+    error_code,
+    refuses_checksum_headers,
+    storage_errors,
+    without_checksum_mode,
+)
 from ._upload import UploadedArtifact
 
 __all__ = [
@@ -205,7 +212,7 @@ async def read_manifest(s3: S3Client, location: S3Location, *, problems: list[st
         try:
             answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
         except ClientError as exc:
-            if error_code(exc) != "InvalidArgument" or "checksum" not in str(exc).lower():
+            if not refuses_checksum_headers(exc):
                 raise
             # A server that refuses the checksum mode botocore asks for (B2): read it without.
             with without_checksum_mode():

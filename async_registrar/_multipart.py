@@ -363,10 +363,7 @@ class MultipartUpload:
                 if exc.code not in DAMAGED_PART_CODES:
                     raise
                 if attempt == DAMAGED_PART_ATTEMPTS:
-                    raise exc.restated(
-                        f"{exc}; part {number} arrived damaged {attempt} times in a row: something on "
-                        "the way alters it (a proxy, faulty memory or network card)",
-                    ) from exc
+                    raise _damaged_every_time(exc, f"part {number}") from exc
                 log.info("part %d of %s arrived damaged (%s); sending it again", number, self.location, exc.code)
             finally:
                 self._sending.discard(number)
@@ -669,11 +666,16 @@ async def put_object(
             if exc.code not in DAMAGED_PART_CODES:
                 raise
             if attempt == DAMAGED_PART_ATTEMPTS:
-                raise exc.restated(
-                    f"{exc}; {location} arrived damaged {attempt} times in a row: something on the way "
-                    "alters it (a proxy, faulty memory or network card)",
-                ) from exc
+                raise _damaged_every_time(exc, str(location)) from exc
             log.info("%s arrived damaged (%s); sending it again", location, exc.code)
+
+
+def _damaged_every_time(exc: StorageError, what: str) -> StorageError:
+    """`exc`, the last of `DAMAGED_PART_ATTEMPTS` refusals of `what` as damaged, saying so."""
+    return exc.restated(
+        f"{exc}; {what} arrived damaged {DAMAGED_PART_ATTEMPTS} times in a row: something on the way "
+        "alters it (a proxy, faulty memory or network card)",
+    )
 
 
 #: The algorithms sent as an x-amz-checksum-* header (MD5 goes as Content-MD5).

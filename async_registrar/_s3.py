@@ -36,6 +36,7 @@ __all__ = [
     "log_failed_attempts",
     "make_session",
     "open_s3_client",
+    "refuses_checksum_headers",
     "sign_known_payloads",
     "storage_errors",
     "without_checksum_mode",
@@ -463,6 +464,11 @@ def _about_checksums(code: str, detail: str) -> bool:
     return code in _HEADER_CODES and ("checksum" in text or "trailer" in text)
 
 
+def refuses_checksum_headers(exc: ClientError) -> bool:
+    """Whether `exc` is a server refusing S3's checksum headers (see `_about_checksums`)."""
+    return _about_checksums(error_code(exc), str(exc.response.get("Error", {}).get("Message") or ""))
+
+
 def error_code(exc: ClientError) -> str:
     """S3's error code of a botocore `ClientError` (its HTTP status when there is none, as for HEAD)."""
     error = exc.response.get("Error", {})
@@ -479,7 +485,7 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
         code = error_code(exc)
         detail = redact(str(exc.response.get("Error", {}).get("Message") or ""))
         hint = _HINTS.get(code, "see the S3 error code")
-        if _about_checksums(code, detail):
+        if refuses_checksum_headers(exc):
             hint = (
                 "the server does not take S3's checksum headers: set REGISTRAR_S3_CHECKSUMS=when_required "
                 "(no checksum header is then sent; see the README's 'Tested S3 servers')"
