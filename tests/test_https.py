@@ -33,12 +33,25 @@ def over_tls(settings: Settings, relay: TlsRelay, monkeypatch: pytest.MonkeyPatc
     return settings.model_copy(update={"s3_endpoint_url": relay.endpoint, "part_size": 5 * MiB})
 
 
+@pytest.mark.parametrize(
+    ("checks", "integrity"),
+    [({"crc", "md5", "sha256"}, "crc32"), ({"sha256"}, "sigv4-payload"), ({"md5"}, "md5")],
+    ids=["aws-like", "sha256-only", "md5-only"],
+)
 async def test_an_upload_over_https_is_probed_checked_and_read_back(
-    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    stack: LocalStack,
+    s3: Any,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    checks: set[str],
+    integrity: str,
 ) -> None:
-    """AWS-like (the CRC header checked): the probe finds it, a part damaged on the way is
-    refused and sent again, and the object read back is what was uploaded."""
-    server = S3Server(frozenset({"crc", "md5", "sha256"}))
+    """AWS-like (the CRC header checked), or a server that checks only a signed sha256
+    (JuiceFS) or only Content-MD5 (rclone), though over TLS botocore signs no payload and
+    sends no Content-MD5 of its own: the probe finds the check, the parts carry it, a part
+    damaged on the way is refused and sent again, and the object read back is the archive."""
+    server = S3Server(frozenset(checks))
     model = tmp_path / "model"
     model.mkdir()
     (model / "weights.bin").write_bytes(os.urandom(12 * MiB))
@@ -51,7 +64,7 @@ async def test_an_upload_over_https_is_probed_checked_and_read_back(
         async with Registrar(over_tls(settings, relay, monkeypatch)) as registrar:
             uploaded = await registrar.upload(model, f"s3://{settings.s3_bucket}/{key}")
         assert proxy.count("PUT", "partNumber=2") == 2  # refused damaged, sent again
-    assert uploaded.integrity == "crc32"
+    assert uploaded.integrity == integrity
     assert server.damaged == 1
     body = await s3.get_object(Bucket=settings.s3_bucket, Key=key)
     async with body["Body"] as stream:
