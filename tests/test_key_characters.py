@@ -13,10 +13,9 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
-from async_registrar import ProgressEvent, Registrar, RegistrationTimeout, Settings, UploadProgress
+from async_registrar import Registrar, RegistrationTimeout, Settings
 from async_registrar._local import LocalStack
 
 from .conftest import (
@@ -105,23 +104,4 @@ async def test_the_sweep_removes_a_stale_run_under_such_a_prefix(
             report = await registrar.sweep(older_than=0)
     assert len(report.removed) == 1, report
     assert report.leftovers == ()
-    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
-
-
-@pytest.mark.parametrize("where", PREFIXES)
-async def test_a_registration_cancelled_mid_upload_under_such_a_prefix_leaves_nothing(
-    tmp_path: Path, settings: Settings, s3: Any, where: str
-) -> None:
-    """The cleanup lists the run's objects and open multipart uploads by the encoded prefix."""
-    settings = under(settings, where)
-    job = make_job(tmp_path, model_bytes=20 * MiB)
-    with anyio.CancelScope() as scope:
-
-        def on_progress(event: ProgressEvent) -> None:
-            if isinstance(event, UploadProgress) and event.artifact == "model":
-                scope.cancel()
-
-        async with Registrar(settings, on_progress=on_progress) as registrar:
-            await registrar.register(request_for(job))
-    assert scope.cancelled_caught
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []

@@ -39,6 +39,7 @@ from .conftest import (
     remove_all,
     request_for,
 )
+from .test_key_characters import PREFIXES, under
 
 
 def recording_client(bodies: list[dict[str, Any]]) -> httpx.AsyncClient:
@@ -123,8 +124,11 @@ async def test_failed_registration_still_cleans(tmp_path: Path, settings: Settin
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-async def test_cancelled_during_upload_leaves_nothing(tmp_path: Path, settings: Settings, s3: Any) -> None:
-    """Cancelling after the first part: CancelledError propagates and the prefix is empty."""
+@pytest.mark.parametrize("where", ["", *PREFIXES])
+async def test_cancelled_during_upload_leaves_nothing(tmp_path: Path, settings: Settings, s3: Any, where: str) -> None:
+    """Cancelling after the first part: CancelledError propagates and the prefix is empty (also
+    under prefixes S3 clients percent-encode: the cleanup lists objects and open uploads by it)."""
+    settings = under(settings, where)
     job = make_job(tmp_path, model_bytes=20 * MiB)
     with anyio.CancelScope() as scope:
 
