@@ -25,9 +25,8 @@ from ._s3 import (
     S3Client,
     S3Location,
     error_code,
-    refuses_checksum_headers,
+    get_object,
     storage_errors,
-    without_checksum_mode,
 )
 from ._upload import UploadedArtifact
 
@@ -209,14 +208,7 @@ async def read_manifest(s3: S3Client, location: S3Location, *, problems: list[st
     """The run manifest at `location`, or None (logged, and why appended to `problems`) if it
     cannot be read or is not one."""
     try:
-        try:
-            answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
-        except ClientError as exc:
-            if not refuses_checksum_headers(exc):
-                raise
-            # A server that refuses the checksum mode botocore asks for (B2): read it without.
-            with without_checksum_mode():
-                answer = await s3.get_object(Bucket=location.bucket, Key=location.key)
+        answer = await get_object(s3, Bucket=location.bucket, Key=location.key)
         async with answer["Body"] as body:
             if answer["ContentLength"] > MAX_MANIFEST_BYTES:
                 why = "too large to be a run manifest"

@@ -16,7 +16,7 @@ import aiofiles.os
 from botocore.exceptions import ClientError
 
 from ._errors import InputError
-from ._s3 import S3Client, S3Location, storage_errors
+from ._s3 import S3Client, S3Location, get_object, storage_errors
 
 __all__ = ["MAX_METADATA_BYTES", "load_performance_metadata"]
 
@@ -75,7 +75,7 @@ async def _local_file(path: Path) -> Path | None:
 async def _from_s3(s3: S3Client, location: S3Location) -> dict[str, Any]:
     with storage_errors("GetObject", location.bucket, location.key):
         try:
-            response = await s3.get_object(Bucket=location.bucket, Key=location.key)
+            response = await get_object(s3, Bucket=location.bucket, Key=location.key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                 raise InputError(

@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._artifacts import S3Archive
 from ._concurrency import first_error
 from ._errors import StorageError
-from ._s3 import S3Client, S3Location, storage_errors
+from ._s3 import S3Client, S3Location, storage_errors, without_checksum_mode
 from ._settings import MiB, Settings, describe_field
 
 __all__ = [
@@ -155,7 +155,9 @@ async def _get_range(s3: S3Client, source: S3Archive, first: int, last: int, ope
     pinned = {"IfMatch": source.etag} if source.etag else {}
     expected = last - first + 1
     async for attempt in stamina.retry_context(on=_broken_body, attempts=RANGE_ATTEMPTS, wait_max=2.0):
-        with attempt, storage_errors("GetObject", where.bucket, where.key):
+        # No checksum mode: a range has no checksum of its own to check (the whole archive's
+        # sha256 is), and a server refusing the flexible-checksum headers (B2) refuses the mode.
+        with attempt, storage_errors("GetObject", where.bucket, where.key), without_checksum_mode():
             response = await s3.get_object(Bucket=where.bucket, Key=where.key, Range=f"bytes={first}-{last}", **pinned)
             if opened is not None:
                 opened.set()

@@ -32,6 +32,7 @@ __all__ = [
     "content_md5_where_required",
     "drop_request_checksum",
     "error_code",
+    "get_object",
     "load_s3_models",
     "log_failed_attempts",
     "make_session",
@@ -208,6 +209,20 @@ def without_checksum_mode() -> Iterator[None]:
         yield
     finally:
         _NO_CHECKSUM_MODE.reset(token)
+
+
+async def get_object(s3: S3Client, **params: Any) -> dict[str, Any]:
+    """GetObject, asked again without the checksum mode if the server refuses it (B2 answers
+    400 InvalidArgument to the `x-amz-checksum-mode` botocore adds with `when_supported`):
+    the object is then read unchecked, as `when_required` would read it."""
+    try:
+        answer: dict[str, Any] = await s3.get_object(**params)
+    except ClientError as exc:
+        if not refuses_checksum_headers(exc):
+            raise
+        with without_checksum_mode():
+            answer = await s3.get_object(**params)
+    return answer
 
 
 def _checksum_mode_unless_refused(params: dict[str, Any], **_: Any) -> None:

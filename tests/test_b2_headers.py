@@ -24,6 +24,7 @@ from async_registrar._local import LocalStack
 from .conftest import (
     MiB,
     Recorder,
+    environment,
     final_status,
     late_registry,
     leftovers,
@@ -34,6 +35,8 @@ from .conftest import (
     request_for,
 )
 from .fault_proxy import FaultProxy, b2_rule
+from .test_cli import run
+from .test_s3_source import model_archive, put_training_output, registry_object
 
 FLEXIBLE = ("x-amz-checksum-", "x-amz-sdk-checksum-", "x-amz-trailer")
 
@@ -143,4 +146,33 @@ async def test_a_kept_run_is_resumed_and_swept_on_a_server_refusing_checksum_hea
             assert all(r.resumed for r in result.registrations)
             assert seen.of(UploadProgress) == []  # resumed from the manifest: nothing uploaded again
             assert registry.registration_count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_model_and_metadata_in_s3_are_read_with_the_default_settings(
+    tmp_path: Path, stack: LocalStack, s3: Any, settings: Settings
+) -> None:
+    """With the default `when_supported`, botocore asks every GetObject for the object's
+    checksum (`x-amz-checksum-mode`), which B2 refuses: a model in S3 (read in ranges for its
+    sha256) and performance metadata in S3 could not be read at all.  A range has no checksum
+    to check, so the ranges ask for none; the metadata is read again without it."""
+    archive = model_archive()
+    model = await put_training_output(s3, f"{tmp_path.name}/output/model.tar.gz", archive)
+    metadata = await put_training_output(s3, f"{tmp_path.name}/output/perf.json", b'{"auc": 0.91}')
+    job = make_job(tmp_path)
+    with FaultProxy(stack.s3_endpoint, b2_rule, with_headers=True) as proxy:
+        env = environment(
+            stack,
+            settings,
+            job,
+            REGISTRAR_MODEL_PATH=model,
+            PERFORMANCE_METADATA_PATH=metadata,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+        )
+        result = run(env, "register")
+        refused = proxy.count("GET", "perf.json")
+    assert result.returncode == 0, result.stderr
+    model_id = result.stdout.splitlines()[1].rsplit(" ", 1)[1]
+    assert await registry_object(s3, stack, model_id) == archive
+    assert refused == 2  # asked with the checksum mode, refused, asked again without
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
