@@ -671,10 +671,15 @@ async def put_object(
 
 
 def _damaged_every_time(exc: StorageError, what: str) -> StorageError:
-    """`exc`, the last of `DAMAGED_PART_ATTEMPTS` refusals of `what` as damaged, saying so."""
+    """`exc`, the last of `DAMAGED_PART_ATTEMPTS` refusals of `what` as damaged, saying so.
+
+    Without `exc`'s own hint: for XAmzContentSHA256Mismatch (a signed payload found damaged,
+    which is also how a server without aws-chunked trailers refuses one) it says to set
+    `when_required`, which signs payloads too and would not help."""
+    where = f"s3://{exc.bucket}/{exc.key}" if exc.key else f"s3://{exc.bucket}"
     return exc.restated(
-        f"{exc}; {what} arrived damaged {DAMAGED_PART_ATTEMPTS} times in a row: something on the way "
-        "alters it (a proxy, faulty memory or network card)",
+        f"S3 {exc.operation} failed for {where}: {exc.code}; {what} arrived damaged {DAMAGED_PART_ATTEMPTS} "
+        "times in a row: something on the way alters it (a proxy, faulty memory or network card)",
     )
 
 
