@@ -110,3 +110,51 @@ def test_ours_and_its_variants_checked_differently_is_a_missed_check(bench: Modu
     rows = bench.summarise([alike[0], checked("ours@REGISTRAR_PART_SIZE=24MiB", 2.6, "size-only")])
     (missed,) = [c for c in bench.dataset_checks(rows, ["model 1 GiB"]) if "checked alike" in c["check"]]
     assert (missed["value"], missed["ok"]) == ("sigv4-payload / size-only", False)
+
+
+def test_ours_is_also_compared_with_s5cmd_sending_the_same_bytes(bench: ModuleType, tmp_path: Path) -> None:
+    """`s5cmd cp` of the archive ours makes sends what ours sends: the line beside the checks
+    tells the client's cost apart from the bytes' (the check stays on the prebuilt archive)."""
+    gib = 1 << 30
+    samples = [
+        sample(bench, "model 1 GiB", "ours", 3.3, 2.4, gib),
+        sample(bench, "model 1 GiB", "s5cmd-cp", 2.6, 2.0, gib),
+        sample(bench, "model 1 GiB", "s5cmd-cp-ours", 3.0, 2.1, gib),
+    ]
+    rows = bench.summarise(samples)
+    (line,) = [line for line in bench.same_bytes(rows) if line]
+    assert "ours / `s5cmd cp` of the same 1024 MiB ours sends: 1.10x" in line
+    assert "`s5cmd cp` of the 1024 MiB prebuilt archive: 1.15x" in line
+    checks = bench.dataset_checks(rows, ["model 1 GiB"])
+    assert next(c for c in checks if c["check"] == "model 1 GiB: ours / s5cmd cp of the archive")["value"] == 1.27
+    tools = {"s5cmd": "/bin/s5cmd"}
+    command = bench.commands("s5cmd-cp-ours", tmp_path, "k", tools, "http://127.0.0.1:1")
+    assert command == [
+        "/bin/s5cmd",
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+        "cp",
+        f"{tmp_path}/model.tar.gz",
+        "s3://bench/k",
+    ]
+    assert bench.same_bytes(bench.summarise(samples[:2])) == []
+
+
+async def test_the_archive_ours_makes_for_s5cmd_is_the_one_ours_uploads(bench: ModuleType, tmp_path: Path) -> None:
+    """The bench's copy of ours's archive has the size and sha256 of the one ours uploads."""
+    import hashlib
+    import os
+
+    from async_registrar import Settings
+    from async_registrar._artifacts import inspect_artifact
+    from async_registrar._upload import digest_artifact
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.f32").write_bytes(os.urandom(300_000))
+    (model / "config.json").write_text('{"layers": 2}')
+    made = bench.ours_archive(model, tmp_path / "out", str(Path(sys.executable).parent / "async-registrar"))
+    data = (made / "model.tar.gz").read_bytes()
+    settings = Settings.from_env(s3_bucket="bench", registry=False)
+    expected = await digest_artifact(inspect_artifact(model, role="upload"), settings)
+    assert (len(data), hashlib.sha256(data).hexdigest()) == expected
