@@ -326,9 +326,14 @@ class MultipartUpload:
         *,
         checksum: str | None = None,
         payload_sha256: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Upload part `number` (1-based); S3 verifies its checksum (`checksum` if given, else
-        botocore's); a signed payload is signed with `payload_sha256`, the part's, if given."""
+        botocore's); a signed payload is signed with `payload_sha256`, the part's, if given.
+
+        Returns whether it was sent more than once (botocore's retries, or sent again after
+        S3 found it damaged): an attempt given up on may still be sending from `data` (uvloop,
+        and asyncio from Python 3.12, send what the socket has not taken yet from the caller's
+        buffer, not a copy), so that buffer must not be refilled."""
         extra = _checksum_args(self._checksum, checksum)
         size = len(data)
         for attempt in range(1, DAMAGED_PART_ATTEMPTS + 1):
@@ -379,6 +384,7 @@ class MultipartUpload:
                 part[f"Checksum{self._checksum}"] = value
         self._parts[number] = part
         self._sizes[number] = size
+        return attempt > 1 or bool(response.get("ResponseMetadata", {}).get("RetryAttempts"))
 
     async def _explain_dropped(self, number: int, exc: StorageError) -> None:
         """Part `number` got NoSuchUpload: if another part of this upload arrived damaged, the

@@ -107,18 +107,36 @@ class _BufferPool:
     def __init__(self) -> None:
         self._buffers: deque[mmap.mmap] = deque()
         self._ready = threading.Condition()
+        self._replaced = 0  # buffers not given back, which the producer may make again
 
     def put(self, buffer: mmap.mmap) -> None:
         with self._ready:
             self._buffers.append(buffer)
             self._ready.notify()
 
+    def replace(self) -> None:
+        """A buffer that must not be refilled (a request given up on may still be sending from
+        it) is not given back: the producer may make another in its place, within the share of
+        the budget that one held (the old one is freed once nothing sends from it)."""
+        with self._ready:
+            self._replaced += 1
+            self._ready.notify()
+
     def take(self, timeout: float = 0.0) -> mmap.mmap | None:
         """A buffer, waiting up to `timeout` seconds for one; None if none came."""
         with self._ready:
-            if not self._buffers and timeout > 0:
+            if not self._buffers and not self._replaced and timeout > 0:
                 self._ready.wait(timeout)
             return self._buffers.pop() if self._buffers else None
+
+    def replaced(self) -> bool:
+        """Whether a buffer was replaced (`replace`) that the producer may make again; it is
+        then counted as made."""
+        with self._ready:
+            if not self._replaced:
+                return False
+            self._replaced -= 1
+            return True
 
 
 class _PartCutter:
@@ -215,11 +233,19 @@ class _PartCutter:
         buffer = self._pool.take()
         if buffer is not None:
             return buffer
-        # The lease's first part is this upload's own; any more must fit the budget.
-        if self._lease is None or self._allocated == 0 or self._lease.take_more(self._part_size):
+        # The lease's first part is this upload's own; any more must fit the budget (or take the
+        # place of one that was not given back).
+        if (
+            self._lease is None
+            or self._allocated == 0
+            or self._pool.replaced()
+            or self._lease.take_more(self._part_size)
+        ):
             self._allocated += 1
             return allocate(self._part_size)
         while (buffer := self._pool.take(timeout=0.1)) is None:  # over budget: wait for one back
+            if self._pool.replaced():
+                return allocate(self._part_size)
             anyio.from_thread.check_cancelled()
         return buffer
 
@@ -601,15 +627,21 @@ async def _consume(
                 await upload(uploads, part)
 
     async def upload(uploads: list[MultipartUpload], part: _Part) -> None:
-        await run_all(
-            functools.partial(
-                mpu.upload_part, part.number, part.data, checksum=part.checksum, payload_sha256=part.payload_sha256
-            )
-            for mpu in uploads
-        )
+        resent: list[bool] = []
+
+        async def to(mpu: MultipartUpload) -> None:
+            sent = mpu.upload_part(part.number, part.data, checksum=part.checksum, payload_sha256=part.payload_sha256)
+            resent.append(await sent)
+
+        await run_all(functools.partial(to, mpu) for mpu in uploads)
         tracker.part_done(part.size)
+        # Only after success, and only if each target took it at the first send: a request
+        # that failed, or one given up on before a retry, may still be sending from the buffer.
         if part.buffer is not None and not part.last:
-            pool.put(part.buffer)  # only after success: a failed request may still hold it
+            if any(resent):
+                pool.replace()
+            else:
+                pool.put(part.buffer)
 
     # Every upload is aborted if any step fails, all at once, within the exit's deadline.
     async with MultipartUploads(targets, checksum=algorithm, cleanup=cleanup, ledger=ledger) as uploads:

@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import SecretStr
 
-from async_registrar import Settings, StorageError
+from async_registrar import Settings, StorageError, _upload
 from async_registrar._artifacts import inspect_artifact
+from async_registrar._budget import MemoryBudget
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
+from async_registrar._multipart import MultipartUpload
 from async_registrar._s3 import S3Location, make_session, open_s3_client
 from async_registrar._upload import upload_artifact
 
@@ -74,6 +77,49 @@ async def test_a_part_that_fails_a_few_times_still_arrives(
     assert proxy.count("PUT", "partNumber=2") == 3
     head = await s3.head_object(Bucket=location.bucket, Key=location.key)
     assert head["ContentLength"] == result.size
+
+
+async def test_a_part_sent_more_than_once_does_not_give_its_buffer_back(
+    tmp_path: Path,
+    proxied_s3: Any,
+    s3: Any,
+    settings: Settings,
+    proxy: FaultProxy,
+    faults: Faults,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Part 2 gets a 500 once and botocore sends it again: its buffer is never refilled (the
+    attempt given up on may still be sending from it: uvloop, and asyncio from Python 3.12,
+    send unsent bytes from the caller's buffer, not a copy); the other parts' come back.  With
+    a budget that allows one buffer, the producer makes another in its place, not waits."""
+    faults.action, faults.times = s3_error(500, "InternalError"), 1
+    events: list[tuple[str, int, object]] = []
+    put, upload_part = _upload._BufferPool.put, MultipartUpload.upload_part
+
+    def recording_put(pool: Any, buffer: Any) -> None:
+        events.append(("back", 0, buffer))
+        put(pool, buffer)
+
+    async def recording_upload_part(upload: Any, number: int, data: memoryview, **options: Any) -> bool:
+        events.append(("sent", number, data.obj))
+        return await upload_part(upload, number, data, **options)
+
+    monkeypatch.setattr(_upload._BufferPool, "put", recording_put)
+    monkeypatch.setattr(MultipartUpload, "upload_part", recording_upload_part)
+    location = S3Location(settings.s3_bucket, settings.s3_prefix + "model.tar.gz")
+    source = inspect_artifact(model(tmp_path / "m"), role="model")
+    one_part = settings.model_copy(update={"part_size": 5 * MiB, "upload_concurrency": 1})
+    with anyio.fail_after(60):
+        await upload_artifact(proxied_s3, source, location, one_part, budget=MemoryBudget(1))
+    assert proxy.count("PUT", "partNumber=2") == 2
+    # (number, whether its buffer came back after it was sent), in order
+    came_back = [
+        (number, any(kind == "back" and other is buffer for kind, _, other in events[index + 1 :]))
+        for index, (kind, number, buffer) in enumerate(events)
+        if kind == "sent"
+    ]
+    assert came_back == [(1, True), (2, False), (3, True), (4, False)]  # the last part's neither
+    await s3.delete_object(Bucket=location.bucket, Key=location.key)
 
 
 @pytest.mark.parametrize("action", [s3_error(503, "SlowDown"), RESET], ids=["503", "reset"])
