@@ -24,6 +24,7 @@ from async_registrar import (
     Registrar,
     RegistrationHandle,
     RegistrationKept,
+    RegistrationRequest,
     RegistrationResult,
     RegistrationStatusChanged,
     RegistrationSubmitted,
@@ -65,6 +66,26 @@ def kinds(recorder: Recorder) -> list[type[Any]]:
     """The order of the outcome events (no upload progress, no status changes)."""
     wanted = (RegistrationSubmitted, RegistrationSucceeded, CleanupFinished, RegistrationKept)
     return [type(e) for e in recorder.events if isinstance(e, wanted)]
+
+
+async def rerun_resumes(
+    settings: Settings, registry: Any, request: RegistrationRequest, registration_id: str
+) -> RegistrationResult:
+    """A re-run of the kept lineage in a new registrar: it resumes the one registration (no
+    second one), succeeds once before its cleanup, and leaves nothing it could not remove."""
+    second = Recorder()
+    async with Registrar(on(settings, registry)) as registrar:
+        with anyio.fail_after(BOUND):
+            result = await registrar.register(request, on_progress=release_when_submitted(registry, second))
+    assert registry.registration_count == 1
+    (resumed,) = second.of(RegistrationSubmitted)
+    assert resumed.resumed
+    assert resumed.registration_id == registration_id
+    assert result.registration_id == registration_id
+    assert [r.resumed for r in result.registrations] == [True]
+    assert_succeeded_once_before_cleanup(second, result)
+    assert result.leftovers == ()
+    return result
 
 
 def assert_succeeded_once_before_cleanup(recorder: Recorder, result: RegistrationResult) -> None:
@@ -166,18 +187,7 @@ async def test_cancelled_wait_keeps_then_a_second_registrar_resumes_and_reports_
         if finished == "before_the_rerun":
             registry.finish_processing()
             assert await final_status(registry, accepted.registration_id) == "SUCCEEDED"
-        second = Recorder()
-        async with Registrar(on(settings, registry)) as registrar:
-            with anyio.fail_after(BOUND):
-                result = await registrar.register(request, on_progress=release_when_submitted(registry, second))
-        assert registry.registration_count == 1
-        (resumed,) = second.of(RegistrationSubmitted)
-        assert resumed.resumed
-        assert resumed.registration_id == accepted.registration_id
-        assert result.registration_id == accepted.registration_id
-        assert [r.resumed for r in result.registrations] == [True]
-        assert_succeeded_once_before_cleanup(second, result)
-        assert result.leftovers == ()
+        await rerun_resumes(settings, registry, request, accepted.registration_id)
         assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 

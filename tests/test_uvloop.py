@@ -47,10 +47,14 @@ from .conftest import (  # noqa: E402
     make_job,
     names_under,
     on,
-    release_when_submitted,
     request_for,
 )
-from .test_embedding_blackbox import KEPT_NAMES, Tee, assert_succeeded_once_before_cleanup  # noqa: E402
+from .test_embedding_blackbox import (  # noqa: E402
+    KEPT_NAMES,
+    Tee,
+    assert_succeeded_once_before_cleanup,
+    rerun_resumes,
+)
 
 #: pytest-asyncio 1.x warns that overriding `event_loop_policy` is deprecated (in favour of a
 #: conftest-wide `pytest_asyncio_loop_factories` hook, which would parametrize every async test of
@@ -151,18 +155,8 @@ async def test_cancelled_after_the_registry_accepted_keeps_then_a_rerun_resumes(
         assert await names_under(s3, settings) == KEPT_NAMES
         assert registry.registration(accepted.registration_id).status not in ("SUCCEEDED", "FAILED")
 
-        second = Recorder()
-        async with Registrar(on(settings, registry)) as registrar:
-            with anyio.fail_after(BOUND):
-                result = await registrar.register(request, on_progress=release_when_submitted(registry, second))
-        assert registry.registration_count == 1
-        (resumed,) = second.of(RegistrationSubmitted)
-        assert resumed.resumed
-        assert result.registration_id == accepted.registration_id
-        assert [r.resumed for r in result.registrations] == [True]
+        await rerun_resumes(settings, registry, request, accepted.registration_id)
         assert await final_status(registry, accepted.registration_id) == "SUCCEEDED"
-        assert_succeeded_once_before_cleanup(second, result)
-        assert result.leftovers == ()
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
