@@ -19,7 +19,10 @@ import io
 import os
 import secrets
 import subprocess
+import sys
 import tarfile
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -394,3 +397,135 @@ async def test_register_exits_3_naming_a_file_that_changes_mid_upload(
     assert named in error[0], error[0]
     assert says in error[0], error[0]
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+AWKWARD = [
+    "...",
+    "..a",
+    "a..",
+    "... /.. x",
+    " leading space",
+    "trailing space ",
+    "-rf",
+    "back\\slash",
+    "colon:semi;quote\"'`",
+    "glob*?[]{}",
+    "percent%2F..%2F",
+    "\u00e9-composed.txt",  # NFC
+    "e\u0301-composed.txt",  # NFD: the same text, another name on Linux
+    "\u65e5\u672c\u8a9e/\U0001f600.bin",
+    "n" * 99,
+    "n" * 100,
+    "n" * 101,
+    "d" * 154 + "/" + "f" * 100,  # 255 bytes: ustar's prefix (155) + name (100), split at the slash
+    "d" * 155 + "/" + "f" * 100,
+    "p" * 40 + "/" + "q" * 200,  # no split fits ustar
+    "x" * 255,  # NAME_MAX
+    "\u00e9" * 127 + "z",  # NAME_MAX in UTF-8 bytes, 128 characters
+]
+
+
+async def test_awkward_names_round_trip(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """Dot-only, spaced, glob, NFC/NFD twins, ustar-boundary and NAME_MAX names extract as they were."""
+    root = tmp_path / "model"
+    root.mkdir()
+    for i, name in enumerate(AWKWARD):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(f"{i}:{name}".encode())
+    uri = await upload(settings, root)
+    assert members(await fetch(s3, uri)) == tree(root)
+
+
+def deep_tree(root: Path, depth: int, component: str) -> str:
+    """A file `depth` directories of `component` deep under `root` (made with dir fds: the whole
+    path is longer than PATH_MAX); its relative path."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(component, dir_fd=fd)
+            inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file = os.open("leaf.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(file, b"deep")
+        os.close(file)
+    finally:
+        os.close(fd)
+    return "/".join([component] * depth + ["leaf.bin"])
+
+
+async def test_a_path_longer_than_path_max_is_archived_or_named(tmp_path: Path, settings: Settings, s3: Any) -> None:
+    """A file 4,600 bytes deep (over PATH_MAX): archived whole, or an InputError naming the problem."""
+    rel = deep_tree(tmp_path / "model", 18, "c" * 250)
+    assert len(str(tmp_path / "model" / rel)) > 4096
+    got = await archived_or_refused(settings, s3, tmp_path / "model", lambda event: None)
+    if isinstance(got, InputError):
+        assert "c" * 250 in str(got)
+        assert "File name too long" in str(got)
+    else:
+        assert got[rel] == digest(b"deep")
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+SPARSE = 512 * MiB
+#: Runs the command given as its arguments; its exit code, and its peak RSS on stderr's last line.
+PEAK_RSS = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print('peak-rss-kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
+
+
+async def test_a_sparse_file_streams_in_bounded_memory_and_extracts_to_zeros(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """`upload` of a 512 MiB file that is one hole: bounded RSS, a few seconds, and its zeros back."""
+    job = make_job(tmp_path)
+    root = tmp_path / "sparse"
+    root.mkdir()
+    with (root / "hole.bin").open("wb") as f:
+        f.truncate(SPARSE)
+    (root / "tail.txt").write_text("after the hole")
+    uri = f"s3://{settings.s3_bucket}/{settings.s3_prefix}sparse/model.tar.gz"
+    env = environment(stack, settings, job, REGISTRAR_PART_SIZE="16MiB")
+    started = time.monotonic()
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "async_registrar", "upload", str(root), uri],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert uri in done.stdout
+    peak_mib = int(done.stderr.splitlines()[-1].removeprefix("peak-rss-kib ")) / 1024
+    assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB for a file that is one hole"
+    assert took < 60, f"{took:.0f} s for 512 MiB of zeros"
+    archive = await fetch(s3, uri)
+    assert len(archive) < 8 * MiB  # zeros compress
+    # The tar stream, inflated 64 MiB at a time: hole.bin's header, the zeros, then the rest.
+    inflate = zlib.decompressobj(wbits=31)
+    pending, offset, head, rest = archive, 0, b"", bytearray()
+    while not inflate.eof:
+        chunk = inflate.decompress(pending, 64 * MiB)
+        pending = inflate.unconsumed_tail
+        start, end = offset, offset + len(chunk)
+        offset = end
+        head += chunk[: max(0, 512 - start)]
+        body = chunk[max(0, 512 - start) : max(0, 512 + SPARSE - start)]
+        assert body.count(0) == len(body), f"a non-zero byte in the hole near offset {start}"
+        rest += chunk[max(0, 512 + SPARSE - start) :]
+    info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    assert (info.name, info.size) == ("hole.bin", SPARSE)
+    with tarfile.open(fileobj=io.BytesIO(bytes(rest))) as tar:
+        tail = tar.extractfile("tail.txt")
+        assert tail is not None
+        assert tail.read() == b"after the hole"
