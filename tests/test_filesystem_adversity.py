@@ -352,7 +352,8 @@ async def test_register_exits_3_naming_a_file_that_changes_mid_upload(
         return method == "PUT" and "model.tar.gz" in target and "partNumber=2&" in target + "&"
 
     done: list[subprocess.CompletedProcess[str]] = []
-    with HoldingProxy(stack.s3_endpoint, part_two) as proxy:
+    proxy = HoldingProxy(stack.s3_endpoint, part_two)
+    with proxy:
         env = environment(
             stack,
             settings,
@@ -661,6 +662,7 @@ async def test_a_model_rewritten_mid_registration_is_not_registered_torn(
         if isinstance(event, UploadProgress) and event.artifact == "model":
             rewrite_once(event)
 
+    error: InputError | None
     async with Registrar(held_back(settings)) as registrar:
         try:
             result = await registrar.register(request_for(job), on_progress=on_progress)
