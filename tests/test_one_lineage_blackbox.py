@@ -231,6 +231,47 @@ async def test_two_reruns_after_a_failed_registration_make_one_new_registration(
         assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [], [r[2] for r in results]
 
 
+@pytest.mark.parametrize("first_run", ["answered-late", "sigterm"])
+async def test_a_rerun_that_takes_over_a_live_runs_unanswered_post_makes_one_registration(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, first_run: str
+) -> None:
+    """A live run's POST is held; a re-run takes its prefix over; the first answered or stopped: one registration."""
+    release = threading.Event()
+    posts = [0]
+
+    def first_post_held(method: str, target: str) -> object:
+        if is_post(method, target):
+            posts[0] += 1
+            return Hold(release) if posts[0] == 1 else None
+        return None
+
+    with late_registry(stack) as registry, FaultProxy(registry.endpoint, first_post_held) as proxy:
+        env = job_env(tmp_path, stack, settings, proxy.endpoint)
+        first = Cli(env)
+        try:
+            await until(lambda: posts[0] == 1, "the first run's POST held")
+            rerun = Cli(env)
+            rerun.expect("never heard back")  # the first run's manifest says `submitting`: taken over
+            registration_id = rerun.submitted()
+            if first_run == "sigterm":
+                first.process.send_signal(signal.SIGTERM)
+                first.expect("SIGTERM received")
+        finally:
+            release.set()  # the first run's POST goes on to the registry (the same key and body)
+        if first_run == "sigterm":  # a POST that may have reached the registry counts as accepted: kept
+            code, _, stderr = first.finish()
+            assert code == 143, stderr
+            assert len(await leftovers(s3, settings.s3_bucket, settings.s3_prefix)) == 3, stderr
+            registry.finish_processing()
+            results = [rerun.finish()]
+        else:  # the registry answers it with the registration the re-run made
+            said = first.wait_for(*HAS_ONE) or ""
+            assert registration_id in said, first.stderr
+            registry.finish_processing()
+            results = [first.finish(), rerun.finish()]
+        await assert_one_success_and_nothing_left(registry, results, s3, settings)
+
+
 # --- one of the two stopped ----------------------------------------------------------------------
 
 
