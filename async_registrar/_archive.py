@@ -18,6 +18,7 @@ before it returns or raises.
 
 from __future__ import annotations
 
+import errno
 import io
 import mmap
 import os
@@ -31,11 +32,11 @@ from typing import Protocol
 
 from isal import isal_zlib
 
-from ._artifacts import DirectorySource, FileEntry
+from ._artifacts import DirectorySource, FileEntry, file_stamp
 from ._budget import allocate
 from ._errors import InputError
 
-__all__ = ["BLOCK", "Sink", "changed", "open_regular", "stream_archive", "tar_size"]
+__all__ = ["BLOCK", "Sink", "changed", "check_unchanged", "open_regular", "stream_archive", "tar_size"]
 
 #: The unit of parallel compression: fixed, so the output does not depend on the threads.
 BLOCK = 1024 * 1024
@@ -210,14 +211,17 @@ def stream_archive(
             out.write(_header(entry, mtime))
             if entry.is_dir:
                 continue
-            fd, size = _open_regular_fd(entry.path)
+            fd, info = _open_regular_fd(entry.path)
             try:
+                size = info.st_size
                 if size != entry.size:
                     raise changed(entry.path, f"its size changed from {entry.size} to {size} bytes")
+                check_unchanged(entry.path, entry.stamp, info, "since the scan")
                 if out.read_from(fd, size) != size:
                     raise changed(entry.path, "it shrank while it was read")
                 if os.read(fd, 1):
                     raise changed(entry.path, "it grew while it was read")
+                check_unchanged(entry.path, entry.stamp, os.fstat(fd), "while it was read")
             finally:
                 os.close(fd)
             out.write(_ZEROS[: -size % _BLOCK])
@@ -300,15 +304,29 @@ assert len(_USTAR_TEMPLATE) == tarfile.BLOCKSIZE
 _USTAR_FIXED_SUM = sum(_USTAR_TEMPLATE[157:])
 
 
-def open_regular(path: str | os.PathLike[str]) -> io.FileIO:
-    """Open for reading without blocking on a FIFO that replaced a scanned file."""
-    fd, _ = _open_regular_fd(path)
+def open_regular(path: str | os.PathLike[str], stamp: int | None = None) -> io.FileIO:
+    """Open for reading without blocking on a FIFO that replaced a scanned file; refused if
+    the file is not the one `stamp` (`file_stamp`) describes."""
+    fd, info = _open_regular_fd(path)
+    try:
+        check_unchanged(path, stamp, info, "since it was inspected")
+    except BaseException:
+        os.close(fd)
+        raise
     os.set_blocking(fd, True)
     return io.FileIO(fd, "rb")
 
 
-def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """A descriptor open for reading, and the file's size; refused (and not blocked on)
+def check_unchanged(path: str | os.PathLike[str], stamp: int | None, info: os.stat_result, when: str) -> None:
+    """Raise `changed` unless the file `info` describes is the one `stamp` was taken of, as it was:
+    the same inode (not another file renamed over it, or reached through a directory swapped
+    for a link), not written to (its size can stay the same: a tear the sizes do not show)."""
+    if stamp is not None and file_stamp(info) != stamp:
+        raise changed(path, f"it was replaced or written to {when}")
+
+
+def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A descriptor open for reading, and the file's status; refused (and not blocked on)
     unless a regular file.
 
     O_NONBLOCK keeps a FIFO that replaced a scanned file from blocking the open; it has no
@@ -319,6 +337,8 @@ def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, int]:
     except FileNotFoundError:
         raise changed(path, "it was removed") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link where the scan found a file
+            raise changed(path, "it was replaced by a symbolic link") from None
         raise InputError(
             f"{path}: cannot open for reading ({exc.strerror}); make it readable by the user the job runs as "
             "(chmod a+r), or remove it",
@@ -328,7 +348,7 @@ def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, int]:
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise changed(path, "it is no longer a regular file")
-    return fd, info.st_size
+    return fd, info
 
 
 def changed(path: str | os.PathLike[str], what: str) -> InputError:

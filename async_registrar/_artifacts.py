@@ -30,6 +30,7 @@ __all__ = [
     "PrebuiltArchive",
     "StreamedArchive",
     "choose_part_size",
+    "file_stamp",
     "inspect_artifact",
 ]
 
@@ -49,6 +50,8 @@ class FileEntry:
     is_dir: bool
     size: int
     executable: bool
+    #: The file as the scan saw it (`file_stamp`); None: not compared (synthetic sources).
+    stamp: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,8 @@ class PrebuiltArchive:
 
     path: Path
     size: int
+    #: The file as the inspection saw it (`file_stamp`); None: not compared.
+    stamp: int | None = None
 
     @property
     def size_bound(self) -> int:
@@ -89,6 +94,19 @@ class PrebuiltArchive:
 
 
 ArtifactSource = DirectorySource | PrebuiltArchive
+
+
+def file_stamp(st: os.stat_result) -> int:
+    """What tells a file from another, or from itself rewritten: its device and inode, size and
+    mtime (which every write moves).  Not its ctime, which also moves when the file is removed
+    or renamed over while it is read: what was read is then still one whole version of it.
+
+    Folded into one int (a scan of 200,000 files keeps one each, not a 4-tuple): the stamp is
+    only ever compared with the same file's own, where a collision would need a change that
+    hashes alike.  Reading with `O_NOFOLLOW` protects only the last component of a path; a
+    directory above swapped for a link, or the whole tree renamed away, gives other inodes.
+    """
+    return hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 class BlockingReader(Protocol):
@@ -158,7 +176,7 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
         raise InputError(f"{role} path {path} cannot be read ({exc.strerror})", [str(path)]) from None
     if stat.S_ISREG(info.st_mode):
         if _is_tar_gz(path):
-            return _prebuilt(path, info.st_size, role)
+            return _prebuilt(path, info.st_size, role, file_stamp(info))
         raise InputError(
             f"{role} path {path} is a file but not a gzip-compressed tar archive; pass the directory "
             f"that holds the {role} files, or a .tar.gz",
@@ -184,7 +202,7 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
     if len(entries) == 1 and files[0].name.count("/") == 0:
         single = files[0]
         if _is_tar_gz(Path(single.path)):
-            return _prebuilt(Path(single.path), single.size, role)
+            return _prebuilt(Path(single.path), single.size, role, single.stamp)
         if single.name.endswith((".tar.gz", ".tgz")):
             raise InputError(
                 f"{single.path} is named like a tar.gz archive but is not one (corrupt, truncated or "
@@ -196,13 +214,13 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
     return DirectorySource(path, tuple(entries))
 
 
-def _prebuilt(path: Path, size: int, role: str) -> PrebuiltArchive:
+def _prebuilt(path: Path, size: int, role: str, stamp: int | None) -> PrebuiltArchive:
     if size > MAX_OBJECT_SIZE:  # uploaded as it is: nothing can make it smaller
         raise InputError(
             f"{role} archive {path} is larger than S3's 5 TiB object limit; split the {role} into smaller artifacts",
             [str(path)],
         )
-    return PrebuiltArchive(path, size)
+    return PrebuiltArchive(path, size, stamp)
 
 
 def choose_part_size(size_bound: int, configured: int) -> int:
@@ -290,7 +308,7 @@ def _scan(root: Path, *, dereference: bool = False) -> tuple[list[FileEntry], li
                     )
                 else:
                     executable = bool(mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH))
-                    entries.append(FileEntry(name, path, False, st.st_size, executable))
+                    entries.append(FileEntry(name, path, False, st.st_size, executable, file_stamp(st)))
             else:
                 problems.append(f"{full}: {_special_kind(mode)}; archives hold only regular files and directories")
         # Depth first in sorted order: push subdirectories in reverse so the first pops first.

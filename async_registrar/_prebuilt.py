@@ -9,17 +9,19 @@ raised before the upload can complete, so the upload is aborted instead.
 
 from __future__ import annotations
 
+import io
+import os
 import queue
 import tarfile
 import threading
 import zlib
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 from isal import igzip, isal_zlib
 
-from ._archive import Sink, changed, open_regular
-from ._artifacts import PrebuiltArchive, StreamedArchive
+from ._archive import Sink, changed, check_unchanged, open_regular
+from ._artifacts import BlockingReader, PrebuiltArchive, StreamedArchive
 from ._errors import InputError
 from ._members import MemberCheck, members
 
@@ -45,7 +47,11 @@ def stream_prebuilt(
     reader (views of immutable bytes, of at most `chunk` bytes each).
     """
     total = 0
-    opened = nullcontext(source.reader) if isinstance(source, StreamedArchive) else open_regular(source.path)
+    file: io.FileIO | None = None
+    if isinstance(source, StreamedArchive):
+        opened: AbstractContextManager[BlockingReader] = nullcontext(source.reader)
+    else:
+        opened = file = open_regular(source.path, source.stamp)
     with _TarGzCheck(source) if check else _NoCheck() as checker, opened as f:
         while data := f.read(chunk):
             n = len(data)
@@ -58,6 +64,8 @@ def stream_prebuilt(
                 on_read(n)
         if total != source.size:
             raise changed(source.path, "it shrank while it was read")
+        if file is not None and not isinstance(source, StreamedArchive):  # rewritten in place, same size
+            check_unchanged(source.path, source.stamp, os.fstat(file.fileno()), "while it was read")
         checker.finish()
 
 

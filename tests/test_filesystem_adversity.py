@@ -217,12 +217,6 @@ async def test_a_later_entry_that_changes_kind_or_goes_is_refused_by_name(
     assert "changed while it was being archived" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a file replaced by a symlink after the scan is refused with O_NOFOLLOW's ELOOP, "
-    "reported as 'cannot open for reading (Too many levels of symbolic links); ... (chmod a+r)': "
-    "the wrong cause and the wrong fix",
-)
 async def test_a_later_file_replaced_by_a_link_is_refused_as_changed(
     tmp_path: Path, settings: Settings, s3: Any
 ) -> None:
@@ -240,11 +234,6 @@ async def test_a_later_file_replaced_by_a_link_is_refused_as_changed(
     assert "chmod" not in str(error), str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: only a path's last component is opened O_NOFOLLOW; a directory swapped for a "
-    "symlink after the scan is followed, and a file outside the model directory is archived",
-)
 async def test_a_directory_swapped_for_a_link_mid_upload_is_not_followed_outside(
     tmp_path: Path, settings: Settings, s3: Any
 ) -> None:
@@ -277,11 +266,6 @@ def version(root: Path, config: bytes) -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: every member is opened by its path from the model root, so a model directory "
-    "replaced mid-upload (mv, or a 'latest' symlink flipped) yields v1's weights with v2's config",
-)
 @pytest.mark.parametrize("how", ["rename", "symlink-flip"])
 async def test_the_model_directory_replaced_mid_upload_is_not_archived_as_a_mix(
     tmp_path: Path, settings: Settings, s3: Any, how: str
@@ -639,11 +623,6 @@ async def test_registered_awkward_names_are_what_the_registry_holds(
     assert await registered_model(s3, stack, result.model_id) == tree(job["model"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a same-size rewrite of a file while it is read is archived torn, and the "
-    "registration SUCCEEDS with a model that never existed (the sha256 is the torn archive's)",
-)
 async def test_a_model_rewritten_mid_registration_is_not_registered_torn(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -700,14 +679,7 @@ def stored_tar_gz(weights: bytes) -> bytes:
     [
         "rewritten",
         "appended",
-        pytest.param(
-            "rewritten-unchecked",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="defect: with REGISTRAR_CHECK_PREBUILT=false nothing notices a same-size "
-                "rewrite of the prebuilt archive (no mtime/ctime check): S3 gets a torn archive",
-            ),
-        ),
+        "rewritten-unchecked",
     ],
 )
 async def test_a_prebuilt_archive_changed_mid_upload_is_uploaded_whole_or_refused(
