@@ -176,7 +176,9 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
         raise InputError(f"{role} path {path} cannot be read ({exc.strerror})", [str(path)]) from None
     if stat.S_ISREG(info.st_mode):
         if _is_tar_gz(path):
-            return _prebuilt(path, info.st_size, role, file_stamp(info))
+            # Read by its target's path: a link given as the input is followed, as a directory's
+            # is, and the file is opened without following links (a link there is a swap).
+            return _prebuilt(Path(os.path.realpath(path)), info.st_size, role, file_stamp(info))
         raise InputError(
             f"{role} path {path} is a file but not a gzip-compressed tar archive; pass the directory "
             f"that holds the {role} files, or a .tar.gz",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from async_registrar import InputError
-from async_registrar._artifacts import PrebuiltArchive
+from async_registrar._artifacts import PrebuiltArchive, inspect_artifact
 from async_registrar._prebuilt import stream_prebuilt
 
 MiB = 1024 * 1024
@@ -45,6 +45,16 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarf
 
 def source(path: Path) -> PrebuiltArchive:
     return PrebuiltArchive(path, path.stat().st_size)
+
+
+def test_an_archive_given_by_a_link_is_read_from_its_target(tmp_path: Path) -> None:
+    """A model path that is a link to a .tar.gz is followed, as a link to a directory is."""
+    path = tar_gz(tmp_path / "m.tar.gz", [member("weights.bin")], {"weights.bin": b"w" * 1000})
+    (tmp_path / "latest.tar.gz").symlink_to(path.name)
+    found = inspect_artifact(tmp_path / "latest.tar.gz", role="model")
+    sink = Collect()
+    stream_prebuilt(found, sink)
+    assert sink.buffer.getvalue() == path.read_bytes()
 
 
 def test_a_good_archive_passes_unchanged(tmp_path: Path) -> None:
