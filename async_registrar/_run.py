@@ -796,7 +796,7 @@ class Run:
                             url=conflict.url,
                             holder=holder.registration_id,
                         ) from conflict
-                    self._follow(region, holder)
+                    await self._follow(region, holder)
                     return
                 log.info(
                     "%s: the key %s belongs to registration %s, which %s; submitting again (key generation %d)",
@@ -827,16 +827,7 @@ class Run:
             region.unanswered = region.earlier_unanswered = False
             if self._final(region):  # a replay of a registration that SUCCEEDED already
                 region.final = answer
-            # Recorded before anything else can stop the run (shielded, briefly): a re-run then
-            # follows the registration by its id.  Without it, the key in the manifest written
-            # before the POST still finds it.
-            with anyio.move_on_after(MANIFEST_TIMEOUT, shield=True) as scope:
-                try:
-                    await self._write_manifest(region, "accepted")
-                except StorageError as exc:
-                    log.warning("%s; a re-run still finds the registration by its key", exc.message)
-            if scope.cancelled_caught:
-                log.warning("writing the run manifest timed out; a re-run still finds the registration by its key")
+            await self._record_accepted(region)
             annotate(registration_id=answer.registration_id, model_id=answer.model_id, status=answer.status)
             self._emit(
                 RegistrationSubmitted(
@@ -845,12 +836,28 @@ class Run:
             )
             return
 
-    def _follow(self, region: _Region, holder: Registration) -> None:
+    async def _record_accepted(self, region: _Region) -> None:
+        """Name the registration in the run's manifest before anything else can stop the run
+        (shielded, briefly): a re-run then follows it by its id, and `sweep` asks the registry
+        about it.  Without it, the key in the manifest written before the POST still finds it."""
+        with anyio.move_on_after(MANIFEST_TIMEOUT, shield=True) as scope:
+            try:
+                await self._write_manifest(region, "accepted")
+            except StorageError as exc:
+                log.warning("%s; a re-run still finds the registration by its key", exc.message)
+        if scope.cancelled_caught:
+            log.warning("writing the run manifest timed out; a re-run still finds the registration by its key")
+
+    async def _follow(self, region: _Region, holder: Registration) -> None:
         """Follow the registration the registry named for our key: these inputs, registered before
         (by a run that finished, or one running now).  It reads that run's artifacts, not ours."""
         region.accepted, region.status, region.resumed = holder, holder.status, True
         if self._final(region):
             region.final = holder
+        # Named in the manifest before it is announced: killed while it follows, the run leaves
+        # a prefix that `sweep` removes once the registration is final, not one it spares until
+        # --max-age as a POST that may have gone unanswered (this one was answered).
+        await self._record_accepted(region)
         log.info(
             "%s: these inputs are registration %s (%s) already: following it",
             region.region,
