@@ -444,6 +444,15 @@ def _run(
             left = f"{stopped}; could not remove everything, {REMOVE_BY_HAND} {', '.join(progress.leftovers)}"
             _say_error([left], code, json_lines)
             _write_exit_message(left)
+        elif followed := progress.followed_unfinished():
+            # Made by another run of these inputs, it reads that run's artifacts: it goes on.
+            lines = [
+                f"{stopped}; no temporary object was left behind, and the registration it followed goes on:",
+                *followed,
+                "a re-run with the same lineage id (or key) and inputs follows it to its end",
+            ]
+            _say_error(lines, code, json_lines)
+            _write_exit_message("; ".join(lines))
         else:
             done = f"{stopped}; {clean}"
             _say_error([done], code, json_lines)

@@ -15,7 +15,14 @@ import time
 from typing import TextIO
 
 from ._log_fields import JsonFormatter
-from ._progress import CleanupFinished, ProgressEvent, RegistrationKept, RegistrationSubmitted, UploadProgress
+from ._progress import (
+    CleanupFinished,
+    ProgressEvent,
+    RegistrationKept,
+    RegistrationStatusChanged,
+    RegistrationSubmitted,
+    UploadProgress,
+)
 
 __all__ = ["Console", "ProgressDisplay", "configure_logging"]
 
@@ -113,6 +120,9 @@ class ProgressDisplay:
         #: The registration succeeded and its result lines are out: a signal after that
         #: (during the cleanup) stops nothing the command reports.
         self.registered = False
+        #: Registrations the run found already made (by another run of the same inputs) and
+        #: followed, with the last status seen: they go on when this run stops.
+        self._followed: dict[str, tuple[RegistrationSubmitted, str | None]] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
         if isinstance(event, UploadProgress):
@@ -121,7 +131,12 @@ class ProgressDisplay:
             self.leftovers += event.leftovers
         elif isinstance(event, RegistrationKept):
             self.kept.append(event)
+        elif isinstance(event, RegistrationStatusChanged):
+            if event.registration_id in self._followed:
+                self._followed[event.registration_id] = (self._followed[event.registration_id][0], event.status)
         elif isinstance(event, RegistrationSubmitted):
+            if event.resumed:
+                self._followed[event.registration_id] = (event, None)
             how = "found" if event.resumed else "submitted"
             fields = {
                 "event": "registration_found" if event.resumed else "registration_submitted",
@@ -136,6 +151,15 @@ class ProgressDisplay:
                 event.model_id,
                 extra={"fields": {k: v for k, v in fields.items() if v is not None}},
             )
+
+    def followed_unfinished(self) -> list[str]:
+        """A line for each followed registration not seen to end: what a stopped run names."""
+        return [
+            f"registration {found.registration_id} (model id {found.model_id}"
+            f"{', ' + found.region if found.region else ''}) is {status or 'not final yet'}"
+            for found, status in self._followed.values()
+            if status not in ("SUCCEEDED", "FAILED")
+        ]
 
     def _upload(self, event: UploadProgress) -> None:
         now = time.monotonic()

@@ -295,12 +295,6 @@ async def test_a_leader_killed_during_the_wait_is_swept_once_its_follower_saw_th
         assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [], swept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a run that follows another run's registration after a 409 never updates its manifest "
-    "(still 'submitting'), so what a SIGKILL leaves of it is spared by sweep until --max-age (7 days) "
-    "although its POST was answered and the registration is final",
-)
 async def test_a_follower_killed_during_the_wait_is_swept_once_the_registration_is_final(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -317,11 +311,6 @@ async def test_a_follower_killed_during_the_wait_is_swept_once_the_registration_
         assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == [], swept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: SIGTERM to a run following an accepted registration (found through a 409) says "
-    "'no temporary object was left behind, run again to register' and does not name the registration",
-)
 async def test_a_follower_stopped_by_sigterm_names_the_registration_it_followed(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
