@@ -1,0 +1,284 @@
+"""Black-box: the registrar in a hostile container environment, as real clusters run jobs.
+
+What a cluster does to a job's process, not to its inputs: proxy variables, TLS bundle
+variables, AWS SDK variables, an open-file limit, a uid without a passwd entry on a read-only
+filesystem, a C locale, stderr going nowhere, registry and S3 endpoints given as IPv6
+literals or with a trailing slash. Each case runs the command as a subprocess against the
+session's moto S3 and reference MIMS on loopback (conftest's `environment`) and holds it to
+the README: a success prints the two lines and leaves nothing; a failure is one `error:` line
+naming the variable or file and what to do, a documented exit code, no traceback, nothing
+left in S3 (no object, no open multipart upload).
+
+Cases marked `xfail(strict=True)` pin a defect found this way; the reason names it.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_registrar import Settings
+from async_registrar._local import LocalStack
+
+from .conftest import environment, leftovers, make_job
+
+TWO_LINES = ("Workflow execution arn for model registration process: ", "Model id for model being registered: ")
+
+
+def run(
+    env: dict[str, str],
+    *args: str,
+    preexec: Callable[[], None] | None = None,
+    wrapper: list[str] | None = None,
+    stderr: Any = subprocess.PIPE,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The command as a job runs it: a subprocess with exactly `env`."""
+    return subprocess.run(
+        [*(wrapper or []), sys.executable, "-m", "async_registrar", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        timeout=90,
+        check=False,
+        preexec_fn=preexec,
+        cwd=cwd,
+    )
+
+
+def dead_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def registered(result: subprocess.CompletedProcess[str]) -> str:
+    """Assert a success (exit 0, the two lines and nothing else on stdout); its model id."""
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout
+    assert lines[0].startswith(TWO_LINES[0]), result.stdout
+    assert lines[1].startswith(TWO_LINES[1]), result.stdout
+    return lines[1].rsplit(" ", 1)[1]
+
+
+def refused(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """Assert a documented failure: `code`, an `error:` line, no traceback, stdout empty, and each
+    needle named on stderr. Returns stderr."""
+    err = result.stderr
+    assert "Traceback" not in err, err
+    assert result.returncode == code, err
+    assert result.stdout == "", result.stdout
+    assert "error:" in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not named:\n{err}"
+    return err
+
+
+async def nothing_left(s3: Any, settings: Settings) -> None:
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def members(s3: Any, stack: LocalStack, model_id: str) -> list[str]:
+    """The member names of the model archive the registry holds for `model_id`."""
+    obj = await s3.get_object(Bucket=stack.registry_bucket, Key=f"models/{model_id}/model.tar.gz")
+    async with obj["Body"] as body:
+        data = await body.read()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getnames()
+
+
+# --- proxies ------------------------------------------------------------------------------
+#
+# README says nothing about proxies. botocore (S3) honours HTTP_PROXY/HTTPS_PROXY/NO_PROXY,
+# httpx (the registry) those and ALL_PROXY: so a job in a cluster with proxy variables sends
+# both through the proxy unless NO_PROXY names the hosts.
+
+
+def localhost_s3(stack: LocalStack) -> str:
+    """The session's S3 endpoint by the name `localhost`: NO_PROXY=localhost then spares S3 alone."""
+    return stack.s3_endpoint.replace("127.0.0.1", "localhost")
+
+
+async def test_no_proxy_naming_the_hosts_spares_both_clients(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """HTTP_PROXY and ALL_PROXY at a dead proxy, NO_PROXY naming the hosts: both clients go direct."""
+    dead = f"http://127.0.0.1:{dead_port()}"
+    env = environment(stack, settings, make_job(tmp_path), HTTP_PROXY=dead, ALL_PROXY=dead, NO_PROXY="127.0.0.1")
+    registered(run(env, "register"))
+    await nothing_left(s3, settings)
+
+
+async def test_s3_through_a_dead_proxy_is_exit_4_naming_the_proxy_and_uploads_nothing(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """HTTP_PROXY at a dead proxy with a password in it: S3 fails at the preflight (exit 4), the
+    log names the proxy, the password is masked, nothing is written."""
+    port = dead_port()
+    env = environment(
+        stack,
+        settings,
+        make_job(tmp_path),
+        HTTP_PROXY=f"http://bob:proxy-pass-4417@127.0.0.1:{port}",
+        REGISTRAR_PREFLIGHT_TIMEOUT="1",
+        REGISTRAR_LOG_LEVEL="DEBUG",
+    )
+    err = refused(run(env, "register"), 4, "HeadBucket")
+    assert f'proxy URL: "http://127.0.0.1:{port}"' in err
+    assert "proxy-pass-4417" not in err
+    await nothing_left(s3, settings)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a registry unreachable because HTTP_PROXY names a dead proxy is reported as "
+    "'check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT' (httpx's bare 'ConnectError: All connection "
+    "attempts failed'); neither the proxy nor HTTP_PROXY is named anywhere on stderr",
+)
+async def test_a_registry_behind_a_dead_proxy_names_the_proxy(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """S3 spared by NO_PROXY, the registry sent to a dead HTTP_PROXY: exit 5, and stderr says proxy."""
+    port = dead_port()
+    env = environment(
+        stack,
+        settings,
+        make_job(tmp_path),
+        AWS_ENDPOINT_URL_S3=localhost_s3(stack),
+        HTTP_PROXY=f"http://127.0.0.1:{port}",
+        NO_PROXY="localhost",
+        REGISTRAR_PREFLIGHT_TIMEOUT="1",
+    )
+    err = refused(run(env, "register"), 5, stack.mims_endpoint)
+    await nothing_left(s3, settings)
+    assert "proxy" in err.lower() or str(port) in err, err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a proxy variable httpx cannot use (socks5:// without socksio, ftp://) is exit 1 "
+    "'unexpected error' with a traceback, raised where the registrar builds its httpx.AsyncClient "
+    "(_registrar.py _http_client), instead of exit 2 naming the variable",
+)
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ALL_PROXY", "socks5://127.0.0.1:1080"), ("HTTP_PROXY", "ftp://127.0.0.1:2121")],
+    ids=["all-proxy-socks5", "http-proxy-ftp"],
+)
+async def test_a_proxy_variable_the_client_cannot_use_is_a_configuration_error(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, variable: str, value: str
+) -> None:
+    """A proxy URL of a scheme the registry client cannot use: exit 2 naming the variable."""
+    env = environment(stack, settings, make_job(tmp_path), **{variable: value})
+    result = run(env, "register")
+    await nothing_left(s3, settings)
+    refused(result, 2, variable)
+
+
+# --- TLS bundles and AWS SDK variables ---------------------------------------------------
+#
+# README: "AWS_CA_BUNDLE is the bundle botocore trusts, and SSL_CERT_FILE the one the registry
+# client (httpx) trusts". A bundle variable left over from another image, naming a file this
+# one lacks, is a configuration problem of the job.
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: SSL_CERT_FILE naming a missing file is exit 1 'unexpected error: "
+    "FileNotFoundError: [Errno 2] No such file or directory' with a traceback (httpx loads it when "
+    "the registrar creates its client, _registrar.py _http_client); neither the variable nor the "
+    "path is named",
+)
+async def test_ssl_cert_file_naming_a_missing_file_is_exit_2_naming_it(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """SSL_CERT_FILE=/nonexistent/ca.pem: exit 2 naming SSL_CERT_FILE and the path."""
+    env = environment(stack, settings, make_job(tmp_path), SSL_CERT_FILE="/nonexistent/ca.pem")
+    result = run(env, "register")
+    await nothing_left(s3, settings)
+    refused(result, 2, "SSL_CERT_FILE", "/nonexistent/ca.pem")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: AWS_CA_BUNDLE naming a missing file (even for an http:// endpoint) makes every "
+    "S3 request fail with 'HTTPClientError ... [Errno 2] No such file or directory'; it is retried "
+    "for the whole preflight (30 s by default) and ends exit 4 'S3 did not answer HeadBucket ... "
+    "check AWS_ENDPOINT_URL_S3, the region and the network': the variable and the path are never named",
+)
+async def test_aws_ca_bundle_naming_a_missing_file_is_named(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """AWS_CA_BUNDLE=/nonexistent/ca.pem: an error that names AWS_CA_BUNDLE and the path."""
+    env = environment(
+        stack, settings, make_job(tmp_path), AWS_CA_BUNDLE="/nonexistent/ca.pem", REGISTRAR_PREFLIGHT_TIMEOUT="1"
+    )
+    result = run(env, "register")
+    await nothing_left(s3, settings)
+    assert result.returncode in (2, 4), result.stderr
+    refused(result, result.returncode, "AWS_CA_BUNDLE", "/nonexistent/ca.pem")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a botocore setting variable with an invalid value is exit 1 'unexpected error' "
+    "with a traceback (InvalidDefaultsMode / InvalidS3UsEast1RegionalEndpointConfigError from client "
+    "creation), while AWS_ACCOUNT_ID_ENDPOINT_MODE=bogus is already exit 2",
+)
+@pytest.mark.parametrize(
+    "variable", ["AWS_DEFAULTS_MODE", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT"], ids=["defaults-mode", "us-east-1"]
+)
+async def test_an_invalid_botocore_setting_variable_is_exit_2_naming_it(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, variable: str
+) -> None:
+    """An AWS SDK variable botocore refuses: exit 2 naming it, no traceback."""
+    env = environment(stack, settings, make_job(tmp_path), **{variable: "bogus"})
+    result = run(env, "register")
+    await nothing_left(s3, settings)
+    refused(result, 2, variable)
+
+
+async def test_an_account_id_endpoint_mode_botocore_refuses_is_exit_2_naming_it(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """AWS_ACCOUNT_ID_ENDPOINT_MODE=bogus: exit 2 with the setting and its valid values."""
+    env = environment(stack, settings, make_job(tmp_path), AWS_ACCOUNT_ID_ENDPOINT_MODE="bogus")
+    refused(run(env, "register"), 2, "account_id_endpoint_mode", "bogus")
+    await nothing_left(s3, settings)
+
+
+@pytest.mark.parametrize(
+    ("extra", "drop"),
+    [
+        ({"AWS_MAX_ATTEMPTS": "0", "AWS_RETRY_MODE": "bogus"}, None),
+        ({"AWS_ENDPOINT_URL": "from-s3"}, "AWS_ENDPOINT_URL_S3"),
+        ({"AWS_ENDPOINT_URL": "dead"}, None),
+        ({"AWS_DEFAULT_REGION": "eu-west-1"}, None),
+    ],
+    ids=["retry-variables-ignored", "general-endpoint-only", "s3-endpoint-beats-general", "region-conflict"],
+)
+async def test_aws_variables_the_registrar_settles_itself(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, extra: dict[str, str], drop: str | None
+) -> None:
+    """AWS variables that would break botocore's defaults (no attempts, an unknown retry mode),
+    AWS_ENDPOINT_URL alone or beside AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION against AWS_REGION:
+    the registration goes through and leaves nothing."""
+    values = {
+        k: {"from-s3": stack.s3_endpoint, "dead": f"http://127.0.0.1:{dead_port()}"}.get(v, v) for k, v in extra.items()
+    }
+    env = environment(stack, settings, make_job(tmp_path), **values)
+    if drop:
+        del env[drop]
+    registered(run(env, "register"))
+    await nothing_left(s3, settings)
