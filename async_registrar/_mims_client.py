@@ -50,7 +50,7 @@ from ._mims_contract import (
     Registration,
     RegistrationSubmission,
 )
-from ._settings import Settings
+from ._settings import Settings, http_client_environment
 
 __all__ = ["MimsClient"]
 
@@ -226,6 +226,9 @@ class MimsClient:
         shown = redact(self._endpoint)
         failures: list[str] = []
         fix = "check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT and the network"
+        proxies = [v for v in http_client_environment() if "_PROXY=" in v.upper()] if self._http.trust_env else []
+        if any(not v.upper().startswith("NO_PROXY=") for v in proxies):  # httpx sends through them
+            fix += f", and the proxy the client goes through unless NO_PROXY covers the host ({', '.join(proxies)})"
         with anyio.move_on_after(within) as scope:  # also cuts an attempt still in flight
             try:
                 response = await self._request("GET", url, deadline=within, allow_not_found=True, failures=failures)

@@ -38,7 +38,7 @@ from ._request import RegistrationRequest
 from ._results import RegionRegistration, RegistrationResult
 from ._run import Run
 from ._s3 import S3Client, S3Location, load_s3_models, make_session, open_s3_client
-from ._settings import Settings
+from ._settings import Settings, http_client_environment
 from ._sigv4 import SigV4
 from ._sweep import SweepReport, sweep
 from ._threads import Workers
@@ -524,10 +524,19 @@ class Registrar:
         async with self._client_lock:
             stack = self._open_stack()  # checked under the lock: the registrar may close meanwhile
             if self._http is None:
-                self._http = await stack.enter_async_context(
-                    httpx.AsyncClient(
+                try:
+                    client = httpx.AsyncClient(
                         follow_redirects=False,
                         timeout=httpx.Timeout(self.settings.mims_request_timeout, connect=10.0),
                     )
-                )
+                except (ImportError, ValueError, OSError) as exc:
+                    # httpx builds its proxies and TLS context from the environment here: a
+                    # socks5:// proxy without socksio, a scheme it has no transport for, a
+                    # SSL_CERT_FILE that is not there.  Not a bug of ours: the job's settings.
+                    raise ConfigurationError(
+                        f"the registry client cannot be made from this environment ({type(exc).__name__}: {exc}); "
+                        "fix or unset the variable at fault",
+                        http_client_environment() or ["(none of the proxy or CA bundle variables is set)"],
+                    ) from exc
+                self._http = await stack.enter_async_context(client)
         return self._http

@@ -33,7 +33,7 @@ from pydantic import (
 
 from ._checksums import ChecksumAlgorithm, crc64nvme_available
 from ._config import describe_validation_errors
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, redact
 from ._mims_contract import idempotency_key_problem, unsafe_key
 
 __all__ = ["JobInputs", "Settings", "describe_field", "describe_source", "environment_value"]
@@ -349,6 +349,28 @@ def environment_value(name: str, environ: Mapping[str, str] | None = None) -> st
     """One environment variable, for the CLI's own options (such as the log level)."""
     env = os.environ if environ is None else environ
     return env.get(name) or None
+
+
+#: Variables httpx reads for the registry client: its proxies, and the CA bundle it trusts.
+HTTP_CLIENT_ENVIRONMENT = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+)
+
+
+def http_client_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """`NAME=value` for each variable of `HTTP_CLIENT_ENVIRONMENT` that is set (credentials
+    in a proxy URL removed), for messages about the registry client."""
+    env = os.environ if environ is None else environ
+    return [f"{name}={redact(env[name])}" for name in HTTP_CLIENT_ENVIRONMENT if env.get(name)]
 
 
 def describe_source(field: str) -> str:

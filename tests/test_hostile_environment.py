@@ -146,12 +146,6 @@ async def test_s3_through_a_dead_proxy_is_exit_4_naming_the_proxy_and_uploads_no
     await nothing_left(s3, settings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a registry unreachable because HTTP_PROXY names a dead proxy is reported as "
-    "'check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT' (httpx's bare 'ConnectError: All connection "
-    "attempts failed'); neither the proxy nor HTTP_PROXY is named anywhere on stderr",
-)
 async def test_a_registry_behind_a_dead_proxy_names_the_proxy(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -171,12 +165,6 @@ async def test_a_registry_behind_a_dead_proxy_names_the_proxy(
     assert "proxy" in err.lower() or str(port) in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a proxy variable httpx cannot use (socks5:// without socksio, ftp://) is exit 1 "
-    "'unexpected error' with a traceback, raised where the registrar builds its httpx.AsyncClient "
-    "(_registrar.py _http_client), instead of exit 2 naming the variable",
-)
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("ALL_PROXY", "socks5://127.0.0.1:1080"), ("HTTP_PROXY", "ftp://127.0.0.1:2121")],
@@ -199,13 +187,6 @@ async def test_a_proxy_variable_the_client_cannot_use_is_a_configuration_error(
 # one lacks, is a configuration problem of the job.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: SSL_CERT_FILE naming a missing file is exit 1 'unexpected error: "
-    "FileNotFoundError: [Errno 2] No such file or directory' with a traceback (httpx loads it when "
-    "the registrar creates its client, _registrar.py _http_client); neither the variable nor the "
-    "path is named",
-)
 async def test_ssl_cert_file_naming_a_missing_file_is_exit_2_naming_it(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
