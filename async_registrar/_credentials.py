@@ -19,7 +19,15 @@ from botocore.exceptions import (
     ConfigNotFound,
     ConfigParseError,
     CredentialRetrievalError,
+    InvalidChecksumConfigError,
     InvalidConfigError,
+    InvalidDefaultsMode,
+    InvalidEndpointConfigurationError,
+    InvalidIMDSEndpointModeError,
+    InvalidRetryConfigurationError,
+    InvalidRetryModeError,
+    InvalidS3UsEast1RegionalEndpointConfigError,
+    InvalidSTSRegionalEndpointsConfigError,
     NoCredentialsError,
     PartialCredentialsError,
     ProfileNotFound,
@@ -51,8 +59,21 @@ _PROVIDERS = {
     "iam-role": "the instance metadata service",
 }
 
+#: botocore's refusals of a setting's value, and the variables that set it (or the profile).
+_SETTING_ERRORS: dict[type[BotoCoreError], str] = {
+    InvalidDefaultsMode: "AWS_DEFAULTS_MODE",
+    InvalidS3UsEast1RegionalEndpointConfigError: "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT",
+    InvalidSTSRegionalEndpointsConfigError: "AWS_STS_REGIONAL_ENDPOINTS",
+    InvalidRetryModeError: "AWS_RETRY_MODE",
+    InvalidRetryConfigurationError: "AWS_RETRY_MODE or AWS_MAX_ATTEMPTS",
+    InvalidIMDSEndpointModeError: "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE",
+    InvalidChecksumConfigError: "AWS_REQUEST_CHECKSUM_CALCULATION or AWS_RESPONSE_CHECKSUM_VALIDATION",
+    InvalidEndpointConfigurationError: "AWS_USE_FIPS_ENDPOINT, AWS_USE_DUALSTACK_ENDPOINT or AWS_ENDPOINT_URL*",
+}
+
 #: The botocore exceptions that mean the AWS configuration or credentials need fixing.
 CREDENTIAL_ERRORS: tuple[type[BotoCoreError], ...] = (
+    *_SETTING_ERRORS,
     NoCredentialsError,
     PartialCredentialsError,
     ProfileNotFound,
@@ -104,6 +125,12 @@ def credential_problem(exc: BotoCoreError) -> ConfigurationError:
             f"the AWS configuration file {path} does not exist; fix AWS_CONFIG_FILE / "
             "AWS_SHARED_CREDENTIALS_FILE, or unset them to use ~/.aws/config and ~/.aws/credentials"
         )
+    for kind, variables in _SETTING_ERRORS.items():
+        if isinstance(exc, kind):
+            return ConfigurationError(
+                f"an AWS SDK setting has a value botocore refuses ({redact(str(exc))}); fix or unset "
+                f"{variables} (or the same setting of the profile in {_CONFIG_FILE})"
+            )
     if isinstance(exc, SSOError | TokenRetrievalError):
         return ConfigurationError(
             f"the AWS SSO session of the profile cannot give credentials ({redact(str(exc))}); run "

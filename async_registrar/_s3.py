@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
@@ -23,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
 from ._credentials import credential_errors
-from ._errors import InputError, StorageError, redact
+from ._errors import ConfigurationError, InputError, StorageError, redact
 
 __all__ = [
     "S3Client",
@@ -173,6 +174,7 @@ async def open_s3_client(
         # botocore resolves the credentials as it makes the client: a half-set pair of
         # variables fails here, before any request (only the making is mapped, not the block).
         with credential_errors():
+            _check_ca_bundle(session)
             client = await stack.enter_async_context(
                 session.client(
                     "s3",
@@ -192,6 +194,18 @@ async def open_s3_client(
         sign_known_payloads(client)
         log_failed_attempts(client)
         yield client
+
+
+def _check_ca_bundle(session: aioboto3.Session) -> None:
+    """Refuse a CA bundle botocore was given (AWS_CA_BUNDLE, or the profile's `ca_bundle`) that is
+    not a file: every request would fail on it, retried until the preflight's deadline, as
+    though S3 did not answer (even over http://: the TLS context is made for the session)."""
+    bundle = session._session.get_config_variable("ca_bundle")  # botocore's own resolution
+    if bundle and not os.path.isfile(bundle):
+        raise ConfigurationError(
+            f"AWS_CA_BUNDLE (or ca_bundle in the AWS profile) names {bundle}, which is not a file; "
+            "point it at the PEM bundle of the CA that signed the S3 endpoint's certificate, or unset it"
+        )
 
 
 #: Set for a GetObject that must not ask for the object's checksum (see `without_checksum_mode`).

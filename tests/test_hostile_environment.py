@@ -197,13 +197,6 @@ async def test_ssl_cert_file_naming_a_missing_file_is_exit_2_naming_it(
     refused(result, 2, "SSL_CERT_FILE", "/nonexistent/ca.pem")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: AWS_CA_BUNDLE naming a missing file (even for an http:// endpoint) makes every "
-    "S3 request fail with 'HTTPClientError ... [Errno 2] No such file or directory'; it is retried "
-    "for the whole preflight (30 s by default) and ends exit 4 'S3 did not answer HeadBucket ... "
-    "check AWS_ENDPOINT_URL_S3, the region and the network': the variable and the path are never named",
-)
 async def test_aws_ca_bundle_naming_a_missing_file_is_named(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -217,12 +210,6 @@ async def test_aws_ca_bundle_naming_a_missing_file_is_named(
     refused(result, result.returncode, "AWS_CA_BUNDLE", "/nonexistent/ca.pem")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a botocore setting variable with an invalid value is exit 1 'unexpected error' "
-    "with a traceback (InvalidDefaultsMode / InvalidS3UsEast1RegionalEndpointConfigError from client "
-    "creation), while AWS_ACCOUNT_ID_ENDPOINT_MODE=bogus is already exit 2",
-)
 @pytest.mark.parametrize(
     "variable", ["AWS_DEFAULTS_MODE", "AWS_S3_US_EAST_1_REGIONAL_ENDPOINT"], ids=["defaults-mode", "us-east-1"]
 )
