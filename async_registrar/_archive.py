@@ -34,7 +34,7 @@ from isal import isal_zlib
 
 from ._artifacts import DirectorySource, FileEntry, file_stamp
 from ._budget import allocate
-from ._errors import InputError
+from ._errors import InputError, out_of_descriptors
 
 __all__ = ["BLOCK", "Sink", "changed", "check_unchanged", "open_regular", "stream_archive", "tar_size"]
 
@@ -339,6 +339,8 @@ def _open_regular_fd(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link where the scan found a file
             raise changed(path, "it was replaced by a symbolic link") from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the file's fault: the process's limit
+            raise out_of_descriptors(f"{path}: cannot open for reading", exc) from None
         raise InputError(
             f"{path}: cannot open for reading ({exc.strerror}); make it readable by the user the job runs as "
             "(chmod a+r), or remove it",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ from ._errors import (
     RegistrationInterrupted,
     RegistryError,
     StorageError,
+    out_of_descriptors,
     redact,
 )
 from ._s3 import S3Location
@@ -418,9 +420,13 @@ def _run(
         code = exit_code(exc)
         _report(exc.message, exc, code, json_lines, kept=_kept_summary(exc.kept, exc.resume_hint))
     except Exception as exc:
-        log.exception("unexpected error")
-        code = EXIT_UNEXPECTED
-        _report(f"unexpected error: {type(exc).__name__}: {exc}", exc, code, json_lines)
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # in a library's code
+            code = EXIT_USAGE
+            _report(out_of_descriptors("a file or connection could not be opened", exc).message, exc, code, json_lines)
+        else:
+            log.exception("unexpected error")
+            code = EXIT_UNEXPECTED
+            _report(f"unexpected error: {type(exc).__name__}: {exc}", exc, code, json_lines)
     if received:
         signum = received[0]
         name = signal.Signals(signum).name
@@ -465,7 +471,8 @@ def _say_error(lines: Sequence[str], code: int, json_lines: bool) -> None:
     if json_lines:
         log.error("%s", "\n".join(lines), extra={"fields": {"event": "error", "exit_code": code}})
     else:
-        print(f"error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):  # stderr's reader gone: the exit code still tells
+            print(f"error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
 
 
 def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str | None:
@@ -478,8 +485,9 @@ def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str
 
 def _report(message: str, exc: BaseException, code: int, json_lines: bool, *, kept: str | None = None) -> None:
     notes = [redact(note) for note in getattr(exc, "__notes__", [])]
-    _say_error([redact(message), *notes], code, json_lines)
+    # The message file first: SageMaker shows it, and stderr's reader may have gone away.
     _write_exit_message(message.splitlines()[0] + (f"; {kept}" if kept else ""))
+    _say_error([redact(message), *notes], code, json_lines)
 
 
 def _write_exit_message(message: str) -> None:

@@ -69,6 +69,8 @@ SWITCH_INTERVAL = 0.001
 def main() -> NoReturn:
     """Load the command line with the collector paused, run it, and end the process with its code."""
     sys.setswitchinterval(SWITCH_INTERVAL)
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): the log and errors go nowhere
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     try:
         gc.disable()
         try:
@@ -92,8 +94,10 @@ def _end(code: int) -> NoReturn:
     """End the process with `code` now, as the interpreter would, minus the teardown of
     every module: run the `atexit` handlers (logging's flush among them), flush stdout and
     stderr, exit.  A stream that cannot be flushed (a closed pipe) ends it with 120, as the
-    interpreter does, unless `code` already says the command failed.  A SIGINT from here on
-    is ignored: the command is over, and the exit it would interrupt is a few milliseconds."""
+    interpreter does, unless `code` already says the command failed.  Only stdout's: it
+    holds the result, while stderr's reader going away (a log shipper that died) loses only
+    the log.  A SIGINT from here on is ignored: the command is over, and the exit it would
+    interrupt is a few milliseconds."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit._run_exitfuncs()
     flushed = True
@@ -103,5 +107,5 @@ def _end(code: int) -> NoReturn:
         try:
             stream.flush()
         except (OSError, ValueError):
-            flushed = False
+            flushed = flushed and stream is not sys.stdout
     os._exit(code if flushed else code or 120)

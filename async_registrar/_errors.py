@@ -13,6 +13,7 @@ handle.
 from __future__ import annotations
 
 import re
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ __all__ = [
     "RegistryError",
     "RegistryUnavailable",
     "StorageError",
+    "out_of_descriptors",
     "redact",
 ]
 
@@ -112,6 +114,17 @@ class ConfigurationError(RegistrarError):
         if self.problems:
             full += "\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(full)
+
+
+def out_of_descriptors(what: str, exc: OSError) -> ConfigurationError:
+    """The error for `what` failing with EMFILE or ENFILE: the process (or the system) has no
+    file descriptor left, a limit of the job's to raise, not an input to fix."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return ConfigurationError(
+        f"{what} ({exc.strerror}): the job has no file descriptor left (its open-file limit is {soft}); "
+        "raise it (ulimit -n, or the container's nofile limit) to 1024 or more, or run fewer uploads "
+        "at once (REGISTRAR_MAX_PARALLEL_UPLOADS)"
+    )
 
 
 class InputError(RegistrarError):

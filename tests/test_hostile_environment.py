@@ -279,13 +279,6 @@ async def test_a_low_open_file_limit_still_registers(
     await nothing_left(s3, settings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: EMFILE while the archive opens an input file is exit 3 (bad input) telling the "
-    "user to 'make it readable by the user the job runs as (chmod a+r), or remove it'; the file is "
-    "readable, the process is out of file descriptors (the open-file limit is what to raise); one "
-    "descriptor fewer (ulimit -n 8) is exit 1 with a traceback (EMFILE loading botocore/data)",
-)
 async def test_running_out_of_file_descriptors_is_not_blamed_on_the_input(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -396,13 +389,6 @@ def reader_gone() -> Iterator[int]:
         os.close(write)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with stderr a pipe whose reader went away (a log shipper that died), a "
-    "registration that printed its two lines exits 120, which README reserves for 'its result "
-    "lines could not be written (stdout closed)': _entrypoint._end maps a failed flush of stderr "
-    "as of stdout",
-)
 async def test_a_success_with_stderr_s_reader_gone_is_exit_0(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -415,12 +401,6 @@ async def test_a_success_with_stderr_s_reader_gone_is_exit_0(
     registered(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with stderr's reader gone, a failure (model missing, exit 3) ends 120, against "
-    "README's 'a failure keeps its code above', and <output>/message is not written: _cli._report "
-    "prints the error line first and its BrokenPipeError skips _write_exit_message",
-)
 async def test_a_failure_with_stderr_s_reader_gone_keeps_its_code_and_its_message_file(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -440,11 +420,6 @@ async def test_a_failure_with_stderr_s_reader_gone_keeps_its_code_and_its_messag
     assert (result.returncode, (output / "message").exists()) == (3, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: started with fd 2 closed (`2>&-`, sys.stderr is None) the command exits 1 before "
-    "doing anything and prints nothing: _console.configure_logging calls stream.isatty() on None",
-)
 async def test_a_command_started_with_stderr_closed_still_registers(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
