@@ -261,11 +261,11 @@ def _scan(root: Path, *, dereference: bool = False) -> tuple[list[FileEntry], li
         subdirs = []
         for child in children:
             full = child.path
-            reason = _name_problem(child.name)
+            member, reason = _member_name(child.name)
             if reason:
                 problems.append(f"{os.fsencode(full)!r}: {reason}; rename it")
                 continue
-            name = prefix + child.name
+            name = prefix + member
             try:
                 st = child.stat(follow_symlinks=False)
             except OSError as exc:
@@ -337,15 +337,21 @@ def readable(st: os.stat_result, path: str) -> bool:
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
-def _name_problem(name: str) -> str | None:
+def _member_name(name: str) -> tuple[str, str | None]:
+    """A directory entry's name in the archive (UTF-8, as tar's PAX headers hold it), and the
+    problem that keeps it out, if any.
+
+    The name is decoded from its bytes, not taken as Python gives it: with Python's UTF-8 mode
+    off and an ASCII locale (`LC_ALL=C PYTHONUTF8=0`), a valid UTF-8 name comes as surrogate
+    escapes."""
     if not name.isascii():
         try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            return "name is not valid UTF-8"
+            name = os.fsencode(name).decode("utf-8")
+        except UnicodeDecodeError:
+            return name, "name is not valid UTF-8"
     if _CONTROL.search(name):
-        return "name contains control characters"
-    return None
+        return name, "name contains control characters"
+    return name, None
 
 
 def _special_kind(mode: int) -> str:

@@ -355,13 +355,6 @@ async def test_non_ascii_names_under_the_c_locale_are_archived_as_utf8(
     await nothing_left(s3, settings)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with Python's UTF-8 mode off (LC_ALL=C PYTHONUTF8=0: filesystem encoding ascii) "
-    "a file whose name IS valid UTF-8 is refused, exit 3, 'name is not valid UTF-8; rename it': "
-    "_artifacts.py _name_problem encodes the surrogate-escaped str strictly instead of checking the "
-    "name's bytes (os.fsencode(name).decode('utf-8'))",
-)
 async def test_a_utf8_name_is_not_refused_when_python_s_utf8_mode_is_off(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
