@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
+import re
+import secrets
 import signal
 import threading
 import warnings
@@ -20,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import SecretStr
 
@@ -27,7 +31,9 @@ from async_registrar import (
     ProgressEvent,
     Registrar,
     RegistrarError,
+    RegistrationFailed,
     RegistrationKept,
+    RegistrationResult,
     RegistrationSubmitted,
     Settings,
     UploadProgress,
@@ -43,6 +49,7 @@ from .conftest import (
     late_registry,
     leftovers,
     make_job,
+    mims_server,
     on,
     remove_all,
     request_for,
@@ -361,6 +368,8 @@ def test_a_registrar_entered_on_one_loop_and_used_on_another_is_a_usage_error(
                 thread.start()
                 await asyncio.to_thread(thread.join, BOUND * 2)
                 assert not thread.is_alive()
+                if other != ["usage error"]:
+                    return  # failed already (below); its next S3 call would spend ~10 s in botocore's retries
                 await registrar.register(request_for(job))
             own.append("registered")
         except Exception as exc:
@@ -453,3 +462,179 @@ def test_a_callback_raising_systemexit_after_submission_keeps_and_names(
         registry.finish_processing()
         assert asyncio.run(final_status(registry, submitted.registration_id)) == "SUCCEEDED"
     in_s3(stack, settings, lambda s3: remove_all(s3, settings.s3_bucket, settings.s3_prefix))
+
+
+async def test_a_native_cancel_during_the_final_cleanup_is_not_swallowed(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """A host worker task (`while True: await registrar.register(next_job)`) cancelled natively
+    while the cleanup after SUCCEEDED deletes: the cleanup ends, and the cancellation still stops
+    the task (asyncio delivers a `task.cancel()` once: a run that swallowed it would let the
+    worker go on to its next job)."""
+    job = make_job(tmp_path)
+    after: list[str] = []
+    log: list[str] = []
+    async with Registrar(settings, s3_client=s3) as registrar:
+
+        async def worker() -> None:
+            await registrar.register(request_for(job))
+            after.append("returned")
+            await asyncio.sleep(0)
+            after.append("went on to the next job")
+
+        task = asyncio.create_task(worker())
+        hook = cancel_again(task, 1, log)
+        with hooked(s3, ("before-call.s3.DeleteObjects", hook), ("before-call.s3.DeleteObject", hook)):
+            await asyncio.wait([task], timeout=BOUND)
+    assert set(log) == {"cancel 0"}
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert "went on to the next job" not in after
+    assert task.cancelled()
+
+
+async def test_a_taskgroup_siblings_failure_cancels_the_registration_cleanly(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """An `asyncio.TaskGroup` whose other task fails while the registration uploads: the group
+    raises only the sibling's error (the registration's cancellation is not turned into an error
+    of its own), and nothing is left in S3."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    uploading = asyncio.Event()
+
+    async def sibling() -> None:
+        await uploading.wait()
+        raise ValueError("the host's other work failed")
+
+    async with Registrar(settings) as registrar:
+        with pytest.raises(ExceptionGroup) as caught:
+            async with asyncio.timeout(BOUND), asyncio.TaskGroup() as tg:
+                tg.create_task(registrar.register(request_for(job), on_progress=when_uploading(uploading.set)))
+                tg.create_task(sibling())
+    assert [type(e) for e in caught.value.exceptions] == [ValueError]
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_shielded_registration_under_an_expiring_asyncio_timeout_leaves_nothing(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """`anyio.CancelScope(shield=True)` around register() inside an `asyncio.timeout` that expires
+    mid-upload (native cancellation, which anyio's shield may or may not hold off): either the run
+    finishes or it is cancelled, and nothing is left in S3 either way."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    outcome: list[str] = []
+    async with Registrar(settings) as registrar:
+        try:
+            async with asyncio.timeout(BOUND) as deadline:
+
+                def expire() -> None:
+                    deadline.reschedule(asyncio.get_running_loop().time())
+
+                with anyio.CancelScope(shield=True):
+                    await registrar.register(request_for(job), on_progress=when_uploading(expire))
+                outcome.append("registered")
+        except TimeoutError:
+            outcome.append("timed out")
+    assert len(outcome) == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_the_same_lineage_registered_twice_at_once_is_one_registration(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """A host that registers the same request (same lineage id) twice at once on one registrar
+    (a retried job message): the registry makes one registration, both calls end (a result, or a
+    RegistrarError), no result names another model, and nothing is left."""
+    request = request_for(make_job(tmp_path), workflow_execution_id=f"wf-twice-{secrets.token_hex(4)}")
+    with mims_server(stack) as registry:
+        async with Registrar(on(settings, registry)) as registrar:
+            async with asyncio.timeout(BOUND):
+                outcomes = await asyncio.gather(
+                    registrar.register(request), registrar.register(request), return_exceptions=True
+                )
+        count = registry.registration_count
+    results = [o for o in outcomes if isinstance(o, RegistrationResult)]
+    errors = [o for o in outcomes if not isinstance(o, RegistrationResult)]
+    assert all(isinstance(e, RegistrarError) for e in errors), errors
+    assert results, errors
+    assert len({r.model_id for r in results}) == 1
+    assert count == 1
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+# --- resources after many runs, and things dropped on the floor ------------------------------
+
+
+def resources() -> dict[str, int]:
+    """What a leak would grow: open file descriptors and threads other than anyio's idle workers
+    (reused, pruned).  Not moto's anonymous temporary files: the S3 server runs in this process and
+    keeps each object the registry stores in one."""
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if not re.fullmatch(r"/tmp/#\d+ \(deleted\)", os.readlink(f"/proc/self/fd/{fd}")):
+                fds += 1
+    threads = [t for t in threading.enumerate() if t.name != "AnyIO worker thread"]
+    return {"fds": fds, "threads": len(threads)}
+
+
+async def settled(baseline: dict[str, int]) -> dict[str, int]:
+    """The resources once closed connections have wound down on the server's side (polled, bounded)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while any(v > baseline[k] for k, v in resources().items()):
+                await asyncio.sleep(0.05)
+    return resources()
+
+
+async def test_many_registrations_leak_no_fd_thread_task_or_warning(
+    tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
+) -> None:
+    """Rounds of a registration that succeeds, one the registry fails and one cancelled mid-upload,
+    each in a registrar of its own: after the first round, further rounds leave no file
+    descriptor, thread or task behind, and nothing warns of an unclosed client or a pending task."""
+    small = request_for(make_job(tmp_path / "small"))
+    big = request_for(make_job(tmp_path / "big", model_bytes=12 * MiB))
+    with mims_server(stack, fail_registrations="rejected by policy") as failing:
+
+        async def one_round() -> None:
+            async with Registrar(settings) as registrar:
+                await registrar.register(small)
+            async with Registrar(on(settings, failing)) as registrar:
+                with pytest.raises(RegistrationFailed):
+                    await registrar.register(small)
+            async with Registrar(settings) as registrar:
+                task = asyncio.create_task(registrar.register(big, on_progress=when_uploading(lambda: task.cancel())))
+                await asyncio.wait([task], timeout=BOUND)
+                assert task.cancelled()
+
+        with recorded_warnings() as caught:
+            await one_round()  # imports, botocore's data, the server's first connections
+            gc.collect()
+            baseline = await settled(resources())
+            for _ in range(2):
+                await one_round()
+            gc.collect()
+            after = await settled(baseline)
+    assert after == baseline
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+    assert registrar_threads() == []
+    assert loud(caught) == []
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registration_never_awaited_uploads_nothing_and_the_exit_is_clean(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """A host that makes `registrar.register(request)` and drops it unawaited: nothing is uploaded,
+    the registrar's exit neither hangs nor raises, and the only warning is Python's own "never
+    awaited" one."""
+    job = make_job(tmp_path)
+    with recorded_warnings() as caught:
+        async with asyncio.timeout(BOUND), Registrar(settings) as registrar:
+            registrar.register(request_for(job))  # type: ignore[unused-coroutine]  # noqa: RUF100
+            submit = registrar.submit(request_for(job))
+            del submit
+    assert sorted({str(w.message).split("'")[1] for w in caught}) == ["Registrar.register", "Registrar.submit"]
+    assert all(w.category is RuntimeWarning and "never awaited" in str(w.message) for w in caught)
+    assert registrar_threads() == []
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
