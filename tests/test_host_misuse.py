@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 import pytest
 from pydantic import SecretStr
 
@@ -638,3 +641,78 @@ async def test_a_registration_never_awaited_uploads_nothing_and_the_exit_is_clea
     assert all(w.category is RuntimeWarning and "never awaited" in str(w.message) for w in caught)
     assert registrar_threads() == []
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_registrar_entered_in_one_task_and_left_in_another_works(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """A host whose startup and shutdown hooks run in different tasks (`__aenter__` in one,
+    `__aexit__` in another, register() in a third): it registers, exits without error, and leaves
+    nothing and no open client."""
+    registrar = Registrar(settings)
+    with recorded_warnings() as caught:
+        async with asyncio.timeout(BOUND):
+            await asyncio.create_task(registrar.__aenter__())
+            result = await asyncio.create_task(registrar.register(request_for(make_job(tmp_path))))
+            await asyncio.create_task(registrar.__aexit__(None, None, None))
+    assert result.model_id
+    assert loud(caught) == []
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the registrar's own httpx.AsyncClient (_registrar.py:528) keeps httpx's trust_env=True: the "
+    "host's HTTP(S)_PROXY/ALL_PROXY variables reroute the registry's traffic, though the library is said "
+    "to read no environment variable on its own",
+)
+async def test_the_hosts_proxy_variables_do_not_reroute_the_registry(
+    tmp_path: Path, settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    """The host process has proxy variables for its own traffic (pointing at a closed port here):
+    the library reads no environment variable on its own (README), so its registry client does
+    not send through them.  (S3 goes through a client made before, given as `s3_client`.)"""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, dead)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    outcome: list[str] = []
+    async with asyncio.timeout(BOUND), Registrar(settings, s3_client=s3) as registrar:
+        try:
+            await registrar.register(request_for(make_job(tmp_path)))
+            outcome.append("registered")
+        except RegistrarError as exc:
+            outcome.append(f"{type(exc).__name__}: {exc}")
+    left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+    assert outcome == ["registered"]
+    assert left == []
+
+
+async def test_a_host_thread_registers_through_the_loop_with_anyio_from_thread(
+    tmp_path: Path, settings: Settings, s3: Any
+) -> None:
+    """A host's worker thread (no event loop of its own) hands the registration to the registrar's
+    loop with `anyio.from_thread.run`, the supported way across threads: it registers and leaves
+    nothing."""
+    request = request_for(make_job(tmp_path))
+    async with asyncio.timeout(BOUND), Registrar(settings) as registrar:
+
+        def in_a_thread() -> str:
+            assert not _has_running_loop()
+            return anyio.from_thread.run(registrar.register, request).model_id
+
+        model_id = await anyio.to_thread.run_sync(in_a_thread)
+    assert model_id
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+def _has_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
