@@ -618,7 +618,7 @@ async def test_many_registrations_leak_no_fd_thread_task_or_warning(
                 await one_round()
             gc.collect()
             after = await settled(baseline)
-    assert after == baseline
+    assert {k: min(v, baseline[k]) for k, v in after.items()} == after, (baseline, after)  # none grew
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert registrar_threads() == []
     assert loud(caught) == []
