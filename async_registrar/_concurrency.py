@@ -22,9 +22,10 @@ class first_error:
     """Raise the one error that matters out of a task group's `ExceptionGroup`.
 
     anyio wraps every child failure in a group, even a single one.  Callers of this
-    package expect its own errors, so: a group of cancellations only is left alone,
-    and otherwise the first `RegistrarError` wins, else the first error; any others
-    are logged, not lost.  It never swallows an exception.
+    package expect its own errors, so: a group of cancellations only is left alone, so
+    is one holding a KeyboardInterrupt or SystemExit, and otherwise the first
+    `RegistrarError` wins, else the first error; any others are logged, not lost.  It
+    never swallows an exception.
     """
 
     def __enter__(self) -> None:
@@ -40,7 +41,10 @@ class first_error:
             return
         cancelled = anyio.get_cancelled_exc_class()
         real = [e for e in _leaves(exc) if not isinstance(e, cancelled)]
-        if not real:
+        if not real or not all(isinstance(e, Exception) for e in real):
+            # A KeyboardInterrupt or SystemExit stays in its group, as anyio raises it: raised
+            # bare again in each task it passes, asyncio takes it each time for "stop the loop",
+            # and a host's asyncio.run stopped halfway, its worker threads stranded.
             return
         chosen = next((e for e in real if isinstance(e, RegistrarError)), real[0])
         for other in real:
