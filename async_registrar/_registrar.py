@@ -8,6 +8,7 @@ registry accepted it, and `wait()` on the handle follows it to the end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -184,12 +185,15 @@ class Registrar:
         self._work_ended = anyio.Event()
         self._closing = False
         self._swept_on_start = False
+        #: The event loop it was entered on: its clients' connections belong to that loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __aenter__(self) -> Registrar:
         if self._entered:
             raise RuntimeError("a Registrar can be entered only once")
         require_asyncio("async-registrar's Registrar")
         self._entered = True
+        self._loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
             if self._s3 is None:
                 # botocore's data files are read in a thread, not on the caller's event loop.
@@ -490,6 +494,7 @@ class Registrar:
 
     def _work(self) -> _Work:
         """One piece of work on the registrar (in the caller's task), which its exit may stop."""
+        self._check_loop()
         if self._closing:
             self._open_stack()  # before entry, or closed: the same usage errors
             raise RuntimeError("this Registrar is closing (its async with block has ended); open a new one")
@@ -512,7 +517,25 @@ class Registrar:
             raise RuntimeError("use the Registrar as an async context manager: async with Registrar(...) as r")
         if self._closed:
             raise RuntimeError("this Registrar is closed (its async with block has ended); open a new one")
+        self._check_loop()
         return self._stack
+
+    def _check_loop(self) -> None:
+        """A usage error on another event loop than the one it was entered on (another thread's
+        `asyncio.run`): its clients' pooled connections belong to the first, and using them from
+        another would break them for both."""
+        if self._loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise RuntimeError(
+                "this Registrar was entered on another event loop; use it only on that loop (hand calls "
+                "from other threads over with anyio.from_thread or asyncio.run_coroutine_threadsafe), or "
+                "open a Registrar per event loop"
+            )
 
     def _s3_client(self) -> S3Client:
         self._open_stack()
