@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -340,12 +341,6 @@ async def test_every_method_of_a_closed_registrar_is_a_runtimeerror_outside_the_
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a registrar entered on one event loop is used from another loop unchecked: the call succeeds, "
-    "and leaves the shared aiohttp pool holding connections of the closed loop, so the owning loop's next "
-    "call is a StorageError ('Event loop is closed', 6 attempts) and its exit fails",
-)
 def test_a_registrar_entered_on_one_loop_and_used_on_another_is_a_usage_error(
     tmp_path: Path, settings: Settings, stack: LocalStack, no_backoff: None
 ) -> None:
@@ -396,13 +391,6 @@ def stop_stranded_anyio_workers() -> int:
     return len(stranded)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a KeyboardInterrupt from a callback inside a task group is unwrapped and raised bare again in "
-    "each parent task by first_error (_concurrency.py:49): it escapes asyncio.run's shutdown a second time, "
-    "the host's main task never finishes, anyio's worker threads are never stopped and the process "
-    "cannot exit",
-)
 def test_a_callback_raising_keyboardinterrupt_mid_upload_lets_the_host_shut_down(
     tmp_path: Path, settings: Settings, stack: LocalStack
 ) -> None:
@@ -660,18 +648,13 @@ async def test_a_registrar_entered_in_one_task_and_left_in_another_works(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the registrar's own httpx.AsyncClient (_registrar.py:528) keeps httpx's trust_env=True: the "
-    "host's HTTP(S)_PROXY/ALL_PROXY variables reroute the registry's traffic, though the library is said "
-    "to read no environment variable on its own",
-)
-async def test_the_hosts_proxy_variables_do_not_reroute_the_registry(
+async def test_the_hosts_proxy_variables_reach_the_registry_client_unless_the_host_gives_its_own(
     tmp_path: Path, settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch, no_backoff: None
 ) -> None:
-    """The host process has proxy variables for its own traffic (pointing at a closed port here):
-    the library reads no environment variable on its own (README), so its registry client does
-    not send through them.  (S3 goes through a client made before, given as `s3_client`.)"""
+    """The host's proxy variables (a dead proxy here) apply to the registrar's own registry
+    client, as to every httpx and botocore client (README), and the failure names them; a host
+    that gives its own `httpx.AsyncClient(trust_env=False)` is not rerouted.  (S3 goes through a
+    client made before, given as `s3_client`.)"""
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
@@ -679,17 +662,19 @@ async def test_the_hosts_proxy_variables_do_not_reroute_the_registry(
         monkeypatch.setenv(name, dead)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
-    outcome: list[str] = []
+    settings = settings.model_copy(update={"preflight_timeout": 1.0})
     async with asyncio.timeout(BOUND), Registrar(settings, s3_client=s3) as registrar:
-        try:
-            await registrar.register(request_for(make_job(tmp_path)))
-            outcome.append("registered")
-        except RegistrarError as exc:
-            outcome.append(f"{type(exc).__name__}: {exc}")
-    left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
-    await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
-    assert outcome == ["registered"]
-    assert left == []
+        with pytest.raises(RegistrarError) as refused:
+            await registrar.register(request_for(make_job(tmp_path / "proxied")))
+    assert f"HTTP_PROXY={dead}" in str(refused.value), str(refused.value)
+    async with (
+        asyncio.timeout(BOUND),
+        httpx.AsyncClient(trust_env=False) as own,
+        Registrar(settings, s3_client=s3, http_client=own) as registrar,
+    ):
+        result = await registrar.register(request_for(make_job(tmp_path)))
+    assert result.model_id
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
 async def test_a_host_thread_registers_through_the_loop_with_anyio_from_thread(
