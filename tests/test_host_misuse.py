@@ -58,13 +58,9 @@ from .conftest import (
     remove_all,
     request_for,
 )
+from .test_embedding_blackbox import KEPT_NAMES, names
 
-KEPT_NAMES = ["model.tar.gz", "payload.tar.gz", "registration.json"]
 BOUND = 30
-
-
-def names(keys: list[str]) -> list[str]:
-    return sorted(key.rsplit("/", 1)[1] for key in keys)
 
 
 def registrar_threads() -> list[str]:
