@@ -13,12 +13,11 @@ uploads nothing that is still there and whole.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Annotated, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ._mims_contract import Registration, RegistrationStatus
 from ._s3 import (
@@ -142,6 +141,11 @@ class ManifestRegistration(BaseModel):
         )
 
 
+#: A region as a manifest may name it: a manifest is data in a bucket, and its region goes into
+#: the configured endpoint's `{region}` (a name like "x@host/?" would steer it elsewhere).
+ManifestRegion = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$", max_length=32)]
+
+
 class Manifest(BaseModel):
     """One region's registration by one run attempt."""
 
@@ -153,17 +157,18 @@ class Manifest(BaseModel):
     state: Literal["submitting", "accepted"]
     group: str
     attempt: str
-    region: str
+    region: ManifestRegion
     #: Every region the run registers in.
-    regions: list[str]
+    regions: list[ManifestRegion]
     endpoint: str
     workflow_execution_id: str | None
     idempotency_key: str
     generation: Annotated[int, Field(ge=1)] = 1
     artifacts: dict[str, ManifestArtifact]
     registration: ManifestRegistration | None = None
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    #: With their UTC offset: one without could not be compared with the clock (or each other).
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
     #: The attempt of the run that wrote it last: the prefix's own (`attempt`), or a later run's
     #: that took it over (an earlier POST unanswered), which that earlier run then leaves alone.
     owner: str | None = None

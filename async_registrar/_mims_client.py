@@ -182,9 +182,17 @@ class MimsClient:
 
         Each failed attempt is described in `failures`, if given.  `deadline` (seconds) bounds
         the retries."""
+        if registration_id in ("", ".", ".."):  # a path segment the URL would lose: another URL asked
+            raise RegistryError(f"{registration_id!r} is not a registration id; nothing asked of the registry")
         url = f"{self._endpoint}{REGISTRATIONS_PATH}/{urllib.parse.quote(registration_id, safe='')}"
         response = await self._request("GET", url, deadline=deadline, allow_not_found=True, failures=failures)
         if response.status_code == 404:
+            if not _is_error_body(response):  # a web server's or an ingress's page: not the registry's word
+                raise RegistryError(
+                    f'{redact(url)} answered 404 without a MIMS error body (a JSON object with a "message"): '
+                    "not the registry's answer (an ingress or proxy whose service is down?)",
+                    url=redact(url),
+                )
             return None
         registration = self._parse(response, url)
         if registration.registration_id != registration_id:  # a proxy's or a cache's mix-up

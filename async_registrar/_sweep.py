@@ -49,6 +49,9 @@ log = logging.getLogger("async_registrar.sweep")
 DELETE_BATCH = 1000
 #: Runs examined and removed at once.
 CONCURRENT_RUNS = 16
+#: How far in the future a manifest's time may be (clocks of hosts differ) before it is no
+#: run's: a run writes it with its own clock, which may run ahead of this one.
+CLOCK_SKEW = 15 * 60
 
 #: The MIMS client for a region (the configured endpoint, signed for that region).
 RegistryFor = Callable[[str], Awaitable[MimsClient]]
@@ -321,6 +324,14 @@ async def _why_spare(
         if current is not None and current.status not in TERMINAL_STATUSES:
             return (f"the registry reports it {current.status}", registration_id, current.status)
         since = (now - manifest.updated_at).total_seconds()
+        if since < -CLOCK_SKEW:  # a time no run wrote: it would pin the run past --max-age
+            if old:
+                continue
+            return (
+                f"its manifest is dated {manifest.updated_at.isoformat()}, in the future; spared until --max-age",
+                registration_id,
+                None,
+            )
         if current is None and since < NOT_FOUND_GRACE:  # as `MimsClient.look_up` allows
             return (
                 f"the registry does not know it yet, {since:.0f} s after it accepted it (it has {NOT_FOUND_GRACE:g} s)",
