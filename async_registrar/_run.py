@@ -495,6 +495,7 @@ class Run:
             return
         here = redact(region.mims.endpoint)
         ended_failed: set[str] = set()  # the manifests whose registration the registry reports FAILED
+        foreign: set[str] = set()  # the manifests naming a registration of other inputs
         for where, manifest in same:
             if manifest.registration is None:
                 continue
@@ -525,6 +526,21 @@ class Run:
                 )
                 self._release(region)
                 continue
+            if current.registration_id != registration_id or not self._same_contents(current, archives):
+                # The manifest is data in a bucket: one edited, or a registry's mix-up, may name a
+                # registration of another model.  Not followed nor reported as this one; and the
+                # prefix is left alone, not taken over: the registration that does read it is not
+                # known.  A fresh attempt's POST (the same key) finds the one that has these inputs.
+                log.warning(
+                    "%s: %s names registration %s, which the registry reports for other artifacts; not "
+                    "following it, and not touching that prefix",
+                    region.region,
+                    where.uri,
+                    registration_id,
+                )
+                foreign.add(where.key)
+                self._release(region)
+                continue
             region.accepted, region.status = current, current.status
             if self._final(region):
                 region.final = current
@@ -551,7 +567,7 @@ class Run:
             log.info(
                 "%s: %d earlier run(s) went to another registry endpoint; not touched", region.region, len(elsewhere)
             )
-        same = [(where, m) for where, m in same if m.endpoint == here]
+        same = [(where, m) for where, m in same if m.endpoint == here and where.key not in foreign]
         if not same:
             return
         unanswered = next(((w, m) for w, m in same if m.registration is None), None)

@@ -250,13 +250,6 @@ async def test_a_manifest_naming_an_object_outside_its_prefix_never_touches_that
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: on resume, a registration named by the manifest is followed without comparing the "
-    "registry's model_artifact/payload_artifact sha256 with the inputs (_run.py _resume; _same_contents is "
-    "used only on a 409): the re-run reports another model's registration as its own, exit 0, and removes "
-    "the kept artifacts the real, pending registration still reads",
-)
 async def test_a_manifest_naming_another_models_registration_is_not_reported_as_this_one(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
@@ -355,11 +348,6 @@ async def test_a_registration_the_registry_forgot_is_made_again_from_the_input(
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: on resume, a SUCCEEDED registration is taken without comparing the sha256 the registry "
-    "reports for it with the inputs' (_run.py _resume): exit 0 for a registration of other bytes",
-)
 async def test_a_kept_registration_that_succeeded_with_other_bytes_than_the_input_is_not_reported(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
@@ -380,12 +368,6 @@ async def test_a_kept_registration_that_succeeded_with_other_bytes_than_the_inpu
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the CLI re-run follows the registration the manifest names without comparing its sha256 "
-    "with the inputs' (_run.py _resume): exit 0 with another model's workflow ARN, and the kept prefix the "
-    "real registration still reads is removed (it ends FAILED)",
-)
 async def test_the_cli_rerun_of_a_manifest_naming_another_models_registration_does_not_exit_0(
     tmp_path: Path, settings: Settings, s3: Any, stack: LocalStack
 ) -> None:
@@ -411,6 +393,7 @@ async def test_the_cli_rerun_of_a_manifest_naming_another_models_registration_do
             job,
             MODS_WORKFLOW_EXECUTION_ID="wf-cli-manifest-id",
             REGISTRAR_MIMS_ENDPOINT=registry.endpoint,
+            REGISTRAR_WAIT_TIMEOUT="2",  # the true registration is held: following it ends in a timeout
         )
         done = await anyio.to_thread.run_sync(lambda: run(env, "register"))
         assert other.registration_id not in done.stdout
