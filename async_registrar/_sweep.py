@@ -120,7 +120,8 @@ class SweepReport:
             f"{self.bytes_freed} bytes {'would be ' if self.dry_run else ''}freed",
         ]
         for run in self.spared:
-            what = f"registration {run.registration_id} ({run.status})" if run.registration_id else "spared"
+            status = f" ({run.status})" if run.status else ""  # not known when the registry was not asked
+            what = f"registration {run.registration_id}{status}" if run.registration_id else "spared"
             lines.append(f"spared {run.prefix}: {what}: {run.reason}")
         if self.not_runs:
             lines.append(f"{len(self.not_runs)} key(s) under the prefix are not a run's: left alone")

@@ -204,6 +204,9 @@ async def test_a_404_page_that_is_not_the_registrys_does_not_get_a_kept_run_remo
             report = await sweep_with(through)
             assert proxy.count("GET", "/v1/registrations/reg-untrusted") >= 1
             assert outcome_of(report, where).outcome == "spared", report.lines()
+            spared = [line for line in report.lines() if line.startswith("spared ")]
+            assert spared, report.lines()
+            assert all("registration reg-untrusted: " in line for line in spared), spared  # no "(None)"
         finally:
             await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
