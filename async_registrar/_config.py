@@ -36,9 +36,9 @@ VariableType = Literal["NUMERIC", "TEXT"]
 
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=_NO_CONTROL)]
-Region = Annotated[
-    str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$", max_length=32), AfterValidator(check_region)
-]
+#: The form of a region name, with no judgement of the name itself (a run manifest's, read back).
+RegionName = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$", max_length=32)]
+Region = Annotated[RegionName, AfterValidator(check_region)]
 ContentType = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.+-]*/[\w.+*-]+$", max_length=128)]
 VariableName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_NO_CONTROL)]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]

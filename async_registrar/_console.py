@@ -15,6 +15,7 @@ import time
 from typing import TextIO
 
 from ._log_fields import JsonFormatter
+from ._mims_contract import TERMINAL_STATUSES
 from ._progress import (
     CleanupFinished,
     ProgressEvent,
@@ -158,7 +159,7 @@ class ProgressDisplay:
             f"registration {found.registration_id} (model id {found.model_id}"
             f"{', ' + found.region if found.region else ''}) is {status or 'not final yet'}"
             for found, status in self._followed.values()
-            if status not in ("SUCCEEDED", "FAILED")
+            if status not in TERMINAL_STATUSES
         ]
 
     def _upload(self, event: UploadProgress) -> None:

@@ -17,8 +17,9 @@ import logging
 from typing import Annotated, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from ._config import RegionName
 from ._mims_contract import Registration, RegistrationStatus
 from ._s3 import (
     S3Client,
@@ -141,11 +142,6 @@ class ManifestRegistration(BaseModel):
         )
 
 
-#: A region as a manifest may name it: a manifest is data in a bucket, and its region goes into
-#: the configured endpoint's `{region}` (a name like "x@host/?" would steer it elsewhere).
-ManifestRegion = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,4}(-[a-z]+)+-[0-9]{1,2}$", max_length=32)]
-
-
 class Manifest(BaseModel):
     """One region's registration by one run attempt."""
 
@@ -157,9 +153,11 @@ class Manifest(BaseModel):
     state: Literal["submitting", "accepted"]
     group: str
     attempt: str
-    region: ManifestRegion
+    #: Of a region name's form: a manifest is data in a bucket, and its region goes into the
+    #: configured endpoint's `{region}` (a name like "x@host/?" would steer it elsewhere).
+    region: RegionName
     #: Every region the run registers in.
-    regions: list[ManifestRegion]
+    regions: list[RegionName]
     endpoint: str
     workflow_execution_id: str | None
     idempotency_key: str

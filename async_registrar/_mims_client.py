@@ -50,7 +50,7 @@ from ._mims_contract import (
     Registration,
     RegistrationSubmission,
 )
-from ._settings import Settings, http_client_environment
+from ._settings import PROXY_ENVIRONMENT, Settings, http_client_environment
 
 __all__ = ["MimsClient"]
 
@@ -221,6 +221,15 @@ class MimsClient:
             await anyio.sleep(min(delay, NOT_FOUND_GRACE - age))
             delay = min(delay * 2, self._settings.poll_max)
 
+    def _unreachable_fix(self) -> str:
+        """What to check when the registry did not answer: its endpoint, the network, and the
+        proxies httpx sends through (NO_PROXY may exempt the host) when it trusts the environment."""
+        fix = "check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT and the network"
+        if self._http.trust_env and (proxies := http_client_environment(PROXY_ENVIRONMENT)):
+            proxies += http_client_environment(("NO_PROXY", "no_proxy"))
+            fix += f", and the proxy the client goes through unless NO_PROXY covers the host ({', '.join(proxies)})"
+        return fix
+
     async def probe(self, *, region: str, within: float) -> None:
         """Prove, before anything is uploaded, that the endpoint is a registry that accepts our
         signature: a signed GET of a registration that cannot exist must answer 404.
@@ -233,17 +242,14 @@ class MimsClient:
         url = f"{self._endpoint}{REGISTRATIONS_PATH}/{registration_id}"
         shown = redact(self._endpoint)
         failures: list[str] = []
-        fix = "check --mims-endpoint / REGISTRAR_MIMS_ENDPOINT and the network"
-        proxies = [v for v in http_client_environment() if "_PROXY=" in v.upper()] if self._http.trust_env else []
-        if any(not v.upper().startswith("NO_PROXY=") for v in proxies):  # httpx sends through them
-            fix += f", and the proxy the client goes through unless NO_PROXY covers the host ({', '.join(proxies)})"
         with anyio.move_on_after(within) as scope:  # also cuts an attempt still in flight
             try:
                 response = await self._request("GET", url, deadline=within, allow_not_found=True, failures=failures)
             except RegistryUnavailable as exc:
                 raise RegistryUnavailable(
                     f"the registry at {shown} did not answer within the preflight's {within:g} s "
-                    f"({_last(failures)}); {fix} (REGISTRAR_PREFLIGHT_TIMEOUT sets how long to try)",
+                    f"({_last(failures)}); {self._unreachable_fix()} "
+                    "(REGISTRAR_PREFLIGHT_TIMEOUT sets how long to try)",
                     url=shown,
                 ) from exc
             except RegistrationRejected as exc:
@@ -261,7 +267,8 @@ class MimsClient:
         if scope.cancelled_caught:
             raise RegistryUnavailable(
                 f"the registry at {shown} did not answer within the preflight's {within:g} s "
-                f"({_last(failures) if failures else 'an attempt was still waiting for its answer'}); {fix} "
+                f"({_last(failures) if failures else 'an attempt was still waiting for its answer'}); "
+                f"{self._unreachable_fix()} "
                 "(REGISTRAR_PREFLIGHT_TIMEOUT sets how long to try)",
                 url=shown,
             )

@@ -13,7 +13,7 @@ import contextvars
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -351,26 +351,19 @@ def environment_value(name: str, environ: Mapping[str, str] | None = None) -> st
     return env.get(name) or None
 
 
-#: Variables httpx reads for the registry client: its proxies, and the CA bundle it trusts.
-HTTP_CLIENT_ENVIRONMENT = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-)
+#: The proxy variables httpx reads for the registry client (NO_PROXY last: it sends through none).
+PROXY_ENVIRONMENT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+#: Every variable httpx reads for the registry client: its proxies, and the CA bundle it trusts.
+HTTP_CLIENT_ENVIRONMENT = (*PROXY_ENVIRONMENT, "NO_PROXY", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
-def http_client_environment(environ: Mapping[str, str] | None = None) -> list[str]:
-    """`NAME=value` for each variable of `HTTP_CLIENT_ENVIRONMENT` that is set (credentials
-    in a proxy URL removed), for messages about the registry client."""
+def http_client_environment(
+    names: Sequence[str] = HTTP_CLIENT_ENVIRONMENT, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """`NAME=value` for each of `names` that is set (credentials in a proxy URL removed), for
+    messages about the registry client."""
     env = os.environ if environ is None else environ
-    return [f"{name}={redact(env[name])}" for name in HTTP_CLIENT_ENVIRONMENT if env.get(name)]
+    return [f"{name}={redact(env[name])}" for name in names if env.get(name)]
 
 
 def describe_source(field: str) -> str:
