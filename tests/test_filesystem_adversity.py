@@ -37,6 +37,7 @@ from async_registrar._local import LocalStack
 from .conftest import MiB, environment, leftovers, make_job, request_for
 from .fault_proxy import HoldingProxy
 from .test_cli import run_unprivileged
+from .test_https_review import read_back
 
 #: A file large enough that the producer is still inside it when the first part is acknowledged
 #: (it has read about 16 MiB then, and `held_back` keeps it within about 30 MiB).
@@ -101,10 +102,7 @@ async def upload(settings: Settings, root: Path, on_progress: Callable[[Any], No
 
 async def fetch(s3: Any, uri: str) -> bytes:
     bucket, key = uri.removeprefix("s3://").split("/", 1)
-    response = await s3.get_object(Bucket=bucket, Key=key)
-    async with response["Body"] as body:
-        data: bytes = await body.read()
-    return data
+    return await read_back(s3, bucket, key)
 
 
 async def refused(settings: Settings, s3: Any, root: Path, on_progress: Any = None) -> InputError:

@@ -45,6 +45,7 @@ from .conftest import (
     request_for,
 )
 from .test_cli import run
+from .test_https_review import read_back
 
 
 async def kept(settings: Settings, registry: ThreadedMimsServer, request: RegistrationRequest) -> tuple[str, str]:
@@ -55,17 +56,10 @@ async def kept(settings: Settings, registry: ThreadedMimsServer, request: Regist
     return registration.registration_id, registration.kept_prefix.removeprefix(f"s3://{settings.s3_bucket}/")
 
 
-async def get_bytes(s3: Any, bucket: str, key: str) -> bytes:
-    answer = await s3.get_object(Bucket=bucket, Key=key)
-    async with answer["Body"] as body:
-        data: bytes = await body.read()
-    return data
-
-
 async def edit_manifest(s3: Any, bucket: str, prefix: str, change: Any) -> None:
     """Apply `change` (a function of the manifest's JSON object) to the kept manifest."""
     key = f"{prefix}registration.json"
-    manifest = json.loads(await get_bytes(s3, bucket, key))
+    manifest = json.loads(await read_back(s3, bucket, key))
     change(manifest)
     await s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest).encode())
 
@@ -98,19 +92,19 @@ async def _delete(s3: Any, bucket: str, key: str) -> None:
 
 
 async def _truncate(s3: Any, bucket: str, key: str) -> None:
-    data = await get_bytes(s3, bucket, key)
+    data = await read_back(s3, bucket, key)
     await s3.put_object(Bucket=bucket, Key=key, Body=data[: len(data) // 2])
 
 
 async def _same_size_other_bytes(s3: Any, bucket: str, key: str) -> None:
-    data = await get_bytes(s3, bucket, key)
+    data = await read_back(s3, bucket, key)
     await s3.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0x55 for b in data))
 
 
 async def _same_bytes_other_layout(s3: Any, bucket: str, key: str) -> None:
     """The identical bytes again, in the other layout (one PutObject <-> a one-part multipart upload)."""
     head = await s3.head_object(Bucket=bucket, Key=key)
-    data = await get_bytes(s3, bucket, key)
+    data = await read_back(s3, bucket, key)
     if "-" in head["ETag"]:
         await s3.put_object(Bucket=bucket, Key=key, Body=data)
     else:
@@ -123,7 +117,7 @@ async def _same_bytes_other_layout(s3: Any, bucket: str, key: str) -> None:
             MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
         )
     assert (await s3.head_object(Bucket=bucket, Key=key))["ETag"] != head["ETag"]
-    assert await get_bytes(s3, bucket, key) == data
+    assert await read_back(s3, bucket, key) == data
 
 
 @pytest.mark.parametrize(
@@ -194,7 +188,7 @@ async def test_a_lost_manifest_makes_no_second_registration_and_removes_nothing_
         if damage == "deleted":
             await s3.delete_object(Bucket=settings.s3_bucket, Key=key)
         else:
-            data = await get_bytes(s3, settings.s3_bucket, key)
+            data = await read_back(s3, settings.s3_bucket, key)
             await s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=data[: len(data) // 2])
         result, _ = await resume(settings, registry, request)
         assert result.registration_id == registration_id
@@ -246,7 +240,7 @@ async def test_a_manifest_naming_an_object_outside_its_prefix_never_touches_that
         result, _ = await resume(settings, registry, request)
         assert result.registration_id == registration_id
         assert await final_status(registry, registration_id) == "SUCCEEDED"
-    assert await get_bytes(s3, settings.s3_bucket, precious) == b"not yours"
+    assert await read_back(s3, settings.s3_bucket, precious) == b"not yours"
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
