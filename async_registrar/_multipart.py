@@ -167,6 +167,7 @@ class MultipartUpload:
         self._parts: dict[int, dict[str, Any]] = {}
         self._sizes: dict[int, int] = {}
         self._md5s: dict[int, str] = {}  # with Content-MD5: each part's (base64)
+        self._opaque_etags = False  # a part's ETag was not its MD5: no ETag to compare
         self._damaged: set[int] = set()  # the parts S3 found damaged on their way
         self._sending: set[int] = set()  # the parts on their way, not answered yet
         self._answer: anyio.Event | None = None  # set as a part answers, for `_explain_dropped`
@@ -375,9 +376,25 @@ class MultipartUpload:
                 if self._answer is not None:
                     self._answer.set()
         self._damaged.discard(number)  # sent again whole: no longer a reason for a NoSuchUpload
-        part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        etag = response.get("ETag")
+        if not etag:
+            # CompleteMultipartUpload needs each part's ETag: without one the upload cannot be
+            # completed, and the server is not answering as S3 does.
+            raise StorageError(
+                f"part {number} of {self.location} was accepted without an ETag (UploadPart's answer "
+                "had no ETag header), so the upload cannot be completed: the S3 server, or a proxy in "
+                "front of it, does not answer as S3 does; check the endpoint (REGISTRAR_S3_ENDPOINT_URL)",
+                operation="UploadPart",
+                bucket=self.location.bucket,
+                key=self.location.key,
+            )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": etag}
         if self._checksum == "MD5" and checksum:
             self._md5s[number] = checksum
+            # S3's ETag convention (an MD5 of the parts' MD5s) holds only where each part's ETag
+            # is its MD5: a server that encrypts at rest answers opaque ETags.
+            if etag.strip('"') != base64.b64decode(checksum).hex():
+                self._opaque_etags = True
         elif self._checksum:
             value = response.get(f"Checksum{self._checksum}") or checksum
             if value:
@@ -446,8 +463,11 @@ class MultipartUpload:
     @property
     def expected_etag(self) -> str | None:
         """With Content-MD5 parts: the ETag S3's convention gives the object ("<md5 of the
-        parts' MD5s>-N"), if every part's MD5 is known."""
+        parts' MD5s>-N"), if every part's MD5 is known and each part's ETag was its MD5 (a
+        server that encrypts at rest answers other ETags: nothing to compare)."""
         if self._checksum != "MD5" or not self._parts or len(self._md5s) != len(self._parts):
+            return None
+        if self._opaque_etags:
             return None
         return multipart_etag([self._md5s[n] for n in sorted(self._md5s)])
 

@@ -468,9 +468,6 @@ def strip_part_etag(method: str, target: str, head: bytes, body: bytes) -> tuple
     return None
 
 
-@pytest.mark.xfail(
-    strict=True, reason="UploadPart without an ETag header: KeyError traceback, exit 1 instead of exit 4"
-)
 async def test_an_upload_part_answered_without_an_etag_is_a_storage_error(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -522,7 +519,6 @@ async def test_a_completion_answer_cut_in_its_body_still_uploads(
     assert uploads.get("Uploads", []) == []
 
 
-@pytest.mark.xfail(strict=True, reason="UploadPart without an ETag header raises a bare KeyError, not a StorageError")
 async def test_an_upload_part_answered_without_an_etag_is_a_storage_error_for_the_library(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -630,10 +626,6 @@ class EncryptedEtags:
         return b"\r\n".join(lines), body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="opaque (non-MD5) ETags at the md5 level: a whole object is deleted as damaged, exit 4, 'run again'",
-)
 async def test_opaque_etags_of_an_encrypting_server_are_not_taken_for_damage(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
