@@ -28,7 +28,7 @@ import textwrap
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 import anyio.to_thread
@@ -96,7 +96,10 @@ def exit_code(error: BaseException) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _usage_error(exc, sys.argv[1:] if argv is None else list(argv))
     console = configure_logging(args.log_level, sys.stderr, args.log_format)
     if args.foreground:  # uvicorn runs its own loop and handles signals itself
         return _mims_server(args)
@@ -486,8 +489,19 @@ def _kept_summary(kept: Sequence[AcceptedRegistration], hint: str | None) -> str
 def _report(message: str, exc: BaseException, code: int, json_lines: bool, *, kept: str | None = None) -> None:
     notes = [redact(note) for note in getattr(exc, "__notes__", [])]
     # The message file first: SageMaker shows it, and stderr's reader may have gone away.
-    _write_exit_message(message.splitlines()[0] + (f"; {kept}" if kept else ""))
+    _write_exit_message(_one_line(message) + (f"; {kept}" if kept else ""))
     _say_error([redact(message), *notes], code, json_lines)
+
+
+def _one_line(message: str) -> str:
+    """The message's first line; where that heads a list of problems ("...; fix each and run
+    again:"), with the problems after it, since SageMaker shows this line alone (cut at 1024
+    characters)."""
+    lines = message.splitlines() or [""]
+    problems = [line.strip()[2:] for line in lines[1:] if line.strip().startswith("- ")]
+    if not (problems and lines[0].rstrip().endswith(":")):
+        return lines[0]
+    return f"{lines[0].rstrip().removesuffix(':')}: {'; '.join(problems)}"
 
 
 def _write_exit_message(message: str) -> None:
@@ -495,14 +509,60 @@ def _write_exit_message(message: str) -> None:
     directory = Path(environment_value("REGISTRAR_OUTPUT_DIR") or SAGEMAKER_OUTPUT)
     if directory.is_dir():
         with contextlib.suppress(OSError):
-            (directory / "message").write_text(redact(message.splitlines()[0])[:1024] + "\n")
+            # A path that is not UTF-8 (kept by Python as surrogates) is written escaped.
+            line = redact(message.splitlines()[0] if message else "")[:1024]
+            (directory / "message").write_text(line + "\n", encoding="utf-8", errors="backslashreplace")
 
 
 # --- arguments ------------------------------------------------------------------------
 
 
+class _UsageError(Exception):
+    """argparse found the command line wrong (raised instead of its `SystemExit`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised, so it ends like any other failure: the message
+    file for SageMaker, and in JSON mode an error record and the exit record."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _usage_error(exc: _UsageError, argv: Sequence[str]) -> int:
+    message = f"{exc.parser.prog}: {exc.message}"
+    _write_exit_message(f"{message} (see --help)")
+    if _asked_log_format(argv) == "json":
+        configure_logging("INFO", sys.stderr, "json")
+        _say_error([message, "see --help"], EXIT_USAGE, True)
+        log.info("exit %d", EXIT_USAGE, extra={"fields": {"event": "exit", "exit_code": EXIT_USAGE}})
+    else:  # as argparse prints it
+        with contextlib.suppress(OSError, ValueError):
+            exc.parser.print_usage(sys.stderr)
+            print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _asked_log_format(argv: Sequence[str]) -> str:
+    """The log format the command line or REGISTRAR_LOG_FORMAT asks for, if it is one (the
+    command line could not be parsed); else text."""
+    chosen = environment_value("REGISTRAR_LOG_FORMAT") or "text"
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            chosen = argv[i + 1]
+        elif arg.startswith("--log-format="):
+            chosen = arg.partition("=")[2]
+    chosen = chosen.strip().lower()
+    return chosen if chosen in LOG_FORMATS else "text"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="async-registrar",
         description=_text("Register a trained model with MIMS: stream its artifacts to S3, submit, wait, clean up."),
         epilog="Exit codes: 0 registered; 2 usage or configuration; 3 input artifacts or metadata; "

@@ -24,6 +24,7 @@ from pydantic import (
     ValidationError,
 )
 
+from . import _strict_json as strict_json
 from ._errors import ConfigurationError
 from ._regions import check_region
 
@@ -144,8 +145,8 @@ class RegistrationConfig(BaseModel):
                 f"{source}: the configuration file is empty; it must hold a JSON object with the registration fields"
             )
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            data = strict_json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigurationError(f"{source}: the configuration is not valid JSON ({exc})") from None
         return cls.from_mapping(data, source=source)
 
@@ -171,7 +172,7 @@ class RegistrationConfig(BaseModel):
 
 
 async def load_config(path: Path) -> RegistrationConfig:
-    """Read and validate the configuration file at `path`."""
+    """Read and validate the configuration file at `path` (or the one JSON file in that directory)."""
     import aiofiles  # on first use: it costs 40 ms at start-up, which `upload` does not need
 
     try:
@@ -182,7 +183,8 @@ async def load_config(path: Path) -> RegistrationConfig:
             f"{path}: configuration file not found; pass --config or set REGISTRAR_CONFIG_PATH"
         ) from None
     except IsADirectoryError:
-        raise ConfigurationError(f"{path}: is a directory; the configuration must be a JSON file") from None
+        # A SageMaker channel or a Kubernetes ConfigMap mounted as a directory: its one file.
+        return await load_config(await _one_file_in(path))
     except OSError as exc:
         raise ConfigurationError(
             f"{path}: cannot read the configuration file ({exc.strerror}); make it readable by the user the "
@@ -194,6 +196,28 @@ async def load_config(path: Path) -> RegistrationConfig:
             "it should hold only the registration fields"
         )
     return RegistrationConfig.from_json(text, source=str(path))
+
+
+async def _one_file_in(directory: Path) -> Path:
+    """The configuration file in `directory`: its one file, or its one `.json` file.  Links to
+    files count (a ConfigMap mounts each key as a link into `..data/`); hidden entries do not."""
+    import aiofiles.os
+
+    try:
+        entries = await aiofiles.os.scandir(directory)
+    except OSError as exc:
+        raise ConfigurationError(f"{directory}: cannot list the configuration directory ({exc.strerror})") from None
+    with entries:
+        files = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    if len(files) > 1:
+        files = [name for name in files if name.endswith(".json")] or files
+    if len(files) != 1:
+        found = ", ".join(files) if files else "no file"
+        raise ConfigurationError(
+            f"{directory}: is a directory holding {found}; it must hold one JSON file, "
+            "or name the configuration file itself (--config or REGISTRAR_CONFIG_PATH)"
+        )
+    return directory / files[0]
 
 
 #: What a value must look like, for fields whose pattern says little to a person.

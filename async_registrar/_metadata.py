@@ -6,7 +6,6 @@ a local file or directory (the SageMaker input `/opt/ml/processing/input/metadat
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import aiofiles
 import aiofiles.os
 from botocore.exceptions import ClientError
 
+from . import _strict_json as strict_json
 from ._errors import InputError
 from ._s3 import S3Client, S3Location, get_object, storage_errors
 
@@ -97,8 +97,8 @@ def _parse(data: bytes, where: str) -> dict[str, Any]:
     if len(data) > MAX_METADATA_BYTES:
         raise InputError(_too_large(where), [where])
     try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        value = strict_json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InputError(f"performance metadata {where} is not valid JSON ({exc}); fix the file", [where]) from None
     if not isinstance(value, dict):
         raise InputError(f"performance metadata {where} must be a JSON object, got {type(value).__name__}", [where])
