@@ -354,6 +354,21 @@ class MimsClient:
             )
         return registration
 
+    async def _attempt(self, method: str, url: str, deadline: float, **kwargs: Any) -> httpx.Response:
+        """One request, whole answer included, within REGISTRAR_MIMS_REQUEST_TIMEOUT (and not much
+        past `deadline`, the caller's, on anyio's clock).  httpx's timeouts bound each read: an
+        answer trickled a byte at a time would never end."""
+        limit = min(self._settings.mims_request_timeout, max(deadline - anyio.current_time(), 1.0))
+        try:
+            with anyio.fail_after(limit):
+                return await self._http.request(method, url, auth=self._auth, follow_redirects=False, **kwargs)
+        except TimeoutError:
+            # May have reached the registry: taken as a read timeout (a POST's artifacts are kept).
+            raise httpx.ReadTimeout(
+                f"no whole answer within {limit:g} s (REGISTRAR_MIMS_REQUEST_TIMEOUT is "
+                f"{self._settings.mims_request_timeout:g} s)"
+            ) from None
+
     async def _request(
         self,
         method: str,
@@ -365,10 +380,11 @@ class MimsClient:
         **kwargs: Any,
     ) -> httpx.Response:
         shown = redact(url)
+        until = anyio.current_time() + deadline
         backoff = _Backoff(
             initial=min(0.5, self._settings.poll_initial),
             cap=RETRY_CAP,
-            deadline=anyio.current_time() + deadline,
+            deadline=until,
             request=f"{method} {shown}",
         )
         arrived = False  # whether some attempt may have reached the registry unanswered
@@ -380,9 +396,7 @@ class MimsClient:
                         # Never followed, whoever made the client: a signed request (its session
                         # token, its body) goes to the registry's host and no other.
                         try:
-                            response = await self._http.request(
-                                method, url, auth=self._auth, follow_redirects=False, **kwargs
-                            )
+                            response = await self._attempt(method, url, until, **kwargs)
                         except RuntimeError as closed:  # httpx: "Cannot send a request, as the client has been closed"
                             if not self._http.is_closed:
                                 raise

@@ -337,7 +337,8 @@ class Registrar:
                         older_than=older_than,
                         max_age=max_age,
                         dry_run=dry_run,
-                        lookup_deadline=min(30.0, self.settings.submit_timeout),
+                        # Sparing is the safe side: one request's time per kept run, not retries.
+                        lookup_deadline=min(30.0, self.settings.submit_timeout, self.settings.mims_request_timeout),
                     )
                 )
             if len(reports) == 1:

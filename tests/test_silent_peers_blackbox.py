@@ -304,11 +304,6 @@ async def test_a_registry_that_trickles_or_drops_the_probe_fails_the_preflight_i
     [
         pytest.param(
             TRICKLE,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a POST answer trickled byte by byte is never cut: REGISTRAR_SUBMIT_TIMEOUT and "
-                "REGISTRAR_MIMS_REQUEST_TIMEOUT do not bound it, the run hangs until the trickle ends",
-            ),
         ),
         SWALLOW,
     ],
@@ -612,11 +607,6 @@ async def kept_through(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the re-run's look-up of a kept registration is not cut while its answer trickles: it hangs past "
-    "--wait-timeout (and REGISTRAR_MIMS_REQUEST_TIMEOUT) until the trickle ends",
-)
 async def test_a_rerun_following_a_kept_registration_through_a_trickling_registry_ends_at_the_wait_timeout(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -646,11 +636,6 @@ async def test_a_rerun_following_a_kept_registration_through_a_trickling_registr
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sweep's question to a trickling registry is cut only by its fixed look-up deadline "
-    "(min(30 s, REGISTRAR_SUBMIT_TIMEOUT)) per run, not by REGISTRAR_MIMS_REQUEST_TIMEOUT (1 s here)",
-)
 async def test_a_sweep_asking_a_trickling_registry_about_a_kept_run_ends_and_spares_it(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
