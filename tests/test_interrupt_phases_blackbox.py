@@ -446,6 +446,36 @@ async def test_sigint_while_a_rerun_follows_a_registry_that_went_silent_keeps(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="SIGTERM while waiting out a 503's Retry-After keeps the artifacts as if the POST may have been accepted",
+)
+async def test_sigterm_while_the_registry_answers_503_leaves_nothing(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """The POST answered 503 with Retry-After: 5 ("429 and 503 ... mean the registration was not
+    accepted"); SIGTERM while the client waits to send it again, no POST in flight: nothing was
+    accepted, so nothing is kept: 143, "no temporary object was left behind", nothing left."""
+    job = make_job(tmp_path)
+    with mims_server(stack, fail_submissions=100, retry_after=5) as registry:
+        env = environment(
+            stack, settings, job, REGISTRAR_MIMS_ENDPOINT=registry.endpoint, MODS_WORKFLOW_EXECUTION_ID=lineage("busy")
+        )
+        cli = Cli(env)
+        cli.expect("503 Service Unavailable; retrying in")
+        time.sleep(0.3)  # well inside the 5 s the registry asked for: no POST on its way
+        cli.process.send_signal(signal.SIGTERM)
+        code, _, stderr = cli.finish(timeout=30)
+        assert registry.registration_count == 0
+    try:
+        assert_clean_exit(code, 143, stderr)
+        assert stderr.count("/v1/registrations: 503") == 1, stderr
+        assert "no temporary object was left behind" in stderr, stderr
+        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    finally:
+        await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
 async def test_sigterm_while_a_rerun_takes_over_an_unanswered_post_keeps_its_prefix(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -750,3 +780,91 @@ async def test_cancelled_twice_during_the_cleanup_after_failed_still_cleans(
                         outer.cancel()
             assert time.monotonic() - started < settings.cleanup_timeout
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cancelled while waiting out a 503's Retry-After, the run keeps its artifacts as if accepted",
+)
+async def test_cancelled_while_the_registry_answers_503_keeps_nothing(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """The library: the POST answered 503 with Retry-After: 5 (not accepted); `anyio.fail_after`
+    ends the call while it waits to send it again: no RegistrationKept, nothing left."""
+    job = make_job(tmp_path)
+    events = Recorder()
+    try:
+        with mims_server(stack, fail_submissions=100, retry_after=5) as registry:
+            async with Registrar(on(settings, registry), on_progress=events) as registrar:
+                with pytest.raises(TimeoutError), anyio.fail_after(2.5):
+                    await registrar.register(request_for(job, workflow_execution_id=lineage("lib503")))
+            assert registry.registration_count == 0
+        assert events.of(RegistrationKept) == []
+        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    finally:
+        await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+def keep_signalling(cli: Cli, signum: int) -> tuple[int, str, str]:
+    """Send `signum` every millisecond until the process ends (a supervisor that insists); its end."""
+    deadline = time.monotonic() + 30
+    while cli.process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            cli.process.send_signal(signum)
+        time.sleep(0.001)
+    return cli.finish(timeout=30)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a SIGTERM after the cleanup ended, before the exit, kills the process: no error line, not 130",
+)
+async def test_sigint_then_sigterms_until_the_end_still_exit_130(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """SIGINT mid-upload, then SIGTERM every millisecond until the process ends ("further signals
+    during cleanup are logged, not obeyed"): the first signal decides, 130, the error line, nothing
+    left.  The process is killed by one of the SIGTERMs instead (returncode -15)."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+    with FaultProxy(stack.s3_endpoint, stalled_parts) as proxy:
+        cli = Cli(environment(stack, settings, job, AWS_ENDPOINT_URL_S3=proxy.endpoint))
+        await until(lambda: proxy.count("PUT", "partNumber=") >= 1, "a part on its way")
+        cli.process.send_signal(signal.SIGINT)
+        cli.expect("SIGINT received")
+        code, _, stderr = keep_signalling(cli, signal.SIGTERM)
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert_clean_exit(code, 130, stderr)
+    assert "error: interrupted by SIGINT" in stderr, stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a SIGTERM after the cleanup that follows SUCCEEDED, before the exit, kills the process: not exit 0",
+)
+async def test_sigterms_until_the_end_of_the_cleanup_after_success_still_exit_0(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
+) -> None:
+    """SUCCEEDED, the lines out, the cleanup's deletes slow; SIGTERM every millisecond until the
+    process ends (a supervisor's stop, repeated): README says a signal during that cleanup is a
+    warning and the exit is 0.  One of them kills the process once the cleanup is over."""
+    job = make_job(tmp_path)
+    slow = {"on": False}
+    rule = lambda method, target: Stall(0.5) if slow["on"] and is_delete(method, target) else None  # noqa: E731
+    with late_registry(stack) as registry, FaultProxy(stack.s3_endpoint, rule) as proxy:
+        env = environment(
+            stack,
+            settings,
+            job,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            REGISTRAR_MIMS_ENDPOINT=registry.endpoint,
+            MODS_WORKFLOW_EXECUTION_ID=lineage("insist"),
+        )
+        cli = Cli(env)
+        cli.submitted()
+        slow["on"] = True
+        registry.finish_processing()
+        cli.expect("cleaning up the temporary objects")
+        code, stdout, stderr = keep_signalling(cli, signal.SIGTERM)
+    assert len(stdout.splitlines()) == 2, stdout
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert_clean_exit(code, 0, stderr)
