@@ -361,6 +361,14 @@ def _stopping_signals() -> tuple[signal.Signals, ...]:
     return (signal.SIGTERM, signal.SIGINT)
 
 
+def _ignore_stopping_signals() -> None:
+    """From here on SIGINT and SIGTERM are ignored: the work is over (the first signal already
+    decided the exit code), and a signal must not kill the process before it reports."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in _stopping_signals():
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def _run(
     command: Callable[[], Awaitable[int]],
     progress: ProgressDisplay,
@@ -383,15 +391,20 @@ def _run(
             work = anyio.CancelScope()
 
             async def watch_signals() -> None:
-                with anyio.open_signal_receiver(*_stopping_signals()) as signals:
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        if not received:
-                            received.append(signum)
-                            log.warning("%s received: stopping and cleaning up", name)
-                            work.cancel()
-                        else:
-                            log.warning("%s received again: still cleaning up (bounded), please wait", name)
+                try:
+                    with anyio.open_signal_receiver(*_stopping_signals()) as signals:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            if not received:
+                                received.append(signum)
+                                log.warning("%s received: stopping and cleaning up", name)
+                                work.cancel()
+                            else:
+                                log.warning("%s received again: still cleaning up (bounded), please wait", name)
+                finally:
+                    # The receiver gives the signals their default action back (SIGTERM's ends the
+                    # process) as it closes: the work is over, what is left is to report it.
+                    _ignore_stopping_signals()
 
             tg.start_soon(watch_signals)
             try:
@@ -406,8 +419,7 @@ def _run(
             code = anyio.run(guarded)
         finally:
             progress.close()  # a failed or interrupted upload leaves no progress line behind
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is over: what is left is to report it
+            _ignore_stopping_signals()  # the work is over: what is left is to report it
     except _ResultUnwritten as exc:
         code = EXIT_RESULT_UNWRITTEN
         _report(

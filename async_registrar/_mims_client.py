@@ -26,6 +26,7 @@ import random
 import secrets
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -65,6 +66,19 @@ NOT_PROCESSED_5XX = frozenset({501, 503, 505})
 #: Failures after the whole request may have reached the server: no answer in time, a broken
 #: connection, or an answer whose body could not be decoded (it came, so the request arrived).
 _MAYBE_ARRIVED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError, httpx.DecodingError)
+
+
+@dataclass
+class Delivery:
+    """Whether a request, retried, may have reached the registry: an attempt on its way (its
+    answer not in), or one that got no answer or an answer that does not rule it out."""
+
+    in_flight: bool = False
+    arrived: bool = False
+
+    @property
+    def may_have_arrived(self) -> bool:
+        return self.in_flight or self.arrived
 
 
 def may_have_processed(status: int) -> bool:
@@ -157,13 +171,17 @@ class MimsClient:
         """The registry's base URL."""
         return self._endpoint
 
-    async def submit(self, submission: RegistrationSubmission, *, idempotency_key: str) -> Registration:
-        """Submit a registration; return the registry's answer once it accepted it."""
+    async def submit(
+        self, submission: RegistrationSubmission, *, idempotency_key: str, delivery: Delivery | None = None
+    ) -> Registration:
+        """Submit a registration; return the registry's answer once it accepted it.  `delivery`,
+        if given, says meanwhile whether a POST may have reached the registry (for a caller
+        cancelled before an answer: its artifacts are kept only then)."""
         url = self._endpoint + REGISTRATIONS_PATH
         body = submission.model_dump_json(exclude_none=False).encode()
         headers = {"content-type": "application/json", IDEMPOTENCY_HEADER: idempotency_key}
         response = await self._request(
-            "POST", url, content=body, headers=headers, deadline=self._settings.submit_timeout
+            "POST", url, content=body, headers=headers, deadline=self._settings.submit_timeout, delivery=delivery
         )
         try:
             registration = self._parse(response, url)
@@ -377,26 +395,30 @@ class MimsClient:
         deadline: float,
         allow_not_found: bool = False,
         failures: list[str] | None = None,
+        delivery: Delivery | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
         shown = redact(url)
-        until = anyio.current_time() + deadline
+        ends_at = anyio.current_time() + deadline
         backoff = _Backoff(
             initial=min(0.5, self._settings.poll_initial),
             cap=RETRY_CAP,
-            deadline=until,
+            deadline=ends_at,
             request=f"{method} {shown}",
         )
-        arrived = False  # whether some attempt may have reached the registry unanswered
+        # Whether some attempt may have reached the registry unanswered; kept in `delivery`, if
+        # given, as it goes, for a caller cancelled meanwhile.
+        delivery = delivery if delivery is not None else Delivery()
         try:
             # The backoff keeps the deadline (stamina's own timeout would not cap a Retry-After).
             async for attempt in stamina.retry_context(on=backoff, attempts=None, timeout=None):
                 with attempt:
+                    delivery.in_flight = True  # stays so if cancelled: it may have arrived
                     try:
                         # Never followed, whoever made the client: a signed request (its session
                         # token, its body) goes to the registry's host and no other.
                         try:
-                            response = await self._attempt(method, url, until, **kwargs)
+                            response = await self._attempt(method, url, ends_at, **kwargs)
                         except RuntimeError as closed:  # httpx: "Cannot send a request, as the client has been closed"
                             if not self._http.is_closed:
                                 raise
@@ -405,10 +427,12 @@ class MimsClient:
                                 "while the registrar still used it; close it only after the registrar",
                                 url=shown,
                             ) from closed
-                        arrived = arrived or may_have_processed(response.status_code)
+                        delivery.in_flight = False
+                        delivery.arrived = delivery.arrived or may_have_processed(response.status_code)
                         return self._check(response, shown, allow_not_found=allow_not_found)
                     except Exception as exc:
-                        arrived = arrived or isinstance(exc, _MAYBE_ARRIVED)
+                        delivery.in_flight = False
+                        delivery.arrived = delivery.arrived or isinstance(exc, _MAYBE_ARRIVED)
                         if failures is not None:
                             failures.append(_describe_failure(exc))
                         raise
@@ -423,17 +447,17 @@ class MimsClient:
             raise RegistryUnavailable(
                 f"{method} {shown} kept answering {exc} {until}; the registry is throttling or failing, retry later",
                 url=shown,
-                may_have_arrived=arrived,
+                may_have_arrived=delivery.arrived,
             ) from None
         except _TRANSIENT_FAILURES as exc:
             raise RegistryUnavailable(
                 f"{method} {shown} failed: {type(exc).__name__}; check --mims-endpoint / "
                 "REGISTRAR_MIMS_ENDPOINT and the network",
                 url=shown,
-                may_have_arrived=arrived,
+                may_have_arrived=delivery.arrived,
             ) from None
         except RegistryError as exc:  # a definite answer to this attempt, not to the earlier ones
-            exc.may_have_arrived = exc.may_have_arrived or arrived
+            exc.may_have_arrived = exc.may_have_arrived or delivery.arrived
             raise
         raise AssertionError("unreachable: stamina retries until it returns or raises")
 

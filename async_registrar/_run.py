@@ -69,7 +69,7 @@ from ._manifest import (
     write_manifest,
 )
 from ._metadata import load_performance_metadata
-from ._mims_client import MimsClient
+from ._mims_client import Delivery, MimsClient
 from ._mims_contract import TERMINAL_STATUSES, ArtifactRef, Registration, RegistrationSubmission
 from ._multipart import OpenUploads
 from ._plan import ArtifactPlan, RegionPlan, RegistrationPlan
@@ -795,8 +795,9 @@ class Run:
             # Before the POST: a run killed while it is in flight leaves the key behind.
             await self._write_manifest(region, "submitting")
             region.unanswered = True  # from here the registry may have it, answered or not
+            delivery = Delivery()
             try:
-                answer = await region.mims.submit(self._submission(region), idempotency_key=key)
+                answer = await region.mims.submit(self._submission(region), idempotency_key=key, delivery=delivery)
             except IdempotencyConflict as conflict:
                 # The key holds another body: ours was not taken.  (An earlier run's POST of this
                 # very body would have made the key its own: that is not settled here.)
@@ -826,6 +827,11 @@ class Run:
                 continue
             except RegistryError as exc:  # a rejection, or no answer until the deadline
                 region.unanswered = exc.may_have_arrived
+                raise
+            except BaseException:
+                # Cancelled (a signal, the host's deadline) or failed otherwise: kept only if a POST
+                # may have reached the registry (not while it waits to retry after 503s).
+                region.unanswered = delivery.may_have_arrived
                 raise
             if answer.status == "FAILED":  # the registry replayed this key's registration: it failed
                 region.unanswered = region.earlier_unanswered = False

@@ -446,10 +446,6 @@ async def test_sigint_while_a_rerun_follows_a_registry_that_went_silent_keeps(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SIGTERM while waiting out a 503's Retry-After keeps the artifacts as if the POST may have been accepted",
-)
 async def test_sigterm_while_the_registry_answers_503_leaves_nothing(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -782,10 +778,6 @@ async def test_cancelled_twice_during_the_cleanup_after_failed_still_cleans(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cancelled while waiting out a 503's Retry-After, the run keeps its artifacts as if accepted",
-)
 async def test_cancelled_while_the_registry_answers_503_keeps_nothing(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -815,10 +807,6 @@ def keep_signalling(cli: Cli, signum: int) -> tuple[int, str, str]:
     return cli.finish(timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGTERM after the cleanup ended, before the exit, kills the process: no error line, not 130",
-)
 async def test_sigint_then_sigterms_until_the_end_still_exit_130(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -837,10 +825,6 @@ async def test_sigint_then_sigterms_until_the_end_still_exit_130(
     assert "error: interrupted by SIGINT" in stderr, stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SIGTERM after the cleanup that follows SUCCEEDED, before the exit, kills the process: not exit 0",
-)
 async def test_sigterms_until_the_end_of_the_cleanup_after_success_still_exit_0(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
