@@ -599,7 +599,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(foreground=False)
     # The global options, accepted after the command too (where they win).
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--log-level", default=argparse.SUPPRESS, type=_log_level, metavar="LEVEL", help=argparse.SUPPRESS
     )
@@ -772,8 +772,8 @@ _JOB_VARIABLES = (
 
 
 def _command(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
+    commands: argparse._SubParsersAction[_Parser],
+    common: _Parser,
     name: str,
     *,
     help: str,

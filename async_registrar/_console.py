@@ -78,6 +78,18 @@ class Console(logging.StreamHandler[TextIO]):
         return columns or shutil.get_terminal_size().columns
 
 
+def _one_line_from_libraries(record: logging.LogRecord) -> bool:
+    """A library's record (aiobotocore's "Refreshing temporary credentials failed during
+    mandatory refresh period", say) keeps its exception as one line, not a traceback of many
+    frames: the run's own error says what failed.  DEBUG shows the traceback."""
+    if record.exc_info and record.exc_info[1] is not None and not record.name.startswith("async_registrar"):
+        error = record.exc_info[1]
+        record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+        record.args = None
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def configure_logging(level: str, stream: TextIO, log_format: str = "text") -> Console:
     """Send the log to `stream`: text lines, with a live status line if it is a terminal and
     INFO is shown; or (`log_format="json"`) one JSON object per line, never a live line."""
@@ -90,6 +102,8 @@ def configure_logging(level: str, stream: TextIO, log_format: str = "text") -> C
     else:
         console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.handlers[:] = [console]
+    if root.level > logging.DEBUG:
+        console.addFilter(_one_line_from_libraries)
     # Third-party loggers are loud and can echo request details; keep them to warnings.
     for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3", "httpx", "httpcore", "werkzeug"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

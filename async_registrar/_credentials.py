@@ -12,6 +12,7 @@ botocore's own exceptions there, which used to end the run as an "unexpected err
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 from botocore.exceptions import (
@@ -39,7 +40,7 @@ from botocore.exceptions import (
 
 from ._errors import ConfigurationError, redact
 
-__all__ = ["CREDENTIAL_ERRORS", "NO_CREDENTIALS", "credential_errors", "credential_problem"]
+__all__ = ["CREDENTIAL_ERRORS", "NO_CREDENTIALS", "credential_errors", "credential_problem", "is_credential_failure"]
 
 NO_CREDENTIALS = (
     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run with an IAM role "
@@ -88,9 +89,50 @@ CREDENTIAL_ERRORS: tuple[type[BotoCoreError], ...] = (
 )
 
 
-def credential_problem(exc: BotoCoreError) -> ConfigurationError:
-    """The `ConfigurationError` of one of `CREDENTIAL_ERRORS`, naming what to fix."""
+#: What aiobotocore raises (a bare RuntimeError) when a refresh gave credentials already expired.
+_STILL_EXPIRED = "refreshed credentials are still expired"
+
+
+def is_credential_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the credentials failing to resolve or refresh: one of
+    `CREDENTIAL_ERRORS`; aiobotocore's RuntimeError for a refresh that gave expired keys; or
+    a `credential_process` whose output is not JSON (the JSONDecodeError of its parse)."""
+    return (
+        isinstance(exc, CREDENTIAL_ERRORS)
+        or (isinstance(exc, RuntimeError) and _STILL_EXPIRED in str(exc))
+        or isinstance(exc, json.JSONDecodeError)
+    )
+
+
+def credential_problem(exc: BaseException, *, profile: str | None = None) -> ConfigurationError:
+    """The `ConfigurationError` of a credential failure (see `is_credential_failure`), naming
+    what to fix (and `profile`, the session's, where a profile's setting failed)."""
     kwargs = getattr(exc, "kwargs", {})
+    the_profile = f"the profile {profile!r} (AWS_PROFILE)" if profile else "the profile (AWS_PROFILE)"
+    if isinstance(exc, json.JSONDecodeError):
+        return ConfigurationError(
+            f"the credential_process of {the_profile} printed something that is not JSON "
+            f"({exc.msg}): it must print the credentials as JSON (Version 1); run it by hand to see what it "
+            "prints (a login prompt?), fix it, or use another source of credentials (AWS_PROFILE)"
+        )
+    if isinstance(exc, RuntimeError):
+        return ConfigurationError(
+            "the AWS credentials were refreshed, but their source gave keys already expired; check the "
+            "credential source (its clock, and this host's), or use another source of credentials"
+        )
+    if isinstance(exc, CredentialRetrievalError) and kwargs.get("provider") in _PROVIDERS:
+        provider = kwargs["provider"]
+        where = _PROVIDERS[provider]
+        fix = {
+            "container-role": "check that the endpoint answers (the task or pod role's agent) and that "
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI / AWS_CONTAINER_CREDENTIALS_RELATIVE_URI and "
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN(_FILE) are right",
+            "iam-role": "check the instance's role and that its metadata service answers",
+            "custom-process": f"run the credential_process of {the_profile} by hand to see why it fails",
+        }.get(provider, f"check AWS_PROFILE and the profile's settings in {_CONFIG_FILE} and {_CREDENTIALS_FILE}")
+        return ConfigurationError(
+            f"the AWS credentials could not be had from {where} ({type(exc).__name__}: {redact(str(exc))}); {fix}"
+        )
     if isinstance(exc, NoCredentialsError):
         return ConfigurationError(f"no usable AWS credentials (none found); {NO_CREDENTIALS}")
     if isinstance(exc, PartialCredentialsError):
@@ -143,10 +185,13 @@ def credential_problem(exc: BotoCoreError) -> ConfigurationError:
 
 
 @contextlib.contextmanager
-def credential_errors() -> Iterator[None]:
+def credential_errors(profile: str | None = None) -> Iterator[None]:
     """Turn botocore's credential and configuration exceptions raised inside the block into a
-    `ConfigurationError` (exit 2) saying what to fix; others pass through."""
+    `ConfigurationError` (exit 2) saying what to fix (naming `profile`, the session's, if
+    given); others pass through."""
     try:
         yield
-    except CREDENTIAL_ERRORS as exc:
-        raise credential_problem(exc) from None
+    except (BotoCoreError, RuntimeError, json.JSONDecodeError) as exc:
+        if not is_credential_failure(exc):
+            raise
+        raise credential_problem(exc, profile=profile) from None

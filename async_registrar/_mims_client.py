@@ -32,8 +32,10 @@ from typing import Any
 import anyio
 import httpx
 import stamina
+from botocore.exceptions import BotoCoreError
 from pydantic import ValidationError
 
+from ._credentials import credential_problem, is_credential_failure
 from ._errors import (
     IdempotencyConflict,
     RegistrationFailed,
@@ -66,6 +68,11 @@ NOT_PROCESSED_5XX = frozenset({501, 503, 505})
 #: Failures after the whole request may have reached the server: no answer in time, a broken
 #: connection, or an answer whose body could not be decoded (it came, so the request arrived).
 _MAYBE_ARRIVED = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError, httpx.DecodingError)
+
+
+class _NotSigned(httpx.TransportError):
+    """A request not sent: the AWS credentials to sign it could not be had (they may come back:
+    a container credentials endpoint that failed once), so it is retried as a transport error."""
 
 
 @dataclass
@@ -380,6 +387,10 @@ class MimsClient:
         try:
             with anyio.fail_after(limit):
                 return await self._http.request(method, url, auth=self._auth, follow_redirects=False, **kwargs)
+        except (RuntimeError, ValueError, BotoCoreError) as exc:  # from signing it: the credentials
+            if not is_credential_failure(exc):
+                raise
+            raise _NotSigned(credential_problem(exc).message) from exc
         except TimeoutError:
             # May have reached the registry: taken as a read timeout (a POST's artifacts are kept).
             raise httpx.ReadTimeout(
@@ -446,6 +457,12 @@ class MimsClient:
                 failures.append(f"{exc}, retry asked for in {backoff.asked_past_deadline:g} s, past the deadline")
             raise RegistryUnavailable(
                 f"{method} {shown} kept answering {exc} {until}; the registry is throttling or failing, retry later",
+                url=shown,
+                may_have_arrived=delivery.arrived,
+            ) from None
+        except _NotSigned as exc:  # never sent: the credentials to sign it could not be had
+            raise RegistryUnavailable(
+                f"{method} {shown} was not sent until the deadline ({deadline:g} s): {exc}",
                 url=shown,
                 may_have_arrived=delivery.arrived,
             ) from None

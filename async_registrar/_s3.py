@@ -6,6 +6,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import SecretStr
 
-from ._credentials import credential_errors
+from ._credentials import credential_errors, credential_problem, is_credential_failure
 from ._errors import ConfigurationError, InputError, StorageError, redact
 
 __all__ = [
@@ -173,7 +174,7 @@ async def open_s3_client(
     async with contextlib.AsyncExitStack() as stack:
         # botocore resolves the credentials as it makes the client: a half-set pair of
         # variables fails here, before any request (only the making is mapped, not the block).
-        with credential_errors():
+        with credential_errors(_profile_of(session)):
             _check_ca_bundle(session)
             client = await stack.enter_async_context(
                 session.client(
@@ -528,11 +529,33 @@ def storage_errors(operation: str, bucket: str, key: str | None = None) -> Itera
             key=key,
             code=code,
         ) from exc
-    except BotoCoreError as exc:
+    except (RuntimeError, json.JSONDecodeError, BotoCoreError) as exc:  # aiobotocore's, refreshing the credentials
+        if not is_credential_failure(exc):
+            if isinstance(exc, BotoCoreError):
+                raise _botocore_failure(exc, operation, bucket, key, where) from exc
+            raise
         raise StorageError(
-            f"S3 {operation} failed for {where}: {type(exc).__name__}: {redact(str(exc))}",
+            f"S3 {operation} failed for {where}: {credential_problem(exc).message}",
             operation=operation,
             bucket=bucket,
             key=key,
-            code=type(exc).__name__,
+            code=type(exc).__name__ if isinstance(exc, BotoCoreError) else "Credentials",
         ) from exc
+
+
+def _botocore_failure(exc: BotoCoreError, operation: str, bucket: str, key: str | None, where: str) -> StorageError:
+    return StorageError(
+        f"S3 {operation} failed for {where}: {type(exc).__name__}: {redact(str(exc))}",
+        operation=operation,
+        bucket=bucket,
+        key=key,
+        code=type(exc).__name__,
+    )
+
+
+def _profile_of(session: aioboto3.Session) -> str | None:
+    """The profile `session` uses, if one is named (for messages)."""
+    try:
+        return session.profile_name if session.available_profiles else None
+    except Exception:  # a config file botocore cannot read: the client's making says so
+        return None

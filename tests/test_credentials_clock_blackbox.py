@@ -209,10 +209,6 @@ async def test_rotating_container_credentials_are_picked_up_for_s3_and_the_regis
     [
         pytest.param(
             "text",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="aiobotocore's 'mandatory refresh' WARNINGs print multi-frame tracebacks at the default level",
-            ),
         ),
         "json",
     ],
@@ -272,10 +268,6 @@ async def test_credentials_that_stop_refreshing_mid_upload_fail_clearly_and_name
         await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="credentials failing to refresh during the wait end in exit 1 'unexpected error' (a traceback), not 6",
-)
 async def test_credentials_that_stop_refreshing_during_the_wait_keep_the_registration(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
 ) -> None:
@@ -539,10 +531,6 @@ async def test_a_profile_whose_credentials_cannot_be_had_is_exit_2_naming_it(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a credential_process printing no JSON is exit 1 'unexpected error: JSONDecodeError' with a traceback",
-)
 @pytest.mark.parametrize("command", ["register"])
 async def test_a_credential_process_that_prints_no_json_is_exit_2_naming_the_profile(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, command: str
@@ -563,11 +551,6 @@ async def test_a_credential_process_that_prints_no_json_is_exit_2_naming_the_pro
     assert "broker" in result.stderr, shown(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failing container credentials endpoint is blamed on AWS_PROFILE and the config files, "
-    "not AWS_CONTAINER_CREDENTIALS_FULL_URI",
-)
 async def test_a_failing_container_credentials_endpoint_is_not_blamed_on_a_profile(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
 ) -> None:
@@ -670,11 +653,6 @@ async def test_sweep_with_an_expired_token_is_exit_4_naming_the_bucket(
         await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a credential source handing out already-expired keys mid-upload is exit 1 'unexpected error: "
-    "RuntimeError' with a traceback",
-)
 async def test_a_credential_source_handing_out_expired_keys_mid_upload_is_a_storage_failure(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
 ) -> None:
