@@ -56,6 +56,8 @@ async def install_lifecycle(
         "Status": "Enabled",
         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": abort_after_days},
         "Expiration": {"Days": expire_after_days},
+        # On a bucket with versioning, what is deleted stays as a noncurrent version: expired too.
+        "NoncurrentVersionExpiration": {"NoncurrentDays": expire_after_days},
     }
     try:
         with storage_errors("GetBucketLifecycleConfiguration", bucket):

@@ -565,6 +565,26 @@ class MultipartUpload:
         if self._ledger is not None and self.upload_id is not None:
             self._ledger.closed(self.upload_id)
 
+    async def _confirm_aborted(self) -> None:
+        """Abort once more: S3 documents that a part still on its way may land after an abort
+        (and a proxy may answer for a server), so an upload is known closed only once an abort
+        gets NoSuchUpload.  Another success means it was still open: closed now.  A failure
+        raises (the upload is then named as left open)."""
+        assert self.upload_id is not None
+        try:
+            await self._s3.abort_multipart_upload(
+                Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
+            )
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchUpload", "404"):
+                return
+            raise
+        log.info(
+            "the multipart upload to %s (upload id %s) was still open after it was aborted; aborted again",
+            self.location,
+            self.upload_id,
+        )
+
     @property
     def left_open(self) -> str | None:
         """The upload, if its exit could not abort it and no cleanup will look for it (without a
@@ -587,6 +607,7 @@ class MultipartUpload:
                     Bucket=self.location.bucket, Key=self.location.key, UploadId=self.upload_id
                 )
                 log.debug("aborted multipart upload to %s", self.location)
+                await self._confirm_aborted()
                 self._closed()
                 return
             except Exception as abort_error:  # the original error is the one to report

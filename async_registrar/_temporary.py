@@ -148,6 +148,28 @@ class TemporaryPrefix:
             except StorageError as exc:
                 log.warning("%s", exc)
                 leftovers.append(f"s3://{self.bucket}/{key}")
+        return leftovers + await self._remove_versions()
+
+    async def _remove_versions(self) -> list[str]:
+        """On a bucket with versioning, a deletion adds a delete marker and keeps the data as a
+        noncurrent version (still stored, still billed): each version and marker under the
+        prefix is deleted too; return those that could not be.  Where versions cannot be listed
+        (a server without them, a policy without s3:ListBucketVersions) nothing more is done."""
+        try:
+            versions = await self._list_versions()
+        except StorageError as exc:
+            log.debug("%s: object versions not listed (%s)", self.uri, exc.code)
+            return []
+        leftovers = []
+        for key, version_id in versions:
+            try:
+                with storage_errors("DeleteObject", self.bucket, key):
+                    await self._s3.delete_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+            except StorageError as exc:
+                log.warning("%s (version %s; the role needs s3:DeleteObjectVersion)", exc, version_id)
+                leftovers.append(f"s3://{self.bucket}/{key} (version {version_id})")
+        if versions:
+            log.debug("%s: deleted %d object versions and delete markers", self.uri, len(versions))
         return leftovers
 
     async def _list_uploads(self) -> list[tuple[str, str]]:
@@ -156,6 +178,15 @@ class TemporaryPrefix:
             paginator = self._s3.get_paginator("list_multipart_uploads")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        return found
+
+    async def _list_versions(self) -> list[tuple[str, str]]:
+        found = []
+        with storage_errors("ListObjectVersions", self.bucket, self.prefix):
+            paginator = self._s3.get_paginator("list_object_versions")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                    found.append((entry["Key"], entry["VersionId"]))
         return found
 
     async def _list_keys(self) -> set[str]:

@@ -410,10 +410,6 @@ class AbortIgnoredOnce:
         return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`upload` trusts an abort's 204: the multipart upload still open is left, its upload id named nowhere",
-)
 async def test_an_abort_answered_but_not_done_is_not_left_silently_by_upload(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:
@@ -538,10 +534,6 @@ async def test_an_upload_part_answered_without_an_etag_is_a_storage_error_for_th
 # --- a versioned bucket ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on a versioned bucket the cleanup only adds delete markers: every archive stays as a noncurrent version",
-)
 async def test_a_success_on_a_versioned_bucket_leaves_no_version_behind(
     tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any
 ) -> None:

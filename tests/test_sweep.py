@@ -240,6 +240,7 @@ async def test_the_lifecycle_rule_is_merged_and_installed_once(
     ours = next(r for r in rules if r["ID"] == rule_id(settings.s3_prefix))
     assert ours["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
     assert ours["Expiration"]["Days"] == 7
+    assert ours["NoncurrentVersionExpiration"]["NoncurrentDays"] == 7  # a versioned bucket's deleted objects
     await s3.delete_bucket_lifecycle(Bucket=bucket)
     await s3.delete_bucket(Bucket=bucket)
 
