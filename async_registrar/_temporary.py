@@ -185,7 +185,10 @@ class TemporaryPrefix:
         with storage_errors("ListObjectVersions", self.bucket, self.prefix):
             paginator = self._s3.get_paginator("list_object_versions")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                # A current version is an object the plain delete left (named already); what
+                # remains to delete are the older versions and the delete markers.
+                versions = [v for v in page.get("Versions", []) if not v.get("IsLatest", False)]
+                for entry in [*versions, *page.get("DeleteMarkers", [])]:
                     found.append((entry["Key"], entry["VersionId"]))
         return found
 
