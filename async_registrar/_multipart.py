@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from ._checksums import composite_crc32, is_full_object, multipart_etag
 from ._concurrency import CleanupDeadline
+from ._credentials import credential_problem, is_credential_failure
 from ._errors import REMOVE_BY_HAND, StorageError
 from ._s3 import S3Client, S3Location, error_code, storage_errors
 
@@ -833,7 +835,13 @@ async def check_object(
             return "it cannot be read back: HeadObject answered 404 NotFound (the object is not there)", None
         return f"it cannot be read back: HeadObject answered {code}", None
     except BotoCoreError as exc:
+        if is_credential_failure(exc):
+            return f"it cannot be read back: {credential_problem(exc).message}", None
         return f"it cannot be read back ({type(exc).__name__})", None
+    except (RuntimeError, json.JSONDecodeError) as exc:  # aiobotocore's, refreshing the credentials
+        if not is_credential_failure(exc):
+            raise
+        return f"it cannot be read back: {credential_problem(exc).message}", None
     stored = head.get(f"Checksum{algorithm}") if algorithm in _CRC else None
     found = StoredObject(head["ContentLength"], head.get("ETag"), stored, head.get("ChecksumType"))
     if found.size != size:

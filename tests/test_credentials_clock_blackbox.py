@@ -684,3 +684,57 @@ async def test_a_credential_source_handing_out_expired_keys_mid_upload_is_a_stor
         assert "unexpected error" not in result.stderr, shown(result)
     finally:
         await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+async def test_keys_expiring_once_the_upload_is_completed_fail_the_check_with_a_storage_exit(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
+) -> None:
+    """The keys go stale as CompleteMultipartUpload goes out: the HeadObject that checks the
+    stored model is the first call that cannot be signed (CI saw this order by chance, exit 1
+    with a traceback).  Exit 4 naming the credential source, no traceback, what is left named."""
+    job = make_job(tmp_path, model_bytes=12 * MiB)
+
+    def rule(method: str, target: str) -> None:
+        if method == "POST" and "uploadId=" in target:
+            endpoint.stale.set()
+
+    registry_keys = {k: SecretStr(v) for k, v in ROTATING.items()}
+    with mims_server(stack, signing_secrets=registry_keys) as registry, FaultProxy(stack.s3_endpoint, rule) as proxy:
+        base = environment(
+            stack,
+            settings,
+            job,
+            AWS_ENDPOINT_URL_S3=proxy.endpoint,
+            REGISTRAR_MIMS_ENDPOINT=registry.endpoint,
+            REGISTRAR_CLEANUP_TIMEOUT="3",
+        )
+        result = run(no_static_credentials(tmp_path, base, **endpoint.env()), "register")
+    left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
+    try:
+        assert_leftovers_named(left, result.stderr)
+        assert result.stdout == ""
+        assert result.returncode == 4, shown(result)
+        assert "Traceback" not in result.stderr, shown(result)
+        assert "refreshed, but their source gave keys already expired" in result.stderr, shown(result)
+    finally:
+        await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
+
+
+def test_a_credential_failure_no_handler_covers_is_exit_2_not_an_unexpected_error() -> None:
+    """The command line's last net: aiobotocore's refresh failure raised from any call no
+    narrower handler maps (a fault no server makes appear at will, so the command raises it
+    itself) is the credential problem, exit 2, one message, no traceback."""
+    code = (
+        "import sys, io\n"
+        "from async_registrar._cli import _run\n"
+        "from async_registrar._console import ProgressDisplay, configure_logging\n"
+        "async def command():\n"
+        "    raise RuntimeError('Credentials were refreshed, but the refreshed credentials are still expired.')\n"
+        "console = configure_logging('INFO', sys.stderr, 'text')\n"
+        "sys.exit(_run(command, ProgressDisplay(console)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, shown(result)
+    assert "Traceback" not in result.stderr, shown(result)
+    assert "unexpected error" not in result.stderr, shown(result)
+    assert "their source gave keys already expired" in result.stderr, shown(result)
