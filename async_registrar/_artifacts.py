@@ -205,10 +205,11 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
         single = files[0]
         if _is_tar_gz(Path(single.path)):
             return _prebuilt(Path(single.path), single.size, role, single.stamp)
-        if single.name.endswith((".tar.gz", ".tgz")):
+        if single.name.lower().endswith((".tar.gz", ".tgz")):
             raise InputError(
-                f"{single.path} is named like a tar.gz archive but is not one (corrupt, truncated or "
-                "not gzip); rebuild it, or put the unpacked files in the directory instead",
+                f"{single.path} is named like a tar.gz archive but is not one "
+                f"({_why_not_tar_gz(Path(single.path))}); rebuild it, or put the unpacked files in the "
+                "directory instead",
                 [str(single.path)],
             )
     # No refusal here when the bound passes S3's 5 TiB object limit: weights compress by
@@ -334,7 +335,7 @@ def readable(st: os.stat_result, path: str) -> bool:
     return os.access(path, os.R_OK)
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (category Cc)
 
 
 def _member_name(name: str) -> tuple[str, str | None]:
@@ -379,6 +380,19 @@ def _is_tar_gz(path: Path) -> bool:
     except (zlib.error, tarfile.TarError):
         return False
     return True
+
+
+def _why_not_tar_gz(path: Path) -> str:
+    """What `_is_tar_gz` found wrong, for the message."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(64 * 1024)
+        block = zlib.decompressobj(31).decompress(head, _BLOCK)
+    except (OSError, zlib.error):
+        return "corrupt, truncated or not gzip"
+    if len(block) == _BLOCK and not any(block):
+        return "an empty tar: it holds no files"
+    return "corrupt, truncated or not gzip"
 
 
 def _padded(size: int, unit: int = _BLOCK) -> int:

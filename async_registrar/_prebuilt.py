@@ -126,10 +126,14 @@ class _TarGzCheck:
                 tarfile.open(fileobj=gz, mode="r|", bufsize=1024 * 1024) as tar,
             ):
                 check = MemberCheck()
+                holds_files = False
                 for member in members(tar):
                     self._problem = check.problem(member)
                     if self._problem is not None:
                         break
+                    holds_files = holds_files or not member.isdir()
+                if self._problem is None and not holds_files:  # as a directory of directories would be
+                    self._problem = "it holds no files, only directories"
                 while self._problem is None and gz.read(1024 * 1024):  # on to the gzip trailer
                     pass
         except (tarfile.TarError, EOFError, OSError, zlib.error, _ISAL_ERROR) as exc:
