@@ -10,9 +10,14 @@ loading what its command does not need (the HTTP client for an upload, say).
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+
+# A library's logger: records go where the host's logging sends them, and nowhere (not to
+# stderr through logging's last resort) when the host configures none.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from ._config import RegistrationConfig, load_config

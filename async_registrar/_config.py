@@ -175,8 +175,10 @@ async def load_config(path: Path) -> RegistrationConfig:
     """Read and validate the configuration file at `path` (or the one JSON file in that directory)."""
     import aiofiles  # on first use: it costs 40 ms at start-up, which `upload` does not need
 
+    from ._threads import FILES
+
     try:
-        async with aiofiles.open(path, "rb") as f:
+        async with aiofiles.open(path, "rb", executor=FILES) as f:
             text = await f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigurationError(
@@ -203,8 +205,10 @@ async def _one_file_in(directory: Path) -> Path:
     files count (a ConfigMap mounts each key as a link into `..data/`); hidden entries do not."""
     import aiofiles.os
 
+    from ._threads import FILES
+
     try:
-        entries = await aiofiles.os.scandir(directory)
+        entries = await aiofiles.os.scandir(directory, executor=FILES)
     except OSError as exc:
         raise ConfigurationError(f"{directory}: cannot list the configuration directory ({exc.strerror})") from None
     with entries:

@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from . import _strict_json as strict_json
 from ._errors import InputError
 from ._s3 import S3Client, S3Location, get_object, storage_errors
+from ._threads import FILES
 
 __all__ = ["MAX_METADATA_BYTES", "load_performance_metadata"]
 
@@ -29,7 +30,7 @@ MAX_METADATA_BYTES = 10 * 1024 * 1024
 async def load_performance_metadata(s3: S3Client, *, local: Path | None, uri: str | None) -> dict[str, Any] | None:
     """Load the metadata object from `uri` if given, else from `local` if it exists, else None."""
     if uri:
-        if local is not None and await aiofiles.os.path.exists(local):
+        if local is not None and await aiofiles.os.path.exists(local, executor=FILES):
             log.warning("performance metadata: using %s; ignoring the local %s", uri, local)
         return await _from_s3(s3, S3Location.parse(uri, what="PERFORMANCE_METADATA_PATH"))
     if local is None:
@@ -38,7 +39,7 @@ async def load_performance_metadata(s3: S3Client, *, local: Path | None, uri: st
     if file is None:
         return None
     try:
-        async with aiofiles.open(file, "rb") as f:
+        async with aiofiles.open(file, "rb", executor=FILES) as f:
             data = await f.read(MAX_METADATA_BYTES + 1)
     except OSError as exc:
         raise InputError(f"performance metadata {file} cannot be read ({exc.strerror})", [str(file)]) from None
@@ -47,15 +48,15 @@ async def load_performance_metadata(s3: S3Client, *, local: Path | None, uri: st
 
 async def _local_file(path: Path) -> Path | None:
     """The metadata file at `path`: the path itself, or the one JSON file in that directory."""
-    if not await aiofiles.os.path.exists(path):
+    if not await aiofiles.os.path.exists(path, executor=FILES):
         return None
-    if not await aiofiles.os.path.isdir(path):
+    if not await aiofiles.os.path.isdir(path, executor=FILES):
         return path
     # Links to files count (a Kubernetes ConfigMap mounts each key as a link into `..data/`);
     # hidden entries (`..data`, `..2026_...`) do not.
     files = sorted(
         Path(entry.path)
-        for entry in await aiofiles.os.scandir(path)
+        for entry in await aiofiles.os.scandir(path, executor=FILES)
         if not entry.name.startswith(".") and entry.is_file()
     )
     if not files:

@@ -15,19 +15,29 @@ So a registrar owns two limiters:
   a stage a producer waits on always finds its own tokens.
 
 Several registrars, and a host application using `to_thread`, cannot starve each other.
+
+The few small files the library reads through aiofiles (the configuration, the performance
+metadata) are read on `FILES`, a pool of its own: aiofiles would otherwise use asyncio's default
+executor, which a host fills with `asyncio.to_thread` or `run_in_executor(None, ...)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ._settings import Settings
+if TYPE_CHECKING:
+    from ._settings import Settings
 
-__all__ = ["Workers"]
+__all__ = ["FILES", "Workers"]
+
+#: aiofiles' executor for the library's reads of small files (see the module): its threads
+#: start on first use, wait on nothing but the disk, and are shared by every registrar.
+FILES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="async-registrar-files")
 
 T = TypeVar("T")
 

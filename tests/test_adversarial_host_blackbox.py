@@ -923,11 +923,6 @@ async def test_a_host_that_configures_logging_sees_no_output_and_no_process_stat
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with no logging configured by the host, the library's WARNINGs reach stderr "
-    "(logging.lastResort: no NullHandler on the 'async_registrar' logger), though it 'prints nothing'",
-)
 async def test_a_host_that_configures_no_logging_gets_nothing_on_stderr(
     stack: LocalStack, settings: Settings, s3: Any, tmp_path: Path
 ) -> None:
@@ -1061,11 +1056,6 @@ async def test_registrations_finish_while_the_host_holds_all_of_anyios_default_t
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: while asyncio's default executor is busy (asyncio.to_thread blockers), register() stalls "
-    "before its first upload (no event, nothing written), past preflight_timeout=2 s, unfinished after 6 s",
-)
 async def test_a_registration_finishes_while_the_host_fills_asyncios_default_executor(
     settings: Settings, s3: Any, tmp_path: Path
 ) -> None:
