@@ -16,7 +16,7 @@ import secrets
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -653,16 +653,18 @@ async def test_sweep_with_an_expired_token_is_exit_4_naming_the_bucket(
         await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
-async def test_a_credential_source_handing_out_expired_keys_mid_upload_is_a_storage_failure(
-    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
-) -> None:
-    """From the first part on, the container endpoint answers with keys that expired already (a
-    stale cache): botocore cannot get valid credentials.  A documented exit code (4, or 2 for
-    credentials), not 1; no traceback; what is left named."""
-    job = make_job(tmp_path, model_bytes=12 * MiB)
+def register_going_stale(
+    tmp_path: Path,
+    stack: LocalStack,
+    settings: Settings,
+    endpoint: CredentialEndpoint,
+    when: Callable[[str, str], bool],
+) -> subprocess.CompletedProcess[str]:
+    """`register` (a 12 MiB model, credentials from the container endpoint) whose keys go stale
+    from the first S3 request `when` picks on."""
 
     def rule(method: str, target: str) -> None:
-        if is_part(method, target):
+        if when(method, target):
             endpoint.stale.set()
 
     registry_keys = {k: SecretStr(v) for k, v in ROTATING.items()}
@@ -670,12 +672,21 @@ async def test_a_credential_source_handing_out_expired_keys_mid_upload_is_a_stor
         base = environment(
             stack,
             settings,
-            job,
+            make_job(tmp_path, model_bytes=12 * MiB),
             AWS_ENDPOINT_URL_S3=proxy.endpoint,
             REGISTRAR_MIMS_ENDPOINT=registry.endpoint,
             REGISTRAR_CLEANUP_TIMEOUT="3",
         )
-        result = run(no_static_credentials(tmp_path, base, **endpoint.env()), "register")
+        return run(no_static_credentials(tmp_path, base, **endpoint.env()), "register")
+
+
+async def test_a_credential_source_handing_out_expired_keys_mid_upload_is_a_storage_failure(
+    tmp_path: Path, stack: LocalStack, settings: Settings, s3: Any, endpoint: CredentialEndpoint
+) -> None:
+    """From the first part on, the container endpoint answers with keys that expired already (a
+    stale cache): botocore cannot get valid credentials.  A documented exit code (4, or 2 for
+    credentials), not 1; no traceback; what is left named."""
+    result = register_going_stale(tmp_path, stack, settings, endpoint, is_part)
     left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
     try:
         assert_leftovers_named(left, result.stderr)
@@ -692,23 +703,9 @@ async def test_keys_expiring_once_the_upload_is_completed_fail_the_check_with_a_
     """The keys go stale as CompleteMultipartUpload goes out: the HeadObject that checks the
     stored model is the first call that cannot be signed (CI saw this order by chance, exit 1
     with a traceback).  Exit 4 naming the credential source, no traceback, what is left named."""
-    job = make_job(tmp_path, model_bytes=12 * MiB)
-
-    def rule(method: str, target: str) -> None:
-        if method == "POST" and "uploadId=" in target:
-            endpoint.stale.set()
-
-    registry_keys = {k: SecretStr(v) for k, v in ROTATING.items()}
-    with mims_server(stack, signing_secrets=registry_keys) as registry, FaultProxy(stack.s3_endpoint, rule) as proxy:
-        base = environment(
-            stack,
-            settings,
-            job,
-            AWS_ENDPOINT_URL_S3=proxy.endpoint,
-            REGISTRAR_MIMS_ENDPOINT=registry.endpoint,
-            REGISTRAR_CLEANUP_TIMEOUT="3",
-        )
-        result = run(no_static_credentials(tmp_path, base, **endpoint.env()), "register")
+    result = register_going_stale(
+        tmp_path, stack, settings, endpoint, lambda method, target: method == "POST" and "uploadId=" in target
+    )
     left = await leftovers(s3, settings.s3_bucket, settings.s3_prefix)
     try:
         assert_leftovers_named(left, result.stderr)
