@@ -566,6 +566,13 @@ async def test_handles_never_awaited_are_kept_and_named_at_exit_and_spent_afterw
     await remove_all(s3, settings.s3_bucket, settings.s3_prefix)
 
 
+async def until_final(registry: Any, recorder: Recorder) -> None:
+    """Wait until every registration the recorder saw submitted is final at the registry."""
+    for event in recorder.of(RegistrationSubmitted):
+        while (held := registry.registration(event.registration_id)) is None or held.status in UNFINISHED:
+            await anyio.sleep(0.02)
+
+
 async def test_leaving_by_cancellation_with_final_handles_never_awaited_leaves_nothing(
     settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path
 ) -> None:
@@ -580,9 +587,7 @@ async def test_leaving_by_cancellation_with_final_handles_never_awaited_leaves_n
                 await registrar.submit(request_for(job))
                 await registrar.submit(request_for(job))
                 registry.finish_processing()
-                for event in recorder.of(RegistrationSubmitted):
-                    while (held := registry.registration(event.registration_id)) is None or held.status in UNFINISHED:
-                        await anyio.sleep(0.02)
+                await until_final(registry, recorder)
                 scope.cancel()
                 await anyio.sleep(30)
         assert scope.cancelled_caught
@@ -612,9 +617,7 @@ async def test_a_cancellation_during_the_exit_still_closes_every_handle(
                 await registrar.submit(request_for(job))
                 await registrar.submit(request_for(job))
                 registry.finish_processing()
-                for event in recorder.of(RegistrationSubmitted):
-                    while (held := registry.registration(event.registration_id)) is None or held.status in UNFINISHED:
-                        await anyio.sleep(0.02)
+                await until_final(registry, recorder)
                 registry.hold_processing()
                 await registrar.submit(request_for(job))
             await anyio.sleep(30)
