@@ -32,6 +32,7 @@ from async_registrar import (
     RegistrationSubmitted,
     RegistrationTimeout,
     Settings,
+    _capabilities,
 )
 from async_registrar._local import ACCESS_KEY, REGION, SECRET_KEY, LocalStack
 from async_registrar._s3 import make_session, open_s3_client
@@ -49,6 +50,18 @@ def stack() -> Iterator[LocalStack]:
     """moto S3 and the reference MIMS (verifying signatures), for the whole session."""
     with LocalStack(mims=ReferenceMimsSettings(pending_delay=0.05, allowed_buckets=ALLOWED_BUCKETS)) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _forget_probes_of_closed_servers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """What a capability probe found is kept per endpoint URL for the process (see
+    `_capabilities`); a test's proxy or emulated server closes with the test, and a later test's
+    server may get its port: that one must be probed, not given the old answer.  Only the
+    session stack's own endpoint stays known across tests."""
+    keep = request.getfixturevalue("stack").s3_endpoint if "stack" in request.fixturenames else None
+    yield
+    for key in [k for k in _capabilities._FOUND if k[0] != keep]:
+        del _capabilities._FOUND[key]
 
 
 @pytest.fixture
