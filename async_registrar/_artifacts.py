@@ -203,13 +203,13 @@ def inspect_artifact(path: Path, *, role: str, dereference: bool = False) -> Art
         )
     if len(entries) == 1 and files[0].name.count("/") == 0:
         single = files[0]
-        if _is_tar_gz(Path(single.path)):
+        problem = _tar_gz_problem(Path(single.path))
+        if problem is None:
             return _prebuilt(Path(single.path), single.size, role, single.stamp)
         if single.name.lower().endswith((".tar.gz", ".tgz")):
             raise InputError(
-                f"{single.path} is named like a tar.gz archive but is not one "
-                f"({_why_not_tar_gz(Path(single.path))}); rebuild it, or put the unpacked files in the "
-                "directory instead",
+                f"{single.path} is named like a tar.gz archive but is not one ({problem}); rebuild it, "
+                "or put the unpacked files in the directory instead",
                 [str(single.path)],
             )
     # No refusal here when the bound passes S3's 5 TiB object limit: weights compress by
@@ -367,32 +367,30 @@ def _special_kind(mode: int) -> str:
 
 def _is_tar_gz(path: Path) -> bool:
     """True if `path` starts with gzip magic bytes and the first member decompresses to a tar header."""
+    return _tar_gz_problem(path) is None
+
+
+def _tar_gz_problem(path: Path) -> str | None:
+    """Why `path` is not a tar.gz (see `_is_tar_gz`), for a message; None if it is one."""
+    corrupt = "corrupt, truncated or not gzip"
     try:
         with path.open("rb") as f:
             head = f.read(64 * 1024)
     except OSError:
-        return False
+        return corrupt
     if not head.startswith(GZIP_MAGIC):
-        return False
+        return corrupt
     try:
         block = zlib.decompressobj(31).decompress(head, _BLOCK)
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-    except (zlib.error, tarfile.TarError):
-        return False
-    return True
-
-
-def _why_not_tar_gz(path: Path) -> str:
-    """What `_is_tar_gz` found wrong, for the message."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(64 * 1024)
-        block = zlib.decompressobj(31).decompress(head, _BLOCK)
-    except (OSError, zlib.error):
-        return "corrupt, truncated or not gzip"
+    except zlib.error:
+        return corrupt
     if len(block) == _BLOCK and not any(block):
         return "an empty tar: it holds no files"
-    return "corrupt, truncated or not gzip"
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.TarError:
+        return corrupt
+    return None
 
 
 def _padded(size: int, unit: int = _BLOCK) -> int:

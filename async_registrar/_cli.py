@@ -382,7 +382,10 @@ def _run(
     received: list[int] = []
 
     async def guarded() -> int:
-        with first_error():
+        from ._credentials import credential_errors
+
+        # Credentials failing in a call no narrower handler covered: their ConfigurationError.
+        with credential_errors(), first_error():
             return await _guarded()
 
     async def _guarded() -> int:
@@ -435,19 +438,9 @@ def _run(
         code = exit_code(exc)
         _report(exc.message, exc, code, json_lines, kept=_kept_summary(exc.kept, exc.resume_hint))
     except Exception as exc:
-        from ._credentials import credential_problem, is_credential_failure
-
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):  # in a library's code
             code = EXIT_USAGE
             _report(out_of_descriptors("a file or connection could not be opened", exc).message, exc, code, json_lines)
-        elif is_credential_failure(exc):  # credentials failing in a call no narrower handler covered
-            log.debug("credentials failed", exc_info=exc)
-            problem = credential_problem(exc)
-            if progress.registered:  # as for any error after the result lines
-                log.warning("registered (its lines are on stdout), but then: %s", problem.message)
-                return EXIT_OK
-            code = exit_code(problem)
-            _report(problem.message, exc, code, json_lines)
         else:
             log.exception("unexpected error")
             code = EXIT_UNEXPECTED

@@ -834,14 +834,12 @@ async def check_object(
         if code in ("404", "NoSuchKey", "NotFound"):
             return "it cannot be read back: HeadObject answered 404 NotFound (the object is not there)", None
         return f"it cannot be read back: HeadObject answered {code}", None
-    except BotoCoreError as exc:
+    except (BotoCoreError, RuntimeError, json.JSONDecodeError) as exc:  # the last two: refreshing credentials
         if is_credential_failure(exc):
             return f"it cannot be read back: {credential_problem(exc).message}", None
-        return f"it cannot be read back ({type(exc).__name__})", None
-    except (RuntimeError, json.JSONDecodeError) as exc:  # aiobotocore's, refreshing the credentials
-        if not is_credential_failure(exc):
+        if not isinstance(exc, BotoCoreError):
             raise
-        return f"it cannot be read back: {credential_problem(exc).message}", None
+        return f"it cannot be read back ({type(exc).__name__})", None
     stored = head.get(f"Checksum{algorithm}") if algorithm in _CRC else None
     found = StoredObject(head["ContentLength"], head.get("ETag"), stored, head.get("ChecksumType"))
     if found.size != size:
