@@ -263,6 +263,19 @@ CANCEL_POINTS: dict[str, tuple[Callable[[ProgressEvent], bool], bool, bool]] = {
 }
 
 
+def recording_and_cancelling(
+    recorder: Recorder, scope: anyio.CancelScope, when: Callable[[ProgressEvent], bool]
+) -> Callable[[ProgressEvent], None]:
+    """A progress callback that records each event and cancels `scope` on those `when` picks."""
+
+    def callback(event: ProgressEvent) -> None:
+        recorder(event)
+        if when(event):
+            scope.cancel()
+
+    return callback
+
+
 @pytest.mark.parametrize("point", list(CANCEL_POINTS))
 async def test_cancelling_the_registrars_block_from_a_callback_on_each_event(
     settings: Settings, s3: Any, stack: LocalStack, tmp_path: Path, point: str
@@ -277,12 +290,7 @@ async def test_cancelling_the_registrars_block_from_a_callback_on_each_event(
     recorder = Recorder()
     with late_registry(stack) as registry:
         with anyio.fail_after(60), anyio.CancelScope() as scope:
-
-            def cancelling(event: ProgressEvent) -> None:
-                recorder(event)
-                if matches(event):
-                    scope.cancel()
-
+            cancelling = recording_and_cancelling(recorder, scope, matches)
             callback = release_when_submitted(registry, cancelling) if finishes else cancelling
             async with Registrar(on(settings, registry), on_progress=callback) as registrar:
                 await registrar.register(request_for(job))
@@ -607,12 +615,7 @@ async def test_a_cancellation_during_the_exit_still_closes_every_handle(
     recorder = Recorder()
     with late_registry(stack) as registry:
         with anyio.fail_after(60), anyio.CancelScope() as scope:
-
-            def cancel_on_cleanup(event: ProgressEvent) -> None:
-                recorder(event)
-                if isinstance(event, CleanupFinished):
-                    scope.cancel()
-
+            cancel_on_cleanup = recording_and_cancelling(recorder, scope, lambda e: isinstance(e, CleanupFinished))
             async with Registrar(on(settings, registry), on_progress=cancel_on_cleanup) as registrar:
                 await registrar.submit(request_for(job))
                 await registrar.submit(request_for(job))
