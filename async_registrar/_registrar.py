@@ -30,6 +30,7 @@ from ._concurrency import outcomes, require_asyncio
 from ._errors import REMOVE_BY_HAND, CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
 from ._log_fields import log_fields
+from ._lookups import use_own_lookups
 from ._mims_client import MimsClient
 from ._mims_contract import Registration
 from ._plan import RegistrationPlan
@@ -562,5 +563,6 @@ class Registrar:
                         "fix or unset the variable at fault",
                         http_client_environment() or ["(none of the proxy or CA bundle variables is set)"],
                     ) from exc
+                use_own_lookups(client)
                 self._http = await stack.enter_async_context(client)
         return self._http

@@ -26,6 +26,7 @@ from pydantic import SecretStr
 
 from ._credentials import credential_errors, credential_problem, is_credential_failure
 from ._errors import ConfigurationError, InputError, StorageError, redact
+from ._lookups import Resolver
 
 __all__ = [
     "S3Client",
@@ -160,16 +161,19 @@ async def open_s3_client(
     configuration), the classic Content-MD5, which those servers take, instead of the CRC32
     header botocore has sent since 1.36.
     """
+    connect_timeout = 10
     config = AioConfig(
         # With per-part checksums that S3 verifies, hashing each body again for the
         # signature is redundant work (botocore already skips it over HTTPS).
         s3={"payload_signing_enabled": checksums != "when_supported"},
         max_pool_connections=pool_size,
-        connect_timeout=10,
+        connect_timeout=connect_timeout,
         read_timeout=120,
         retries={"mode": "standard", "max_attempts": 5},
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
+        # Host names resolved on the library's threads, not the event loop's default executor.
+        connector_args={"resolver": Resolver(timeout=connect_timeout)},
     )
     async with contextlib.AsyncExitStack() as stack:
         # botocore resolves the credentials as it makes the client: a half-set pair of
