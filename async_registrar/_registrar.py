@@ -27,6 +27,7 @@ from ._artifacts import inspect_artifact
 from ._budget import MemoryBudget
 from ._capabilities import Integrity, adapt_uploads
 from ._concurrency import outcomes, require_asyncio
+from ._credentials import credential_problem, is_credential_failure
 from ._errors import REMOVE_BY_HAND, CleanupError, ConfigurationError, RegistrarError
 from ._lifecycle import install_lifecycle
 from ._log_fields import log_fields
@@ -117,7 +118,11 @@ class RegistrationHandle:
 
 class _Work:
     """A registrar's work in flight: a cancel scope its exit cancels (then waits for the work to
-    clean up), which turns that cancellation into a `RuntimeError` for the caller."""
+    clean up), which turns that cancellation into a `RuntimeError` for the caller.
+
+    A credential failure no narrower handler mapped (aiobotocore's RuntimeError for refreshed
+    keys that are still expired, met by a best-effort S3 call such as the capability probe)
+    leaves as the `ConfigurationError` naming the source, as the command's boundary does it."""
 
     def __init__(self, registrar: Registrar) -> None:
         self._registrar = registrar
@@ -140,6 +145,8 @@ class _Work:
                 "the Registrar was closed while this ran: leave its async with block only once the work "
                 "in it has ended; what a registration still reads was kept and named (RegistrationKept)"
             )
+        if exc is not None and not isinstance(exc, RegistrarError) and is_credential_failure(exc):
+            raise credential_problem(exc) from None
 
 
 class Registrar:

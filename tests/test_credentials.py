@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from botocore.exceptions import (
     BotoCoreError,
@@ -15,8 +18,10 @@ from botocore.exceptions import (
     UnauthorizedSSOTokenError,
 )
 
-from async_registrar import ConfigurationError
+from async_registrar import ConfigurationError, Registrar, Settings, _capabilities
 from async_registrar._credentials import credential_errors
+
+from .conftest import hooked, leftovers, make_job, request_for
 
 
 @pytest.mark.parametrize(
@@ -63,3 +68,26 @@ def test_other_botocore_errors_pass_through() -> None:
     """A failure to reach S3 is not a credential problem: it is left for `storage_errors`."""
     with pytest.raises(EndpointConnectionError), credential_errors():
         raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+
+STILL_EXPIRED = "Credentials were refreshed, but the refreshed credentials are still expired."
+
+
+async def test_keys_going_stale_at_a_best_effort_call_leave_the_library_as_a_configuration_error(
+    settings: Settings, s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capability probe is best-effort: it maps S3's answers, not aiobotocore's RuntimeError
+    for refreshed keys that are still expired.  `register()` raises the library's error naming
+    the credentials (not a bare RuntimeError), and nothing is left."""
+    monkeypatch.setattr(_capabilities, "_FOUND", {})  # the probe runs for this registrar
+
+    def stale(params: dict[str, Any], **_: Any) -> None:
+        if ".capabilities-" in params["url_path"]:
+            raise RuntimeError(STILL_EXPIRED)
+
+    with hooked(s3, ("before-call.s3.PutObject", stale)):
+        async with Registrar(settings, s3_client=s3) as registrar:
+            with pytest.raises(ConfigurationError, match="expired") as caught:
+                await registrar.register(request_for(make_job(tmp_path)))
+    assert caught.value.__cause__ is None
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
