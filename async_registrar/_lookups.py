@@ -43,6 +43,8 @@ LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="async-registrar-
 _AI_ADDRCONFIG = getattr(socket, "AI_ADDRCONFIG", 0)
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 _NAME_FLAGS = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+#: How long an address may take to connect before the next is tried too (anyio's default).
+HAPPY_EYEBALLS_DELAY = 0.25
 
 
 async def getaddrinfo(
@@ -56,9 +58,11 @@ async def getaddrinfo(
 class Resolver(AbstractResolver):
     """aiohttp's threaded resolver, on `LOOKUPS` instead of the default executor.
 
-    A lookup that takes more than `timeout` seconds fails as an `OSError` (a `TimeoutError`),
-    which aiohttp reports as a DNS failure and botocore retries: aiohttp's connect timeout,
-    which botocore sets, does not cover the lookup.
+    A lookup that takes more than `timeout` seconds fails with a `TimeoutError`, which aiohttp
+    raises as its connection timeout and botocore retries as `ConnectTimeoutError` (aiohttp's
+    socket connect timeout, which botocore sets, does not cover the lookup).  A name that does
+    not resolve stays the `socket.gaierror`: aiohttp's DNS error, botocore's
+    `EndpointConnectionError`.
     """
 
     def __init__(self, timeout: float = 10.0) -> None:
@@ -99,6 +103,25 @@ class Resolver(AbstractResolver):
         pass
 
 
+def _in_connect_order(infos: list[tuple[Any, ...]]) -> list[str]:
+    """The addresses of `getaddrinfo`'s answer, once each, ordered as anyio orders them."""
+    ordered: list[str] = []
+    v6 = v4 = False
+    for family, *_, address in infos:
+        host = str(address[0])
+        if host in ordered:
+            continue
+        if family == socket.AF_INET6 and not v6:
+            v6 = True
+            ordered.insert(0, host)
+        elif family == socket.AF_INET and v6 and not v4:
+            v4 = True
+            ordered.insert(1, host)
+        else:
+            ordered.append(host)
+    return ordered
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -112,9 +135,11 @@ class NetworkBackend:
     `AsyncNetworkBackend` interface; not a subclass, so that httpcore is imported only by the
     commands that talk to the registry).
 
-    The addresses are tried in the order the system resolver gives them (IPv6 first where it
-    prefers it), each as httpcore would connect to it; TLS still checks the name, which
-    httpcore passes separately.  The connect timeout bounds the lookup and each attempt.
+    Connects as anyio's `connect_tcp` would to the name: the addresses in its order (the first
+    IPv6, then the first IPv4, then the rest), the next started when the one before has not
+    connected within `HAPPY_EYEBALLS_DELAY`, the first to connect kept.  One connect timeout
+    bounds the lookup and every attempt together; TLS still checks the name, which httpcore
+    passes separately.
     """
 
     def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
@@ -135,20 +160,50 @@ class NetworkBackend:
         try:
             with anyio.fail_after(timeout):
                 infos = await getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                return await self._first_to_connect(host, _in_connect_order(infos), port, local_address, socket_options)
         except TimeoutError as exc:
-            raise httpcore.ConnectTimeout(f"looking up {host} took more than {timeout} s") from exc
+            raise httpcore.ConnectTimeout(f"connecting to {host} took more than {timeout} s") from exc
         except OSError as exc:  # socket.gaierror: no such name, no resolver
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        last: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
-        for address in addresses:
+
+    async def _first_to_connect(
+        self,
+        host: str,
+        addresses: list[str],
+        port: int,
+        local_address: str | None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+    ) -> httpcore.AsyncNetworkStream:
+        import httpcore
+
+        connected: httpcore.AsyncNetworkStream | None = None
+        failures: list[str] = []
+        options = list(socket_options or ())
+
+        async def attempt(address: str, done: anyio.Event) -> None:
+            nonlocal connected
             try:
-                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                stream = await self._inner.connect_tcp(address, port, None, local_address, options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        if last is None:
-            raise httpcore.ConnectError(f"{host} resolves to no address")
-        raise last
+                failures.append(f"{address}: {exc}")
+                return
+            finally:
+                done.set()
+            if connected is None:
+                connected = stream
+                group.cancel_scope.cancel()
+            else:
+                await stream.aclose()
+
+        async with anyio.create_task_group() as group:
+            for address in addresses:
+                done = anyio.Event()
+                group.start_soon(attempt, address, done)
+                with anyio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                    await done.wait()
+        if connected is None:
+            raise httpcore.ConnectError(f"cannot connect to {host}: {'; '.join(failures) or 'it has no address'}")
+        return connected
 
     async def connect_unix_socket(
         self,

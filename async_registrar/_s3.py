@@ -51,6 +51,9 @@ S3Client = Any
 
 log = logging.getLogger("async_registrar.s3")
 
+#: Seconds to connect to S3, and to look its name up (see `_lookups.Resolver`).
+CONNECT_TIMEOUT = 10
+
 
 @dataclass(frozen=True, slots=True)
 class S3Location:
@@ -110,6 +113,9 @@ def make_session(
     AWS config file that cannot be parsed is a `ConfigurationError` (the session reads them).
     """
     session = AioSession()
+    # The clients botocore makes for itself (STS for an assumed role or a web identity, SSO) take
+    # the session's default config: their host names are looked up on the library's threads too.
+    session.set_default_client_config(AioConfig(connector_args={"resolver": Resolver(timeout=CONNECT_TIMEOUT)}))
     if access_key_id and secret_access_key:
         session.set_credentials(
             access_key_id.get_secret_value(),
@@ -161,19 +167,18 @@ async def open_s3_client(
     configuration), the classic Content-MD5, which those servers take, instead of the CRC32
     header botocore has sent since 1.36.
     """
-    connect_timeout = 10
     config = AioConfig(
         # With per-part checksums that S3 verifies, hashing each body again for the
         # signature is redundant work (botocore already skips it over HTTPS).
         s3={"payload_signing_enabled": checksums != "when_supported"},
         max_pool_connections=pool_size,
-        connect_timeout=connect_timeout,
+        connect_timeout=CONNECT_TIMEOUT,
         read_timeout=120,
         retries={"mode": "standard", "max_attempts": 5},
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
         # Host names resolved on the library's threads, not the event loop's default executor.
-        connector_args={"resolver": Resolver(timeout=connect_timeout)},
+        connector_args={"resolver": Resolver(timeout=CONNECT_TIMEOUT)},
     )
     async with contextlib.AsyncExitStack() as stack:
         # botocore resolves the credentials as it makes the client: a half-set pair of
