@@ -156,9 +156,13 @@ async def test_a_sweep_leaves_a_young_run_that_is_uploading_alone(
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
 
 
+RUNS = 1001
+
+
 @pytest.mark.timeout(300)
-async def test_two_thousand_stale_runs_are_swept_in_one_call(settings: Settings, s3: Any) -> None:
-    """Paginated listing (1,000 keys a page), DeleteObjects batches of 1,000, several at once."""
+async def test_a_thousand_and_one_stale_runs_are_swept_in_one_call(settings: Settings, s3: Any) -> None:
+    """Paginated listing (1,000 keys a page: 2,002 keys are three pages), DeleteObjects batches
+    of 1,000 (1,000, 1,000 and 2), several at once."""
     prefix = settings.s3_prefix
     limiter = anyio.CapacityLimiter(32)
 
@@ -168,14 +172,14 @@ async def test_two_thousand_stale_runs_are_swept_in_one_call(settings: Settings,
                 await s3.put_object(Bucket=settings.s3_bucket, Key=f"{prefix}run-{index:04d}/a1/{name}", Body=b"x")
 
     async with anyio.create_task_group() as tg:
-        for index in range(2000):
+        for index in range(RUNS):
             tg.start_soon(put, index)
     started = time.monotonic()
     async with Registrar(settings) as registrar:
         report = await registrar.sweep(older_than=0)
     took = time.monotonic() - started
-    assert len(report.removed) == 2000
-    assert report.objects_removed == 4000
+    assert len(report.removed) == RUNS
+    assert report.objects_removed == 2 * RUNS
     assert report.leftovers == ()
     assert took < 60, took
     assert await leftovers(s3, settings.s3_bucket, prefix) == []
