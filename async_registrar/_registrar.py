@@ -120,9 +120,10 @@ class _Work:
     """A registrar's work in flight: a cancel scope its exit cancels (then waits for the work to
     clean up), which turns that cancellation into a `RuntimeError` for the caller.
 
-    A credential failure no narrower handler mapped (aiobotocore's RuntimeError for refreshed
-    keys that are still expired, met by a best-effort S3 call such as the capability probe)
-    leaves as the `ConfigurationError` naming the source, as the command's boundary does it."""
+    A credential failure no narrower handler mapped (botocore's credential errors, and
+    aiobotocore's RuntimeError for refreshed keys that are still expired, met by a best-effort
+    S3 call such as the capability probe) leaves as the `ConfigurationError` naming the
+    source, as the command's boundary does it."""
 
     def __init__(self, registrar: Registrar) -> None:
         self._registrar = registrar
@@ -145,7 +146,10 @@ class _Work:
                 "the Registrar was closed while this ran: leave its async with block only once the work "
                 "in it has ended; what a registration still reads was kept and named (RegistrationKept)"
             )
-        if exc is not None and not isinstance(exc, RegistrarError) and is_credential_failure(exc):
+        # Not a JSONDecodeError: raised anywhere in the work, it is not known to be the
+        # credential_process's output (inside an S3 call, `storage_errors` takes it as that).
+        unmapped = isinstance(exc, Exception) and not isinstance(exc, (RegistrarError, ValueError))
+        if unmapped and exc is not None and is_credential_failure(exc):
             raise credential_problem(exc) from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,10 @@ async def test_keys_going_stale_at_a_best_effort_call_leave_the_library_as_a_con
                 await registrar.register(request_for(make_job(tmp_path)))
     assert caught.value.__cause__ is None
     assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+
+
+async def test_a_stray_json_error_in_a_registrar_call_is_not_called_a_credential_failure(settings: Settings) -> None:
+    """Only inside an S3 call is a JSONDecodeError taken as the credential_process's output."""
+    async with Registrar(settings) as registrar:
+        with pytest.raises(json.JSONDecodeError), registrar._work():
+            json.loads("not json")
