@@ -7,6 +7,7 @@ matters.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import secrets
 import shutil
 import tarfile
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -192,6 +194,19 @@ def release_when_submitted(
 def on(settings: Settings, registry: ThreadedMimsServer, **changes: Any) -> Settings:
     """`settings` pointed at `registry`, with `changes`."""
     return settings.model_copy(update={"mims_endpoint": registry.endpoint, **changes})
+
+
+@contextlib.asynccontextmanager
+async def default_executor_filled(threads: int = 64) -> AsyncIterator[None]:
+    """Every thread of the event loop's default executor blocked for the block, as a host
+    application's `asyncio.to_thread` work can keep them."""
+    release = threading.Event()
+    blockers = [asyncio.ensure_future(asyncio.to_thread(release.wait)) for _ in range(threads)]
+    try:
+        yield
+    finally:
+        release.set()
+        await asyncio.gather(*blockers)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from async_registrar._local import ACCESS_KEY, SECRET_KEY, LocalStack
 from .conftest import (
     MiB,
     Recorder,
+    default_executor_filled,
     late_registry,
     leftovers,
     make_job,
@@ -1070,18 +1071,13 @@ async def test_a_registration_finishes_while_the_host_fills_asyncios_default_exe
     workers all blocked, a registration (about a second on its own here) still finishes, or at
     worst fails within its `preflight_timeout` (2 s) naming what it waited for."""
     job = make_job(tmp_path)
-    release = threading.Event()
-    blockers = [asyncio.ensure_future(asyncio.to_thread(release.wait)) for _ in range(64)]
     outcome = ""
-    try:
+    async with default_executor_filled():
         with anyio.move_on_after(6):
             async with Registrar(settings.model_copy(update={"preflight_timeout": 2.0})) as registrar:
                 try:
                     outcome = (await registrar.register(request_for(job))).model_id
                 except RegistrarError as exc:
                     outcome = f"{type(exc).__name__}: {exc}"
-        assert outcome, "register() neither returned nor raised within 6 s"
-    finally:
-        release.set()
-        await asyncio.gather(*blockers)
-        assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []
+    assert outcome, "register() neither returned nor raised within 6 s"
+    assert await leftovers(s3, settings.s3_bucket, settings.s3_prefix) == []

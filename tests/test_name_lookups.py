@@ -3,7 +3,6 @@ loop's default executor, which a host application fills with its own work."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
@@ -23,7 +22,7 @@ from async_registrar._local import REGION, LocalStack
 from async_registrar._lookups import NetworkBackend, Resolver, use_own_lookups
 from async_registrar._s3 import make_session, open_s3_client
 
-from .conftest import leftovers, make_job, request_for
+from .conftest import default_executor_filled, leftovers, make_job, request_for
 
 REAL_GETADDRINFO = socket.getaddrinfo
 
@@ -136,17 +135,12 @@ async def test_a_registration_by_host_name_finishes_while_the_host_fills_the_def
         poll_max=0.2,
     )
     job = make_job(tmp_path)
-    release = threading.Event()
-    blockers = [asyncio.ensure_future(asyncio.to_thread(release.wait)) for _ in range(64)]
     model_id = ""
-    try:
+    async with default_executor_filled():
         with anyio.move_on_after(20):
             async with Registrar(settings) as registrar:
                 model_id = (await registrar.register(request_for(job))).model_id
-        assert model_id, "register() did not finish within 20 s while the default executor was full"
-    finally:
-        release.set()
-        await asyncio.gather(*blockers)
+    assert model_id, "register() did not finish within 20 s while the default executor was full"
     ports = {port for _, host, port in lookups if host == "localhost"}
     wanted = {httpx.URL(endpoint).port for endpoint in (stack.s3_endpoint, stack.mims_endpoint)}
     assert wanted <= ports, f"both endpoints were looked up: {lookups}"
