@@ -343,6 +343,8 @@ async def test_cli_one_region_rejected_exits_5_with_the_reason_and_the_accepted_
             )
             result = cli(env, "register")
             assert result.returncode == 5, result.stderr
+            # The two lines mean "registered": none while a region's registration is not.
+            assert result.stdout == "", result.stdout
             records = json_records(result.stderr)
             submitted = submitted_records(records)
             assert sorted(submitted) == ["ap-south-1", "us-west-2"], result.stderr
