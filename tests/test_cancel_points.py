@@ -299,15 +299,17 @@ async def test_a_failed_copy_the_run_recovers_from_does_not_start_the_cleanup_de
 ) -> None:
     """A kept registration ends FAILED (its model removed); the re-run's copy of the whole payload
     fails (404 on UploadPartCopy: its run removed it meanwhile), so it uploads it instead, submits,
-    and its registration takes longer than the cleanup timeout (1 s here, 25 s by default) to
-    succeed.  A success must leave nothing: its own prefix and the FAILED one's removed."""
+    and its registration takes longer than the cleanup timeout (3 s here, 25 s by default) to
+    succeed.  A success must leave nothing: its own prefix and the FAILED one's removed.  (With
+    1 s, the cleanup itself, two prefixes through the proxy to moto, once took longer than that
+    on a loaded 2-core machine.)"""
     request = request_for(make_job(tmp_path), workflow_execution_id="wf-copy-deadline")
     with late_registry(stack) as registry:
         failed, _ = await kept_then_failed(settings, registry, request, s3)
         registry.hold_processing()  # the re-run's registration stays unfinished until released below
 
         with FaultProxy(stack.s3_endpoint, refuse_copies, with_headers=True) as proxy:
-            rerun = on(settings, registry, s3_endpoint_url=proxy.endpoint, cleanup_timeout=1.0)
+            rerun = on(settings, registry, s3_endpoint_url=proxy.endpoint, cleanup_timeout=3.0)
             async with Registrar(rerun) as registrar:
                 handle = await registrar.submit(request)
                 assert any("x-amz-copy-source" in h for h in proxy.headers)  # the copy was tried, and failed
