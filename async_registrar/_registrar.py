@@ -146,10 +146,11 @@ class _Work:
                 "the Registrar was closed while this ran: leave its async with block only once the work "
                 "in it has ended; what a registration still reads was kept and named (RegistrationKept)"
             )
-        # Not a JSONDecodeError: raised anywhere in the work, it is not known to be the
-        # credential_process's output (inside an S3 call, `storage_errors` takes it as that).
-        unmapped = isinstance(exc, Exception) and not isinstance(exc, (RegistrarError, ValueError))
-        if unmapped and exc is not None and is_credential_failure(exc):
+        # Not a JSONDecodeError (a ValueError): raised anywhere in the work, it is not known to be
+        # the credential_process's output (inside an S3 call, `storage_errors` takes it as that).
+        if not isinstance(exc, Exception) or isinstance(exc, (RegistrarError, ValueError)):
+            return
+        if is_credential_failure(exc):
             raise credential_problem(exc) from None
 
 

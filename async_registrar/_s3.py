@@ -177,8 +177,8 @@ async def open_s3_client(
         retries={"mode": "standard", "max_attempts": 5},
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
-        # Host names resolved on the library's threads, not the event loop's default executor.
-        connector_args={"resolver": Resolver(timeout=CONNECT_TIMEOUT)},
+        # No connector_args: the session's default config (`make_session`) supplies them, with
+        # the resolver on the library's threads; merged with this one, its own win.
     )
     async with contextlib.AsyncExitStack() as stack:
         # botocore resolves the credentials as it makes the client: a half-set pair of
